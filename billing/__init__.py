@@ -1,0 +1,1 @@
+"""Accounting: per-minute usage and the GPU bill (SQLAlchemy)."""

@@ -1,0 +1,179 @@
+"""The one configuration object, built once at start-up from the environment and a TOML file.
+
+Nothing else reads the environment: processes call `load_config()` once and pass the
+result down; tests build `Config` directly or with `load_config(environ={...})`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    provider: str
+    lat: float
+    lon: float
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    price_per_hour: Decimal
+    billing_increment_s: int
+    boot_s: float
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    version: str
+    semitones: float
+
+
+@dataclass(frozen=True)
+class Config:
+    regions: tuple[Region, ...]
+    providers: tuple[Provider, ...]
+    models: tuple[Model, ...]
+    redis_url: str | None = None
+    database_url: str = "sqlite:///var/billing.sqlite"
+    model_load_s: float = 10.0
+    crash_rate: float = 0.0
+    ticket_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+    node_capacity: int = 4
+    heartbeat_interval_s: float = 2.0
+    ticket_ttl_s: float = 60.0
+    latency_budget_ms: float = 60.0
+    drain_limit_s: float = 600.0
+    idle_grace_s: float = 60.0
+
+    @property
+    def heartbeat_timeout_s(self) -> float:
+        """No heartbeat for this long means the node is dead (three missed beats)."""
+        return 3 * self.heartbeat_interval_s
+
+    def model(self, name: str) -> Model | None:
+        """The configured model called `name`, or None."""
+        return next((m for m in self.models if m.name == name), None)
+
+    def region(self, name: str) -> Region | None:
+        return next((r for r in self.regions if r.name == name), None)
+
+    def provider(self, name: str) -> Provider:
+        found = next((p for p in self.providers if p.name == name), None)
+        if found is None:
+            raise ConfigError(f"no provider {name!r} in the config; known: "
+                              f"{[p.name for p in self.providers]}")
+        return found
+
+    def with_overrides(self, **changes: Any) -> Config:
+        return replace(self, **changes)
+
+
+def _float(environ: Mapping[str, str], key: str, default: float, lo: float, hi: float) -> float:
+    raw = environ.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a number; set it to a number "
+                          f"between {lo} and {hi} or unset it") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}={raw!r} is out of range; expected {lo}..{hi}")
+    return value
+
+
+def _decimal(raw: object, where: str) -> Decimal:
+    try:
+        return Decimal(str(raw))
+    except InvalidOperation:
+        raise ConfigError(f"{where}={raw!r} is not a decimal price such as \"1.10\"") from None
+
+
+def _need(table: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in table:
+        raise ConfigError(f"{where} has no {key!r}; add it to the config file")
+    return table[key]
+
+
+def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
+    """Build a Config from a parsed TOML document (environment knobs are applied later)."""
+    settings = doc.get("settings", {})
+    providers = tuple(
+        Provider(
+            name=name,
+            price_per_hour=_decimal(_need(p, "price_per_hour", f"{source} [providers.{name}]"),
+                                    f"providers.{name}.price_per_hour"),
+            billing_increment_s=int(p.get("billing_increment_s", 1)),
+            boot_s=float(p.get("boot_s", 60.0)),
+        )
+        for name, p in doc.get("providers", {}).items()
+    )
+    regions = tuple(
+        Region(name=str(_need(r, "name", f"{source} [[regions]]")),
+               provider=str(_need(r, "provider", f"{source} region")),
+               lat=float(_need(r, "lat", f"{source} region")),
+               lon=float(_need(r, "lon", f"{source} region")))
+        for r in doc.get("regions", [])
+    )
+    models = tuple(
+        Model(name=str(_need(m, "name", f"{source} [[models]]")),
+              version=str(_need(m, "version", f"{source} model")),
+              semitones=float(m.get("semitones", 0.0)))
+        for m in doc.get("models", [])
+    )
+    if not regions or not models:
+        raise ConfigError(f"{source} needs at least one [[regions]] and one [[models]] entry")
+    known = {p.name for p in providers}
+    for r in regions:
+        if r.provider not in known:
+            raise ConfigError(f"region {r.name!r} uses provider {r.provider!r}, which has no "
+                              f"[providers.{r.provider}] table in {source}")
+    for name in [m.name for m in models] + [r.name for r in regions]:
+        if not NAME_RE.match(name):
+            raise ConfigError(f"name {name!r} in {source} must be 1-64 of [A-Za-z0-9_.-]")
+    known_settings = {f for f in Config.__dataclass_fields__} - {"regions", "providers", "models"}
+    unknown = set(settings) - known_settings
+    if unknown:
+        raise ConfigError(f"unknown [settings] keys {sorted(unknown)} in {source}")
+    return Config(regions=regions, providers=providers, models=models, **settings)
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> Config:
+    """Read VOICE_CONFIG (or the default file) and apply the environment knobs."""
+    env = os.environ if environ is None else environ
+    path = Path(env.get("VOICE_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"VOICE_CONFIG={str(path)!r} does not exist; point it at a TOML "
+                          f"file like {DEFAULT_CONFIG_PATH}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    cfg = parse_config(doc, str(path))
+    changes: dict[str, Any] = {
+        "redis_url": env.get("REDIS_URL") or None,
+        "model_load_s": _float(env, "MODEL_LOAD_SECONDS", cfg.model_load_s, 0.0, 3600.0),
+        "crash_rate": _float(env, "CRASH_RATE", cfg.crash_rate, 0.0, 1.0),
+    }
+    if env.get("DATABASE_URL"):
+        changes["database_url"] = env["DATABASE_URL"]
+    if env.get("TICKET_SECRET"):
+        changes["ticket_secret"] = env["TICKET_SECRET"]
+    return replace(cfg, **changes)

@@ -1,0 +1,13 @@
+"""The exception tree shared by every package: one root, one class per kind of failure."""
+
+
+class VoiceError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class ConfigError(VoiceError):
+    """The config file or an environment knob is malformed; the message names the value."""
+
+
+class TicketError(VoiceError):
+    """A stream ticket is malformed, forged, expired or meant for another node or model."""

@@ -1,0 +1,1 @@
+"""The control plane: live state in Redis, placement and scaling policy, clouds."""

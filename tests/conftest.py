@@ -1,0 +1,165 @@
+"""Shared fixtures: a real redis-server (ours, on a free port), real node processes, the
+real webapp on a free port. Nothing here mocks Redis, sockets or processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from simple_websocket import Client, ConnectionClosed
+from werkzeug.serving import make_server
+
+from common.config import Config, load_config
+from provisioner.state import State, connect
+from voicectl import procs
+from webapp.app import create_app
+
+SECRET = "test-secret-" + uuid.uuid4().hex
+LOAD_S = 0.3
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    url, proc = procs.start_redis()
+    yield url
+    procs.stop([proc])
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    redis.Redis.from_url(redis_server).flushall()
+    return redis_server
+
+
+def make_config(redis_url: str, **env: str) -> Config:
+    base = {"REDIS_URL": redis_url, "MODEL_LOAD_SECONDS": str(LOAD_S), "TICKET_SECRET": SECRET}
+    return load_config({**base, **env})
+
+
+@pytest.fixture
+def cfg(redis_url: str) -> Config:
+    return make_config(redis_url)
+
+
+@pytest.fixture
+def state(redis_url: str) -> State:
+    return State(connect(redis_url))
+
+
+@dataclass
+class Fleet:
+    """Starts real worker_node processes and waits for them in Redis."""
+
+    cfg: Config
+    state: State
+    tmp: Path
+    procs: list[Any] = field(default_factory=list)
+
+    def start(self, model: str = "miku", region: str = "us-west", node_id: str | None = None,
+              load_s: float | None = None, wait: bool = True, **env: str) -> str:
+        node_id = node_id or f"n-{uuid.uuid4().hex[:8]}"
+        full_env = {**os.environ, "REDIS_URL": self.cfg.redis_url or "",
+                    "TICKET_SECRET": SECRET,
+                    "MODEL_LOAD_SECONDS": str(LOAD_S if load_s is None else load_s), **env}
+        self.procs.append(procs.start_node(model, region, full_env, node_id=node_id,
+                                           log=self.tmp / f"{node_id}.log"))
+        if wait:
+            self.wait_state(node_id, "ready")
+        return node_id
+
+    def wait_state(self, node_id: str, want: str, timeout_s: float = 30.0) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            node = self.state.node(node_id)
+            if node is not None and node.state.value == want:
+                return node
+            time.sleep(0.05)
+        log = (self.tmp / f"{node_id}.log")
+        raise AssertionError(f"node {node_id} not {want} in {timeout_s} s; log:\n"
+                             + (log.read_text() if log.exists() else "(none)"))
+
+    def url(self, node_id: str) -> str:
+        node = self.state.node(node_id)
+        assert node is not None
+        return node.url
+
+
+@pytest.fixture
+def fleet(cfg: Config, state: State, tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(cfg, state, tmp_path)
+    yield f
+    procs.stop(f.procs)
+
+
+@dataclass
+class Webapp:
+    base_url: str
+    ws_url: str
+    config: Config
+    state: State
+
+
+@pytest.fixture
+def webapp(cfg: Config, state: State) -> Iterator[Webapp]:
+    port = procs.free_port()
+    server = make_server("127.0.0.1", port, create_app(cfg, state), threaded=True)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield Webapp(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", cfg, state)
+    server.shutdown()
+
+
+@dataclass
+class Stack(Webapp):
+    nodes: dict[str, str] = field(default_factory=dict)   # model name -> node id
+
+
+@pytest.fixture
+def stack(webapp: Webapp, fleet: Fleet) -> Stack:
+    """The whole local system: webapp + one ready node per configured model."""
+    ids = {m.name: fleet.start(m.name, wait=False) for m in webapp.config.models}
+    for node_id in ids.values():
+        fleet.wait_state(node_id, "ready")
+    return Stack(webapp.base_url, webapp.ws_url, webapp.config, webapp.state, ids)
+
+
+# --- WebSocket helpers ---------------------------------------------------------------
+
+def closed_code(ws: Client, timeout_s: float = 5.0) -> tuple[int, str]:
+    """Read until the server closes; return (close code, reason). Text before it is kept."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            ws.receive(timeout=0.2)
+    except ConnectionClosed as e:
+        return int(e.reason), str(e.message)
+    raise AssertionError("server did not close the socket")
+
+
+def lobby(ws_url: str, query: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """Open the lobby, collect messages until ready or error; returns them all."""
+    ws = Client.connect(f"{ws_url}/ws/session?{query}")
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            raw = ws.receive(timeout=0.5)
+            if raw is None:
+                continue
+            out.append(json.loads(raw))
+            if out[-1]["type"] in ("ready", "error"):
+                return out
+    except ConnectionClosed:
+        return out
+    finally:
+        ws.close()
+    raise AssertionError(f"lobby gave no ready/error in {timeout_s} s: {out}")

@@ -1,0 +1,1 @@
+"""`voicectl`: the operations console script (run the stack, inspect and steer the fleet)."""

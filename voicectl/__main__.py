@@ -1,0 +1,5 @@
+import sys
+
+from voicectl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""Flask app factory: the page, the JSON API and the lobby socket.
+
+Views are thin: parse, read state, call policy, answer. `create_app(cfg, state)` takes
+everything it needs explicitly so tests build it directly.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import redis
+from flask import Flask, Response, jsonify, request, send_from_directory
+from flask_sock import Sock
+
+from common.config import Config
+from provisioner.state import State
+from webapp import lobby
+from webapp.requests import BadRequest, parse_lobby
+
+STATIC = Path(__file__).with_name("static")
+
+
+def create_app(cfg: Config, state: State) -> Flask:
+    app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 4096}
+    sock = Sock(app)
+
+    @app.get("/")
+    def index() -> Response:
+        resp = send_from_directory(STATIC, "index.html", max_age=0)
+        if not request.cookies.get("uid"):
+            resp.set_cookie("uid", f"u-{secrets.token_hex(8)}", max_age=365 * 86400,
+                            samesite="Lax")
+        return resp
+
+    @app.get("/api/models")
+    def models() -> Response:
+        return jsonify([{"name": m.name, "version": m.version, "state": "live",
+                         "semitones": m.semitones} for m in cfg.models])
+
+    @app.get("/api/regions")
+    def regions() -> Response:
+        return jsonify([{"name": r.name, "provider": r.provider, "lat": r.lat, "lon": r.lon}
+                        for r in cfg.regions])
+
+    @app.get("/api/cluster")
+    def cluster() -> Response:
+        now = time.time()
+        nodes = [n for n in state.nodes() if n.alive(now, cfg.heartbeat_timeout_s)]
+        return jsonify({
+            "nodes": [{"id": n.id, "provider": n.provider, "region": n.region,
+                       "model": n.model, "version": n.version, "state": n.state.value,
+                       "sessions": n.sessions, "capacity": n.capacity, "url": n.url,
+                       "started_at": n.started_at, "progress": n.progress,
+                       "price_per_hour": float(n.price_per_hour)} for n in nodes],
+            "queues": [],
+            "cost_per_hour": float(sum((Decimal(n.price_per_hour) for n in nodes), Decimal(0))),
+        })
+
+    @app.get("/healthz")
+    def healthz() -> tuple[Response, int]:
+        try:
+            state.r.ping()
+        except redis.RedisError as e:
+            return jsonify({"ok": False, "redis": f"unreachable: {e}"}), 503
+        return jsonify({"ok": True, "redis": "ok"}), 200
+
+    @sock.route("/ws/session")
+    def session(ws):  # type: ignore[no-untyped-def]
+        try:
+            req = parse_lobby(request.args, request.cookies, cfg)
+        except BadRequest as e:
+            lobby.error(ws, e.code, str(e))
+            return
+        lobby.run(ws, state, cfg, req)
+
+    return app

@@ -1,0 +1,80 @@
+"""Parse and validate what a browser sends the lobby and the API; errors say what to fix."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common.config import Config, Model
+
+USER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class BadRequest(Exception):
+    """The request is malformed. `code` is the lobby error code to send."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class LobbyRequest:
+    user: str
+    model: Model
+    lat: float
+    lon: float
+    region: str | None        # the user named a region: only that one is considered
+    resume: str | None
+    takeover: bool
+
+
+def parse_user(args: Mapping[str, str], cookies: Mapping[str, str]) -> str:
+    user = args.get("user") or cookies.get("uid")
+    if not user:
+        raise BadRequest("no user id: pass ?user=ID (1-64 of A-Z a-z 0-9 _ . -) or load the "
+                         "page once so it sets the uid cookie")
+    if not USER_RE.match(user):
+        raise BadRequest(f"user id {user[:80]!r} is invalid: use 1-64 characters of "
+                         "A-Z a-z 0-9 _ . -")
+    return user
+
+
+def _coord(args: Mapping[str, str], key: str, limit: float) -> float:
+    raw = args.get(key, "")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"{key}={raw[:40]!r} is not a number; give {key} in degrees") from None
+    if not -limit <= value <= limit:
+        raise BadRequest(f"{key}={value} is out of range -{limit}..{limit}")
+    return value
+
+
+def parse_lobby(args: Mapping[str, str], cookies: Mapping[str, str],
+                cfg: Config) -> LobbyRequest:
+    user = parse_user(args, cookies)
+    name = args.get("model", "")
+    if not name:
+        raise BadRequest(f"no model: pass ?model=NAME, one of {[m.name for m in cfg.models]}")
+    model = cfg.model(name)
+    if model is None:
+        raise BadRequest(f"unknown model {name[:64]!r}; available: "
+                         f"{', '.join(m.name for m in cfg.models)}", code="unknown_model")
+    region_name = args.get("region") or None
+    if region_name is not None:
+        region = cfg.region(region_name)
+        if region is None:
+            raise BadRequest(f"unknown region {region_name[:64]!r}; available: "
+                             f"{', '.join(r.name for r in cfg.regions)}")
+        lat, lon = region.lat, region.lon
+    elif "lat" in args or "lon" in args:
+        lat, lon = _coord(args, "lat", 90.0), _coord(args, "lon", 180.0)
+    else:
+        raise BadRequest("no location: pass ?region=NAME or ?lat=..&lon=..")
+    resume = args.get("resume") or None
+    if resume is not None and not USER_RE.match(resume):
+        raise BadRequest(f"resume={resume[:64]!r} is not a session id")
+    takeover = args.get("takeover", "") in ("1", "true", "yes")
+    return LobbyRequest(user, model, lat, lon, region_name, resume, takeover)

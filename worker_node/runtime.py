@@ -1,0 +1,94 @@
+"""The node's own view of itself: load state, live streams and their streamed time.
+
+Thread-safe; one instance per worker_node process. It knows nothing of Redis or HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from provisioner.states import NodeState
+
+
+@dataclass
+class Stream:
+    session_id: str
+    user: str
+    fence: int
+    seconds: float = 0.0          # cumulative audio seconds processed (billing counter)
+    kick: Callable[[int, str], None] | None = None   # closes the socket from another thread
+
+
+@dataclass
+class NodeRuntime:
+    id: str
+    model: str
+    version: str
+    region: str
+    provider: str
+    semitones: float
+    capacity: int
+    load_s: float
+    started_at: float = field(default_factory=time.time)
+    state: NodeState = NodeState.LOADING
+    progress: float = 0.0
+    url: str = ""
+    streams: dict[str, Stream] = field(default_factory=dict)
+    fences: dict[str, int] = field(default_factory=dict)   # highest fence seen per user
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def load(self, warm_up: Callable[[], None], clock: Callable[[], float] = time.monotonic,
+             sleep: Callable[[float], None] = time.sleep) -> None:
+        """'Load the model': warm the processor, then wait out MODEL_LOAD_SECONDS with progress."""
+        start = clock()
+        warm_up()
+        while (elapsed := clock() - start) < self.load_s:
+            self.progress = min(0.99, elapsed / self.load_s)
+            sleep(min(0.1, self.load_s - elapsed))
+        with self.lock:
+            self.progress = 1.0
+            if self.state is NodeState.LOADING:
+                self.state = NodeState.READY
+
+    def eta_ready_s(self) -> float:
+        """Seconds until the model is loaded (0 once ready)."""
+        if self.state is not NodeState.LOADING:
+            return 0.0
+        return max(0.0, (1.0 - self.progress) * self.load_s)
+
+    def open(self, stream: Stream) -> str | None:
+        """Admit a stream; returns None, or why it is refused (a 4503 reason)."""
+        with self.lock:
+            if self.state is NodeState.LOADING:
+                return (f"model {self.model} is still loading ({self.progress:.0%}); "
+                        "wait for the lobby's ready message")
+            if self.state is not NodeState.READY:
+                return f"node is {self.state.value}; reconnect through the lobby"
+            if len(self.streams) >= self.capacity:
+                return f"node full ({self.capacity} streams); reconnect through the lobby"
+            self.streams[stream.session_id] = stream
+            return None
+
+    def close(self, session_id: str) -> None:
+        with self.lock:
+            self.streams.pop(session_id, None)
+
+    def add_seconds(self, session_id: str, seconds: float) -> None:
+        with self.lock:
+            s = self.streams.get(session_id)
+            if s is not None:
+                s.seconds += seconds
+
+    def snapshot(self) -> dict[str, object]:
+        with self.lock:
+            return {
+                "id": self.id, "model": self.model, "version": self.version,
+                "region": self.region, "provider": self.provider, "state": self.state.value,
+                "progress": round(self.progress, 3), "url": self.url,
+                "capacity": self.capacity, "started_at": self.started_at,
+                "eta_ready_s": round(self.eta_ready_s(), 2),
+                "streams": {sid: round(s.seconds, 3) for sid, s in self.streams.items()},
+            }
