@@ -58,7 +58,8 @@ def verify(token: str, secret: str, *, node: str, now: float) -> Ticket:
     except (ValueError, TypeError):
         raise TicketError("malformed ticket payload; get a new one from the lobby") from None
     if ticket.exp < now:
-        raise TicketError(f"ticket expired {now - ticket.exp:.0f} s ago; reconnect through the lobby")
+        raise TicketError(f"ticket expired {now - ticket.exp:.0f} s ago; "
+                          "reconnect through the lobby")
     if ticket.node != node:
         raise TicketError(f"ticket is for node {ticket.node!r}, this is {node!r}; "
                           "reconnect through the lobby")

@@ -1,10 +1,10 @@
 """Lifecycle states of a node (see docs/architecture.md)."""
 
-from enum import Enum
+from enum import StrEnum
 
 
-class NodeState(str, Enum):
-    """requested -> booting (VM) -> loading (model) -> ready -> draining -> stopped; dead from any."""
+class NodeState(StrEnum):
+    """requested -> booting -> loading -> ready -> draining -> stopped; dead from any state."""
 
     REQUESTED = "requested"
     BOOTING = "booting"

@@ -161,5 +161,8 @@ def lobby(ws_url: str, query: str, timeout_s: float = 30.0) -> list[dict[str, An
     except ConnectionClosed:
         return out
     finally:
-        ws.close()
+        try:
+            ws.close()
+        except ConnectionClosed:
+            pass
     raise AssertionError(f"lobby gave no ready/error in {timeout_s} s: {out}")

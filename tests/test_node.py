@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import SECRET, Fleet, closed_code
 from simple_websocket import Client
 
 from common.tickets import Ticket, sign
-from conftest import SECRET, Fleet, closed_code
 from worker_node.quality import cents, harmonic_tone, pitch_hz
 
 RATE = 48000
@@ -142,7 +142,8 @@ def test_stale_ticket_refused_and_newer_takes_over(node: tuple[Fleet, str]) -> N
     new, _ = open_stream(url, ticket(node_id, user="carol", fence=6))
     code, reason = closed_code(old)
     assert code == 4409 and "taken over" in reason
-    code, reason = closed_code(Client.connect(f"{url}?ticket={ticket(node_id, user='carol', fence=4)}"))
+    stale = ticket(node_id, user="carol", fence=4)
+    code, reason = closed_code(Client.connect(f"{url}?ticket={stale}"))
     assert code == 4401 and "stale" in reason
     assert len(stream_tone(new, harmonic_tone(150.0, RATE, 0.1))) > 0
 

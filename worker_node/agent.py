@@ -64,7 +64,8 @@ class Agent:
             except Exception:  # process boundary: Redis may be briefly away; keep beating
                 log.exception("heartbeat failed; retrying")
             self.maybe_crash(self.interval_s)
-            self._stop.wait(min(self.interval_s, 0.5) if self.node.progress < 1 else self.interval_s)
+            loading = self.node.progress < 1
+            self._stop.wait(min(self.interval_s, 0.5) if loading else self.interval_s)
 
     def start(self) -> threading.Thread:
         t = threading.Thread(target=self.run, name="agent", daemon=True)

@@ -155,8 +155,10 @@ def _parse_start(msg: str | bytes) -> int:
     if data.get("type") != "start":
         raise Malformed(f"first message must be type 'start', got {data.get('type')!r}")
     rate = data.get("sample_rate")
-    if not isinstance(rate, int) or isinstance(rate, bool) or not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:
-        raise Malformed(f"sample_rate {rate!r} is not an integer in {MIN_RATE_HZ}-{MAX_RATE_HZ} Hz")
+    if isinstance(rate, bool) or not isinstance(rate, int) \
+            or not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:
+        raise Malformed(f"sample_rate {rate!r} is not an integer in "
+                        f"{MIN_RATE_HZ}-{MAX_RATE_HZ} Hz")
     return rate
 
 

@@ -1,0 +1,126 @@
+"""The lobby and the JSON API against a real webapp, real Redis and real node processes."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import Fleet, Webapp, lobby
+from simple_websocket import Client
+from test_node import stream_tone
+
+from worker_node.quality import harmonic_tone
+
+
+def get(url: str) -> tuple[int, object, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = r.read()
+            return r.status, json.loads(body) if r.headers.get_content_type() == \
+                "application/json" else body.decode(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def test_ready_ticket_streams_on_the_node(webapp: Webapp, fleet: Fleet) -> None:
+    node_id = fleet.start("teto", region="us-west")
+    msgs = lobby(webapp.ws_url, "user=alice&model=teto&region=us-west")
+    ready = msgs[-1]
+    assert ready["type"] == "ready" and ready["node_id"] == node_id
+    assert ready["region"] == "us-west" and ready["rtt_ms"] > 0
+    ws = Client.connect(f"{ready['node_url']}?ticket={ready['ticket']}")
+    ws.send(json.dumps({"type": "start", "sample_rate": 48000}))
+    started = json.loads(ws.receive(timeout=5))
+    assert started["session_id"] == ready["session_id"] and started["model"] == "teto"
+    assert len(stream_tone(ws, harmonic_tone(150.0, 48000, 0.2))) == 9600
+
+
+@pytest.mark.parametrize("query, code, needle", [
+    ("user=alice&model=nope&region=us-west", "unknown_model", "miku"),
+    ("user=bad%20id!&model=miku&region=us-west", "bad_request", "A-Z"),
+    ("user=" + "x" * 65 + "&model=miku&region=us-west", "bad_request", "1-64"),
+    ("model=miku&region=us-west", "bad_request", "no user id"),
+    ("user=alice&region=us-west", "bad_request", "no model"),
+    ("user=alice&model=miku", "bad_request", "no location"),
+    ("user=alice&model=miku&region=mars", "bad_request", "unknown region"),
+    ("user=alice&model=miku&lat=95&lon=0", "bad_request", "out of range"),
+    ("user=alice&model=miku&lat=x&lon=0", "bad_request", "not a number"),
+])
+def test_bad_lobby_requests_get_clear_errors(webapp: Webapp, query: str, code: str,
+                                             needle: str) -> None:
+    msgs = lobby(webapp.ws_url, query)
+    assert msgs[-1]["type"] == "error" and msgs[-1]["code"] == code
+    assert needle in msgs[-1]["message"], msgs[-1]
+
+
+def test_booting_with_eta_then_ready(webapp: Webapp, fleet: Fleet) -> None:
+    node_id = fleet.start("kaito", load_s=2.0, wait=False)
+    fleet.wait_state(node_id, "loading")
+    msgs = lobby(webapp.ws_url, "user=bob&model=kaito&region=us-west")
+    kinds = [m["type"] for m in msgs]
+    assert kinds[0] == "booting" and kinds[-1] == "ready", kinds
+    etas = [m["eta_s"] for m in msgs if m["type"] == "booting"]
+    assert 0 < etas[0] <= 2.0 and etas == sorted(etas, reverse=True)
+
+
+def test_nearest_region_wins(webapp: Webapp, fleet: Fleet) -> None:
+    west = fleet.start("miku", region="us-west", wait=False)
+    eu = fleet.start("miku", region="eu-west", wait=False)
+    fleet.wait_state(west, "ready")
+    fleet.wait_state(eu, "ready")
+    dublin = lobby(webapp.ws_url, "user=d&model=miku&lat=53.3&lon=-6.2")[-1]
+    sf = lobby(webapp.ws_url, "user=s&model=miku&lat=37.7&lon=-122.4")[-1]
+    assert (dublin["node_id"], dublin["region"]) == (eu, "eu-west")
+    assert (sf["node_id"], sf["region"]) == (west, "us-west")
+    assert dublin["rtt_ms"] < 10
+
+
+def test_packs_most_loaded_first_and_never_over_capacity(webapp: Webapp, fleet: Fleet) -> None:
+    a = fleet.start("miku", wait=False)
+    b = fleet.start("miku", wait=False)
+    fleet.wait_state(a, "ready")
+    fleet.wait_state(b, "ready")
+    placed: list[str] = []
+
+    def one(i: int) -> None:
+        placed.append(lobby(webapp.ws_url, f"user=p{i}&model=miku&region=us-west")[-1]
+                      .get("node_id", "none"))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(placed.count(n) for n in (a, b)) == [4, 4]   # packed, 4 max each
+    assert placed.count("none") == 1                             # the 9th is told no_capacity
+
+
+def test_api_endpoints(webapp: Webapp, fleet: Fleet) -> None:
+    fleet.start("miku")
+    status, models, _ = get(webapp.base_url + "/api/models")
+    assert status == 200 and {"name": "miku", "version": "1", "state": "live"}.items() <= \
+        models[0].items()
+    status, regions, _ = get(webapp.base_url + "/api/regions")
+    assert status == 200 and regions[0] == {"name": "us-west", "provider": "local",
+                                            "lat": 37.8, "lon": -122.4}
+    status, cluster, _ = get(webapp.base_url + "/api/cluster")
+    node = cluster["nodes"][0]
+    assert {"id", "provider", "region", "model", "version", "state", "sessions", "capacity",
+            "url", "started_at", "price_per_hour"} <= node.keys()
+    assert node["state"] == "ready" and cluster["cost_per_hour"] == pytest.approx(1.10)
+    status, health, _ = get(webapp.base_url + "/healthz")
+    assert status == 200 and health["ok"] is True
+    status, page, headers = get(webapp.base_url + "/")
+    assert status == 200 and "<html" in page.lower() and "uid=u-" in headers["Set-Cookie"]
+
+
+def test_node_that_stops_heartbeating_is_not_placed(webapp: Webapp, fleet: Fleet) -> None:
+    node_id = fleet.start("miku")
+    fleet.procs[-1].kill()
+    fleet.procs[-1].wait()
+    webapp.state.r.hset(f"vc:node:{node_id}", "last_seen", "1")   # long ago
+    msg = lobby(webapp.ws_url, "user=z&model=miku&region=us-west")[-1]
+    assert msg["type"] == "error" and msg["code"] == "no_capacity"
