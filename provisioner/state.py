@@ -1,24 +1,42 @@
 """Live state in Redis: the one module that spells keys and holds the Lua scripts.
 
-Key schema (prefix `vc:`):
+Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
 
-    vc:nodes                  SET   ids of every registered node
-    vc:node:{id}              HASH  id provider region model version state progress url
-                                    capacity started_at last_seen price_per_hour eta_ready
-    vc:node:{id}:slots        ZSET  session id -> reservation expiry (unix s); a stream that
-                                    is live on the node has score +inf. ZCARD = slots taken.
-    vc:session:{sid}          HASH  user model version region node fence created_at
-    vc:fence:{user}           STRING the user's last fencing token (INCR): a node refuses
-                                    tickets older than the newest it has seen
+    vc:nodes                  SET    ids of every node the control plane knows
+    vc:node:{id}              HASH   id provider region model version state progress url
+                                     capacity started_at requested_at deadline last_seen
+                                     price_per_hour eta_ready semitones. `state` is written by
+                                     the control plane until the node heartbeats, then by the
+                                     node. Control flags the node never writes: drain_deadline
+                                     (old version: no new sessions), retired (being stopped).
+    vc:node:{id}:slots        ZSET   session id -> reservation expiry; +inf once the stream is
+                                     live on the node. ZCARD = slots taken (never > capacity).
+    vc:session:{sid}          HASH   user model version region node fence created_at
+    vc:assigned               HASH   session id -> node id, written by the assign script for a
+                                     waiting lobby to pick up
+    vc:queue:{model}|{version}|{region}
+                              ZSET   waiting session id -> enqueue time (resumes: 0, first)
+    vc:queues                 SET    "{model}|{version}|{region}" of every queue ever used
+    vc:arrivals:{model}|{version}|{region}
+                              HASH   rate (EWMA arrivals/s) t (last update)
+    vc:lock:{user}            HASH   session fence model region node since; expires unless a
+                                     lobby or the node streaming it refreshes it
+    vc:fence:{user}           STRING the user's last fencing token (INCR)
+    vc:models                 HASH   model name -> JSON {"live": {version, semitones},
+                                     "draining": [{version, semitones, deadline}]}
+    vc:vm:{id}                HASH   local cloud driver: pid, name, region, image, created_at
+    vc:vms                    SET    ids of local driver VMs
+    vc:scale-kick             STRING set NX for a moment so bursts trigger one scale task
 
-Anything that must be atomic is one Lua script here. Time is always an argument.
+Anything that must be atomic is one Lua script below; every key it touches is in KEYS.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +47,12 @@ from provisioner.states import NodeState
 
 PREFIX = "vc:"
 NODES = PREFIX + "nodes"
+ASSIGNED = PREFIX + "assigned"
+QUEUES = PREFIX + "queues"
+MODELS = PREFIX + "models"
+VMS = PREFIX + "vms"
+SCALE_KICK = PREFIX + "scale-kick"
+ARRIVAL_TAU_S = 600.0   # arrival-rate EWMA time constant
 
 
 def node_key(node_id: str) -> str:
@@ -43,21 +67,165 @@ def session_key(session_id: str) -> str:
     return f"{PREFIX}session:{session_id}"
 
 
-# Claim one slot on the first node, in the given order, that is ready, alive and has room.
-# KEYS: node hash and slot zset per candidate, interleaved. ARGV: session, now, reservation
-# expiry, heartbeat timeout. Returns the 1-based index of the node claimed, or 0.
-_CLAIM = """
+def pool_id(model: str, version: str, region: str) -> str:
+    return f"{model}|{version}|{region}"
+
+
+def queue_key(pool: str) -> str:
+    return f"{PREFIX}queue:{pool}"
+
+
+def arrivals_key(pool: str) -> str:
+    return f"{PREFIX}arrivals:{pool}"
+
+
+def lock_key(user: str) -> str:
+    return f"{PREFIX}lock:{user}"
+
+
+def fence_key(user: str) -> str:
+    return f"{PREFIX}fence:{user}"
+
+
+def vm_key(vm_id: str) -> str:
+    return f"{PREFIX}vm:{vm_id}"
+
+
+# A node can take a session when it is ready, alive, not draining or retired, and has room.
+# Expired reservations (tickets never used) are dropped first.
+_HAS_ROOM = """
+local function has_room(node_key, slots_key, now, timeout)
+  local n = redis.call('HMGET', node_key, 'state', 'capacity', 'last_seen', 'drain_deadline',
+                       'retired')
+  if n[1] ~= 'ready' or (n[4] and n[4] ~= '') or n[5] then return false end
+  if tonumber(n[3] or 0) < now - timeout then return false end
+  redis.call('ZREMRANGEBYSCORE', slots_key, '-inf', '(' .. now)
+  return redis.call('ZCARD', slots_key) < tonumber(n[2])
+end
+"""
+
+# Claim one slot on the first candidate with room. KEYS: node hash, slot zset per candidate.
+# ARGV: session, now, reservation expiry, heartbeat timeout. Returns 1-based index or 0.
+_CLAIM = _HAS_ROOM + """
+local now, timeout = tonumber(ARGV[2]), tonumber(ARGV[4])
 for i = 1, #KEYS, 2 do
-  local node = redis.call('HMGET', KEYS[i], 'state', 'capacity', 'last_seen')
-  if node[1] == 'ready' and tonumber(node[3] or 0) >= tonumber(ARGV[2]) - tonumber(ARGV[4]) then
-    redis.call('ZREMRANGEBYSCORE', KEYS[i + 1], '-inf', '(' .. ARGV[2])
-    if redis.call('ZCARD', KEYS[i + 1]) < tonumber(node[2]) then
-      redis.call('ZADD', KEYS[i + 1], ARGV[3], ARGV[1])
-      return (i + 1) / 2
-    end
+  if has_room(KEYS[i], KEYS[i + 1], now, timeout) then
+    redis.call('ZADD', KEYS[i + 1], ARGV[3], ARGV[1])
+    return (i + 1) / 2
   end
 end
 return 0
+"""
+
+# Assign waiting sessions, oldest first, to candidates with room. KEYS[1] queue, KEYS[2]
+# vc:assigned, then node hash + slot zset per candidate in preference order (re-checked
+# here, so a stale order is harmless). ARGV: now, reservation expiry, heartbeat timeout,
+# candidate ids... Returns the number assigned.
+_ASSIGN = _HAS_ROOM + """
+local now, timeout = tonumber(ARGV[1]), tonumber(ARGV[3])
+local assigned = 0
+while true do
+  local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+  if not head then return assigned end
+  local placed = false
+  for i = 3, #KEYS, 2 do
+    if has_room(KEYS[i], KEYS[i + 1], now, timeout) then
+      redis.call('ZADD', KEYS[i + 1], ARGV[2], head)
+      redis.call('ZREM', KEYS[1], head)
+      redis.call('HSET', KEYS[2], head, ARGV[4 + (i - 3) / 2])
+      assigned = assigned + 1
+      placed = true
+      break
+    end
+  end
+  if not placed then return assigned end
+end
+"""
+
+# Take the user's single-stream lock. KEYS: lock, fence. ARGV: session, model, region, now,
+# ttl_s, takeover (1/0). Returns {1, fence, previous session} or {0, holder session, model,
+# region, since} when another session holds it and this is no take-over.
+_TAKE_LOCK = """
+local cur = redis.call('HGET', KEYS[1], 'session')
+if cur and cur ~= ARGV[1] and ARGV[6] ~= '1' then
+  local h = redis.call('HMGET', KEYS[1], 'model', 'region', 'since')
+  return {0, cur, h[1] or '', h[2] or '', h[3] or ''}
+end
+local since = ARGV[4]
+if cur == ARGV[1] then since = redis.call('HGET', KEYS[1], 'since') or ARGV[4] end
+local fence = redis.call('INCR', KEYS[2])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'session', ARGV[1], 'fence', fence, 'model', ARGV[2],
+           'region', ARGV[3], 'since', since)
+redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[5]) * 1000))
+return {1, tostring(fence), cur or ''}
+"""
+
+# Keep the locks of live streams alive; report streams whose lock another session took.
+# KEYS: lock per stream. ARGV: ttl_s, node id, then session and fence per stream.
+_REFRESH_LOCKS = """
+local lost = {}
+for i = 1, #KEYS do
+  local sid, fence = ARGV[2 * i + 1], ARGV[2 * i + 2]
+  local cur = redis.call('HGET', KEYS[i], 'session')
+  if cur == sid then
+    redis.call('HSET', KEYS[i], 'node', ARGV[2])
+    redis.call('PEXPIRE', KEYS[i], math.floor(tonumber(ARGV[1]) * 1000))
+  elseif cur then
+    table.insert(lost, sid)
+  else
+    -- expired while Redis was away: nobody else holds it, so this stream keeps it
+    redis.call('HSET', KEYS[i], 'session', sid, 'fence', fence, 'node', ARGV[2])
+    redis.call('PEXPIRE', KEYS[i], math.floor(tonumber(ARGV[1]) * 1000))
+  end
+end
+return lost
+"""
+
+# Release the lock only if this session still holds it. KEYS: lock. ARGV: session.
+_RELEASE_LOCK = """
+if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# Update the arrival-rate EWMA of a pool. KEYS: arrivals hash. ARGV: now, tau_s.
+_ARRIVE = """
+local h = redis.call('HMGET', KEYS[1], 'rate', 't')
+local now, tau = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rate, t = tonumber(h[1] or 0), tonumber(h[2] or ARGV[1])
+rate = rate * math.exp(-math.max(0, now - t) / tau) + 1 / tau
+redis.call('HSET', KEYS[1], 'rate', rate, 't', now)
+return tostring(rate)
+"""
+
+# Mark an empty node retired so nothing new lands on it; refuses a node with sessions.
+# KEYS: node hash, slot zset. ARGV: now. Returns 1 if retired.
+_RETIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1])
+if redis.call('ZCARD', KEYS[2]) > 0 then return 0 end
+redis.call('HSET', KEYS[1], 'retired', ARGV[1])
+return 1
+"""
+
+# Deploy a model version: it becomes live, the old live version drains until the deadline.
+# KEYS: vc:models. ARGV: model, version, semitones, drain deadline.
+_DEPLOY = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local entry = raw and cjson.decode(raw) or {live = false, draining = {}}
+local draining = {}
+for _, d in ipairs(entry.draining or {}) do
+  if d.version ~= ARGV[2] then table.insert(draining, d) end
+end
+if entry.live and entry.live.version ~= ARGV[2] then
+  table.insert(draining, {version = entry.live.version, semitones = entry.live.semitones,
+                          deadline = tonumber(ARGV[4])})
+end
+entry.live = {version = ARGV[2], semitones = tonumber(ARGV[3])}
+if #draining == 0 then entry.draining = cjson.decode('[]') else entry.draining = draining end
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(entry))
+return cjson.encode(entry)
 """
 
 
@@ -75,17 +243,46 @@ class NodeRecord:
     url: str
     capacity: int
     sessions: int
+    live: int
     started_at: float
+    requested_at: float
+    deadline: float
     last_seen: float
     price_per_hour: str
     eta_ready: float | None
+    drain_deadline: float | None
+    retired: bool
+    semitones: float
+    ready_at: float | None
+    idle_since: float | None
 
     def view(self) -> NodeView:
         return NodeView(self.id, self.region, self.model, self.version, self.state,
                         self.sessions, self.capacity)
 
     def alive(self, now: float, timeout_s: float) -> bool:
+        """Heartbeating recently, or still coming up within its provisioning deadline."""
+        if self.state in (NodeState.REQUESTED, NodeState.BOOTING) and self.last_seen == 0:
+            return now <= self.deadline
         return self.last_seen >= now - timeout_s
+
+
+@dataclass(frozen=True)
+class Lock:
+    """Who holds a user's single-stream lock."""
+
+    session: str
+    model: str
+    region: str
+    since: float
+
+
+@dataclass(frozen=True)
+class LiveModel:
+    name: str
+    version: str
+    semitones: float
+    draining: tuple[dict[str, Any], ...]
 
 
 class State:
@@ -94,10 +291,28 @@ class State:
     def __init__(self, r: redis.Redis) -> None:
         self.r = r
         self._claim = r.register_script(_CLAIM)
+        self._assign = r.register_script(_ASSIGN)
+        self._take_lock = r.register_script(_TAKE_LOCK)
+        self._refresh_locks = r.register_script(_REFRESH_LOCKS)
+        self._release_lock = r.register_script(_RELEASE_LOCK)
+        self._arrive = r.register_script(_ARRIVE)
+        self._retire = r.register_script(_RETIRE)
+        self._deploy = r.register_script(_DEPLOY)
 
     # --- nodes ----------------------------------------------------------------------
+    def add_node(self, fields: Mapping[str, Any]) -> None:
+        """The control plane asks for a node: record it before any VM exists."""
+        node_id = str(fields["id"])
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(NODES, node_id)
+        pipe.hset(node_key(node_id), mapping={k: str(v) for k, v in fields.items()})
+        pipe.execute()
+
+    def set_node(self, node_id: str, **fields: Any) -> None:
+        self.r.hset(node_key(node_id), mapping={k: str(v) for k, v in fields.items()})
+
     def heartbeat(self, fields: Mapping[str, Any], now: float) -> None:
-        """Register or refresh a node: write its fields and last_seen in one step."""
+        """A node reports its state (read its control flags first with node_flags)."""
         node_id = str(fields["id"])
         mapping = {k: ("" if v is None else str(v)) for k, v in fields.items()}
         mapping["last_seen"] = repr(now)
@@ -106,22 +321,44 @@ class State:
         pipe.hset(node_key(node_id), mapping=mapping)
         pipe.execute()
 
+    def node_flags(self, node_id: str) -> dict[str, str]:
+        """The control plane's orders for a node: drain_deadline, retarget."""
+        flags = self.r.hmget(node_key(node_id), "drain_deadline", "retarget")
+        return {"drain_deadline": flags[0] or "", "retarget": flags[1] or ""}
+
+    def finish_retarget(self, node_id: str) -> None:
+        """The node has switched model: it may take sessions again once loaded."""
+        self.r.hdel(node_key(node_id), "retarget", "retired", "idle_since")
+
+    def touch_idle(self, rec: NodeRecord, now: float) -> float | None:
+        """When the node last became empty (tracked for scale-down grace), None if busy."""
+        if rec.state is NodeState.READY and rec.sessions == 0:
+            if rec.idle_since is None:
+                self.r.hset(node_key(rec.id), "idle_since", repr(now))
+                return now
+            return rec.idle_since
+        if rec.idle_since is not None:
+            self.r.hdel(node_key(rec.id), "idle_since")
+        return None
+
     def nodes(self) -> list[NodeRecord]:
         ids = sorted(self.r.smembers(NODES))
         pipe = self.r.pipeline(transaction=False)
         for node_id in ids:
             pipe.hgetall(node_key(node_id))
             pipe.zcard(slots_key(node_id))
+            pipe.zcount(slots_key(node_id), "+inf", "+inf")
         raw = pipe.execute()
-        out = []
-        for h, taken in zip(raw[::2], raw[1::2], strict=True):
-            if h and "state" in h:
-                out.append(_record(h, int(taken)))
-        return out
+        return [_record(h, int(taken), int(live))
+                for h, taken, live in zip(raw[::3], raw[1::3], raw[2::3], strict=True)
+                if h and "state" in h]
 
     def node(self, node_id: str) -> NodeRecord | None:
         h = self.r.hgetall(node_key(node_id))
-        return _record(h, int(self.r.zcard(slots_key(node_id)))) if h else None
+        if not h or "state" not in h:
+            return None
+        return _record(h, int(self.r.zcard(slots_key(node_id))),
+                       int(self.r.zcount(slots_key(node_id), "+inf", "+inf")))
 
     def forget_node(self, node_id: str) -> None:
         """Remove a node and its slots (it stopped or died)."""
@@ -130,7 +367,14 @@ class State:
         pipe.delete(node_key(node_id), slots_key(node_id))
         pipe.execute()
 
-    # --- slots ----------------------------------------------------------------------
+    def retire(self, node_id: str, now: float) -> bool:
+        """Atomically mark an empty node as stopping; False if it has sessions."""
+        return bool(self._retire(keys=[node_key(node_id), slots_key(node_id)], args=[now]))
+
+    def drain(self, node_id: str, deadline: float) -> None:
+        self.r.hset(node_key(node_id), "drain_deadline", repr(deadline))
+
+    # --- slots and the queue ----------------------------------------------------------
     def claim_slot(self, candidates: Iterable[str], session_id: str, now: float,
                    hold_s: float, heartbeat_timeout_s: float) -> str | None:
         """Atomically reserve a slot on the first candidate with room; returns its id."""
@@ -142,6 +386,61 @@ class State:
                                                  heartbeat_timeout_s]))
         return ids[index - 1] if index else None
 
+    def enqueue(self, pool: str, session_id: str, now: float, first: bool = False) -> int:
+        """Put a session in its pool's queue (a resume goes first); returns its position."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zadd(queue_key(pool), {session_id: 0 if first else now}, nx=True)
+        pipe.sadd(QUEUES, pool)
+        pipe.zrank(queue_key(pool), session_id)
+        rank = pipe.execute()[-1]
+        return int(rank) + 1
+
+    def position(self, pool: str, session_id: str) -> int | None:
+        rank = self.r.zrank(queue_key(pool), session_id)
+        return None if rank is None else int(rank) + 1
+
+    def dequeue(self, pool: str, session_id: str) -> None:
+        self.r.zrem(queue_key(pool), session_id)
+
+    def assign(self, pool: str, candidates: Sequence[str], now: float, hold_s: float,
+               heartbeat_timeout_s: float) -> int:
+        """Atomically hand waiting sessions, in order, to candidates with room."""
+        if not candidates:
+            return 0
+        keys = [queue_key(pool), ASSIGNED]
+        keys += [k for node_id in candidates for k in (node_key(node_id), slots_key(node_id))]
+        return int(self._assign(keys=keys, args=[now, now + hold_s, heartbeat_timeout_s,
+                                                 *candidates]))
+
+    def take_assignment(self, session_id: str) -> str | None:
+        """The node the assign script gave this session, if any (read once)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hget(ASSIGNED, session_id)
+        pipe.hdel(ASSIGNED, session_id)
+        node_id = pipe.execute()[0]
+        return str(node_id) if node_id else None
+
+    def queue_lengths(self) -> dict[str, int]:
+        pools = sorted(self.r.smembers(QUEUES))
+        pipe = self.r.pipeline(transaction=False)
+        for pool in pools:
+            pipe.zcard(queue_key(pool))
+        return dict(zip(pools, (int(n) for n in pipe.execute()), strict=True))
+
+    def arrive(self, pool: str, now: float) -> float:
+        return float(self._arrive(keys=[arrivals_key(pool)], args=[now, ARRIVAL_TAU_S]))
+
+    def arrival_rates(self, pools: Iterable[str], now: float) -> dict[str, float]:
+        pools = list(pools)
+        pipe = self.r.pipeline(transaction=False)
+        for pool in pools:
+            pipe.hmget(arrivals_key(pool), "rate", "t")
+        out = {}
+        for pool, (rate, t) in zip(pools, pipe.execute(), strict=True):
+            out[pool] = (float(rate) * math.exp(-max(0.0, now - float(t)) / ARRIVAL_TAU_S)
+                         if rate else 0.0)
+        return out
+
     def mark_live(self, node_id: str, session_id: str) -> None:
         """The stream connected: its slot no longer expires."""
         self.r.zadd(slots_key(node_id), {session_id: "+inf"})
@@ -152,27 +451,116 @@ class State:
     def live_sessions(self, node_id: str) -> list[str]:
         return list(self.r.zrangebyscore(slots_key(node_id), "+inf", "+inf"))
 
-    # --- sessions -------------------------------------------------------------------
-    def save_session(self, session_id: str, fields: Mapping[str, Any], ttl_s: int) -> None:
-        self.r.hset(session_key(session_id), mapping={k: str(v) for k, v in fields.items()})
-        self.r.expire(session_key(session_id), ttl_s)
+    def kick_scaler(self, hold_s: float = 0.2) -> bool:
+        """True for the first caller in a short window: bursts trigger one scale task."""
+        return bool(self.r.set(SCALE_KICK, "1", nx=True, px=int(hold_s * 1000)))
 
-    def next_fence(self, user: str) -> int:
-        return int(self.r.incr(fence_key(user)))
+    # --- the user's single-stream lock -------------------------------------------------
+    def take_lock(self, user: str, session_id: str, model: str, region: str, now: float,
+                  ttl_s: float, takeover: bool = False) -> int | Lock:
+        """The fencing token if taken; else who holds it."""
+        res = self._take_lock(keys=[lock_key(user), fence_key(user)],
+                              args=[session_id, model, region, now, ttl_s, int(takeover)])
+        if int(res[0]) == 1:
+            return int(res[1])
+        return Lock(session=res[1], model=res[2], region=res[3], since=float(res[4] or 0))
+
+    def refresh_locks(self, node_id: str, streams: Sequence[tuple[str, str, int]],
+                      ttl_s: float) -> list[str]:
+        """Keep live streams' locks; returns sessions whose lock another session took.
+
+        `streams` is (user, session, fence) per live stream.
+        """
+        if not streams:
+            return []
+        args: list[Any] = [ttl_s, node_id]
+        for _, sid, fence in streams:
+            args += [sid, fence]
+        return list(self._refresh_locks(keys=[lock_key(u) for u, _, _ in streams], args=args))
+
+    def release_lock(self, user: str, session_id: str) -> bool:
+        return bool(self._release_lock(keys=[lock_key(user)], args=[session_id]))
+
+    def lock_holder(self, user: str) -> str | None:
+        return self.r.hget(lock_key(user), "session")
+
+    # --- sessions -----------------------------------------------------------------------
+    def save_session(self, session_id: str, fields: Mapping[str, Any], ttl_s: int) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(session_key(session_id), mapping={k: str(v) for k, v in fields.items()})
+        pipe.expire(session_key(session_id), ttl_s)
+        pipe.execute()
 
     def session(self, session_id: str) -> dict[str, str]:
         return dict(self.r.hgetall(session_key(session_id)))
 
+    # --- models -------------------------------------------------------------------------
+    def seed_models(self, models: Iterable[tuple[str, str, float]]) -> None:
+        """Config models become live unless a deploy already set them (first run wins)."""
+        for name, version, semitones in models:
+            entry = {"live": {"version": version, "semitones": semitones}, "draining": []}
+            self.r.hsetnx(MODELS, name, json.dumps(entry))
 
-def _record(h: Mapping[str, str], sessions: int) -> NodeRecord:
+    def deploy(self, model: str, version: str, semitones: float, deadline: float) -> LiveModel:
+        raw = self._deploy(keys=[MODELS], args=[model, version, semitones, deadline])
+        return _live_model(model, raw)
+
+    def models(self) -> list[LiveModel]:
+        return [_live_model(name, raw) for name, raw in sorted(self.r.hgetall(MODELS).items())]
+
+    def model(self, name: str) -> LiveModel | None:
+        raw = self.r.hget(MODELS, name)
+        return _live_model(name, raw) if raw else None
+
+    # --- local cloud driver VMs ---------------------------------------------------------
+    def save_vm(self, vm_id: str, fields: Mapping[str, Any]) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(VMS, vm_id)
+        pipe.hset(vm_key(vm_id), mapping={k: str(v) for k, v in fields.items()})
+        pipe.execute()
+
+    def vms(self) -> list[dict[str, str]]:
+        ids = sorted(self.r.smembers(VMS))
+        pipe = self.r.pipeline(transaction=False)
+        for vm_id in ids:
+            pipe.hgetall(vm_key(vm_id))
+        return [dict(h) for h in pipe.execute() if h]
+
+    def forget_vm(self, vm_id: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(VMS, vm_id)
+        pipe.delete(vm_key(vm_id))
+        pipe.execute()
+
+
+def _live_model(name: str, raw: str) -> LiveModel:
+    entry = json.loads(raw)
+    return LiveModel(name, str(entry["live"]["version"]), float(entry["live"]["semitones"]),
+                     tuple(entry.get("draining") or ()))
+
+
+def _float(h: Mapping[str, str], key: str) -> float:
+    raw = h.get(key) or ""
+    return float(raw) if raw else 0.0
+
+
+def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
+    state = NodeState(h["state"])
+    drain = h.get("drain_deadline") or ""
+    if drain and state is NodeState.READY:
+        state = NodeState.DRAINING
     eta = h.get("eta_ready") or ""
     return NodeRecord(
         id=h["id"], provider=h.get("provider", ""), region=h.get("region", ""),
-        model=h.get("model", ""), version=h.get("version", ""), state=NodeState(h["state"]),
-        progress=float(h.get("progress") or 0.0), url=h.get("url", ""),
-        capacity=int(h.get("capacity") or 0), sessions=sessions,
-        started_at=float(h.get("started_at") or 0.0), last_seen=float(h.get("last_seen") or 0.0),
-        price_per_hour=h.get("price_per_hour", "0"), eta_ready=float(eta) if eta else None)
+        model=h.get("model", ""), version=h.get("version", ""), state=state,
+        progress=_float(h, "progress"), url=h.get("url", ""),
+        capacity=int(h.get("capacity") or 0), sessions=sessions, live=live,
+        started_at=_float(h, "started_at"), requested_at=_float(h, "requested_at"),
+        deadline=_float(h, "deadline"), last_seen=_float(h, "last_seen"),
+        price_per_hour=h.get("price_per_hour") or "0", eta_ready=float(eta) if eta else None,
+        drain_deadline=float(drain) if drain else None, retired=bool(h.get("retired")),
+        semitones=_float(h, "semitones"), ready_at=_float(h, "ready_at") or None,
+        idle_since=_float(h, "idle_since") or None)
 
 
 def connect(url: str) -> redis.Redis:
@@ -191,11 +579,3 @@ def wait_for_redis(r: redis.Redis, timeout_s: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
-
-
-def fence_key(user: str) -> str:
-    return f"{PREFIX}fence:{user}"

@@ -9,7 +9,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,14 +109,84 @@ class Webapp:
     state: State
 
 
+def serve(app: Any) -> tuple[str, Any]:
+    port = procs.free_port()
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"127.0.0.1:{port}", server
+
+
 @pytest.fixture
 def webapp(cfg: Config, state: State) -> Iterator[Webapp]:
-    port = procs.free_port()
-    server = make_server("127.0.0.1", port, create_app(cfg, state), threaded=True)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield Webapp(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", cfg, state)
+    """The webapp alone: nodes come from `fleet`, nothing scales."""
+    host, server = serve(create_app(cfg, state))
+    yield Webapp(f"http://{host}", f"ws://{host}", cfg, state)
     server.shutdown()
+
+
+@dataclass
+class ControlPlane(Webapp):
+    celery: Any = None
+
+    def wait(self, what: Any, timeout_s: float = 30.0, msg: str = "") -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            got = what()
+            if got:
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout_s} s: {msg}")
+
+    def live_nodes(self, model: str | None = None) -> list[Any]:
+        return [n for n in self.state.nodes() if model in (None, n.model)]
+
+
+def control_plane_config(redis_url: str, **overrides: Any) -> Config:
+    """Fast clocks for tests: short load, boot, grace and ticket life."""
+    cfg = make_config(redis_url)
+    providers = tuple(replace(p, boot_s=0.2) for p in cfg.providers)
+    base: dict[str, Any] = {"providers": providers, "idle_grace_s": 1.0, "ticket_ttl_s": 3.0,
+                            "heartbeat_interval_s": 0.5}
+    return cfg.with_overrides(**{**base, **overrides})
+
+
+@contextmanager
+def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlPlane]:
+    """A real Celery worker (threads pool) on our Redis, a beat thread sending `tick`, the
+    webapp kicking the scaler by Celery task, and local-driver nodes cleaned up after."""
+    import celery.contrib.testing.tasks  # noqa: F401  registers celery.ping
+    from celery.contrib.testing.worker import start_worker
+
+    from provisioner import clouds
+    from provisioner.tasks import make_celery
+
+    app = make_celery(cfg)
+    state = State(connect(cfg.redis_url or ""))
+    state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(tick_s):
+            app.send_task("provisioner.tick")
+
+    host, server = serve(create_app(cfg, state, lambda: app.send_task("provisioner.scale")))
+    with start_worker(app, pool="threads", concurrency=4, perform_ping_check=True,
+                      loglevel="WARNING"):
+        threading.Thread(target=beat, daemon=True).start()
+        try:
+            yield ControlPlane(f"http://{host}", f"ws://{host}", cfg, state, app)
+        finally:
+            stop.set()
+            server.shutdown()
+    driver = clouds.driver_for(cfg, "local")
+    for vm in driver.list_nodes():
+        driver.destroy_node(vm)
+
+
+@pytest.fixture
+def control_plane(redis_url: str) -> Iterator[ControlPlane]:
+    with running_control_plane(control_plane_config(redis_url)) as cp:
+        yield cp
 
 
 @dataclass
@@ -163,6 +234,6 @@ def lobby(ws_url: str, query: str, timeout_s: float = 30.0) -> list[dict[str, An
     finally:
         try:
             ws.close()
-        except ConnectionClosed:
-            pass
+        except (ConnectionClosed, OSError):
+            pass   # the server closed first
     raise AssertionError(f"lobby gave no ready/error in {timeout_s} s: {out}")

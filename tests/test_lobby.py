@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -78,7 +79,7 @@ def test_nearest_region_wins(webapp: Webapp, fleet: Fleet) -> None:
     assert dublin["rtt_ms"] < 10
 
 
-def test_packs_most_loaded_first_and_never_over_capacity(webapp: Webapp, fleet: Fleet) -> None:
+def test_packs_most_loaded_first_then_queues(webapp: Webapp, fleet: Fleet) -> None:
     a = fleet.start("miku", wait=False)
     b = fleet.start("miku", wait=False)
     fleet.wait_state(a, "ready")
@@ -89,13 +90,23 @@ def test_packs_most_loaded_first_and_never_over_capacity(webapp: Webapp, fleet: 
         placed.append(lobby(webapp.ws_url, f"user=p{i}&model=miku&region=us-west")[-1]
                       .get("node_id", "none"))
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(9)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
     assert sorted(placed.count(n) for n in (a, b)) == [4, 4]   # packed, 4 max each
-    assert placed.count("none") == 1                             # the 9th is told no_capacity
+
+    ninth = Client.connect(f"{webapp.ws_url}/ws/session?user=p9&model=miku&region=us-west")
+    first = json.loads(ninth.receive(timeout=5))
+    assert first["type"] == "queued" and first["position"] == 1 and first["eta_s"] > 0
+    ninth.close()
+    pool = "miku|1|us-west"
+    deadline = time.monotonic() + 5
+    while webapp.state.queue_lengths().get(pool) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert webapp.state.queue_lengths()[pool] == 0         # leaving the lobby leaves the queue
+    assert webapp.state.lock_holder("p9") is None           # and frees the user's lock
 
 
 def test_api_endpoints(webapp: Webapp, fleet: Fleet) -> None:
@@ -122,5 +133,7 @@ def test_node_that_stops_heartbeating_is_not_placed(webapp: Webapp, fleet: Fleet
     fleet.procs[-1].kill()
     fleet.procs[-1].wait()
     webapp.state.r.hset(f"vc:node:{node_id}", "last_seen", "1")   # long ago
-    msg = lobby(webapp.ws_url, "user=z&model=miku&region=us-west")[-1]
-    assert msg["type"] == "error" and msg["code"] == "no_capacity"
+    ws = Client.connect(f"{webapp.ws_url}/ws/session?user=z&model=miku&region=us-west")
+    assert json.loads(ws.receive(timeout=5))["type"] == "queued"
+    assert ws.receive(timeout=1.0) is None      # waits; never handed to the dead node
+    ws.close()

@@ -1,13 +1,15 @@
 """Flask app factory: the page, the JSON API and the lobby socket.
 
-Views are thin: parse, read state, call policy, answer. `create_app(cfg, state)` takes
-everything it needs explicitly so tests build it directly.
+Views are thin: parse, read state, call policy, answer. `create_app(cfg, state, kick)` takes
+everything it needs explicitly so tests build it directly; `kick` asks the control plane to
+scale now (a Celery task in the real stack).
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from flask import Flask, Response, jsonify, request, send_from_directory
 from flask_sock import Sock
 
 from common.config import Config
+from provisioner.fleet import live_models
 from provisioner.state import State
 from webapp import lobby
 from webapp.requests import BadRequest, parse_lobby
@@ -23,10 +26,16 @@ from webapp.requests import BadRequest, parse_lobby
 STATIC = Path(__file__).with_name("static")
 
 
-def create_app(cfg: Config, state: State) -> Flask:
+def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lambda: None,
+               extra_checks: Callable[[], dict[str, str]] = dict) -> Flask:
+    """`extra_checks` adds health checks (e.g. the billing database) to /healthz."""
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 4096}
     sock = Sock(app)
+
+    def kick() -> None:
+        if state.kick_scaler():
+            kick_scaler()
 
     @app.get("/")
     def index() -> Response:
@@ -38,8 +47,14 @@ def create_app(cfg: Config, state: State) -> Flask:
 
     @app.get("/api/models")
     def models() -> Response:
-        return jsonify([{"name": m.name, "version": m.version, "state": "live",
-                         "semitones": m.semitones} for m in cfg.models])
+        out = []
+        for m in state.models() or live_models(state, cfg):
+            out.append({"name": m.name, "version": m.version, "state": "live",
+                        "semitones": m.semitones})
+            out += [{"name": m.name, "version": str(d["version"]), "state": "draining",
+                     "semitones": d["semitones"], "drain_deadline": d["deadline"]}
+                    for d in getattr(m, "draining", ())]
+        return jsonify(out)
 
     @app.get("/api/regions")
     def regions() -> Response:
@@ -50,23 +65,34 @@ def create_app(cfg: Config, state: State) -> Flask:
     def cluster() -> Response:
         now = time.time()
         nodes = [n for n in state.nodes() if n.alive(now, cfg.heartbeat_timeout_s)]
+        queues = []
+        for pool, waiting in state.queue_lengths().items():
+            model, version, region = pool.split("|")
+            if waiting:
+                queues.append({"model": model, "version": version, "region": region,
+                               "waiting": waiting})
         return jsonify({
             "nodes": [{"id": n.id, "provider": n.provider, "region": n.region,
                        "model": n.model, "version": n.version, "state": n.state.value,
                        "sessions": n.sessions, "capacity": n.capacity, "url": n.url,
-                       "started_at": n.started_at, "progress": n.progress,
+                       "started_at": n.started_at or n.requested_at, "progress": n.progress,
+                       "eta_ready": n.eta_ready,
                        "price_per_hour": float(n.price_per_hour)} for n in nodes],
-            "queues": [],
+            "queues": queues,
             "cost_per_hour": float(sum((Decimal(n.price_per_hour) for n in nodes), Decimal(0))),
         })
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:
+        checks = {}
         try:
             state.r.ping()
+            checks["redis"] = "ok"
         except redis.RedisError as e:
-            return jsonify({"ok": False, "redis": f"unreachable: {e}"}), 503
-        return jsonify({"ok": True, "redis": "ok"}), 200
+            checks["redis"] = f"unreachable: {e}"
+        checks.update(extra_checks())
+        ok = all(v == "ok" for v in checks.values())
+        return jsonify({"ok": ok, **checks}), 200 if ok else 503
 
     @sock.route("/ws/session")
     def session(ws):  # type: ignore[no-untyped-def]
@@ -75,6 +101,6 @@ def create_app(cfg: Config, state: State) -> Flask:
         except BadRequest as e:
             lobby.error(ws, e.code, str(e))
             return
-        lobby.run(ws, state, cfg, req)
+        lobby.run(ws, state, cfg, req, kick)
 
     return app

@@ -1,112 +1,164 @@
 """The lobby: turn a session request into a node and a ticket, telling the user what happens.
 
-`place()` is the one seam between the lobby and the fleet: it reads the live state, asks
-the placement policy for an order, and claims a slot atomically.
+Every request takes the user's single-stream lock, joins the FIFO queue of its pool (model,
+live version, nearest region) and runs the atomic assign script; a user with room on a ready
+node is therefore placed at once, and one without sees `queued` / `booting` with a position
+and an ETA from the real boot and load progress of the node that will take them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from flask_sock import ConnectionClosed
 
-from common.config import Config
+from common.config import Config, Model
 from common.tickets import Ticket, sign
-from provisioner.placement import claim_order, rank_regions, regions_in_budget
-from provisioner.state import NodeRecord, State
-from provisioner.states import NodeState
+from provisioner.fleet import candidates_for, live_model, live_models
+from provisioner.placement import rank_regions
+from provisioner.state import Lock, NodeRecord, State, pool_id
 from webapp.requests import LobbyRequest
 
-POLL_S = 0.1          # how often a waiting lobby re-tries placement
+POLL_S = 0.05         # how often a waiting lobby re-runs the assign script
 WAIT_LIMIT_S = 300.0  # after this long without a node the user is told no_capacity
 
 
-@dataclass(frozen=True)
-class Ready:
-    node: NodeRecord
-    rtt_ms: float
+class Refused(Exception):
+    """The request cannot be served; `code` is the lobby error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-@dataclass(frozen=True)
-class Booting:
-    region: str
-    eta_s: float
-
-
-@dataclass(frozen=True)
-class Unplaceable:
-    code: str
-    message: str
-
-
-Placement = Ready | Booting | Unplaceable
-
-
-def place(state: State, cfg: Config, req: LobbyRequest, session_id: str, now: float) -> Placement:
-    """Claim a slot for the session on the best ready node, or say why it must wait."""
-    regions = [cfg.region(req.region)] if req.region else cfg.regions
-    ranked = rank_regions([r for r in regions if r], req.lat, req.lon)
-    nodes = [n for n in state.nodes() if n.alive(now, cfg.heartbeat_timeout_s)
-             and n.model == req.model.name and n.version == req.model.version]
-    near = dict((r.name, rtt) for r, rtt in regions_in_budget(ranked, cfg.latency_budget_ms))
-    if not any(n.region in near for n in nodes):
-        near = dict((r.name, rtt) for r, rtt in ranked)   # nothing close: any region will do
-    order = claim_order([n.view() for n in nodes], req.model.name, req.model.version, near)
-    claimed = state.claim_slot(order, session_id, now, cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
-    if claimed is not None:
-        node = next(n for n in nodes if n.id == claimed)
-        return Ready(node, near[node.region])
-    coming = [n for n in nodes if n.state is NodeState.LOADING and n.region in near]
-    if coming:
-        first = min(coming, key=lambda n: n.eta_ready or now)
-        return Booting(first.region, max(0.0, (first.eta_ready or now) - now))
-    if any(n.state is NodeState.READY for n in nodes if n.region in near):
-        return Unplaceable("no_capacity", f"every {req.model.name} node is full "
-                           f"({cfg.node_capacity} streams each); try again in a minute")
-    return Unplaceable("no_capacity", f"no node serves {req.model.name} right now; "
-                       "try again in a minute or pick another model")
-
-
-def issue_ticket(cfg: Config, req: LobbyRequest, session_id: str, node: NodeRecord,
-                 fence: int, now: float) -> str:
-    return sign(Ticket(user=req.user, session=session_id, node=node.id, model=node.model,
-                       version=node.version, fence=fence, exp=now + cfg.ticket_ttl_s),
-                cfg.ticket_secret)
-
-
-def run(ws, state: State, cfg: Config, req: LobbyRequest) -> None:  # type: ignore[no-untyped-def]
+def run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
+        kick_scaler: Callable[[], None]) -> None:
     """Drive one lobby socket until the user has a node, an error, or leaves."""
-    session_id = req.resume or f"s-{uuid.uuid4().hex[:16]}"
-    started = time.time()
-    last_eta: int | None = None
-    while True:
-        now = time.time()
-        outcome = place(state, cfg, req, session_id, now)
-        if isinstance(outcome, Ready):
-            node = outcome.node
-            fence = state.next_fence(req.user)
-            state.save_session(session_id, {"user": req.user, "model": node.model,
-                                            "version": node.version, "region": node.region,
-                                            "node": node.id, "fence": fence,
-                                            "created_at": now}, ttl_s=86400)
-            send(ws, type="ready", session_id=session_id, node_url=node.url,
-                 ticket=issue_ticket(cfg, req, session_id, node, fence, now),
-                 region=node.region, node_id=node.id, rtt_ms=round(outcome.rtt_ms, 1))
-            return
-        if isinstance(outcome, Unplaceable) or now - started > WAIT_LIMIT_S:
-            message = (outcome.message if isinstance(outcome, Unplaceable)
-                       else f"no node became free within {WAIT_LIMIT_S:.0f} s; try again later")
-            error(ws, "no_capacity", message)
-            return
-        if round(outcome.eta_s) != last_eta:
-            last_eta = round(outcome.eta_s)
-            send(ws, type="booting", session_id=session_id, region=outcome.region,
-                 eta_s=round(outcome.eta_s, 1))
-        if ws.receive(timeout=POLL_S) is not None:
-            pass  # the client has nothing to say while waiting; ignore chatter
+    try:
+        _run(ws, state, cfg, req, kick_scaler)
+    except Refused as e:
+        error(ws, e.code, str(e))
+    except ConnectionClosed:
+        pass   # the user left; the finally blocks below cleaned up
+
+
+def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
+         kick_scaler: Callable[[], None]) -> None:
+    now = time.time()
+    started = now
+    model = live_model(state, cfg, req.model)
+    if model is None:
+        known = ", ".join(sorted(m.name for m in live_models(state, cfg)))
+        raise Refused("unknown_model", f"unknown model {req.model[:64]!r}; available: {known}")
+    regions = [r for r in cfg.regions if req.region in (None, r.name)]
+    home = rank_regions(regions, req.lat, req.lon)[0][0]
+    session_id = _session_id(state, req)
+    fence = _take_lock(state, cfg, req, session_id, model, home.name, now)
+    pool = pool_id(model.name, model.version, home.name)
+    if req.resume is None:
+        state.arrive(pool, now)
+    state.enqueue(pool, session_id, now, first=req.resume is not None)
+    placed = False
+    try:
+        last: tuple[object, ...] = ()
+        kicked = False
+        while True:
+            now = time.time()
+            records = state.nodes()
+            state.assign(pool, candidates_for(state, cfg, model, home.name, records, now),
+                         now, cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
+            node_id = state.take_assignment(session_id)
+            node = next((n for n in records if n.id == node_id), None) if node_id else None
+            if node_id and node is None:
+                node = state.node(node_id)
+            if node is not None:
+                _ready(ws, state, cfg, req, session_id, fence, node, now)
+                placed = True
+                return
+            if not kicked:
+                kick_scaler()   # event-driven scale-up: no slot for this user right now
+                kicked = True
+            position = state.position(pool, session_id) or 1
+            eta = _eta_s(cfg, model, home.name, records, position, now)
+            msg = (("booting", round(eta * 2) / 2) if eta is not None else ("queued", position))
+            if msg != last:
+                last = msg
+                if eta is not None:
+                    send(ws, type="booting", session_id=session_id, region=home.name,
+                         eta_s=round(eta, 1), position=position)
+                else:
+                    send(ws, type="queued", session_id=session_id, region=home.name,
+                         position=position,
+                         eta_s=round(cfg.provider(home.provider).boot_s + cfg.model_load_s, 1))
+            if state.refresh_locks("lobby", [(req.user, session_id, fence)], cfg.ticket_ttl_s):
+                raise Refused("already_streaming", "this session was taken over from another "
+                              "tab or device")
+            if now - started > WAIT_LIMIT_S:
+                raise Refused("no_capacity", f"no node became free within {WAIT_LIMIT_S:.0f} s;"
+                              " try again in a few minutes")
+            ws.receive(timeout=POLL_S)   # raises ConnectionClosed when the user leaves
+    finally:
+        if not placed:
+            state.dequeue(pool, session_id)
+            state.release_lock(req.user, session_id)
+
+
+def _session_id(state: State, req: LobbyRequest) -> str:
+    if req.resume is None:
+        return f"s-{uuid.uuid4().hex[:16]}"
+    previous = state.session(req.resume)
+    if previous.get("user") != req.user:
+        raise Refused("bad_request", f"session {req.resume!r} is not a session of user "
+                      f"{req.user!r}; start a new one without resume")
+    return req.resume
+
+
+def _take_lock(state: State, cfg: Config, req: LobbyRequest, session_id: str, model: Model,
+               region: str, now: float) -> int:
+    got = state.take_lock(req.user, session_id, model.name, region, now, cfg.ticket_ttl_s,
+                          takeover=req.takeover)
+    if isinstance(got, Lock):
+        since = datetime.fromtimestamp(got.since, UTC).strftime("%H:%M:%S UTC")
+        raise Refused("already_streaming",
+                      f"user {req.user} is already streaming {got.model} in {got.region} "
+                      f"since {since} (session {got.session}); stop that stream first, or "
+                      "take it over from here (reconnect with takeover=1)")
+    return got
+
+
+def _eta_s(cfg: Config, model: Model, region: str, records: list[NodeRecord], position: int,
+           now: float) -> float | None:
+    """When the node that will take this user is ready, from its real boot/load progress.
+
+    None when no coming node has a slot for this position (the user is queued).
+    """
+    coming = sorted((n for n in records if n.state.coming and not n.retired
+                     and (n.model, n.version, n.region) == (model.name, model.version, region)),
+                    key=lambda n: n.eta_ready or now)
+    index = math.ceil(position / cfg.node_capacity) - 1
+    if index >= len(coming):
+        return None
+    return max(0.0, (coming[index].eta_ready or now) - now)
+
+
+def _ready(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
+           session_id: str, fence: int, node: NodeRecord, now: float) -> None:
+    state.save_session(session_id, {"user": req.user, "model": node.model,
+                                    "version": node.version, "region": node.region,
+                                    "node": node.id, "fence": fence, "created_at": now},
+                       ttl_s=7 * 86400)
+    ticket = sign(Ticket(user=req.user, session=session_id, node=node.id, model=node.model,
+                         version=node.version, fence=fence, exp=now + cfg.ticket_ttl_s),
+                  cfg.ticket_secret)
+    region = cfg.region(node.region)
+    rtt = rank_regions([region], req.lat, req.lon)[0][1] if region else 0.0
+    send(ws, type="ready", session_id=session_id, node_url=node.url, ticket=ticket,
+         region=node.region, node_id=node.id, rtt_ms=round(rtt, 1))
 
 
 def send(ws, **msg: object) -> None:  # type: ignore[no-untyped-def]

@@ -36,6 +36,8 @@ class NodeRuntime:
     state: NodeState = NodeState.LOADING
     progress: float = 0.0
     url: str = ""
+    ready_at: float | None = None
+    drain_deadline: float | None = None
     streams: dict[str, Stream] = field(default_factory=dict)
     fences: dict[str, int] = field(default_factory=dict)   # highest fence seen per user
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -52,6 +54,36 @@ class NodeRuntime:
             self.progress = 1.0
             if self.state is NodeState.LOADING:
                 self.state = NodeState.READY
+                self.ready_at = time.time()
+
+    def retarget(self, model: str, version: str, semitones: float,
+                 warm_up: Callable[[], None]) -> bool:
+        """Reload with another model (only when idle); False if already serving it."""
+        with self.lock:
+            if (model, version) == (self.model, self.version) or self.streams:
+                return False
+            self.model, self.version, self.semitones = model, version, semitones
+            self.state, self.progress, self.ready_at = NodeState.LOADING, 0.0, None
+        threading.Thread(target=self.load, args=(warm_up,), daemon=True).start()
+        return True
+
+    def drain(self, deadline: float, now: float) -> None:
+        """Take no new streams; at the deadline tell the live ones to resume elsewhere."""
+        with self.lock:
+            self.drain_deadline = deadline
+            if self.state is NodeState.READY:
+                self.state = NodeState.DRAINING
+            late = list(self.streams) if now >= deadline else []
+        for sid in late:
+            self.kick(sid, 4503, "this model version was replaced; resume through the lobby "
+                                 "to continue on the new version")
+
+    def kick(self, session_id: str, code: int, reason: str) -> None:
+        """Close one stream from outside its thread."""
+        with self.lock:
+            stream = self.streams.get(session_id)
+        if stream is not None and stream.kick is not None:
+            stream.kick(code, reason)
 
     def eta_ready_s(self) -> float:
         """Seconds until the model is loaded (0 once ready)."""
@@ -89,6 +121,7 @@ class NodeRuntime:
                 "region": self.region, "provider": self.provider, "state": self.state.value,
                 "progress": round(self.progress, 3), "url": self.url,
                 "capacity": self.capacity, "started_at": self.started_at,
+                "ready_at": self.ready_at, "drain_deadline": self.drain_deadline,
                 "eta_ready_s": round(self.eta_ready_s(), 2),
                 "streams": {sid: round(s.seconds, 3) for sid, s in self.streams.items()},
             }

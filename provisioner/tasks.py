@@ -1,0 +1,91 @@
+"""Celery tasks: thin adapters around provisioner.fleet. Pass ids, never driver objects.
+
+Every task is idempotent; countdowns are seconds, far below the broker visibility timeout.
+The beat runs `tick` every couple of seconds as the backstop; events (a user who found no
+slot, a node lost) call `scale` at once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Celery, shared_task
+
+from common.config import Config
+from provisioner import fleet
+from provisioner.state import State, connect
+
+TICK_S = 2.0
+
+
+def make_celery(cfg: Config) -> Celery:
+    """The Celery app for this config: broker = the live-state Redis."""
+    assert cfg.redis_url, "Celery needs REDIS_URL"
+    app = Celery("voice", broker=cfg.redis_url, include=["provisioner.tasks"])
+    app.conf.update(
+        broker_transport_options={"visibility_timeout": 3600},
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        task_acks_late=False,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        beat_schedule={"tick": {"task": "provisioner.tick", "schedule": TICK_S}},
+    )
+    app.voice = Runtime(cfg)  # type: ignore[attr-defined]
+    return app
+
+
+class Runtime:
+    """What tasks need, built once per worker process from the config."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        assert cfg.redis_url
+        self.state = State(connect(cfg.redis_url))
+        self.on_end: fleet.NodeEndHook = lambda end: None   # billing plugs in here
+
+
+def _rt(task: Any) -> Runtime:
+    return task.app.voice  # type: ignore[no-any-return]
+
+
+@shared_task(bind=True, name="provisioner.provision")
+def provision(self: Any, node_id: str) -> None:
+    rt = _rt(self)
+    if fleet.provision(rt.state, rt.cfg, node_id, time.time()):
+        self.app.send_task("provisioner.poll", (node_id,), countdown=fleet.POLL_S)
+
+
+@shared_task(bind=True, name="provisioner.poll")
+def poll(self: Any, node_id: str) -> None:
+    rt = _rt(self)
+    outcome = fleet.poll(rt.state, rt.cfg, node_id, time.time(), rt.on_end)
+    if outcome == "waiting":
+        self.app.send_task("provisioner.poll", (node_id,), countdown=fleet.POLL_S)
+    elif outcome == "gone":
+        self.app.send_task("provisioner.scale")
+
+
+def _scale(task: Any) -> None:
+    rt = _rt(task)
+    fleet.scale(rt.state, rt.cfg, time.time(),
+                lambda node_id: task.app.send_task("provisioner.provision", (node_id,)),
+                rt.on_end)
+
+
+@shared_task(bind=True, name="provisioner.scale")
+def scale(self: Any) -> None:
+    _scale(self)
+
+
+@shared_task(bind=True, name="provisioner.tick")
+def tick(self: Any) -> None:
+    """The beat's backstop: reap the dead, drain old versions, scale."""
+    rt = _rt(self)
+    now = time.time()
+    fleet.drain_old_versions(rt.state, rt.cfg, now)
+    fleet.reap(rt.state, rt.cfg, now, rt.on_end)
+    _scale(self)
