@@ -22,11 +22,12 @@ TICK_S = 2.0
 def make_celery(cfg: Config) -> Celery:
     """The Celery app for this config: broker = the live-state Redis."""
     assert cfg.redis_url, "Celery needs REDIS_URL"
-    app = Celery("voice", broker=cfg.redis_url, include=["provisioner.tasks"])
+    app = Celery("voice", broker=cfg.redis_url, backend=cfg.redis_url,
+                 include=["provisioner.tasks"])
     app.conf.update(
         broker_transport_options={"visibility_timeout": 3600},
         broker_connection_retry_on_startup=True,
-        task_ignore_result=True,
+        result_expires=600,
         task_acks_late=False,
         worker_prefetch_multiplier=1,
         worker_send_task_events=True,
@@ -52,14 +53,14 @@ def _rt(task: Any) -> Runtime:
     return task.app.voice  # type: ignore[no-any-return]
 
 
-@shared_task(bind=True, name="provisioner.provision")
+@shared_task(bind=True, ignore_result=True, name="provisioner.provision")
 def provision(self: Any, node_id: str) -> None:
     rt = _rt(self)
     if fleet.provision(rt.state, rt.cfg, node_id, time.time()):
         self.app.send_task("provisioner.poll", (node_id,), countdown=fleet.POLL_S)
 
 
-@shared_task(bind=True, name="provisioner.poll")
+@shared_task(bind=True, ignore_result=True, name="provisioner.poll")
 def poll(self: Any, node_id: str) -> None:
     rt = _rt(self)
     outcome = fleet.poll(rt.state, rt.cfg, node_id, time.time(), rt.on_end)
@@ -76,12 +77,12 @@ def _scale(task: Any) -> None:
                 rt.on_end)
 
 
-@shared_task(bind=True, name="provisioner.scale")
+@shared_task(bind=True, ignore_result=True, name="provisioner.scale")
 def scale(self: Any) -> None:
     _scale(self)
 
 
-@shared_task(bind=True, name="provisioner.tick")
+@shared_task(bind=True, ignore_result=True, name="provisioner.tick")
 def tick(self: Any) -> None:
     """The beat's backstop: reap the dead, drain old versions, scale."""
     rt = _rt(self)

@@ -145,8 +145,7 @@ def control_plane_config(redis_url: str, **overrides: Any) -> Config:
     """Fast clocks for tests: short load, boot, grace and ticket life."""
     cfg = make_config(redis_url)
     providers = tuple(replace(p, boot_s=0.2) for p in cfg.providers)
-    base: dict[str, Any] = {"providers": providers, "idle_grace_s": 1.0, "ticket_ttl_s": 3.0,
-                            "heartbeat_interval_s": 0.5}
+    base: dict[str, Any] = {"providers": providers, "idle_grace_s": 1.0, "ticket_ttl_s": 3.0}
     return cfg.with_overrides(**{**base, **overrides})
 
 
@@ -237,3 +236,11 @@ def lobby(ws_url: str, query: str, timeout_s: float = 30.0) -> list[dict[str, An
         except (ConnectionClosed, OSError):
             pass   # the server closed first
     raise AssertionError(f"lobby gave no ready/error in {timeout_s} s: {out}")
+
+
+@pytest.fixture
+def cp_slow_grace(redis_url: str) -> Iterator[ControlPlane]:
+    """A control plane that keeps idle nodes for a minute (for packing tests)."""
+    with running_control_plane(control_plane_config(redis_url, idle_grace_s=60.0,
+                                                    ticket_ttl_s=30.0)) as cp:
+        yield cp

@@ -1,0 +1,180 @@
+"""The control plane end to end: a real Celery worker, real Redis, real local-driver nodes."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+from simple_websocket import Client
+
+from conftest import ControlPlane, closed_code, lobby
+from provisioner.state import State
+from provisioner.states import NodeState
+from test_node import stream_tone
+from worker_node.quality import harmonic_tone
+
+
+def fake_node(state: State, node_id: str, model: str = "miku", capacity: int = 4) -> None:
+    state.heartbeat({"id": node_id, "provider": "local", "region": "us-west", "model": model,
+                     "version": "1", "state": "ready", "capacity": capacity,
+                     "url": "ws://127.0.0.1:1/ws"}, time.time())
+
+
+def test_100_concurrent_claims_never_overfill(state: State) -> None:
+    ids = [f"n{i}" for i in range(3)]
+    for node_id in ids:
+        fake_node(state, node_id)
+    won: list[str | None] = []
+    barrier = threading.Barrier(100)
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        won.append(state.claim_slot(ids, f"s{i}", time.time(), 60, 6))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 100
+    assert {n: won.count(n) for n in ids} == {"n0": 4, "n1": 4, "n2": 4}
+    assert won.count(None) == 88
+    assert [state.node(n).sessions for n in ids] == [4, 4, 4]   # type: ignore[union-attr]
+
+
+def test_assign_hands_out_in_order_and_never_overfills(state: State) -> None:
+    fake_node(state, "a")
+    fake_node(state, "b")
+    pool = "miku|1|us-west"
+    for i in range(12):
+        state.enqueue(pool, f"s{i:02d}", 1000.0 + i)
+    threads = [threading.Thread(target=state.assign, args=(pool, ["a", "b"], time.time(), 60, 6))
+               for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = {f"s{i:02d}": state.take_assignment(f"s{i:02d}") for i in range(12)}
+    assert [got[f"s{i:02d}"] for i in range(8)] == ["a"] * 4 + ["b"] * 4   # oldest first
+    assert all(got[f"s{i:02d}"] is None for i in range(8, 12))
+    assert state.position(pool, "s08") == 1 and state.position(pool, "s11") == 4
+
+
+def test_waiting_user_sees_queued_then_booting_then_ready(control_plane: ControlPlane) -> None:
+    msgs = lobby(control_plane.ws_url, "user=w1&model=teto&region=eu-west")
+    kinds = [m["type"] for m in msgs]
+    assert kinds[0] == "queued" and msgs[0]["position"] == 1, msgs
+    assert "booting" in kinds and kinds[-1] == "ready", kinds
+    booting = [m for m in msgs if m["type"] == "booting"]
+    assert all(0 <= m["eta_s"] <= 5 for m in booting)
+    ready = msgs[-1]
+    node = control_plane.state.node(ready["node_id"])
+    assert node is not None and (node.model, node.region) == ("teto", "eu-west")
+    ws = Client.connect(f"{ready['node_url']}?ticket={ready['ticket']}")
+    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+    assert json.loads(ws.receive(timeout=5))["type"] == "started"
+    assert len(stream_tone(ws, harmonic_tone(150.0, 16000, 0.2), frame=320)) == 3200
+
+
+def test_nine_users_pack_onto_three_nodes_other_model_separate(cp_slow_grace: ControlPlane
+                                                               ) -> None:
+    cp = cp_slow_grace
+    results: dict[str, dict] = {}
+
+    def one(user: str, model: str) -> None:
+        results[user] = lobby(cp.ws_url, f"user={user}&model={model}&region=us-east")[-1]
+
+    threads = [threading.Thread(target=one, args=(f"m{i}", "miku")) for i in range(9)]
+    threads.append(threading.Thread(target=one, args=("t0", "teto")))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(r["type"] == "ready" for r in results.values()), results
+    miku_nodes = [results[f"m{i}"]["node_id"] for i in range(9)]
+    assert len(set(miku_nodes)) == 3
+    assert sorted(miku_nodes.count(n) for n in set(miku_nodes)) in ([1, 4, 4], [2, 3, 4],
+                                                                     [3, 3, 3])
+    teto = results["t0"]["node_id"]
+    assert teto not in miku_nodes and cp.state.node(teto).model == "teto"  # type: ignore
+
+
+def test_idle_nodes_stop_after_grace(control_plane: ControlPlane) -> None:
+    cp = control_plane
+    ready = lobby(cp.ws_url, "user=i1&model=kaito&region=us-west")[-1]
+    node_id = ready["node_id"]
+    ws = Client.connect(f"{ready['node_url']}?ticket={ready['ticket']}")
+    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+    ws.receive(timeout=5)
+    time.sleep(cp.config.idle_grace_s + 1.5)           # streaming: never stopped
+    assert cp.state.node(node_id) is not None
+    ws.send(json.dumps({"type": "stop"}))
+    assert closed_code(ws)[0] == 1000
+    cp.wait(lambda: cp.state.node(node_id) is None, 20, "idle node not stopped")
+    vms = [vm for vm in cp.state.vms() if vm["name"] == node_id]
+    assert vms == []                                      # the VM is gone too
+
+
+def test_deploy_drains_old_version_without_cutting_streams(control_plane: ControlPlane) -> None:
+    cp = control_plane
+    old = lobby(cp.ws_url, "user=d1&model=miku&region=us-west")[-1]
+    ws = Client.connect(f"{old['node_url']}?ticket={old['ticket']}")
+    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+    ws.receive(timeout=5)
+    cp.state.deploy("miku", "2", 5.0, time.time() + 600)
+    cp.wait(lambda: (n := cp.state.node(old["node_id"])) and n.state is NodeState.DRAINING,
+            10, "old node not draining")
+    new = lobby(cp.ws_url, "user=d2&model=miku&region=us-west")[-1]
+    assert new["type"] == "ready" and new["node_id"] != old["node_id"]
+    assert cp.state.node(new["node_id"]).version == "2"   # type: ignore[union-attr]
+    tone = harmonic_tone(150.0, 16000, 1.0)
+    assert len(stream_tone(ws, tone, frame=320)) == 16000   # the old stream is unharmed
+    ws.send(json.dumps({"type": "stop"}))
+    assert closed_code(ws)[0] == 1000
+    cp.wait(lambda: cp.state.node(old["node_id"]) is None, 20, "drained node not stopped")
+
+
+def test_drain_deadline_moves_users_to_new_version(control_plane: ControlPlane) -> None:
+    cp = control_plane
+    old = lobby(cp.ws_url, "user=e1&model=teto&region=us-west")[-1]
+    ws = Client.connect(f"{old['node_url']}?ticket={old['ticket']}")
+    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+    ws.receive(timeout=5)
+    cp.state.deploy("teto", "2", 7.0, time.time() + 1.0)
+    code, reason = closed_code(ws, timeout_s=15)
+    assert code == 4503 and "resume" in reason
+    again = lobby(cp.ws_url, f"user=e1&model=teto&region=us-west&resume={old['session_id']}")
+    assert again[-1]["type"] == "ready" and again[-1]["session_id"] == old["session_id"]
+    assert cp.state.node(again[-1]["node_id"]).version == "2"   # type: ignore[union-attr]
+
+
+def test_crashed_node_is_reaped_and_user_resumes(control_plane: ControlPlane) -> None:
+    import os
+    import signal
+
+    cp = control_plane
+    first = lobby(cp.ws_url, "user=c1&model=miku&region=us-west")[-1]
+    ws = Client.connect(f"{first['node_url']}?ticket={first['ticket']}")
+    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+    ws.receive(timeout=5)
+    vm = next(v for v in cp.state.vms() if v["name"] == first["node_id"])
+    os.kill(int(vm["pid"]), signal.SIGKILL)                 # the GPU dies
+    cp.wait(lambda: cp.state.node(first["node_id"]) is None, 20, "dead node not reaped")
+    again = lobby(cp.ws_url, f"user=c1&model=miku&region=us-west&resume={first['session_id']}")
+    assert again[-1]["type"] == "ready" and again[-1]["node_id"] != first["node_id"]
+    assert again[-1]["session_id"] == first["session_id"]
+
+
+def test_scale_up_is_event_driven(control_plane: ControlPlane) -> None:
+    cp = control_plane
+    ws = Client.connect(f"{cp.ws_url}/ws/session?user=f1&model=kaito&region=ap-northeast")
+    t0 = time.monotonic()
+    cp.wait(lambda: cp.live_nodes("kaito"), 5, "no node requested")
+    assert time.monotonic() - t0 < 5
+    ws.close()
+
+
+def test_unique_session_ids() -> None:
+    assert len({uuid.uuid4().hex[:16] for _ in range(1000)}) == 1000
