@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -14,10 +15,12 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from werkzeug.serving import make_server
 
 from common.config import Config, load_config
 from common.errors import VoiceError
+from provisioner import clouds, tasks
 from provisioner.state import State, connect
 from voicectl import procs
 from webapp.app import create_app
@@ -27,12 +30,18 @@ def say(msg: str) -> None:
     print(f"voicectl: {msg}", flush=True)
 
 
+RUN_FILE = procs.ROOT / "var" / "run.json"
+
+
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no line per request
     if not procs.port_free(args.host, args.port):
         say(f"cannot listen on {args.host}:{args.port}: another program uses it; stop it or "
             "pass --port N")
         return 1
     children = []
+    logs = procs.ROOT / "var" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     try:
         if cfg.redis_url:
             say(f"using Redis at {cfg.redis_url}")
@@ -44,37 +53,88 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             say(f"Redis ready at {url}")
         assert cfg.redis_url is not None
         state = State(connect(cfg.redis_url))
+        state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
         env = {**os.environ, "REDIS_URL": cfg.redis_url, "TICKET_SECRET": cfg.ticket_secret,
-               "MODEL_LOAD_SECONDS": str(cfg.model_load_s), "CRASH_RATE": str(cfg.crash_rate)}
-        region = args.region or cfg.regions[0].name
-        for m in cfg.models:
-            say(f"starting a node for {m.name} v{m.version} in {region} "
-                f"(model load {cfg.model_load_s:g} s) ...")
-            children.append(procs.start_node(m.name, region, env, inherit=True))
-        server = make_server(args.host, args.port, create_app(cfg, state), threaded=True)
+               "MODEL_LOAD_SECONDS": str(cfg.model_load_s), "CRASH_RATE": str(cfg.crash_rate),
+               "FLOWER_UNAUTHENTICATED_API": "true"}
+        celery = [sys.executable, "-m", "celery", "-A", "provisioner.worker"]
+        say(f"starting the Celery worker with beat (log: {logs / 'celery.log'}) ...")
+        children.append(procs.spawn(celery + ["worker", "-B", "-E", "--pool", "threads",
+                                              "--concurrency", "8", "--loglevel", "INFO",
+                                              "--schedule", str(logs / "beat-schedule")],
+                                    env=env, log=logs / "celery.log"))
+        say(f"starting Flower on http://{args.host}:{args.flower_port} ...")
+        children.append(procs.spawn(celery + ["flower", f"--port={args.flower_port}",
+                                              f"--address={args.host}"],
+                                    env=env, log=logs / "flower.log"))
+        app = tasks.make_celery(cfg)
+        server = make_server(args.host, args.port,
+                             create_app(cfg, state, lambda: app.send_task("provisioner.scale")),
+                             threaded=True)
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-        threading.Thread(target=_report_ready, args=(state, len(cfg.models)), daemon=True).start()
+        RUN_FILE.write_text(json.dumps({"redis_url": cfg.redis_url,
+                                        "url": f"http://{args.host}:{args.port}"}))
+        threading.Thread(target=_report_fleet, args=(state,), daemon=True).start()
         say(f"open http://{args.host}:{args.port}  (Ctrl-C stops everything)")
+        say(f"nodes boot on demand (model load {cfg.model_load_s:g} s); node logs in {logs}")
         try:
             server.serve_forever()
         except KeyboardInterrupt:
             pass
         return 0
     finally:
+        say("stopping: destroying every local node ...")
+        _destroy_local_nodes(cfg)
         say(f"stopping {len(children)} child processes ...")
         procs.stop(children)
+        RUN_FILE.unlink(missing_ok=True)
         say("stopped")
 
 
-def _report_ready(state: State, expected: int) -> None:
-    """Tell the person at the terminal when each node has loaded its model."""
-    seen: set[str] = set()
-    while len(seen) < expected:
-        for n in state.nodes():
-            if n.state.value == "ready" and n.id not in seen:
-                seen.add(n.id)
-                say(f"node {n.id} ready: {n.model} v{n.version} in {n.region} at {n.url}")
+def _destroy_local_nodes(cfg: Config) -> None:
+    if not cfg.redis_url:
+        return
+    try:
+        driver = clouds.driver_for(cfg, "local")
+        for vm in driver.list_nodes():
+            driver.destroy_node(vm)
+    except Exception as e:  # process boundary: shutting down, say what was left
+        say(f"could not destroy every node ({e}); they exit on their own within "
+            "15 s of Redis going away")
+
+
+def _report_fleet(state: State) -> None:
+    """Tell the person at the terminal when nodes come and go."""
+    seen: dict[str, str] = {}
+    while True:
+        try:
+            now = {n.id: f"{n.state.value}" for n in state.nodes()}
+        except redis.RedisError:
+            return   # shutting down
+        for node_id, st in now.items():
+            if seen.get(node_id) != st and st in ("ready", "draining", "booting"):
+                n = state.node(node_id)
+                if n:
+                    say(f"node {n.id} {st}: {n.model} v{n.version} in {n.region} {n.url}")
+        for node_id in set(seen) - set(now):
+            say(f"node {node_id} stopped")
+        seen = now
         time.sleep(0.5)
+
+
+def _redis_url(cfg: Config) -> str:
+    if cfg.redis_url:
+        return cfg.redis_url
+    if RUN_FILE.exists():
+        return str(json.loads(RUN_FILE.read_text())["redis_url"])
+    raise VoiceError("no REDIS_URL and no running `voicectl run` (var/run.json); start the "
+                     "stack or set REDIS_URL")
+
+
+def _default_url() -> str:
+    if RUN_FILE.exists():
+        return str(json.loads(RUN_FILE.read_text())["url"])
+    return "http://127.0.0.1:8000"
 
 
 def _get(url: str) -> Any:
@@ -109,8 +169,69 @@ def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_models(args: argparse.Namespace, cfg: Config) -> int:
     data = _get(f"{args.url}/api/models")
-    print(json.dumps(data) if args.json else table(data, ["name", "version", "state"]))
+    print(json.dumps(data) if args.json else table(data, ["name", "version", "state",
+                                                          "semitones"]))
     return 0
+
+
+def cmd_deploy(args: argparse.Namespace, cfg: Config) -> int:
+    state = State(connect(_redis_url(cfg)))
+    current = state.model(args.model)
+    semitones = args.semitones
+    if semitones is None:
+        if current is None:
+            raise VoiceError(f"model {args.model!r} is new: pass --semitones N")
+        semitones = current.semitones
+    drain_s = cfg.drain_limit_s if args.drain_limit is None else args.drain_limit
+    live = state.deploy(args.model, args.version, semitones, time.time() + drain_s)
+    out = {"model": live.name, "version": live.version, "semitones": live.semitones,
+           "draining": list(live.draining)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        say(f"{live.name} v{live.version} is live: new sessions go to it")
+        for d in live.draining:
+            say(f"{live.name} v{d['version']} drains: live streams keep going, nodes stop when "
+                f"empty or within {drain_s:.0f} s")
+    return 0
+
+
+def _kill(cfg: Config, node_ids: list[str], as_json: bool) -> int:
+    driver = clouds.driver_for(cfg.with_overrides(redis_url=_redis_url(cfg)), "local")
+    vms = {vm.name: vm for vm in driver.list_nodes()}
+    killed = []
+    for node_id in node_ids:
+        vm = vms.get(node_id)
+        if vm is None:
+            raise VoiceError(f"no VM for node {node_id!r}; `voicectl nodes` lists them")
+        pid = int(vm.extra.get("pid", 0))
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)   # a crash, not a stop: the reaper must notice
+            except ProcessLookupError:
+                pass
+        killed.append(node_id)
+    if as_json:
+        print(json.dumps({"killed": killed}))
+    else:
+        for node_id in killed:
+            say(f"killed node {node_id}; the control plane reaps it within "
+                f"{cfg.heartbeat_timeout_s:.0f} s and its users resume elsewhere")
+    return 0
+
+
+def cmd_kill_node(args: argparse.Namespace, cfg: Config) -> int:
+    return _kill(cfg, [args.node_id], args.json)
+
+
+def cmd_kill_region(args: argparse.Namespace, cfg: Config) -> int:
+    if cfg.region(args.region) is None:
+        raise VoiceError(f"unknown region {args.region!r}; known: "
+                         f"{[r.name for r in cfg.regions]}")
+    state = State(connect(_redis_url(cfg)))
+    ids = [n.id for n in state.nodes() if n.region == args.region]
+    vm_ids = {vm["name"] for vm in state.vms()}
+    return _kill(cfg, [i for i in ids if i in vm_ids], args.json)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -121,12 +242,28 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=8000)
     run.add_argument("--region", help="region of the launch nodes (default: the first)")
     run.set_defaults(func=cmd_run)
+    run.add_argument("--flower-port", type=int, default=5555)
     for name, func, text in [("nodes", cmd_nodes, "list the fleet and the queues"),
                              ("models", cmd_models, "list models and versions")]:
         sp = sub.add_parser(name, help=text)
-        sp.add_argument("--url", default="http://127.0.0.1:8000", help="the webapp")
+        sp.add_argument("--url", default=_default_url(), help="the webapp")
         sp.add_argument("--json", action="store_true")
         sp.set_defaults(func=func)
+    dep = sub.add_parser("deploy", help="make a model version live; older versions drain")
+    dep.add_argument("model")
+    dep.add_argument("--version", required=True)
+    dep.add_argument("--semitones", type=float, help="pitch shift (default: unchanged)")
+    dep.add_argument("--drain-limit", type=float, help="seconds old nodes may keep streaming")
+    dep.add_argument("--json", action="store_true")
+    dep.set_defaults(func=cmd_deploy)
+    kn = sub.add_parser("kill-node", help="crash one node (SIGKILL) to test recovery")
+    kn.add_argument("node_id")
+    kn.add_argument("--json", action="store_true")
+    kn.set_defaults(func=cmd_kill_node)
+    kr = sub.add_parser("kill-region", help="crash every node of a region")
+    kr.add_argument("region")
+    kr.add_argument("--json", action="store_true")
+    kr.set_defaults(func=cmd_kill_region)
     return p
 
 
