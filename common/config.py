@@ -19,6 +19,7 @@ from typing import Any
 from common.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
+DEFAULT_DATABASE_URL = f"sqlite:///{Path(__file__).resolve().parent.parent / 'var' / 'billing.sqlite'}"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -51,7 +52,7 @@ class Config:
     providers: tuple[Provider, ...]
     models: tuple[Model, ...]
     redis_url: str | None = None
-    database_url: str = "sqlite:///var/billing.sqlite"
+    database_url: str = DEFAULT_DATABASE_URL
     model_load_s: float = 10.0
     crash_rate: float = 0.0
     ticket_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)

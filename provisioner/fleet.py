@@ -46,6 +46,12 @@ class NodeEnd:
 NodeEndHook = Callable[[NodeEnd], None]
 
 
+def bill_row(rec: NodeRecord) -> dict[str, object]:
+    """What the GPU bill records of a node."""
+    return {"id": rec.id, "provider": rec.provider, "region": rec.region, "model": rec.model,
+            "started_s": rec.requested_at or rec.started_at, "price_per_hour": rec.price_per_hour}
+
+
 def live_models(state: State, cfg: Config) -> list[Model]:
     models = state.models()
     if not models:

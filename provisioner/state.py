@@ -27,6 +27,10 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
     vc:vm:{id}                HASH   local cloud driver: pid, name, region, image, created_at
     vc:vms                    SET    ids of local driver VMs
     vc:scale-kick             STRING set NX for a moment so bursts trigger one scale task
+    vc:kick:{node}            PUBSUB channel: session ids the node must close at once (4409)
+    vc:usage:{minute_s}       HASH   "{user}|{session}|{node}|{model}|{region}" -> cumulative
+                                     seconds streamed in that UTC minute (only ever grows)
+    vc:usage-minutes          ZSET   minute_s -> minute_s of every usage hash not yet expired
 
 Anything that must be atomic is one Lua script below; every key it touches is in KEYS.
 """
@@ -52,6 +56,8 @@ QUEUES = PREFIX + "queues"
 MODELS = PREFIX + "models"
 VMS = PREFIX + "vms"
 SCALE_KICK = PREFIX + "scale-kick"
+USAGE_MINUTES = PREFIX + "usage-minutes"
+USAGE_KEEP_S = 3600     # usage counters stay this long, so late reports can be re-settled
 ARRIVAL_TAU_S = 600.0   # arrival-rate EWMA time constant
 
 
@@ -85,6 +91,14 @@ def lock_key(user: str) -> str:
 
 def fence_key(user: str) -> str:
     return f"{PREFIX}fence:{user}"
+
+
+def usage_key(minute_s: int) -> str:
+    return f"{PREFIX}usage:{minute_s}"
+
+
+def kick_channel(node_id: str) -> str:
+    return f"{PREFIX}kick:{node_id}"
 
 
 def vm_key(vm_id: str) -> str:
@@ -152,13 +166,14 @@ if cur and cur ~= ARGV[1] and ARGV[6] ~= '1' then
   return {0, cur, h[1] or '', h[2] or '', h[3] or ''}
 end
 local since = ARGV[4]
+local prev_node = redis.call('HGET', KEYS[1], 'node') or ''
 if cur == ARGV[1] then since = redis.call('HGET', KEYS[1], 'since') or ARGV[4] end
 local fence = redis.call('INCR', KEYS[2])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'session', ARGV[1], 'fence', fence, 'model', ARGV[2],
            'region', ARGV[3], 'since', since)
 redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[5]) * 1000))
-return {1, tostring(fence), cur or ''}
+return {1, tostring(fence), cur or '', prev_node}
 """
 
 # Keep the locks of live streams alive; report streams whose lock another session took.
@@ -198,6 +213,20 @@ local rate, t = tonumber(h[1] or 0), tonumber(h[2] or ARGV[1])
 rate = rate * math.exp(-math.max(0, now - t) / tau) + 1 / tau
 redis.call('HSET', KEYS[1], 'rate', rate, 't', now)
 return tostring(rate)
+"""
+
+# Report cumulative usage counters; a counter only grows, so a stale or repeated report
+# never lowers or double counts. KEYS: vc:usage-minutes, then the usage hash per counter.
+# ARGV: keep_s, then field, seconds, minute_s per counter.
+_REPORT_USAGE = """
+for i = 2, #KEYS do
+  local field, secs, minute = ARGV[3 * i - 4], tonumber(ARGV[3 * i - 3]), ARGV[3 * i - 2]
+  local cur = tonumber(redis.call('HGET', KEYS[i], field) or 0)
+  if secs > cur then redis.call('HSET', KEYS[i], field, ARGV[3 * i - 3]) end
+  redis.call('EXPIRE', KEYS[i], ARGV[1])
+  redis.call('ZADD', KEYS[1], minute, minute)
+end
+return #KEYS - 1
 """
 
 # Mark an empty node retired so nothing new lands on it; refuses a node with sessions.
@@ -278,6 +307,15 @@ class Lock:
 
 
 @dataclass(frozen=True)
+class Taken:
+    """The lock is ours: its fencing token, and whom we took it from (take-over)."""
+
+    fence: int
+    previous_session: str | None
+    previous_node: str | None
+
+
+@dataclass(frozen=True)
 class LiveModel:
     name: str
     version: str
@@ -298,6 +336,7 @@ class State:
         self._arrive = r.register_script(_ARRIVE)
         self._retire = r.register_script(_RETIRE)
         self._deploy = r.register_script(_DEPLOY)
+        self._report_usage = r.register_script(_REPORT_USAGE)
 
     # --- nodes ----------------------------------------------------------------------
     def add_node(self, fields: Mapping[str, Any]) -> None:
@@ -457,12 +496,12 @@ class State:
 
     # --- the user's single-stream lock -------------------------------------------------
     def take_lock(self, user: str, session_id: str, model: str, region: str, now: float,
-                  ttl_s: float, takeover: bool = False) -> int | Lock:
-        """The fencing token if taken; else who holds it."""
+                  ttl_s: float, takeover: bool = False) -> Taken | Lock:
+        """Taken (fence, and the session/node it took over from); else who holds it."""
         res = self._take_lock(keys=[lock_key(user), fence_key(user)],
                               args=[session_id, model, region, now, ttl_s, int(takeover)])
         if int(res[0]) == 1:
-            return int(res[1])
+            return Taken(int(res[1]), res[2] or None, res[3] or None)
         return Lock(session=res[1], model=res[2], region=res[3], since=float(res[4] or 0))
 
     def refresh_locks(self, node_id: str, streams: Sequence[tuple[str, str, int]],
@@ -483,6 +522,37 @@ class State:
 
     def lock_holder(self, user: str) -> str | None:
         return self.r.hget(lock_key(user), "session")
+
+    def kick(self, node_id: str, session_id: str) -> None:
+        """Tell a node to close a stream now (its user took over elsewhere)."""
+        self.r.publish(kick_channel(node_id), session_id)
+
+    def kick_subscription(self, node_id: str) -> Any:
+        """A pub/sub on the node's kick channel (give its client socket_timeout=None)."""
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(kick_channel(node_id))
+        return pubsub
+
+    # --- usage counters -----------------------------------------------------------------
+    def report_usage(self, counters: Iterable[tuple[int, str, float]]) -> None:
+        """(minute_s, "user|session|node|model|region", cumulative seconds) per counter."""
+        counters = list(counters)
+        if not counters:
+            return
+        args: list[Any] = [USAGE_KEEP_S]
+        for minute_s, field, seconds in counters:
+            args += [field, repr(seconds), minute_s]
+        self._report_usage(keys=[USAGE_MINUTES] + [usage_key(m) for m, _, _ in counters],
+                           args=args)
+
+    def usage_minutes(self, until_s: float) -> list[int]:
+        """Minutes with usage counters, started before `until_s`; forgets expired ones."""
+        self.r.zremrangebyscore(USAGE_MINUTES, "-inf", f"({until_s - USAGE_KEEP_S}")
+        return [int(float(m)) for m in self.r.zrangebyscore(USAGE_MINUTES, "-inf",
+                                                             f"({until_s}")]
+
+    def usage_counters(self, minute_s: int) -> dict[str, float]:
+        return {k: float(v) for k, v in self.r.hgetall(usage_key(minute_s)).items()}
 
     # --- sessions -----------------------------------------------------------------------
     def save_session(self, session_id: str, fields: Mapping[str, Any], ttl_s: int) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery, shared_task
 
+from billing.ledger import Ledger
 from common.config import Config
 from provisioner import fleet
 from provisioner.state import State, connect
@@ -46,7 +47,20 @@ class Runtime:
         self.cfg = cfg
         assert cfg.redis_url
         self.state = State(connect(cfg.redis_url))
-        self.on_end: fleet.NodeEndHook = lambda end: None   # billing plugs in here
+        self._ledger: Ledger | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:   # lazily: a worker that never bills opens no database
+            self._ledger = Ledger.open(self.cfg.database_url)
+        return self._ledger
+
+    def on_end(self, end: fleet.NodeEnd) -> None:
+        """Close the node's bill: from its request to now, in its provider's increments."""
+        rec = end.record
+        increment = self.cfg.provider(rec.provider).billing_increment_s \
+            if any(p.name == rec.provider for p in self.cfg.providers) else 1
+        self.ledger.close_node(fleet.bill_row(rec), end.ended_at, increment)
 
 
 def _rt(task: Any) -> Runtime:
@@ -84,9 +98,21 @@ def scale(self: Any) -> None:
 
 @shared_task(bind=True, ignore_result=True, name="provisioner.tick")
 def tick(self: Any) -> None:
-    """The beat's backstop: reap the dead, drain old versions, scale."""
+    """The beat's backstop: reap the dead, drain old versions, scale, settle the bill."""
     rt = _rt(self)
     now = time.time()
     fleet.drain_old_versions(rt.state, rt.cfg, now)
     fleet.reap(rt.state, rt.cfg, now, rt.on_end)
     _scale(self)
+    _settle(rt, now)
+
+
+def _settle(rt: Runtime, now: float) -> int:
+    rt.ledger.open_nodes(fleet.bill_row(n) for n in rt.state.nodes())
+    return rt.ledger.settle_from(rt.state, now)
+
+
+@shared_task(bind=True, name="billing.settle")
+def settle(self: Any, now: float | None = None) -> int:
+    """Settle closed minutes into usage_minutes; `now` may be given (tests, back-fills)."""
+    return _settle(_rt(self), time.time() if now is None else now)

@@ -19,6 +19,7 @@ import redis
 from simple_websocket import Client, ConnectionClosed
 from werkzeug.serving import make_server
 
+from billing.ledger import Ledger
 from common.config import Config, load_config
 from provisioner.state import State, connect
 from voicectl import procs
@@ -46,9 +47,33 @@ def make_config(redis_url: str, **env: str) -> Config:
     return load_config({**base, **env})
 
 
+DATABASES = ["sqlite"] + (["postgresql"] if os.environ.get("TEST_DATABASE_URL") else [])
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh billing database: SQLite, and PostgreSQL when TEST_DATABASE_URL is set."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'billing.sqlite'}"
+    url = os.environ["TEST_DATABASE_URL"]
+    from sqlalchemy import create_engine
+
+    from billing.tables import metadata
+
+    engine = create_engine(url)
+    metadata.drop_all(engine)
+    engine.dispose()
+    return url
+
+
 @pytest.fixture
-def cfg(redis_url: str) -> Config:
-    return make_config(redis_url)
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'billing.sqlite'}"
+
+
+@pytest.fixture
+def cfg(redis_url: str, sqlite_url: str) -> Config:
+    return make_config(redis_url, DATABASE_URL=sqlite_url)
 
 
 @pytest.fixture
@@ -119,7 +144,7 @@ def serve(app: Any) -> tuple[str, Any]:
 @pytest.fixture
 def webapp(cfg: Config, state: State) -> Iterator[Webapp]:
     """The webapp alone: nodes come from `fleet`, nothing scales."""
-    host, server = serve(create_app(cfg, state))
+    host, server = serve(create_app(cfg, state, ledger=Ledger.open(cfg.database_url)))
     yield Webapp(f"http://{host}", f"ws://{host}", cfg, state)
     server.shutdown()
 
@@ -127,6 +152,11 @@ def webapp(cfg: Config, state: State) -> Iterator[Webapp]:
 @dataclass
 class ControlPlane(Webapp):
     celery: Any = None
+    ledger: Any = None
+
+    def settle(self, now: float) -> int:
+        """Run the real settle task on the worker with an injected clock."""
+        return int(self.celery.send_task("billing.settle", (now,)).get(timeout=30))
 
     def wait(self, what: Any, timeout_s: float = 30.0, msg: str = "") -> Any:
         deadline = time.monotonic() + timeout_s
@@ -168,23 +198,26 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
         while not stop.wait(tick_s):
             app.send_task("provisioner.tick")
 
-    host, server = serve(create_app(cfg, state, lambda: app.send_task("provisioner.scale")))
+    ledger = Ledger.open(cfg.database_url)
+    host, server = serve(create_app(cfg, state, lambda: app.send_task("provisioner.scale"),
+                                    ledger))
     with start_worker(app, pool="threads", concurrency=4, perform_ping_check=True,
                       loglevel="WARNING"):
         threading.Thread(target=beat, daemon=True).start()
         try:
-            yield ControlPlane(f"http://{host}", f"ws://{host}", cfg, state, app)
+            yield ControlPlane(f"http://{host}", f"ws://{host}", cfg, state, app, ledger)
         finally:
             stop.set()
             server.shutdown()
     driver = clouds.driver_for(cfg, "local")
     for vm in driver.list_nodes():
         driver.destroy_node(vm)
+    ledger.engine.dispose()
 
 
 @pytest.fixture
-def control_plane(redis_url: str) -> Iterator[ControlPlane]:
-    with running_control_plane(control_plane_config(redis_url)) as cp:
+def control_plane(redis_url: str, sqlite_url: str) -> Iterator[ControlPlane]:
+    with running_control_plane(control_plane_config(redis_url, database_url=sqlite_url)) as cp:
         yield cp
 
 
@@ -239,8 +272,16 @@ def lobby(ws_url: str, query: str, timeout_s: float = 30.0) -> list[dict[str, An
 
 
 @pytest.fixture
-def cp_slow_grace(redis_url: str) -> Iterator[ControlPlane]:
+def cp_slow_grace(redis_url: str, sqlite_url: str) -> Iterator[ControlPlane]:
     """A control plane that keeps idle nodes for a minute (for packing tests)."""
     with running_control_plane(control_plane_config(redis_url, idle_grace_s=60.0,
-                                                    ticket_ttl_s=30.0)) as cp:
+                                                    ticket_ttl_s=30.0,
+                                                    database_url=sqlite_url)) as cp:
+        yield cp
+
+
+@pytest.fixture
+def cp_billing(redis_url: str, db_url: str) -> Iterator[ControlPlane]:
+    """A control plane billing into SQLite, and PostgreSQL when TEST_DATABASE_URL is set."""
+    with running_control_plane(control_plane_config(redis_url, database_url=db_url)) as cp:
         yield cp

@@ -7,12 +7,12 @@ import threading
 import time
 import uuid
 
-from simple_websocket import Client
-
 from conftest import ControlPlane, closed_code, lobby
+from simple_websocket import Client
+from test_node import stream_tone
+
 from provisioner.state import State
 from provisioner.states import NodeState
-from test_node import stream_tone
 from worker_node.quality import harmonic_tone
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
@@ -18,12 +19,14 @@ from typing import Any
 import redis
 from werkzeug.serving import make_server
 
+from billing.ledger import Ledger, day_totals
 from common.config import Config, load_config
 from common.errors import VoiceError
 from provisioner import clouds, tasks
 from provisioner.state import State, connect
 from voicectl import procs
 from webapp.app import create_app
+from webapp.requests import BadRequest, parse_since
 
 
 def say(msg: str) -> None:
@@ -68,9 +71,11 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
                                               f"--address={args.host}"],
                                     env=env, log=logs / "flower.log"))
         app = tasks.make_celery(cfg)
+        say(f"billing database: {cfg.database_url}")
+        ledger = Ledger.open(cfg.database_url)
         server = make_server(args.host, args.port,
-                             create_app(cfg, state, lambda: app.send_task("provisioner.scale")),
-                             threaded=True)
+                             create_app(cfg, state, lambda: app.send_task("provisioner.scale"),
+                                        ledger), threaded=True)
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
         RUN_FILE.write_text(json.dumps({"redis_url": cfg.redis_url,
                                         "url": f"http://{args.host}:{args.port}"}))
@@ -220,6 +225,26 @@ def _kill(cfg: Config, node_ids: list[str], as_json: bool) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace, cfg: Config) -> int:
+    try:
+        since = parse_since(args.since)
+    except BadRequest as e:
+        raise VoiceError(str(e)) from None
+    rows = day_totals(Ledger.open(cfg.database_url).usage(args.user, since))
+    cols = ["user", "day", "minutes", "seconds"]
+    if args.json:
+        print(json.dumps(rows))
+    elif args.csv:
+        out = csv.DictWriter(sys.stdout, fieldnames=cols)
+        out.writeheader()
+        out.writerows(rows)
+    elif rows:
+        print(table(rows, cols))
+    else:
+        say("no usage recorded" + (f" for user {args.user}" if args.user else ""))
+    return 0
+
+
 def cmd_kill_node(args: argparse.Namespace, cfg: Config) -> int:
     return _kill(cfg, [args.node_id], args.json)
 
@@ -256,6 +281,13 @@ def parser() -> argparse.ArgumentParser:
     dep.add_argument("--drain-limit", type=float, help="seconds old nodes may keep streaming")
     dep.add_argument("--json", action="store_true")
     dep.set_defaults(func=cmd_deploy)
+    us = sub.add_parser("usage", help="seconds streamed per user and day (billing database)")
+    us.add_argument("--user")
+    us.add_argument("--since", help="ISO date or time, UTC")
+    fmt = us.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--json", action="store_true")
+    us.set_defaults(func=cmd_usage)
     kn = sub.add_parser("kill-node", help="crash one node (SIGKILL) to test recovery")
     kn.add_argument("node_id")
     kn.add_argument("--json", action="store_true")

@@ -17,18 +17,19 @@ import redis
 from flask import Flask, Response, jsonify, request, send_from_directory
 from flask_sock import Sock
 
+from billing.ledger import Ledger
 from common.config import Config
 from provisioner.fleet import live_models
 from provisioner.state import State
 from webapp import lobby
-from webapp.requests import BadRequest, parse_lobby
+from webapp.requests import BadRequest, parse_lobby, parse_since, parse_user
 
 STATIC = Path(__file__).with_name("static")
 
 
 def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lambda: None,
-               extra_checks: Callable[[], dict[str, str]] = dict) -> Flask:
-    """`extra_checks` adds health checks (e.g. the billing database) to /healthz."""
+               ledger: Ledger | None = None) -> Flask:
+    """`ledger` (the billing database) serves /api/usage and joins /healthz."""
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 4096}
     sock = Sock(app)
@@ -90,9 +91,26 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
             checks["redis"] = "ok"
         except redis.RedisError as e:
             checks["redis"] = f"unreachable: {e}"
-        checks.update(extra_checks())
+        if ledger is not None:
+            checks["database"] = ledger.check()
         ok = all(v == "ok" for v in checks.values())
         return jsonify({"ok": ok, **checks}), 200 if ok else 503
+
+    @app.get("/api/usage")
+    def usage() -> tuple[Response, int]:
+        try:
+            user = parse_user(request.args, {})
+            since = parse_since(request.args.get("since"))
+        except BadRequest as e:
+            return jsonify({"error": "bad_request", "message": str(e)}), 400
+        if ledger is None:
+            return jsonify({"error": "unavailable",
+                            "message": "no billing database is configured"}), 503
+        rows = ledger.usage(user, since)
+        return jsonify({
+            "user": user, "seconds": round(sum(r.seconds for r in rows), 3),
+            "minutes": [{"minute": r.minute.strftime("%Y-%m-%dT%H:%M:00Z"), "model": r.model,
+                         "region": r.region, "seconds": r.seconds} for r in rows]}), 200
 
     @sock.route("/ws/session")
     def session(ws):  # type: ignore[no-untyped-def]

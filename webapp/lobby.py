@@ -123,12 +123,15 @@ def _take_lock(state: State, cfg: Config, req: LobbyRequest, session_id: str, mo
     got = state.take_lock(req.user, session_id, model.name, region, now, cfg.ticket_ttl_s,
                           takeover=req.takeover)
     if isinstance(got, Lock):
-        since = datetime.fromtimestamp(got.since, UTC).strftime("%H:%M:%S UTC")
+        holder = got
+        since = datetime.fromtimestamp(holder.since, UTC).strftime("%H:%M:%S UTC")
         raise Refused("already_streaming",
-                      f"user {req.user} is already streaming {got.model} in {got.region} "
-                      f"since {since} (session {got.session}); stop that stream first, or "
-                      "take it over from here (reconnect with takeover=1)")
-    return got
+                      f"user {req.user} is already streaming {holder.model} in "
+                      f"{holder.region} since {since} (session {holder.session}); stop that "
+                      "stream first, or take it over from here (reconnect with takeover=1)")
+    if got.previous_session and got.previous_session != session_id and got.previous_node:
+        state.kick(got.previous_node, got.previous_session)   # the old stream closes now
+    return got.fence
 
 
 def _eta_s(cfg: Config, model: Model, region: str, records: list[NodeRecord], position: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from common.config import Config
 
@@ -76,3 +77,15 @@ def parse_lobby(args: Mapping[str, str], cookies: Mapping[str, str],
         raise BadRequest(f"resume={resume[:64]!r} is not a session id")
     takeover = args.get("takeover", "") in ("1", "true", "yes")
     return LobbyRequest(user, name, lat, lon, region_name, resume, takeover)
+
+
+def parse_since(raw: str | None) -> datetime | None:
+    """An ISO-8601 date or time (UTC); returns a naive UTC datetime."""
+    if not raw:
+        return None
+    try:
+        t = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"since={raw[:40]!r} is not an ISO-8601 date such as 2026-11-27 or "
+                         "2026-11-27T10:00:00Z") from None
+    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent(node, State(connect(cfg.redis_url)), cfg.heartbeat_interval_s,
                   provider.price_per_hour, cfg.crash_rate, lock_ttl_s=cfg.heartbeat_timeout_s,
                   warm_up=warm_up)
-    app = create_app(node, cfg.ticket_secret, on_open=agent.on_open, on_close=agent.on_close)
+    app = create_app(node, cfg.ticket_secret, on_open=agent.on_open, on_close=agent.on_close,
+                     admit=agent.admit)
     server = make_server(args.host, args.port, app, threaded=True)
     node.url = f"ws://{args.host}:{server.server_port}/ws"
     agent.start()

@@ -62,6 +62,7 @@ class Agent:
             if self.node.retarget(model, version, float(semitones), self.warm_up):
                 log.info("retargeted to %s v%s: loading", model, version)
         self.state.heartbeat(self.fields(now), now)
+        self.state.report_usage(self.node.usage())
         if flags["retarget"]:
             self.state.finish_retarget(self.node.id)
         with self.node.lock:
@@ -76,8 +77,29 @@ class Agent:
         self.state.mark_live(self.node.id, stream.session_id)
 
     def on_close(self, stream: Stream) -> None:
+        """Bill the last seconds, free the slot and the user's lock at once."""
+        self.state.report_usage(self.node.usage([stream]))
         self.state.release_slot(self.node.id, stream.session_id)
         self.state.release_lock(stream.user, stream.session_id)
+
+    def admit(self, stream: Stream) -> str | None:
+        holder = self.state.lock_holder(stream.user)
+        if holder is not None and holder != stream.session_id:
+            return ("this user's stream now belongs to another session (taken over); "
+                    "reconnect through the lobby")
+        return None
+
+    def listen_for_kicks(self) -> None:
+        """Close at once a stream whose user took over elsewhere (pub/sub from the lobby)."""
+        while not self._stop.is_set():
+            try:
+                sub = self.state.kick_subscription(self.node.id)
+                for msg in sub.listen():
+                    self.node.kick(str(msg["data"]), 4409, "this user started streaming "
+                                   "elsewhere; this stream was taken over")
+            except Exception:  # process boundary: resubscribe after a Redis hiccup
+                log.exception("kick subscription lost; resubscribing")
+                self._stop.wait(1.0)
 
     def maybe_crash(self, dt_s: float) -> None:
         """CRASH_RATE is the chance of dying in a given minute; scale it to this tick."""
@@ -102,6 +124,7 @@ class Agent:
             self._stop.wait(min(self.interval_s, 0.5) if loading else self.interval_s)
 
     def start(self) -> threading.Thread:
+        threading.Thread(target=self.listen_for_kicks, name="kicks", daemon=True).start()
         t = threading.Thread(target=self.run, name="agent", daemon=True)
         t.start()
         return t

@@ -18,7 +18,8 @@ class Stream:
     session_id: str
     user: str
     fence: int
-    seconds: float = 0.0          # cumulative audio seconds processed (billing counter)
+    seconds: float = 0.0          # cumulative audio seconds processed
+    minutes: dict[int, float] = field(default_factory=dict)  # UTC minute -> seconds in it
     kick: Callable[[int, str], None] | None = None   # closes the socket from another thread
 
 
@@ -108,11 +109,22 @@ class NodeRuntime:
         with self.lock:
             self.streams.pop(session_id, None)
 
-    def add_seconds(self, session_id: str, seconds: float) -> None:
+    def add_seconds(self, session_id: str, seconds: float, now: float) -> None:
+        """Meter audio processed at `now` into its UTC minute (a frame never spans two)."""
+        minute = int(now // 60) * 60
         with self.lock:
             s = self.streams.get(session_id)
             if s is not None:
                 s.seconds += seconds
+                s.minutes[minute] = s.minutes.get(minute, 0.0) + seconds
+
+    def usage(self, streams: list[Stream] | None = None) -> list[tuple[int, str, float]]:
+        """Cumulative counters (minute, "user|session|node|model|region", seconds)."""
+        with self.lock:
+            chosen = list(self.streams.values()) if streams is None else streams
+            return [(m, f"{s.user}|{s.session_id}|{self.id}|{self.model}|{self.region}",
+                     round(secs, 4))
+                    for s in chosen for m, secs in s.minutes.items()]
 
     def snapshot(self) -> dict[str, object]:
         with self.lock:

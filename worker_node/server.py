@@ -37,8 +37,10 @@ class Malformed(Exception):
 def create_app(node: NodeRuntime, secret: str,
                make_processor: Callable[[int], Processor] | None = None,
                on_open: Callable[[Stream], None] = lambda s: None,
-               on_close: Callable[[Stream], None] = lambda s: None) -> Flask:
-    """The node app. `on_open`/`on_close` let the agent mirror streams into Redis."""
+               on_close: Callable[[Stream], None] = lambda s: None,
+               admit: Callable[[Stream], str | None] = lambda s: None) -> Flask:
+    """The node app. `on_open`/`on_close` let the agent mirror streams into Redis; `admit`
+    may refuse a stream whose user's lock belongs to another session (4409)."""
     app = Flask(__name__)
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": MAX_MESSAGE_BYTES}
     sock = Sock(app)
@@ -58,9 +60,17 @@ def create_app(node: NodeRuntime, secret: str,
             return
         entry = Stream(ticket.session, ticket.user, ticket.fence,
                        kick=lambda code, why: _close_quietly(ws, code, why))
-        refused = _take_over(node, entry) or node.open(entry)
+        refused = _take_over(node, entry)
         if refused:
-            ws.close(4503 if not refused.startswith("stale") else 4401, _short(refused))
+            ws.close(4401, _short(refused))
+            return
+        refused = admit(entry)
+        if refused:
+            ws.close(4409, _short(refused))
+            return
+        refused = node.open(entry)
+        if refused:
+            ws.close(4503, _short(refused))
             return
         on_open(entry)
         try:
@@ -128,7 +138,7 @@ def _serve(ws, node: NodeRuntime, entry: Stream,  # type: ignore[no-untyped-def]
                                 f" frames must be 10-100 ms ({lo}-{hi} samples)")
             out = processor.process(np.frombuffer(msg, dtype="<i2"))
             ws.send(out.astype("<i2", copy=False).tobytes())
-            node.add_seconds(entry.session_id, n / rate)
+            node.add_seconds(entry.session_id, n / rate, time.time())
             continue
         kind = _parse_json(msg).get("type")
         if kind == "stop":

@@ -1,0 +1,58 @@
+"""Billing math: pure functions, no I/O, no clock.
+
+Usage arrives as cumulative counters (seconds streamed by one session on one node in one
+UTC minute); the settled value of a (user, minute, model, region) row is the sum of the
+latest counters, so settling twice, or again after a late report, never counts twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+
+MICRO = Decimal("0.000001")
+
+
+@dataclass(frozen=True)
+class UsageCounter:
+    """Seconds one session streamed on one node within one UTC minute (cumulative)."""
+
+    minute_s: int      # unix seconds at the start of the minute
+    user: str
+    session: str
+    node: str
+    model: str
+    region: str
+    seconds: float
+
+
+RowKey = tuple[str, int, str, str]   # user, minute_s, model, region
+
+
+def aggregate(counters: Iterable[UsageCounter]) -> dict[RowKey, float]:
+    """Rows of usage_minutes: seconds per user, minute, model and region (capped at 60)."""
+    rows: dict[RowKey, float] = {}
+    for c in counters:
+        key = (c.user, c.minute_s, c.model, c.region)
+        rows[key] = rows.get(key, 0.0) + c.seconds
+    return {k: round(min(60.0, v), 3) for k, v in rows.items()}
+
+
+def minute_start(t: float) -> int:
+    return int(t // 60) * 60
+
+
+def utc(t: float) -> datetime:
+    """Naive UTC datetime (what both SQLite and PostgreSQL store here)."""
+    return datetime.fromtimestamp(t, UTC).replace(tzinfo=None)
+
+
+def node_cost(started_s: float, stopped_s: float, price_per_hour: Decimal,
+              increment_s: int = 1) -> Decimal:
+    """Exact cost of a node: its lifetime rounded up to whole billing increments."""
+    lifetime = Decimal(str(max(0.0, stopped_s - started_s)))
+    inc = Decimal(max(1, increment_s))
+    billed = (lifetime / inc).to_integral_value(rounding=ROUND_CEILING) * inc
+    return (billed * price_per_hour / Decimal(3600)).quantize(MICRO, rounding=ROUND_HALF_UP)

@@ -1,0 +1,70 @@
+"""The billing tables (SQLAlchemy Core) and the engine: SQLite by default, PostgreSQL by URL.
+
+Minutes are stored as UTC datetimes without a zone (SQLite keeps none), money as exact
+Numeric. `open_db(url)` creates the schema on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import make_url
+
+metadata = MetaData()
+
+usage_minutes = Table(
+    "usage_minutes", metadata,
+    Column("user_id", String(64), nullable=False),
+    Column("minute", DateTime(timezone=False), nullable=False),   # UTC, start of the minute
+    Column("model", String(64), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("seconds", Float, nullable=False),
+    PrimaryKeyConstraint("user_id", "minute", "model", "region"),
+)
+
+node_costs = Table(
+    "node_costs", metadata,
+    Column("node_id", String(64), primary_key=True),
+    Column("provider", String(64), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("started_at", DateTime(timezone=False), nullable=False),   # UTC, when requested
+    Column("stopped_at", DateTime(timezone=False), nullable=True),    # NULL while running
+    Column("price_per_hour", Numeric(12, 6), nullable=False),
+    Column("cost", Numeric(14, 6), nullable=True),                    # exact dollars
+)
+
+
+def open_db(url: str) -> Engine:
+    """An engine for `url` with the schema created; SQLite gets WAL and a busy timeout."""
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {"future": True}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            from pathlib import Path
+
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    engine = create_engine(url, pool_pre_ping=True, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+    metadata.create_all(engine)
+    return engine
