@@ -73,8 +73,10 @@ def create_app(node: NodeRuntime, secret: str,
             ws.close(4503, _short(refused))
             return
         on_open(entry)
+        stopped = False
         try:
             _serve(ws, node, entry, processor_for)
+            stopped = True
         except Malformed as e:
             _error(ws, "bad_request", str(e))
             ws.close(4400, _short(str(e)))
@@ -85,7 +87,9 @@ def create_app(node: NodeRuntime, secret: str,
             ws.close(1011, _short(f"model failed: {e}; resume through the lobby"))
         finally:
             node.close(entry.session_id)
-            on_close(entry)
+            on_close(entry)   # slot, lock and last seconds settle before the client hears 1000
+        if stopped:
+            _close_quietly(ws, 1000, "stopped")
 
     return app
 
@@ -142,8 +146,7 @@ def _serve(ws, node: NodeRuntime, entry: Stream,  # type: ignore[no-untyped-def]
             continue
         kind = _parse_json(msg).get("type")
         if kind == "stop":
-            ws.close(1000, "stopped")
-            return
+            return   # the caller releases everything, then closes 1000
         raise Malformed(f"unexpected message type {kind!r} while streaming; "
                         'send binary audio frames or {"type": "stop"}')
 
