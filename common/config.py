@@ -62,6 +62,7 @@ class Config:
     latency_budget_ms: float = 60.0
     drain_limit_s: float = 600.0
     idle_grace_s: float = 60.0
+    arrival_tau_s: float = 600.0    # the arrival-rate average the warm buffer is sized from
 
     @property
     def heartbeat_timeout_s(self) -> float:

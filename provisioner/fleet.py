@@ -94,7 +94,7 @@ def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[Node
     pools = [pool_id(m.name, m.version, r.name) for m in live_models(state, cfg)
              for r in cfg.regions]
     waiting = state.queue_lengths()
-    rates = state.arrival_rates(pools, now)
+    rates = state.arrival_rates(pools, now, cfg.arrival_tau_s)
     demand = tuple(PoolDemand(PoolKey(*p.split("|")), waiting=waiting.get(p, 0),
                               arrival_rate_per_s=rates[p]) for p in pools)
     return Snapshot(tuple(nodes), demand), records
@@ -207,6 +207,8 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
     node record names (a crash between create and record) are destroyed.
     """
     dead = []
+    for rec in state.nodes():
+        state.drop_expired(rec.id, now)
     records = state.nodes()
     for rec in records:
         if not rec.alive(now, cfg.heartbeat_timeout_s):

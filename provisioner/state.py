@@ -58,7 +58,6 @@ VMS = PREFIX + "vms"
 SCALE_KICK = PREFIX + "scale-kick"
 USAGE_MINUTES = PREFIX + "usage-minutes"
 USAGE_KEEP_S = 3600     # usage counters stay this long, so late reports can be re-settled
-ARRIVAL_TAU_S = 600.0   # arrival-rate EWMA time constant
 
 
 def node_key(node_id: str) -> str:
@@ -466,19 +465,25 @@ class State:
             pipe.zcard(queue_key(pool))
         return dict(zip(pools, (int(n) for n in pipe.execute()), strict=True))
 
-    def arrive(self, pool: str, now: float) -> float:
-        return float(self._arrive(keys=[arrivals_key(pool)], args=[now, ARRIVAL_TAU_S]))
+    def arrive(self, pool: str, now: float, tau_s: float) -> float:
+        """Count an arrival in the pool's arrival-rate average (time constant tau_s)."""
+        return float(self._arrive(keys=[arrivals_key(pool)], args=[now, tau_s]))
 
-    def arrival_rates(self, pools: Iterable[str], now: float) -> dict[str, float]:
+    def arrival_rates(self, pools: Iterable[str], now: float, tau_s: float
+                      ) -> dict[str, float]:
         pools = list(pools)
         pipe = self.r.pipeline(transaction=False)
         for pool in pools:
             pipe.hmget(arrivals_key(pool), "rate", "t")
         out = {}
         for pool, (rate, t) in zip(pools, pipe.execute(), strict=True):
-            out[pool] = (float(rate) * math.exp(-max(0.0, now - float(t)) / ARRIVAL_TAU_S)
+            out[pool] = (float(rate) * math.exp(-max(0.0, now - float(t)) / tau_s)
                          if rate else 0.0)
         return out
+
+    def drop_expired(self, node_id: str, now: float) -> int:
+        """Free the slots of tickets that were never used before they expired."""
+        return int(self.r.zremrangebyscore(slots_key(node_id), "-inf", f"({now}"))
 
     def mark_live(self, node_id: str, session_id: str) -> None:
         """The stream connected: its slot no longer expires."""

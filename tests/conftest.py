@@ -175,7 +175,8 @@ def control_plane_config(redis_url: str, **overrides: Any) -> Config:
     """Fast clocks for tests: short load, boot, grace and ticket life."""
     cfg = make_config(redis_url)
     providers = tuple(replace(p, boot_s=0.2) for p in cfg.providers)
-    base: dict[str, Any] = {"providers": providers, "idle_grace_s": 1.0, "ticket_ttl_s": 3.0}
+    base: dict[str, Any] = {"providers": providers, "idle_grace_s": 1.0, "ticket_ttl_s": 3.0,
+                            "arrival_tau_s": 1.0}   # the warm buffer forgets arrivals fast
     return cfg.with_overrides(**{**base, **overrides})
 
 

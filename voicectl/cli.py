@@ -288,6 +288,8 @@ def parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true")
     fmt.add_argument("--json", action="store_true")
     us.set_defaults(func=cmd_usage)
+    sub.add_parser("simulate", help="run the autoscaler over a trace in virtual time "
+                   "(see voicectl simulate --help)", add_help=False)
     kn = sub.add_parser("kill-node", help="crash one node (SIGKILL) to test recovery")
     kn.add_argument("node_id")
     kn.add_argument("--json", action="store_true")
@@ -300,6 +302,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulate"]:   # the simulator owns its flags (voicectl simulate --help)
+        from provisioner.simulate import main as simulate
+
+        return simulate(argv[1:])
     args = parser().parse_args(argv)
     try:
         return int(args.func(args, load_config()))

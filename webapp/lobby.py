@@ -61,7 +61,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     fence = _take_lock(state, cfg, req, session_id, model, home.name, now)
     pool = pool_id(model.name, model.version, home.name)
     if req.resume is None:
-        state.arrive(pool, now)
+        state.arrive(pool, now, cfg.arrival_tau_s)
     state.enqueue(pool, session_id, now, first=req.resume is not None)
     placed = False
     try:

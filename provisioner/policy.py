@@ -1,0 +1,383 @@
+"""Autoscaling policy: how many nodes of which model boot where, which to stop, which to reload.
+
+Pure code: no I/O, no clock, no randomness. The Celery beat task and the simulator both take
+a `Snapshot` of the fleet and the queues, call `decide(snapshot, now, cfg)`, and apply the
+`Decisions`. Applying them and taking the next snapshot must make a second call boot nothing
+more: coming nodes (requested, booting, loading) count as capacity.
+
+A pool is one (model, version, region). Its demand is its streaming sessions plus its
+waiting users; free slots on top form a warm buffer (`warm_buffer_slots`) so that arrivals
+find room while new capacity gets ready: per pool for the arrivals of one model reload,
+per region (on idle nodes of any model, a reload away) for those of one VM boot.
+`Snapshot.demand` lists every live pool (zero demand included): a (model, version) that
+no demand entry names is not live and keeps no buffer and no minimum. Draining nodes are
+nobody's capacity, and are never retargeted or stopped here.
+
+The baselines `decide_fixed_buffer`, `decide_reactive` and `static_fleet` have the same
+signature, so the simulator can measure the policy against them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any
+
+from common.config import Config
+from provisioner.states import NodeState
+
+__all__ = [
+    "Decisions", "NodeSnap", "Policy", "PoolDemand", "PoolKey", "ScalingConfig", "Snapshot",
+    "decide", "decide_fixed_buffer", "decide_reactive", "static_fleet", "warm_buffer_slots",
+]
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class PoolKey:
+    model: str
+    version: str
+    region: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSnap:
+    """One node as the policy sees it; times are absolute seconds on the caller's clock."""
+
+    id: str
+    model: str
+    version: str
+    region: str
+    provider: str
+    state: NodeState
+    sessions: int = 0
+    capacity: int = 4
+    requested_at: float = 0.0
+    ready_at: float | None = None      # when it turned ready; None while coming
+    idle_since: float | None = None    # when it last became empty; None while it has sessions
+    eta_ready: float | None = None     # expected time a coming node turns ready
+
+    @property
+    def key(self) -> PoolKey:
+        return PoolKey(self.model, self.version, self.region)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDemand:
+    key: PoolKey
+    waiting: int = 0
+    arrival_rate_per_s: float = 0.0    # recent (e.g. an EWMA over ~10 minutes)
+    mean_session_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    nodes: tuple[NodeSnap, ...] = ()
+    demand: tuple[PoolDemand, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Knobs of the policy and its baselines; `from_config` builds it from the app config."""
+
+    capacity: int = 4
+    load_s: float = 10.0
+    boot_s_by_provider: Mapping[str, float] = field(default_factory=dict)
+    billing_increment_s_by_provider: Mapping[str, float] = field(default_factory=dict)
+    price_per_hour_by_provider: Mapping[str, Decimal] = field(default_factory=dict)
+    region_provider: Mapping[str, str] = field(default_factory=dict)
+    min_nodes_by_model: Mapping[str, int] = field(default_factory=dict)  # per pool
+    max_nodes_by_model: Mapping[str, int] = field(default_factory=dict)  # per pool
+    default_max_nodes: int = 50
+    idle_grace_s: float = 60.0
+    # An idle node stops only when at most this much of its paid increment is left, so a
+    # provider billing whole hours gets its hour's worth (60 s increments: any time).
+    stop_window_s: float = 60.0
+    # Warm buffer: z-score of the net arrivals while new capacity gets ready. 2.2 kept
+    # waits under 2 % of users in the simulator's diurnal day (see docs of simulate).
+    buffer_z: float = 2.2
+    reaction_s: float = 5.0            # how late the policy may notice: its tick period
+    stop_margin_slots: int = 2         # hysteresis: free slots beyond the buffer kept up
+    default_boot_s: float = 60.0       # for a provider missing from boot_s_by_provider
+    fixed_buffer_nodes: int = 1        # decide_fixed_buffer: free nodes' worth of slots
+
+    @classmethod
+    def from_config(cls, config: Config, **overrides: Any) -> ScalingConfig:
+        """The scaling knobs implied by the app config; keyword overrides win."""
+        base = cls(
+            capacity=config.node_capacity,
+            load_s=config.model_load_s,
+            boot_s_by_provider={p.name: p.boot_s for p in config.providers},
+            billing_increment_s_by_provider={p.name: float(p.billing_increment_s)
+                                             for p in config.providers},
+            price_per_hour_by_provider={p.name: p.price_per_hour for p in config.providers},
+            region_provider={r.name: r.provider for r in config.regions},
+            idle_grace_s=config.idle_grace_s,
+        )
+        return replace(base, **overrides)
+
+    def boot_s(self, provider: str) -> float:
+        return self.boot_s_by_provider.get(provider, self.default_boot_s)
+
+    def lead_s(self, region: str) -> float:
+        """Seconds from asking for a new node in `region` to its first free slot."""
+        return self.boot_s(self.region_provider.get(region, "")) + self.load_s
+
+    def min_nodes(self, model: str) -> int:
+        return self.min_nodes_by_model.get(model, 0)
+
+    def max_nodes(self, model: str) -> int:
+        return self.max_nodes_by_model.get(model, self.default_max_nodes)
+
+    def price(self, provider: str) -> Decimal:
+        return self.price_per_hour_by_provider.get(provider, Decimal(0))
+
+    def paid_left_s(self, node: NodeSnap, now: float) -> float:
+        """Seconds left in the node's current paid billing increment (0 at a boundary)."""
+        inc = self.billing_increment_s_by_provider.get(node.provider, 1.0)
+        return (node.requested_at - now) % inc if inc > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decisions:
+    boot: tuple[PoolKey, ...] = ()                  # one entry per node to boot
+    stop: tuple[str, ...] = ()                      # node ids, all idle
+    retarget: tuple[tuple[str, PoolKey], ...] = ()  # idle ready node -> pool, same region
+
+    def __bool__(self) -> bool:
+        return bool(self.boot or self.stop or self.retarget)
+
+
+Policy = Callable[[Snapshot, float, ScalingConfig], Decisions]
+
+
+def warm_buffer_slots(streaming: int, arrival_rate_per_s: float, mean_session_s: float,
+                      lead_s: float, z: float) -> int:
+    """Free slots to keep so that arrivals during `lead_s` rarely find no room.
+
+    Over the lead time L, arrivals are Poisson(a = rate * L) and about
+    d = streaming * (1 - exp(-L / mean_session_s)) current sessions end; the net growth
+    a - d has variance a + d (Skellam), so the buffer is ceil(a - d + z * sqrt(a + d)),
+    at least 0, and 0 when even a single arrival within L is rarer than the z tail.
+    """
+    return _skellam_slots(max(0.0, arrival_rate_per_s) * lead_s,
+                          _ends(streaming, mean_session_s, lead_s), z)
+
+
+def _ends(streaming: int, mean_session_s: float, lead_s: float) -> float:
+    return streaming * -math.expm1(-lead_s / mean_session_s) if mean_session_s > 0 else 0.0
+
+
+def _skellam_slots(arrivals: float, ends: float, z: float) -> int:
+    if arrivals <= 0.0:
+        return 0   # a buffer against departures alone would never be used
+    if -math.expm1(-arrivals) <= 0.5 * math.erfc(z / math.sqrt(2)):
+        # Even one arrival within the lead time is less likely than the tail z allows, so
+        # keep nothing warm (the normal approximation would round any trickle up to a slot,
+        # and a decaying arrival-rate average would then hold a node forever).
+        return 0
+    return max(0, math.ceil(arrivals - ends + z * math.sqrt(arrivals + ends) - 1e-9))
+
+
+BufferFn = Callable[[int, float, float, float], int]   # streaming, rate, mean_s, lead_s
+
+
+@dataclass(slots=True)
+class _Pool:
+    key: PoolKey
+    demand: PoolDemand | None
+    ready: list[NodeSnap] = field(default_factory=list)
+    coming: list[NodeSnap] = field(default_factory=list)
+    streaming: int = 0
+    count: int = 0     # nodes kept, as the plan goes
+    slots: int = 0     # their slots
+    soon: int = 0      # the slots of those ready within the pool's lead time
+
+    @property
+    def waiting(self) -> int:
+        return self.demand.waiting if self.demand else 0
+
+    @property
+    def free(self) -> int:
+        return self.slots - self.streaming - self.waiting
+
+    def buffer(self, fn: BufferFn, lead_s: float) -> int:
+        if self.demand is None:
+            return 0   # not live: no buffer, no minimum
+        return fn(self.streaming, self.demand.arrival_rate_per_s, self.demand.mean_session_s,
+                  lead_s)
+
+    def keep(self, capacity: int, nodes: int = 1, soon: bool = True) -> None:
+        self.count += nodes
+        self.slots += capacity * nodes
+        self.soon += capacity * nodes if soon else 0
+
+
+def _pools(snapshot: Snapshot) -> dict[PoolKey, _Pool]:
+    # Indexed by plain tuples while grouping: they hash much faster than PoolKey.
+    pools = {(d.key.model, d.key.version, d.key.region): _Pool(d.key, d)
+             for d in snapshot.demand}
+    ready, coming = NodeState.READY, (NodeState.REQUESTED, NodeState.BOOTING, NodeState.LOADING)
+    for node in snapshot.nodes:
+        state = node.state
+        if state is ready or state in coming:
+            pool = pools.get((node.model, node.version, node.region))
+            if pool is None:
+                pool = pools[(node.model, node.version, node.region)] = _Pool(node.key, None)
+            if state is ready:
+                pool.ready.append(node)
+                pool.streaming += node.sessions
+            else:
+                pool.coming.append(node)
+    return {pool.key: pool for pool in pools.values()}
+
+
+def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferFn,
+          may_stop: Callable[[NodeSnap], bool], pooled: bool, margin: int = 0) -> Decisions:
+    """Size every pool to demand + buffer; reuse, keep or stop the idle nodes left over.
+
+    Unpooled, each pool keeps the buffer for a new node's full lead time. Pooled, a pool
+    keeps only the buffer for the time a reload takes, and each region keeps the buffer
+    for a boot's lead time over all its pools together, as idle nodes of any model that
+    the pool in need takes by reloading: fewer free slots for the same waits. An idle
+    node is spare only if its pool, when it wants any room, keeps `margin` slots more than
+    it wants (hysteresis: a node booted again a minute after it stopped costs a boot).
+    """
+    pools = _pools(snapshot)
+    by_region: dict[str, list[_Pool]] = {}
+    for pool in sorted(pools.values(), key=lambda p: (p.key.model, p.key.version, p.key.region)):
+        by_region.setdefault(pool.key.region, []).append(pool)
+    spare: dict[str, list[NodeSnap]] = {}        # region -> idle ready nodes not needed
+    want: dict[tuple[str, str], int] = {}        # pool -> demand + its own buffer (slots)
+    missing: dict[tuple[str, str], int] = {}     # pool -> nodes short within its lead
+
+    def stop_order(n: NodeSnap) -> tuple[bool, Decimal, float, float, str]:
+        """Stoppable first, then the most expensive, nearest the end of its paid time."""
+        return (not may_stop(n), -cfg.price(n.provider), cfg.paid_left_s(n, now),
+                -_idle_for(n, now), n.id)
+
+    boot: list[PoolKey] = []
+    moves: list[tuple[str, PoolKey]] = []
+    for region in sorted(by_region):
+        members = by_region[region]
+        reload_faster = pooled and cfg.load_s < cfg.lead_s(region)
+        lead = cfg.reaction_s + (cfg.load_s if reload_faster else cfg.lead_s(region))
+        for pool in members:
+            ident, key = _ident(pool.key), pool.key
+            want[ident] = pool.streaming + pool.waiting + pool.buffer(buffer, lead)
+            lo, hi = (cfg.min_nodes(key.model) if pool.demand else 0), cfg.max_nodes(key.model)
+            # Unpooled, every coming node counts; pooled, only those ready within a reload.
+            ready_slots = sum(n.capacity for n in pool.ready)
+            pool.count = len(pool.ready) + len(pool.coming)
+            pool.slots = ready_slots + sum(n.capacity for n in pool.coming)
+            pool.soon = ready_slots + sum(
+                n.capacity for n in pool.coming
+                if not pooled or (n.eta_ready if n.eta_ready is not None else now) <= now + lead)
+            keep_slots = want[ident] + (margin if want[ident] else 0)
+            for node in sorted((n for n in pool.ready if n.sessions == 0), key=stop_order):
+                if pool.count > hi or (pool.count > lo and pool.soon - node.capacity >= keep_slots):
+                    spare.setdefault(region, []).append(node)
+                    pool.keep(node.capacity, -1)
+            short = math.ceil(max(0, want[ident] - pool.soon) / cfg.capacity)
+            missing[ident] = max(0, min(max(short, lo - pool.count), hi - pool.count))
+
+        region_spare = spare.get(region, [])
+        region_spare.sort(key=lambda n: (may_stop(n), n.id))   # reuse the paid-for first
+        for pool in sorted(members, key=lambda p: (-p.waiting, -missing[_ident(p.key)])):
+            ident, key = _ident(pool.key), pool.key
+            while reload_faster and missing[ident] and region_spare:
+                node = region_spare.pop(0)
+                moves.append((node.id, key))
+                pool.keep(node.capacity)
+                missing[ident] -= 1
+            # Boot only for what the nodes already coming will not cover.
+            short = math.ceil(max(0, want[ident] - pool.slots) / cfg.capacity)
+            floor = cfg.min_nodes(key.model) - pool.count if pool.demand else 0
+            more = max(0, min(max(short, floor), cfg.max_nodes(key.model) - pool.count))
+            boot.extend([key] * more)
+            pool.keep(cfg.capacity, more, soon=False)
+        if not pooled:
+            continue
+
+        live = [p for p in members if p.demand]
+        lead = cfg.reaction_s + cfg.lead_s(region)
+        arrivals = sum(p.demand.arrival_rate_per_s for p in live if p.demand) * lead
+        ends = sum(_ends(p.streaming, p.demand.mean_session_s, lead) for p in live if p.demand)
+        need = _skellam_slots(arrivals, ends, cfg.buffer_z) - sum(p.free for p in live)
+        region_spare.sort(key=stop_order)
+        owner = {_ident(p.key): p for p in members}
+        while need > 0 and region_spare:             # keep the cheapest, least stoppable
+            node = region_spare.pop()
+            owner[(node.model, node.version)].keep(node.capacity)
+            need -= node.capacity
+        while need > 0:                              # boot for the pool likeliest to need it
+            room = [p for p in live if p.count < cfg.max_nodes(p.key.model)]
+            if not room:
+                break
+            pool = max(room, key=lambda p: (p.buffer(buffer, lead) - p.free, p.key.model))
+            boot.append(pool.key)
+            pool.keep(cfg.capacity, soon=False)
+            need -= cfg.capacity
+
+    stop = [n.id for region in spare for n in spare[region] if may_stop(n)]
+    return Decisions(boot=tuple(boot), stop=tuple(sorted(stop)), retarget=tuple(moves))
+
+
+def _ident(key: PoolKey) -> tuple[str, str]:
+    """A pool's name within its region (faster to hash than the key)."""
+    return key.model, key.version
+
+
+def _idle_for(node: NodeSnap, now: float) -> float:
+    return now - node.idle_since if node.idle_since is not None else 0.0
+
+
+def decide(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
+    """The autoscaler: demand plus a warm buffer, pooled per region; billing-aware stops.
+
+    Each pool keeps free slots for the arrivals of one reload (`load_s`); each region keeps
+    free slots, on idle nodes of any model, for the arrivals of all its pools during one
+    boot (`warm_buffer_slots`). A pool short of room takes idle nodes of other pools of
+    its region by reloading them (faster than booting a VM), then boots the rest. An
+    idle node stops only after `idle_grace_s` empty and near the end of its paid billing
+    increment, when its pool and region keep their buffers without it; the most
+    expensive first.
+    """
+    def buffer(streaming: int, rate: float, mean_s: float, lead_s: float) -> int:
+        return warm_buffer_slots(streaming, rate, mean_s, lead_s, cfg.buffer_z)
+
+    def may_stop(node: NodeSnap) -> bool:
+        return (_idle_for(node, now) >= cfg.idle_grace_s
+                and cfg.paid_left_s(node, now) <= cfg.stop_window_s)
+
+    return _plan(snapshot, now, cfg, buffer=buffer, may_stop=may_stop, pooled=True,
+                 margin=cfg.stop_margin_slots)
+
+
+def decide_fixed_buffer(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
+    """Baseline, Agones' buffer policy: `fixed_buffer_nodes` nodes' worth of free slots per
+    live pool; surplus idle nodes stop at once (no grace, blind to billing), no reuse."""
+    slots = cfg.fixed_buffer_nodes * cfg.capacity
+    return _plan(snapshot, now, cfg, buffer=lambda *_: slots, may_stop=lambda node: True,
+                 pooled=False)
+
+
+def decide_reactive(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
+    """Baseline without a buffer: boot exactly for waiting users, stop idle nodes after grace."""
+    return _plan(snapshot, now, cfg, buffer=lambda *_: 0,
+                 may_stop=lambda node: _idle_for(node, now) >= cfg.idle_grace_s,
+                 pooled=False)
+
+
+def static_fleet(nodes_by_pool: Mapping[PoolKey, int]) -> Policy:
+    """Baseline: a fixed fleet (e.g. sized for the peak) that boots once and never stops."""
+    def decide_static(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
+        have: dict[PoolKey, int] = {}
+        for node in snapshot.nodes:
+            if node.state is NodeState.READY or node.state.coming:
+                have[node.key] = have.get(node.key, 0) + 1
+        boot = [key for key in sorted(nodes_by_pool)
+                for _ in range(nodes_by_pool[key] - have.get(key, 0))]
+        return Decisions(boot=tuple(boot))
+    return decide_static

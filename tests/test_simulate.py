@@ -1,0 +1,184 @@
+"""The discrete-event simulator: trace loading, engine semantics, the report (no wall clock)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner.policy import decide, decide_reactive
+from provisioner.simulate import (
+    Session,
+    TraceError,
+    builtin_trace,
+    load_trace,
+    main,
+    run_all,
+    sim_config,
+    simulate,
+)
+
+KEYS = {"gpu_hours", "lower_bound_gpu_hours", "cost_ratio", "wait_fraction", "wait_s_p50",
+        "wait_s_p95", "wait_s_p99", "sessions", "cost_usd"}
+BASELINES = {"fixed_buffer", "reactive", "static_peak"}
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One `simulate --json` run over two hours of the built-in day (shared by the tests)."""
+    chart = tmp_path_factory.mktemp("sim") / "chart.png"
+    out = run_main(["--hours", "2", "--seed", "3", "--json", "--chart", str(chart)])
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return result
+
+
+def run_main(argv: list[str]) -> str:
+    """stdout of a successful `simulate` run (progress lines on stderr are dropped)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(argv) == 0
+    return out.getvalue()
+
+
+def test_json_report_has_every_key(report: dict[str, Any]) -> None:
+    assert KEYS <= set(report)
+    assert set(report["baselines"]) == BASELINES
+    for metrics in report["baselines"].values():
+        assert KEYS <= set(metrics)
+    assert report["sessions"] > 1000
+    assert 0.0 <= report["wait_fraction"] <= 1.0
+
+
+def test_lower_bound_is_below_every_policy(report: dict[str, Any]) -> None:
+    for metrics in [report, *report["baselines"].values()]:
+        assert metrics["lower_bound_gpu_hours"] == report["lower_bound_gpu_hours"]
+        assert 0 < metrics["lower_bound_gpu_hours"] <= metrics["gpu_hours"]
+        assert metrics["cost_ratio"] >= 1.0
+
+
+def test_policy_beats_fixed_buffer_on_cost_and_waits(report: dict[str, Any]) -> None:
+    fixed = report["baselines"]["fixed_buffer"]
+    assert report["cost_usd"] < fixed["cost_usd"]
+    assert report["wait_fraction"] < fixed["wait_fraction"]
+    static = report["baselines"]["static_peak"]
+    assert static["wait_fraction"] == 0.0 and static["gpu_hours"] > report["gpu_hours"]
+
+
+def test_builtin_trace_is_deterministic_per_seed() -> None:
+    config = sim_config()
+    first = builtin_trace(config, hours=1, seed=7)
+    assert first == builtin_trace(config, hours=1, seed=7)
+    assert first != builtin_trace(config, hours=1, seed=8)
+    assert {s.model for s in first} == {"miku", "teto"}
+    assert first == sorted(first, key=lambda s: s.arrival_s)
+
+
+def test_csv_rows_in_any_order_with_region_or_lat_lon(tmp_path: Path) -> None:
+    config = sim_config()
+    tokyo = next(r for r in config.regions if r.name == "ap-northeast")
+    trace = write(tmp_path / "t.csv", "model,arrival_s,duration_s,region,lat,lon\n"
+                                      "teto,500,60,,35.6,139.8\n"
+                                      "miku,0.5,600,us-west,,\n"
+                                      "miku,120,30.5,eu-west,1,2\n")
+    sessions = load_trace(trace, config)
+    assert [s.arrival_s for s in sessions] == [0.5, 120.0, 500.0]
+    assert sessions[2] == Session(500.0, 60.0, "teto", 35.6, 139.8)
+    dublin = next(r for r in config.regions if r.name == "eu-west")
+    assert (sessions[1].lat, sessions[1].lon) == (dublin.lat, dublin.lon)  # region wins
+    only_latlon = write(tmp_path / "l.csv", f"arrival_s,duration_s,model,lat,lon\n"
+                                            f"3,10,miku,{tokyo.lat},{tokyo.lon}\n")
+    assert load_trace(only_latlon, config)[0].lat == tokyo.lat
+
+
+@pytest.mark.parametrize(("row", "complaint"), [
+    ("abc,10,miku,us-west", "arrival_s='abc'"),
+    ("-5,10,miku,us-west", "arrival_s='-5'"),
+    ("5,0,miku,us-west", "duration_s='0'"),
+    ("5,nan,miku,us-west", "duration_s='nan'"),
+    ("5,10,gakupo,us-west", "model='gakupo'"),
+    ("5,10,miku,mars-1", "region='mars-1'"),
+    ("5,10,miku,", "no region and no lat/lon"),
+])
+def test_csv_bad_row_names_the_line(tmp_path: Path, row: str, complaint: str) -> None:
+    trace = write(tmp_path / "bad.csv", f"arrival_s,duration_s,model,region\n"
+                                        f"1,10,miku,us-west\n{row}\n")
+    with pytest.raises(TraceError) as err:
+        load_trace(trace, sim_config())
+    assert "bad.csv:3: " in str(err.value) and complaint in str(err.value)
+
+
+def test_csv_bad_lat_lon_and_header(tmp_path: Path) -> None:
+    trace = write(tmp_path / "ll.csv", "arrival_s,duration_s,model,lat,lon\n1,10,miku,95,0\n")
+    with pytest.raises(TraceError, match=r"ll\.csv:2: lat='95'"):
+        load_trace(trace, sim_config())
+    header = write(tmp_path / "h.csv", "arrival_s,duration,model,region\n1,10,miku,us-west\n")
+    with pytest.raises(TraceError, match=r"h\.csv:1: header .* expected arrival_s"):
+        load_trace(header, sim_config())
+
+
+def test_cli_reports_a_bad_trace_and_exits_2(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    trace = write(tmp_path / "bad.csv", "arrival_s,duration_s,model,region\nx,1,miku,us-west\n")
+    assert main(["--trace", str(trace), "--no-chart"]) == 2
+    assert "bad.csv:2: arrival_s='x'" in capsys.readouterr().err
+
+
+def test_cli_runs_a_csv_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = "".join(f"{i * 7.5},{300 + i % 5 * 60},{'miku' if i % 3 else 'teto'},us-east\n"
+                   for i in range(80))
+    trace = write(tmp_path / "t.csv", "arrival_s,duration_s,model,region\n" + rows)
+    assert main(["--trace", str(trace), "--json", "--chart", str(tmp_path / "c.png")]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert out["sessions"] == 80 and KEYS <= set(out)
+    assert (tmp_path / "c.png").exists()
+    table = run_main(["--trace", str(trace), "--no-chart"])
+    assert "fixed_buffer" in table.splitlines()[0] and "80 sessions measured" in table
+
+
+def test_one_user_waits_for_a_boot_and_pays_by_the_increment() -> None:
+    """Reactive: nothing is up, so the first user waits boot_s + load_s; the bill rounds
+    up to the provider's increment (a minute here, an hour in ap-northeast)."""
+    config = sim_config()
+    west = next(r for r in config.regions if r.name == "us-west")
+    tokyo = next(r for r in config.regions if r.name == "ap-northeast")
+    for region, cost in ((west, 720 / 3600 * 1.10), (tokyo, 0.90)):
+        one = [Session(0.0, 600.0, "miku", region.lat, region.lon)]
+        result = simulate(one, config, decide_reactive, name="reactive").metrics()
+        lead = config.provider(region.provider).boot_s + config.model_load_s
+        assert result["wait_s_p50"] == pytest.approx(lead)
+        assert result["gpu_hours"] == pytest.approx((lead + 600) / 3600, abs=1e-3)
+        assert result["lower_bound_gpu_hours"] == pytest.approx(600 / 3600, abs=1e-3)
+        assert result["cost_usd"] == pytest.approx(cost, abs=0.01)
+
+
+def test_users_fill_a_ready_node_then_queue_for_the_next() -> None:
+    """Five users at once: one node boots per four, all wait; later users find room."""
+    config = sim_config()
+    west = next(r for r in config.regions if r.name == "us-west")
+    burst = [Session(0.0, 1000.0, "miku", west.lat, west.lon) for _ in range(5)]
+    later = [Session(200.0 + i, 100.0, "miku", west.lat, west.lon) for i in range(3)]
+    result = simulate(burst + later, config, decide_reactive, name="reactive")
+    assert result.boots == 2
+    assert result.waits[:5] == [pytest.approx(100.0)] * 5
+    assert result.waits[5:] == [0.0, 0.0, 0.0]
+
+
+def test_run_all_never_breaks_the_rules() -> None:
+    """Every policy stops only idle ready nodes (the engine raises otherwise)."""
+    config = sim_config()
+    sessions = builtin_trace(config, hours=0.5, seed=1)
+    results = run_all(sessions, config, until_s=1800.0)
+    assert set(results) == {"policy"} | BASELINES
+    assert results["policy"].stops > 0 or results["policy"].boots > 0
+    policy = simulate(sessions, config, decide, name="policy", until_s=1800.0)
+    assert policy.metrics() == results["policy"].metrics()     # deterministic
