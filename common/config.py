@@ -19,7 +19,8 @@ from typing import Any
 from common.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
-DEFAULT_DATABASE_URL = f"sqlite:///{Path(__file__).resolve().parent.parent / 'var' / 'billing.sqlite'}"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATABASE_URL = f"sqlite:///{ROOT / 'var' / 'billing.sqlite'}"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 

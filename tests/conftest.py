@@ -282,6 +282,14 @@ def cp_slow_grace(redis_url: str, sqlite_url: str) -> Iterator[ControlPlane]:
 
 
 @pytest.fixture
+def cp_billing_keep(redis_url: str, db_url: str) -> Iterator[ControlPlane]:
+    """Like cp_billing, but idle nodes stay a minute (a test reuses a node it left)."""
+    with running_control_plane(control_plane_config(redis_url, database_url=db_url,
+                                                    idle_grace_s=60.0)) as cp:
+        yield cp
+
+
+@pytest.fixture
 def cp_billing(redis_url: str, db_url: str) -> Iterator[ControlPlane]:
     """A control plane billing into SQLite, and PostgreSQL when TEST_DATABASE_URL is set."""
     with running_control_plane(control_plane_config(redis_url, database_url=db_url)) as cp:

@@ -13,12 +13,12 @@ from decimal import Decimal
 
 import numpy as np
 import pytest
+from conftest import ControlPlane, closed_code, lobby
 from simple_websocket import Client
+from test_lobby import get
 
 from billing.ledger import Ledger
 from billing.math import UsageCounter, aggregate, node_cost
-from conftest import ControlPlane, closed_code, lobby
-from test_lobby import get
 
 RATE = 16000
 FRAME = 320   # 20 ms
@@ -128,9 +128,9 @@ def test_fifty_concurrent_lobby_attempts_one_stream(cp_billing: ControlPlane) ->
     stream(ws, 0.2)
 
 
-def test_take_over_leaves_exactly_one_and_stale_ticket_refused(cp_billing: ControlPlane
+def test_take_over_leaves_exactly_one_and_stale_ticket_refused(cp_billing_keep: ControlPlane
                                                                ) -> None:
-    cp = cp_billing
+    cp = cp_billing_keep
     first = lobby(cp.ws_url, "user=tk&model=miku&region=us-west")[-1]
     old = connect(first)
     stream(old, 0.2)

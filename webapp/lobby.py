@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from flask_sock import ConnectionClosed
 
+from common import wsclose
 from common.config import Config, Model
 from common.tickets import Ticket, sign
 from provisioner.fleet import candidates_for, live_model, live_models
@@ -162,6 +163,7 @@ def _ready(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-
     rtt = rank_regions([region], req.lat, req.lon)[0][1] if region else 0.0
     send(ws, type="ready", session_id=session_id, node_url=node.url, ticket=ticket,
          region=node.region, node_id=node.id, rtt_ms=round(rtt, 1))
+    wsclose.close(ws, 1000, "ready")
 
 
 def send(ws, **msg: object) -> None:  # type: ignore[no-untyped-def]
@@ -172,6 +174,6 @@ def error(ws, code: str, message: str) -> None:  # type: ignore[no-untyped-def]
     """Send a lobby error and close; a client that already left is fine."""
     try:
         send(ws, type="error", code=code, message=message)
-        ws.close(1000, code)
     except ConnectionClosed:
-        pass
+        return
+    wsclose.close(ws, 1000, code)

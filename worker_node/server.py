@@ -16,6 +16,7 @@ import numpy as np
 from flask import Flask, jsonify, request
 from flask_sock import ConnectionClosed, Sock
 
+from common import wsclose
 from common.errors import TicketError
 from common.tickets import Ticket, verify
 from worker_node.runtime import NodeRuntime, Stream
@@ -56,21 +57,21 @@ def create_app(node: NodeRuntime, secret: str,
             ticket = verify(request.args.get("ticket", ""), secret, node=node.id, now=time.time())
             _check_ticket(node, ticket)
         except TicketError as e:
-            ws.close(4401, _short(str(e)))
+            wsclose.close(ws, 4401, str(e))
             return
         entry = Stream(ticket.session, ticket.user, ticket.fence,
-                       kick=lambda code, why: _close_quietly(ws, code, why))
+                       kick=lambda code, why: wsclose.close(ws, code, why))
         refused = _take_over(node, entry)
         if refused:
-            ws.close(4401, _short(refused))
+            wsclose.close(ws, 4401, refused)
             return
         refused = admit(entry)
         if refused:
-            ws.close(4409, _short(refused))
+            wsclose.close(ws, 4409, refused)
             return
         refused = node.open(entry)
         if refused:
-            ws.close(4503, _short(refused))
+            wsclose.close(ws, 4503, refused)
             return
         on_open(entry)
         stopped = False
@@ -79,17 +80,17 @@ def create_app(node: NodeRuntime, secret: str,
             stopped = True
         except Malformed as e:
             _error(ws, "bad_request", str(e))
-            ws.close(4400, _short(str(e)))
+            wsclose.close(ws, 4400, str(e))
         except ConnectionClosed:
             pass
         except Exception as e:  # process boundary: the model failed, tell the client
             log.exception("model failed on session %s", entry.session_id)
-            ws.close(1011, _short(f"model failed: {e}; resume through the lobby"))
+            wsclose.close(ws, 1011, f"model failed: {e}; resume through the lobby")
         finally:
             node.close(entry.session_id)
             on_close(entry)   # slot, lock and last seconds settle before the client hears 1000
         if stopped:
-            _close_quietly(ws, 1000, "stopped")
+            wsclose.close(ws, 1000, "stopped")
 
     return app
 
@@ -180,16 +181,3 @@ def _error(ws, code: str, message: str) -> None:  # type: ignore[no-untyped-def]
         ws.send(json.dumps({"type": "error", "code": code, "message": message}))
     except ConnectionClosed:
         pass
-
-
-def _close_quietly(ws, code: int, reason: str) -> None:  # type: ignore[no-untyped-def]
-    try:
-        ws.close(code, _short(reason))
-    except ConnectionClosed:
-        pass
-
-
-def _short(reason: str) -> str:
-    """A close reason must fit in 123 bytes."""
-    raw = reason.encode()
-    return reason if len(raw) <= 123 else raw[:120].decode(errors="ignore") + "..."

@@ -1,0 +1,182 @@
+"""Connect benchmark: warm connect latency with 100 concurrent users, cold connect time and
+its overhead above the model load, time from a breached buffer to the scale-up decision and
+to the provision task starting, and admissions per second.
+
+    python bench/connect.py [--load-s 10] [--rounds 5] [--json]
+
+The cold path is the real stack: embedded Redis, a Celery worker (threads pool) with a beat
+thread, the webapp, and the local libcloud driver booting a worker_node process. The warm
+path measures the lobby (lock, queue, atomic assign, ticket) against ready nodes whose
+heartbeats the benchmark writes itself: a warm connect never talks to the node, so 25 real
+node processes would only add noise on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from typing import Any
+
+import celery.contrib.testing.tasks  # noqa: F401  registers celery.ping
+import numpy as np
+from celery.contrib.testing.worker import start_worker
+from simple_websocket import Client
+from werkzeug.serving import make_server
+
+from billing.ledger import Ledger
+from common.config import load_config
+from provisioner import clouds
+from provisioner.state import State, connect
+from provisioner.tasks import make_celery
+from voicectl import procs
+from webapp.app import create_app
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def lobby(ws_url: str, query: str) -> tuple[float, list[dict[str, Any]]]:
+    """Seconds from opening the lobby to `ready` (or error), and the messages."""
+    t0 = time.perf_counter()
+    ws = Client.connect(f"{ws_url}/ws/session?{query}")
+    msgs = []
+    while True:
+        raw = ws.receive(timeout=120)
+        if raw is None:
+            raise RuntimeError(f"no answer from the lobby: {msgs}")
+        msgs.append(json.loads(raw))
+        if msgs[-1]["type"] in ("ready", "error"):
+            elapsed = time.perf_counter() - t0
+            try:
+                ws.close()
+            except Exception:
+                pass
+            return elapsed, msgs
+
+
+def warm(state: State, ws_url: str, rounds: int, users: int) -> dict[str, Any]:
+    nodes = [f"warm-{i}" for i in range(users // 4)]
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            for node_id in nodes:
+                state.heartbeat({"id": node_id, "provider": "local", "region": "us-west",
+                                 "model": "miku", "version": "1", "state": "ready",
+                                 "capacity": 4, "url": "ws://127.0.0.1:9/ws"}, time.time())
+            stop.wait(0.5)
+
+    threading.Thread(target=beat, daemon=True).start()
+    time.sleep(0.3)
+    latencies: list[float] = []
+    rates = []
+    try:
+        for r in range(rounds):
+            log(f"warm round {r + 1}/{rounds}: {users} users open the lobby at once ...")
+            got: list[float] = []
+            barrier = threading.Barrier(users)
+
+            def one(i: int, r: int = r, barrier: threading.Barrier = barrier,
+                    got: list[float] = got) -> None:
+                barrier.wait()
+                elapsed, msgs = lobby(ws_url, f"user=w{r}-{i}&model=miku&region=us-west")
+                assert msgs[-1]["type"] == "ready", msgs
+                got.append(elapsed)
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(users)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rates.append(users / (time.perf_counter() - t0))
+            latencies += got
+            for node_id in nodes:                      # free every slot for the next round
+                state.r.delete(f"vc:node:{node_id}:slots")
+            for i in range(users):
+                state.release_lock(f"w{r}-{i}", state.lock_holder(f"w{r}-{i}") or "")
+    finally:
+        stop.set()
+        for node_id in nodes:
+            state.forget_node(node_id)
+    return {"warm_connect_ms_p50": round(1000 * float(np.percentile(latencies, 50)), 2),
+            "warm_connect_ms_p99": round(1000 * float(np.percentile(latencies, 99)), 2),
+            "warm_users": users, "warm_rounds": rounds,
+            "admissions_per_s": round(float(np.median(rates)), 1)}
+
+
+def cold(state: State, ws_url: str, load_s: float, boot_s: float) -> dict[str, Any]:
+    log(f"cold connect: no node anywhere, model load {load_s:g} s, VM boot {boot_s:g} s ...")
+    t0 = time.perf_counter()
+    marks: dict[str, float] = {}
+
+    def watch() -> None:
+        while "vm" not in marks:
+            if "decided" not in marks and state.nodes():
+                marks["decided"] = time.perf_counter() - t0
+            if state.vms():
+                marks["vm"] = time.perf_counter() - t0
+            time.sleep(0.002)
+
+    threading.Thread(target=watch, daemon=True).start()
+    elapsed, msgs = lobby(ws_url, "user=cold&model=kaito&region=ap-northeast")
+    assert msgs[-1]["type"] == "ready", msgs
+    return {"cold_connect_s": round(elapsed, 3),
+            "cold_connect_overhead_s": round(elapsed - load_s, 3),
+            "cold_connect_overhead_above_boot_and_load_s": round(elapsed - load_s - boot_s, 3),
+            "scale_up_decision_s": round(marks.get("decided", float("nan")), 4),
+            "provision_started_s": round(marks.get("vm", float("nan")), 4),
+            "model_load_s": load_s, "vm_boot_s": boot_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--load-s", type=float, default=10.0, help="MODEL_LOAD_SECONDS")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--users", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    url, redis_proc = procs.start_redis()
+    cfg = load_config({"REDIS_URL": url, "MODEL_LOAD_SECONDS": str(args.load_s),
+                       "DATABASE_URL": "sqlite:///" + str(procs.ROOT / "var" / "bench.sqlite")})
+    state = State(connect(url))
+    state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
+    app = make_celery(cfg)
+    server = make_server("127.0.0.1", 0, create_app(
+        cfg, state, lambda: app.send_task("provisioner.scale"), Ledger.open(cfg.database_url)),
+        threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ws_url = f"ws://127.0.0.1:{server.server_port}"
+    stop = threading.Event()
+    figures: dict[str, Any] = {}
+    try:
+        with start_worker(app, pool="threads", concurrency=4, loglevel="WARNING"):
+            def beat() -> None:
+                while not stop.wait(2.0):
+                    app.send_task("provisioner.tick")
+
+            threading.Thread(target=beat, daemon=True).start()
+            figures.update(cold(state, ws_url, args.load_s,
+                                cfg.provider("local").boot_s))
+            figures.update(warm(state, ws_url, args.rounds, args.users))
+            stop.set()
+    finally:
+        server.shutdown()
+        driver = clouds.driver_for(cfg, "local")
+        for vm in driver.list_nodes():
+            driver.destroy_node(vm)
+        procs.stop([redis_proc])
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Closing a flask-sock WebSocket from the server side so browsers see the close frame.
+
+Under werkzeug's server, flask-sock writes an HTTP response onto the socket after the
+handler returns; Chrome reads it as an invalid frame, drops the last messages and reports
+every close as 1006. Shutting the TCP socket down right after the close frame prevents it.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from simple_websocket import ConnectionClosed
+
+
+def close(ws: Any, code: int = 1000, reason: str = "") -> None:
+    """Send a close frame (reason cut to the 123 bytes a frame allows), then end the TCP
+    stream. Safe to call twice and from another thread."""
+    raw = reason.encode()
+    if len(raw) > 123:
+        reason = raw[:120].decode(errors="ignore") + "..."
+    try:
+        ws.close(code, reason)
+    except (ConnectionClosed, OSError):
+        pass
+    try:
+        ws.sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, AttributeError):
+        pass
