@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +30,24 @@ POLL_S = 0.05         # how often a waiting lobby re-runs the assign script
 WAIT_LIMIT_S = 300.0  # after this long without a node the user is told no_capacity
 
 
+class NodeCache:
+    """The fleet as last read from Redis, at most `max_age_s` old, shared by every lobby of
+    this process: a hundred waiting users polling do not each read every node. Staleness
+    only affects the order candidates are tried in; the assign script re-checks them."""
+
+    def __init__(self, state: State, max_age_s: float = 0.1) -> None:
+        self.state, self.max_age_s = state, max_age_s
+        self._lock = threading.Lock()
+        self._records: list[NodeRecord] = []
+        self._read_at = float("-inf")
+
+    def get(self, now: float) -> list[NodeRecord]:
+        with self._lock:
+            if now - self._read_at > self.max_age_s or now < self._read_at:
+                self._records, self._read_at = self.state.nodes(), now
+            return self._records
+
+
 class Refused(Exception):
     """The request cannot be served; `code` is the lobby error code."""
 
@@ -38,10 +57,10 @@ class Refused(Exception):
 
 
 def run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
-        kick_scaler: Callable[[], None]) -> None:
+        kick_scaler: Callable[[], None], nodes: NodeCache) -> None:
     """Drive one lobby socket until the user has a node, an error, or leaves."""
     try:
-        _run(ws, state, cfg, req, kick_scaler)
+        _run(ws, state, cfg, req, kick_scaler, nodes)
     except Refused as e:
         error(ws, e.code, str(e))
     except ConnectionClosed:
@@ -49,7 +68,7 @@ def run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-unt
 
 
 def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
-         kick_scaler: Callable[[], None]) -> None:
+         kick_scaler: Callable[[], None], nodes: NodeCache) -> None:
     now = time.time()
     started = now
     model = live_model(state, cfg, req.model)
@@ -70,7 +89,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         kicked = False
         while True:
             now = time.time()
-            records = state.nodes()
+            records = nodes.get(now)
             state.assign(pool, candidates_for(state, cfg, model, home.name, records, now),
                          now, cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
             node_id = state.take_assignment(session_id)
