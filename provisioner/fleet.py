@@ -184,6 +184,7 @@ def retarget(state: State, cfg: Config, rec: NodeRecord, key: PoolKey, now: floa
     state.set_node(rec.id, retarget=f"{model.name}:{model.version}:{model.semitones:g}",
                    model=model.name, version=model.version, state=NodeState.LOADING.value,
                    progress=0.0, eta_ready=now + cfg.model_load_s, semitones=model.semitones)
+    state.wake(rec.id)
     return True
 
 

@@ -27,7 +27,8 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
     vc:vm:{id}                HASH   local cloud driver: pid, name, region, image, created_at
     vc:vms                    SET    ids of local driver VMs
     vc:scale-kick             STRING set NX for a moment so bursts trigger one scale task
-    vc:kick:{node}            PUBSUB channel: session ids the node must close at once (4409)
+    vc:kick:{node}            PUBSUB channel: session ids the node must close at once (4409),
+                                     or WAKE: read the control flags now (a retarget)
     vc:usage:{minute_s}       HASH   "{user}|{session}|{node}|{model}|{region}" -> cumulative
                                      seconds streamed in that UTC minute (only ever grows)
     vc:usage-minutes          ZSET   minute_s -> minute_s of every usage hash not yet expired
@@ -57,6 +58,7 @@ MODELS = PREFIX + "models"
 VMS = PREFIX + "vms"
 SCALE_KICK = PREFIX + "scale-kick"
 USAGE_MINUTES = PREFIX + "usage-minutes"
+WAKE = "WAKE"           # on a node's kick channel: heartbeat now (session ids never look so)
 USAGE_KEEP_S = 3600     # usage counters stay this long, so late reports can be re-settled
 
 
@@ -531,6 +533,10 @@ class State:
     def kick(self, node_id: str, session_id: str) -> None:
         """Tell a node to close a stream now (its user took over elsewhere)."""
         self.r.publish(kick_channel(node_id), session_id)
+
+    def wake(self, node_id: str) -> None:
+        """Tell a node to heartbeat now and so read its new control flags."""
+        self.r.publish(kick_channel(node_id), WAKE)
 
     def kick_subscription(self, node_id: str) -> Any:
         """A pub/sub on the node's kick channel (give its client socket_timeout=None)."""

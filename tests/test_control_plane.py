@@ -178,3 +178,25 @@ def test_scale_up_is_event_driven(control_plane: ControlPlane) -> None:
 
 def test_unique_session_ids() -> None:
     assert len({uuid.uuid4().hex[:16] for _ in range(1000)}) == 1000
+
+
+def test_idle_node_of_another_model_is_retargeted_not_booted(cp_slow_grace: ControlPlane
+                                                             ) -> None:
+    cp = cp_slow_grace
+    first = lobby(cp.ws_url, "user=r1&model=kaito&region=eu-west")[-1]
+    ws = Client.connect(f"{first['node_url']}?ticket={first['ticket']}")
+    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+    ws.receive(timeout=5)
+    ws.send(json.dumps({"type": "stop"}))
+    closed_code(ws)
+    time.sleep(3)    # kaito's arrival-rate average decays: its idle nodes become spare
+    before = {vm["name"] for vm in cp.state.vms()}
+    second = lobby(cp.ws_url, "user=r2&model=teto&region=eu-west")[-1]
+    assert second["type"] == "ready"
+    node = cp.state.node(second["node_id"])
+    assert node is not None and node.model == "teto"
+    assert second["node_id"] in before                       # an existing VM, reloaded
+    ws = Client.connect(f"{second['node_url']}?ticket={second['ticket']}")
+    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+    started = json.loads(ws.receive(timeout=5))
+    assert started["model"] == "teto"

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 
-from provisioner.state import State
+from provisioner.state import WAKE, State
 from provisioner.states import NodeState
 from worker_node.runtime import NodeRuntime, Stream
 
@@ -95,6 +95,9 @@ class Agent:
             try:
                 sub = self.state.kick_subscription(self.node.id)
                 for msg in sub.listen():
+                    if msg["data"] == WAKE:
+                        self.beat()   # new control flags (a retarget): act now
+                        continue
                     self.node.kick(str(msg["data"]), 4409, "this user started streaming "
                                    "elsewhere; this stream was taken over")
             except Exception:  # process boundary: resubscribe after a Redis hiccup

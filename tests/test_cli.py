@@ -1,0 +1,117 @@
+"""voicectl as a user runs it: real subprocesses, real Redis, real database."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import Fleet, Webapp
+
+from billing.ledger import Ledger
+from voicectl import procs
+
+VOICECTL = [sys.executable, "-m", "voicectl"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(VOICECTL + list(args), capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def test_usage_table_csv_json(state, db_url: str) -> None:
+    ledger = Ledger.open(db_url)
+    minute = 1_800_000_000 // 60 * 60
+    state.report_usage([(minute, "ann|s1|n1|miku|us-west", 30.0),
+                        (minute + 60, "ann|s1|n1|miku|us-west", 45.0),
+                        (minute, "bob|s2|n1|teto|us-west", 12.5)])
+    ledger.settle_from(state, minute + 300)
+    env = {"DATABASE_URL": db_url}
+    rows = json.loads(run("usage", "--json", env=env).stdout)
+    assert rows == [{"user": "ann", "day": "2027-01-15", "seconds": 75.0, "minutes": 1.25},
+                    {"user": "bob", "day": "2027-01-15", "seconds": 12.5, "minutes": 0.21}]
+    got = list(csv.DictReader(io.StringIO(run("usage", "--csv", "--user", "bob",
+                                              env=env).stdout)))
+    assert got == [{"user": "bob", "day": "2027-01-15", "minutes": "0.21", "seconds": "12.5"}]
+    table = run("usage", env=env).stdout
+    assert "ann" in table and "75.0" in table
+    assert "no usage" in run("usage", "--since", "2030-01-01", env=env).stdout
+    bad = run("usage", "--since", "soon", env=env)
+    assert bad.returncode == 2 and "ISO-8601" in bad.stderr
+    ledger.engine.dispose()
+
+
+def test_nodes_models_deploy(webapp: Webapp, fleet: Fleet) -> None:
+    node_id = fleet.start("miku")
+    nodes = json.loads(run("nodes", "--json", "--url", webapp.base_url).stdout)
+    assert [n["id"] for n in nodes["nodes"]] == [node_id]
+    assert node_id in run("nodes", "--url", webapp.base_url).stdout
+    env = {"REDIS_URL": webapp.config.redis_url or ""}
+    webapp.state.seed_models([("miku", "1", 4.0)])
+    out = json.loads(run("deploy", "miku", "--version", "2", "--json", env=env).stdout)
+    assert out["version"] == "2" and out["semitones"] == 4.0
+    assert out["draining"][0]["version"] == "1"
+    models = json.loads(run("models", "--json", "--url", webapp.base_url).stdout)
+    assert {(m["name"], m["version"], m["state"]) for m in models} >= {
+        ("miku", "2", "live"), ("miku", "1", "draining")}
+    new = run("deploy", "miku-dev", "--version", "1", env=env)
+    assert new.returncode == 2 and "--semitones" in new.stderr
+    assert run("deploy", "miku-dev", "--version", "1", "--semitones", "3",
+               env=env).returncode == 0
+    missing = run("nodes", "--url", "http://127.0.0.1:9")
+    assert missing.returncode == 2 and "voicectl run" in missing.stderr
+
+
+def test_run_serves_the_page_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> None:
+    port, flower = procs.free_port(), procs.free_port()
+    env = {**os.environ, "MODEL_LOAD_SECONDS": "0.3",
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'b.sqlite'}"}
+    env.pop("REDIS_URL", None)
+    proc = subprocess.Popen(VOICECTL + ["run", "--port", str(port), "--flower-port",
+                                        str(flower)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "open http://" in line:
+                break
+        from simple_websocket import Client
+
+        ws = Client.connect(f"ws://127.0.0.1:{port}/ws/session?user=cli&model=miku&region=us-west")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            msg = json.loads(ws.receive(timeout=30))
+            if msg["type"] in ("ready", "error"):
+                break
+        assert msg["type"] == "ready", msg
+        children = psutil.Process(proc.pid).children(recursive=True)
+        vms = [c for c in psutil.process_iter(["cmdline"])
+               if "worker_node" in " ".join(c.info["cmdline"] or [])
+               and msg["node_id"] in " ".join(c.info["cmdline"] or [])]
+        assert len(children) >= 3 and vms          # redis, celery, flower; the node's VM
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    text = "".join(lines) + out
+    assert "starting embedded Redis" in text and "stopped" in text
+    assert proc.returncode == 0
+    time.sleep(0.5)
+    gone = [c for c in children + vms if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert gone == [], [c.cmdline() for c in gone]
+
+
+@pytest.mark.parametrize("args, needle", [(["kill-node", "n-nope"], "no VM"),
+                                          (["kill-region", "mars"], "unknown region")])
+def test_kill_commands_say_what_is_wrong(redis_url: str, args: list[str], needle: str) -> None:
+    bad = run(*args, env={"REDIS_URL": redis_url})
+    assert bad.returncode == 2 and needle in bad.stderr
