@@ -294,3 +294,14 @@ def cp_billing(redis_url: str, db_url: str) -> Iterator[ControlPlane]:
     """A control plane billing into SQLite, and PostgreSQL when TEST_DATABASE_URL is set."""
     with running_control_plane(control_plane_config(redis_url, database_url=db_url)) as cp:
         yield cp
+
+
+def start_stream(ready: dict[str, Any], rate: int = 16000) -> Any:
+    """Connect to the node a lobby `ready` names and start a stream; `.started` holds the
+    node's answer."""
+    ws = Client.connect(f"{ready['node_url']}?ticket={ready['ticket']}")
+    ws.send(json.dumps({"type": "start", "sample_rate": rate}))
+    started = json.loads(ws.receive(timeout=5))
+    assert started["type"] == "started", started
+    ws.started = started
+    return ws

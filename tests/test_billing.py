@@ -13,7 +13,7 @@ from decimal import Decimal
 
 import numpy as np
 import pytest
-from conftest import ControlPlane, closed_code, lobby
+from conftest import ControlPlane, closed_code, lobby, start_stream
 from simple_websocket import Client
 from test_lobby import get
 
@@ -22,13 +22,6 @@ from billing.math import UsageCounter, aggregate, node_cost
 
 RATE = 16000
 FRAME = 320   # 20 ms
-
-
-def connect(ready: dict) -> Client:
-    ws = Client.connect(f"{ready['node_url']}?ticket={ready['ticket']}")
-    ws.send(json.dumps({"type": "start", "sample_rate": RATE}))
-    assert json.loads(ws.receive(timeout=5))["type"] == "started"
-    return ws
 
 
 def stream(ws: Client, seconds: float, paced: bool = False) -> None:
@@ -50,7 +43,7 @@ def test_three_users_billed_within_2s(cp_billing: ControlPlane) -> None:
     durations = {"b1": 3.0, "b2": 5.0, "b3": 8.0}
 
     def one(user: str) -> None:
-        ws = connect(lobby(cp.ws_url, f"user={user}&model=miku&region=us-west")[-1])
+        ws = start_stream(lobby(cp.ws_url, f"user={user}&model=miku&region=us-west")[-1])
         stream(ws, durations[user])
         ws.send(json.dumps({"type": "stop"}))
         assert closed_code(ws)[0] == 1000
@@ -107,7 +100,7 @@ def test_node_cost_is_exact() -> None:
 def test_fifty_concurrent_lobby_attempts_one_stream(cp_billing: ControlPlane) -> None:
     cp = cp_billing
     warm = lobby(cp.ws_url, "user=warmup&model=teto&region=us-west")[-1]   # boot a node
-    connect(warm).close()
+    start_stream(warm).close()
     results: list[dict] = []
     barrier = threading.Barrier(50)
 
@@ -124,7 +117,7 @@ def test_fifty_concurrent_lobby_attempts_one_stream(cp_billing: ControlPlane) ->
     refused = [r for r in results if r.get("code") == "already_streaming"]
     assert len(ready) == 1 and len(refused) == 49, [r["type"] for r in results]
     assert "teto" in refused[0]["message"] and "take it over" in refused[0]["message"]
-    ws = connect(ready[0])
+    ws = start_stream(ready[0])
     stream(ws, 0.2)
 
 
@@ -132,7 +125,7 @@ def test_take_over_leaves_exactly_one_and_stale_ticket_refused(cp_billing_keep: 
                                                                ) -> None:
     cp = cp_billing_keep
     first = lobby(cp.ws_url, "user=tk&model=miku&region=us-west")[-1]
-    old = connect(first)
+    old = start_stream(first)
     stream(old, 0.2)
     again = lobby(cp.ws_url, "user=tk&model=miku&region=us-west")[-1]
     assert again["type"] == "error" and again["code"] == "already_streaming"
@@ -140,7 +133,7 @@ def test_take_over_leaves_exactly_one_and_stale_ticket_refused(cp_billing_keep: 
     assert second["type"] == "ready" and second["session_id"] != first["session_id"]
     code, reason = closed_code(old)
     assert code == 4409 and "taken over" in reason
-    new = connect(second)
+    new = start_stream(second)
     stream(new, 0.2)
     stale = Client.connect(f"{first['node_url']}?ticket={first['ticket']}")
     code, _ = closed_code(stale)
@@ -153,14 +146,14 @@ def test_lock_released_at_stop_and_expires_without_heartbeats(cp_billing: Contro
                                                               ) -> None:
     cp = cp_billing
     ready = lobby(cp.ws_url, "user=lk&model=kaito&region=us-west")[-1]
-    ws = connect(ready)
+    ws = start_stream(ready)
     time.sleep(cp.config.heartbeat_interval_s * 2)        # the node keeps the lock alive
     assert cp.state.lock_holder("lk") == ready["session_id"]
     ws.send(json.dumps({"type": "stop"}))
     closed_code(ws)
     assert cp.state.lock_holder("lk") is None              # released at once on stop
     again = lobby(cp.ws_url, "user=lk&model=kaito&region=us-west")[-1]
-    ws = connect(again)
+    ws = start_stream(again)
     vm = next(v for v in cp.state.vms() if v["name"] == again["node_id"])
     os.kill(int(vm["pid"]), signal.SIGKILL)
     cp.wait(lambda: cp.state.lock_holder("lk") is None, 3 * cp.config.heartbeat_timeout_s,
@@ -170,7 +163,7 @@ def test_lock_released_at_stop_and_expires_without_heartbeats(cp_billing: Contro
 def test_killed_node_loses_at_most_one_heartbeat(cp_billing: ControlPlane) -> None:
     cp = cp_billing
     ready = lobby(cp.ws_url, "user=kn&model=miku&region=us-east")[-1]
-    ws = connect(ready)
+    ws = start_stream(ready)
     stream(ws, 5.0, paced=True)
     vm = next(v for v in cp.state.vms() if v["name"] == ready["node_id"])
     os.kill(int(vm["pid"]), signal.SIGKILL)

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 
-from conftest import ControlPlane, closed_code, lobby
+from conftest import ControlPlane, closed_code, lobby, start_stream
 from simple_websocket import Client
 from test_node import stream_tone
 
@@ -72,9 +72,7 @@ def test_waiting_user_sees_queued_then_booting_then_ready(control_plane: Control
     ready = msgs[-1]
     node = control_plane.state.node(ready["node_id"])
     assert node is not None and (node.model, node.region) == ("teto", "eu-west")
-    ws = Client.connect(f"{ready['node_url']}?ticket={ready['ticket']}")
-    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
-    assert json.loads(ws.receive(timeout=5))["type"] == "started"
+    ws = start_stream(ready)
     assert len(stream_tone(ws, harmonic_tone(150.0, 16000, 0.2), frame=320)) == 3200
 
 
@@ -105,9 +103,7 @@ def test_idle_nodes_stop_after_grace(control_plane: ControlPlane) -> None:
     cp = control_plane
     ready = lobby(cp.ws_url, "user=i1&model=kaito&region=us-west")[-1]
     node_id = ready["node_id"]
-    ws = Client.connect(f"{ready['node_url']}?ticket={ready['ticket']}")
-    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
-    ws.receive(timeout=5)
+    ws = start_stream(ready)
     time.sleep(cp.config.idle_grace_s + 1.5)           # streaming: never stopped
     assert cp.state.node(node_id) is not None
     ws.send(json.dumps({"type": "stop"}))
@@ -120,9 +116,7 @@ def test_idle_nodes_stop_after_grace(control_plane: ControlPlane) -> None:
 def test_deploy_drains_old_version_without_cutting_streams(control_plane: ControlPlane) -> None:
     cp = control_plane
     old = lobby(cp.ws_url, "user=d1&model=miku&region=us-west")[-1]
-    ws = Client.connect(f"{old['node_url']}?ticket={old['ticket']}")
-    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
-    ws.receive(timeout=5)
+    ws = start_stream(old)
     cp.state.deploy("miku", "2", 5.0, time.time() + 600)
     cp.wait(lambda: (n := cp.state.node(old["node_id"])) and n.state is NodeState.DRAINING,
             10, "old node not draining")
@@ -139,9 +133,7 @@ def test_deploy_drains_old_version_without_cutting_streams(control_plane: Contro
 def test_drain_deadline_moves_users_to_new_version(control_plane: ControlPlane) -> None:
     cp = control_plane
     old = lobby(cp.ws_url, "user=e1&model=teto&region=us-west")[-1]
-    ws = Client.connect(f"{old['node_url']}?ticket={old['ticket']}")
-    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
-    ws.receive(timeout=5)
+    ws = start_stream(old)
     cp.state.deploy("teto", "2", 7.0, time.time() + 1.0)
     code, reason = closed_code(ws, timeout_s=15)
     assert code == 4503 and "resume" in reason
@@ -156,9 +148,7 @@ def test_crashed_node_is_reaped_and_user_resumes(control_plane: ControlPlane) ->
 
     cp = control_plane
     first = lobby(cp.ws_url, "user=c1&model=miku&region=us-west")[-1]
-    ws = Client.connect(f"{first['node_url']}?ticket={first['ticket']}")
-    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
-    ws.receive(timeout=5)
+    _held = start_stream(first)   # streaming when the node dies
     vm = next(v for v in cp.state.vms() if v["name"] == first["node_id"])
     os.kill(int(vm["pid"]), signal.SIGKILL)                 # the GPU dies
     cp.wait(lambda: cp.state.node(first["node_id"]) is None, 20, "dead node not reaped")
@@ -184,9 +174,7 @@ def test_idle_node_of_another_model_is_retargeted_not_booted(cp_slow_grace: Cont
                                                              ) -> None:
     cp = cp_slow_grace
     first = lobby(cp.ws_url, "user=r1&model=kaito&region=eu-west")[-1]
-    ws = Client.connect(f"{first['node_url']}?ticket={first['ticket']}")
-    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
-    ws.receive(timeout=5)
+    ws = start_stream(first)
     ws.send(json.dumps({"type": "stop"}))
     closed_code(ws)
     time.sleep(3)    # kaito's arrival-rate average decays: its idle nodes become spare
@@ -196,7 +184,5 @@ def test_idle_node_of_another_model_is_retargeted_not_booted(cp_slow_grace: Cont
     node = cp.state.node(second["node_id"])
     assert node is not None and node.model == "teto"
     assert second["node_id"] in before                       # an existing VM, reloaded
-    ws = Client.connect(f"{second['node_url']}?ticket={second['ticket']}")
-    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
-    started = json.loads(ws.receive(timeout=5))
-    assert started["model"] == "teto"
+    ws = start_stream(second)
+    assert ws.started["model"] == "teto"

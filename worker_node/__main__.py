@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     server = make_server(args.host, args.port, app, threaded=True)
     node.url = f"ws://{args.host}:{server.server_port}/ws"
     agent.start()
-    threading.Thread(target=node.load, args=(warm_up,), name="load", daemon=True).start()
+    threading.Thread(target=node.load, args=(warm_up, agent.poke), name="load",
+                     daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     logging.info("%s serving %s v%s in %s at %s (loading %.1f s)", node.id, node.model,
                  node.version, node.region, node.url, cfg.model_load_s)

@@ -39,6 +39,7 @@ class Agent:
         self.lock_ttl_s = lock_ttl_s
         self.rng = rng or random.Random()
         self._stop = threading.Event()
+        self._poke = threading.Event()
         self._last_ok = time.monotonic()
 
     def fields(self, now: float) -> dict[str, object]:
@@ -59,7 +60,7 @@ class Agent:
         flags = self.state.node_flags(self.node.id)
         if flags["retarget"]:
             model, version, semitones = flags["retarget"].split(":")
-            if self.node.retarget(model, version, float(semitones), self.warm_up):
+            if self.node.retarget(model, version, float(semitones), self.warm_up, self.poke):
                 log.info("retargeted to %s v%s: loading", model, version)
         self.state.heartbeat(self.fields(now), now)
         self.state.report_usage(self.node.usage())
@@ -96,7 +97,7 @@ class Agent:
                 sub = self.state.kick_subscription(self.node.id)
                 for msg in sub.listen():
                     if msg["data"] == WAKE:
-                        self.beat()   # new control flags (a retarget): act now
+                        self.poke()   # new control flags (a retarget): act now
                         continue
                     self.node.kick(str(msg["data"]), 4409, "this user started streaming "
                                    "elsewhere; this stream was taken over")
@@ -124,7 +125,12 @@ class Agent:
                     os._exit(0)
             loading = self.node.state is NodeState.LOADING
             self.maybe_crash(self.interval_s)
-            self._stop.wait(min(self.interval_s, 0.5) if loading else self.interval_s)
+            self._poke.wait(min(self.interval_s, 0.5) if loading else self.interval_s)
+            self._poke.clear()
+
+    def poke(self) -> None:
+        """Beat now (the model just loaded), not at the next interval."""
+        self._poke.set()
 
     def start(self) -> threading.Thread:
         threading.Thread(target=self.listen_for_kicks, name="kicks", daemon=True).start()
@@ -134,3 +140,4 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        self._poke.set()

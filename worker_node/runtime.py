@@ -43,9 +43,11 @@ class NodeRuntime:
     fences: dict[str, int] = field(default_factory=dict)   # highest fence seen per user
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def load(self, warm_up: Callable[[], None], clock: Callable[[], float] = time.monotonic,
+    def load(self, warm_up: Callable[[], None], on_done: Callable[[], None] = lambda: None,
+             clock: Callable[[], float] = time.monotonic,
              sleep: Callable[[float], None] = time.sleep) -> None:
-        """'Load the model': warm the processor, then wait out MODEL_LOAD_SECONDS with progress."""
+        """'Load the model': warm the processor, then wait out MODEL_LOAD_SECONDS with
+        progress; `on_done` runs once ready (the agent reports it at once)."""
         start = clock()
         warm_up()
         while (elapsed := clock() - start) < self.load_s:
@@ -56,16 +58,17 @@ class NodeRuntime:
             if self.state is NodeState.LOADING:
                 self.state = NodeState.READY
                 self.ready_at = time.time()
+        on_done()
 
     def retarget(self, model: str, version: str, semitones: float,
-                 warm_up: Callable[[], None]) -> bool:
+                 warm_up: Callable[[], None], on_done: Callable[[], None]) -> bool:
         """Reload with another model (only when idle); False if already serving it."""
         with self.lock:
             if (model, version) == (self.model, self.version) or self.streams:
                 return False
             self.model, self.version, self.semitones = model, version, semitones
             self.state, self.progress, self.ready_at = NodeState.LOADING, 0.0, None
-        threading.Thread(target=self.load, args=(warm_up,), daemon=True).start()
+        threading.Thread(target=self.load, args=(warm_up, on_done), daemon=True).start()
         return True
 
     def drain(self, deadline: float, now: float) -> None:
