@@ -173,3 +173,9 @@ def test_healthz_reports_load_progress(fleet: Fleet) -> None:
     assert seen[-1] == ("ready", 1.0)
     progress = [p for s, p in seen if s == "loading"]
     assert progress == sorted(progress) and any(0 < p < 1 for p in progress)
+
+
+def test_crash_rate_one_kills_the_node_within_a_beat(fleet: Fleet) -> None:
+    fleet.start("miku", wait=False, CRASH_RATE="1")
+    proc = fleet.procs[-1]
+    assert proc.wait(timeout=20) == 70     # the simulated GPU crash exit code

@@ -1,0 +1,62 @@
+"""The configuration object and tickets: pure table tests, no I/O beyond temp files."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from common.config import load_config
+from common.errors import ConfigError, TicketError
+from common.tickets import Ticket, sign, verify
+
+
+def test_defaults_and_environment_knobs() -> None:
+    cfg = load_config({})
+    assert cfg.model_load_s == 10.0 and cfg.crash_rate == 0.0 and cfg.redis_url is None
+    assert cfg.database_url.startswith("sqlite:///") and cfg.node_capacity == 4
+    assert {m.name for m in cfg.models} >= {"miku", "teto"}
+    assert cfg.provider("local").price_per_hour == Decimal("1.10")
+    cfg = load_config({"MODEL_LOAD_SECONDS": "0.5", "CRASH_RATE": "0.1",
+                       "REDIS_URL": "redis://x:1/0", "DATABASE_URL": "postgresql://db/x"})
+    assert (cfg.model_load_s, cfg.crash_rate, cfg.redis_url, cfg.database_url) == (
+        0.5, 0.1, "redis://x:1/0", "postgresql://db/x")
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"MODEL_LOAD_SECONDS": "ten"}, "MODEL_LOAD_SECONDS='ten' is not a number"),
+    ({"CRASH_RATE": "2"}, "out of range"),
+    ({"VOICE_CONFIG": "/nonexistent.toml"}, "does not exist"),
+])
+def test_bad_knobs_name_the_value(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(env)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[[regions]]\nname='r'\nprovider='nope'\nlat=0\nlon=0\n[[models]]\nname='m'\nversion='1'\n",
+     "provider 'nope'"),
+    ("[providers.local]\nprice_per_hour='1'\n[[models]]\nname='m'\nversion='1'\n",
+     "at least one"),
+    ("not toml [", "not valid TOML"),
+    ("[settings]\nbogus=1\n[providers.local]\nprice_per_hour='1'\n[[regions]]\nname='r'\n"
+     "provider='local'\nlat=0\nlon=0\n[[models]]\nname='m'\nversion='1'\n", "bogus"),
+])
+def test_bad_config_files(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config({"VOICE_CONFIG": str(path)})
+
+
+def test_ticket_round_trip_and_refusals() -> None:
+    t = Ticket("u", "s", "n1", "miku", "1", 3, exp=100.0)
+    token = sign(t, "k")
+    assert verify(token, "k", node="n1", now=50.0) == t
+    for args, needle in [(("k", "n2", 50.0), "for node"), (("x", "n1", 50.0), "forged"),
+                         (("k", "n1", 101.0), "expired")]:
+        with pytest.raises(TicketError, match=needle):
+            verify(token, args[0], node=args[1], now=args[2])
+    with pytest.raises(TicketError, match="malformed"):
+        verify("nodot", "k", node="n1", now=0)
