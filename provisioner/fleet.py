@@ -31,6 +31,7 @@ from provisioner.states import NodeState
 log = logging.getLogger("provisioner")
 
 PROVISION_SLACK_S = 30.0   # beyond boot + load, before a node that never became ready dies
+REGION_COOLOFF_S = 60.0    # a region whose nodes all failed is avoided this long
 POLL_S = 0.5               # poll countdown: far below the broker visibility timeout
 
 
@@ -172,6 +173,7 @@ def poll(state: State, cfg: Config, node_id: str, now: float, on_end: NodeEndHoo
     if now > rec.deadline:
         log.warning("node %s not ready by its deadline: destroying it", node_id)
         stop(state, cfg, rec, now, "boot timeout", on_end)
+        state.mark_region_down(rec.region, now + REGION_COOLOFF_S)
         return "gone"
     return "waiting"
 
@@ -215,6 +217,17 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
         if not rec.alive(now, cfg.heartbeat_timeout_s):
             stop(state, cfg, rec, now, "dead: no heartbeat", on_end)
             dead.append(rec.id)
+    for region in {r.region for r in records if r.id in dead}:
+        if not any(r.region == region and r.id not in dead and r.state.serving
+                   for r in records):   # nothing left serving there: an outage
+            log.warning("region %s lost all its nodes: avoided for %.0f s", region,
+                        REGION_COOLOFF_S)
+            state.mark_region_down(region, now + REGION_COOLOFF_S)
+    for rec in records:
+        if rec.id in dead:
+            continue
+        if rec.state is NodeState.READY:
+            state.mark_region_up(rec.region)   # a node serves there again: recovered
         elif rec.drain_deadline is not None and (
                 rec.sessions == 0 or now > rec.drain_deadline + cfg.heartbeat_timeout_s):
             if rec.sessions == 0 and not state.retire(rec.id, now):

@@ -29,6 +29,8 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
     vc:scale-kick             STRING set NX for a moment so bursts trigger one scale task
     vc:kick:{node}            PUBSUB channel: session ids the node must close at once (4409),
                                      or WAKE: read the control flags now (a retarget)
+    vc:region-down            HASH   region -> unix time until which placement avoids it (its
+                                     nodes all died or failed to boot)
     vc:usage:{minute_s}       HASH   "{user}|{session}|{node}|{model}|{region}" -> cumulative
                                      seconds streamed in that UTC minute (only ever grows)
     vc:usage-minutes          ZSET   minute_s -> minute_s of every usage hash not yet expired
@@ -56,6 +58,7 @@ ASSIGNED = PREFIX + "assigned"
 QUEUES = PREFIX + "queues"
 MODELS = PREFIX + "models"
 VMS = PREFIX + "vms"
+REGION_DOWN = PREFIX + "region-down"
 SCALE_KICK = PREFIX + "scale-kick"
 USAGE_MINUTES = PREFIX + "usage-minutes"
 WAKE = "WAKE"           # on a node's kick channel: heartbeat now (session ids never look so)
@@ -592,6 +595,17 @@ class State:
     def model(self, name: str) -> LiveModel | None:
         raw = self.r.hget(MODELS, name)
         return _live_model(name, raw) if raw else None
+
+    # --- region health ------------------------------------------------------------------
+    def mark_region_down(self, region: str, until: float) -> None:
+        self.r.hset(REGION_DOWN, region, repr(until))
+
+    def mark_region_up(self, region: str) -> None:
+        self.r.hdel(REGION_DOWN, region)
+
+    def regions_down(self, now: float) -> frozenset[str]:
+        return frozenset(r for r, until in self.r.hgetall(REGION_DOWN).items()
+                         if float(until) > now)
 
     # --- local cloud driver VMs ---------------------------------------------------------
     def save_vm(self, vm_id: str, fields: Mapping[str, Any]) -> None:

@@ -60,8 +60,9 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
 
     @app.get("/api/regions")
     def regions() -> Response:
-        return jsonify([{"name": r.name, "provider": r.provider, "lat": r.lat, "lon": r.lon}
-                        for r in cfg.regions])
+        down = state.regions_down(time.time())
+        return jsonify([{"name": r.name, "provider": r.provider, "lat": r.lat, "lon": r.lon,
+                         "state": "down" if r.name in down else "up"} for r in cfg.regions])
 
     @app.get("/api/cluster")
     def cluster() -> Response:

@@ -76,7 +76,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         known = ", ".join(sorted(m.name for m in live_models(state, cfg)))
         raise Refused("unknown_model", f"unknown model {req.model[:64]!r}; available: {known}")
     regions = [r for r in cfg.regions if req.region in (None, r.name)]
-    home = rank_regions(regions, req.lat, req.lon)[0][0]
+    home = rank_regions(regions, req.lat, req.lon, avoid=state.regions_down(now))[0][0]
     session_id = _session_id(state, req)
     fence = _take_lock(state, cfg, req, session_id, model, home.name, now)
     pool = pool_id(model.name, model.version, home.name)
