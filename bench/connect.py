@@ -6,11 +6,12 @@ to the provision task starting, and admissions per second.
 
 Warm figures: `warm_connect_ms_*` are for 100 users who open the lobby in the same
 instant (from a separate client process); `*_at_100_per_s` for 100 users arriving 10 ms
-apart. The cold path is the real stack: embedded Redis, a Celery worker (threads pool) with a beat
-thread, the webapp, and the local libcloud driver booting a worker_node process. The warm
-path measures the lobby (lock, queue, atomic assign, ticket) against ready nodes whose
-heartbeats the benchmark writes itself: a warm connect never talks to the node, so 25 real
-node processes would only add noise on a 2-core machine.
+apart. Everything runs on the real stack, `voicectl run` in its own processes (webapp, Celery
+worker with beat, Flower) on a Redis of ours; the cold path boots a worker_node process
+through the local libcloud driver. The warm path measures the lobby (lock, queue, atomic
+assign, ticket) against ready nodes whose heartbeats the benchmark writes itself: a warm
+connect never talks to the node, so 25 real node processes would only add noise on a
+2-core machine.
 """
 
 from __future__ import annotations
@@ -18,24 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import sys
 import threading
 import time
 from typing import Any
 
-import celery.contrib.testing.tasks  # noqa: F401  registers celery.ping
 import numpy as np
-from celery.contrib.testing.worker import start_worker
 from simple_websocket import Client
-from werkzeug.serving import make_server
 
-from billing.ledger import Ledger
 from common.config import load_config
-from provisioner import clouds
 from provisioner.state import State, connect
-from provisioner.tasks import make_celery
 from voicectl import procs
-from webapp.app import create_app
 
 
 def log(msg: str) -> None:
@@ -166,34 +161,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     url, redis_proc = procs.start_redis()
-    cfg = load_config({"REDIS_URL": url, "MODEL_LOAD_SECONDS": str(args.load_s),
-                       "DATABASE_URL": "sqlite:///" + str(procs.ROOT / "var" / "bench.sqlite")})
+    port, flower = procs.free_port(), procs.free_port()
+    env = {**os.environ, "REDIS_URL": url, "MODEL_LOAD_SECONDS": str(args.load_s),
+           "DATABASE_URL": "sqlite:///" + str(procs.ROOT / "var" / "bench.sqlite")}
+    log(f"starting the real stack: voicectl run on port {port} (Redis {url}) ...")
+    stack = procs.spawn([sys.executable, "-m", "voicectl", "run", "--port", str(port),
+                         "--flower-port", str(flower)], env=env,
+                        log=procs.ROOT / "var" / "logs" / "bench-connect.log")
     state = State(connect(url))
-    state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
-    app = make_celery(cfg)
-    server = make_server("127.0.0.1", 0, create_app(
-        cfg, state, lambda: app.send_task("provisioner.scale"), Ledger.open(cfg.database_url)),
-        threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    ws_url = f"ws://127.0.0.1:{server.server_port}"
-    stop = threading.Event()
+    cfg = load_config(env)
     figures: dict[str, Any] = {}
     try:
-        with start_worker(app, pool="threads", concurrency=4, loglevel="WARNING"):
-            def beat() -> None:
-                while not stop.wait(2.0):
-                    app.send_task("provisioner.tick")
-
-            threading.Thread(target=beat, daemon=True).start()
-            figures.update(cold(state, ws_url, args.load_s,
-                                cfg.provider("local").boot_s))
-            figures.update(warm(state, ws_url, args.rounds, args.users))
-            stop.set()
+        deadline = time.monotonic() + 60
+        while procs.port_free("127.0.0.1", port):   # until the webapp listens
+            if time.monotonic() > deadline or stack.poll() is not None:
+                raise RuntimeError("voicectl run did not start; see var/logs/bench-connect.log")
+            time.sleep(0.1)
+        time.sleep(2.0)   # the Celery worker connects
+        ws_url = f"ws://127.0.0.1:{port}"
+        figures.update(cold(state, ws_url, args.load_s, cfg.provider("local").boot_s))
+        figures.update(warm(state, ws_url, args.rounds, args.users))
     finally:
-        server.shutdown()
-        driver = clouds.driver_for(cfg, "local")
-        for vm in driver.list_nodes():
-            driver.destroy_node(vm)
+        procs.stop([stack], timeout_s=30)
         procs.stop([redis_proc])
     width = max(len(k) for k in figures)
     for key, value in figures.items():
