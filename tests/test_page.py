@@ -208,3 +208,46 @@ def test_microphone_refused_is_explained(stack, pw: Playwright) -> None:
         expect(page.locator("#stop")).to_be_disabled()
     finally:
         b.close()
+
+
+def test_take_over_from_another_tab(stack, browser: Browser) -> None:
+    """Two tabs of one user: the second is told where the stream is, takes it over, and the
+    first says why it stopped."""
+    model = pick_model(stack.config.models)
+    region = node_region(stack.base_url, model.name)
+    context = browser.new_context(viewport={"width": 1000, "height": 760})
+    tabs = []
+    for _ in range(2):
+        tab = context.new_page()   # one context: one cookie jar, one uid
+        tab.goto(stack.base_url + "/")
+        expect(tab.locator("#start")).to_be_enabled(timeout=10_000)
+        tab.select_option("#model", model.name)
+        tab.select_option("#region", region)
+        tabs.append(tab)
+    first, second = tabs
+    first.click("#start")
+    expect(first.locator("body")).to_have_attribute("data-state", "streaming", timeout=15_000)
+    second.click("#start")
+    expect(second.locator("#status")).to_contain_text("already streaming", timeout=10_000)
+    expect(second.locator("#takeover")).to_be_visible()
+    second.click("#takeover")
+    expect(second.locator("body")).to_have_attribute("data-state", "streaming", timeout=15_000)
+    expect(first.locator("#status")).to_contain_text("Taken over", timeout=10_000)
+    expect(first.locator("#start")).to_be_enabled()
+    context.close()
+
+
+def test_minutes_used_today_are_shown(stack, browser: Browser) -> None:
+    import time
+
+    from billing.ledger import Ledger
+
+    page = open_page(browser, stack.base_url)
+    uid = page.inner_text("#uid")
+    minute = int(time.time() // 86400) * 86400          # 00:00 UTC today: always "today"
+    stack.state.report_usage([(minute, f"{uid}|s1|n1|miku|us-west", 60.0),
+                              (minute + 60, f"{uid}|s1|n1|miku|us-west", 30.0)])
+    Ledger.open(stack.config.database_url).settle_from(stack.state, minute + 600)
+    page.reload()
+    expect(page.locator("#usage")).to_contain_text("Minutes used today: 1.5")
+    page.context.close()
