@@ -23,6 +23,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import numpy as np  # noqa: E402
 from audio_offline import offline_figures  # noqa: E402
+from report import report  # noqa: E402
 from simple_websocket import Client  # noqa: E402
 
 from common.tickets import Ticket, sign  # noqa: E402
@@ -95,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     log("offline shifter figures (CPU, latency, quality, naive baseline) ...")
     figures = offline_figures()
     figures.update(rtt_figures(args.seconds))
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        print(json.dumps(figures))
+    report(figures, args.json)
     return 0
 
 

@@ -32,6 +32,9 @@ from common.config import load_config
 from provisioner.state import State, connect
 from voicectl import procs
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import report  # noqa: E402
+
 
 def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
@@ -184,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop([stack], timeout_s=30)
         procs.stop([redis_proc])
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        print(json.dumps(figures))
+    report(figures, args.json)
     return 0
 
 

@@ -135,49 +135,99 @@ end
 return 0
 """
 
-# Assign waiting sessions, oldest first, to candidates with room. KEYS[1] queue, KEYS[2]
-# vc:assigned, then node hash + slot zset per candidate in preference order (re-checked
-# here, so a stale order is harmless). ARGV: now, reservation expiry, heartbeat timeout,
-# candidate ids... Returns the number assigned.
-_ASSIGN = _HAS_ROOM + """
-local now, timeout = tonumber(ARGV[1]), tonumber(ARGV[3])
-local assigned = 0
-while true do
-  local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
-  if not head then return assigned end
-  local placed = false
-  for i = 3, #KEYS, 2 do
-    if has_room(KEYS[i], KEYS[i + 1], now, timeout) then
-      redis.call('ZADD', KEYS[i + 1], ARGV[2], head)
-      redis.call('ZREM', KEYS[1], head)
-      redis.call('HSET', KEYS[2], head, ARGV[4 + (i - 3) / 2])
-      assigned = assigned + 1
-      placed = true
-      break
+# Hand waiting sessions, oldest first, to candidates with room (re-checked here, so a stale
+# order is harmless). Node hash + slot zset per candidate from KEYS[first]; their ids from
+# ARGV[first_id]. Returns the number assigned.
+_ASSIGN_FN = _HAS_ROOM + """
+local function assign(queue, assigned, first, first_id, now, expiry, timeout)
+  local n = 0
+  while true do
+    local head = redis.call('ZRANGE', queue, 0, 0)[1]
+    if not head then return n end
+    local placed = false
+    for i = first, #KEYS, 2 do
+      if has_room(KEYS[i], KEYS[i + 1], now, timeout) then
+        redis.call('ZADD', KEYS[i + 1], expiry, head)
+        redis.call('ZREM', queue, head)
+        redis.call('HSET', assigned, head, ARGV[first_id + (i - first) / 2])
+        n = n + 1
+        placed = true
+        break
+      end
     end
+    if not placed then return n end
   end
-  if not placed then return assigned end
 end
 """
 
-# Take the user's single-stream lock. KEYS: lock, fence. ARGV: session, model, region, now,
-# ttl_s, takeover (1/0). Returns {1, fence, previous session} or {0, holder session, model,
-# region, since} when another session holds it and this is no take-over.
-_TAKE_LOCK = """
-local cur = redis.call('HGET', KEYS[1], 'session')
-if cur and cur ~= ARGV[1] and ARGV[6] ~= '1' then
-  local h = redis.call('HMGET', KEYS[1], 'model', 'region', 'since')
-  return {0, cur, h[1] or '', h[2] or '', h[3] or ''}
+# KEYS[1] queue, KEYS[2] vc:assigned, then candidates. ARGV: now, expiry, timeout, ids...
+_ASSIGN = _ASSIGN_FN + """
+return assign(KEYS[1], KEYS[2], 3, 4, tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]))
+"""
+
+# Take the user's single-stream lock unless another session holds it and this is no
+# take-over. Returns {1, fence, previous session, its node} or {0, holder session, model,
+# region, since}.
+_LOCK_FN = """
+local function take_lock(lock, fence_key, session, model, region, now, ttl_s, takeover)
+  local cur = redis.call('HGET', lock, 'session')
+  if cur and cur ~= session and takeover ~= '1' then
+    local h = redis.call('HMGET', lock, 'model', 'region', 'since')
+    return {0, cur, h[1] or '', h[2] or '', h[3] or ''}
+  end
+  local since = now
+  local prev_node = redis.call('HGET', lock, 'node') or ''
+  if cur == session then since = redis.call('HGET', lock, 'since') or now end
+  local fence = redis.call('INCR', fence_key)
+  redis.call('DEL', lock)
+  redis.call('HSET', lock, 'session', session, 'fence', fence, 'model', model,
+             'region', region, 'since', since)
+  redis.call('PEXPIRE', lock, math.floor(tonumber(ttl_s) * 1000))
+  return {1, tostring(fence), cur or '', prev_node}
 end
-local since = ARGV[4]
-local prev_node = redis.call('HGET', KEYS[1], 'node') or ''
-if cur == ARGV[1] then since = redis.call('HGET', KEYS[1], 'since') or ARGV[4] end
-local fence = redis.call('INCR', KEYS[2])
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'session', ARGV[1], 'fence', fence, 'model', ARGV[2],
-           'region', ARGV[3], 'since', since)
-redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[5]) * 1000))
-return {1, tostring(fence), cur or '', prev_node}
+"""
+
+# KEYS: lock, fence. ARGV: session, model, region, now, ttl_s, takeover (1/0).
+_TAKE_LOCK = _LOCK_FN + """
+return take_lock(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+"""
+
+# Update a pool's arrival-rate EWMA (time constant tau_s).
+_ARRIVE_FN = """
+local function arrive(key, now, tau)
+  local h = redis.call('HMGET', key, 'rate', 't')
+  local rate, t = tonumber(h[1] or 0), tonumber(h[2] or now)
+  rate = rate * math.exp(-math.max(0, now - t) / tau) + 1 / tau
+  redis.call('HSET', key, 'rate', rate, 't', now)
+  return rate
+end
+"""
+
+# KEYS: arrivals hash. ARGV: now, tau_s.
+_ARRIVE = _ARRIVE_FN + """
+return tostring(arrive(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])))
+"""
+
+# A lobby request in one step: take the lock, count the arrival (not for a resume), join
+# the queue (a resume first), assign, and pick up this session's node if it got one.
+# KEYS: lock, fence, arrivals, queue, vc:queues, vc:assigned, then candidates.
+# ARGV: session, model, region, now, lock ttl, takeover, tau, resume (1/0), pool,
+# reservation expiry, heartbeat timeout, candidate ids...
+# Returns the lock refusal, or {1, fence, previous session, its node, node or '', position}.
+_ADMIT = _HAS_ROOM + _ASSIGN_FN.replace(_HAS_ROOM, "") + _LOCK_FN + _ARRIVE_FN + """
+local now = tonumber(ARGV[4])
+local lock = take_lock(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+if lock[1] == 0 then return lock end
+if ARGV[8] ~= '1' then arrive(KEYS[3], now, tonumber(ARGV[7])) end
+redis.call('ZADD', KEYS[4], 'NX', ARGV[8] == '1' and 0 or now, ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[9])
+assign(KEYS[4], KEYS[6], 7, 12, now, ARGV[10], tonumber(ARGV[11]))
+local node = redis.call('HGET', KEYS[6], ARGV[1])
+if node then
+  redis.call('HDEL', KEYS[6], ARGV[1])
+  return {1, lock[2], lock[3], lock[4], node, 0}
+end
+return {1, lock[2], lock[3], lock[4], '', redis.call('ZRANK', KEYS[4], ARGV[1]) + 1}
 """
 
 # Keep the locks of live streams alive; report streams whose lock another session took.
@@ -207,16 +257,6 @@ if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-"""
-
-# Update the arrival-rate EWMA of a pool. KEYS: arrivals hash. ARGV: now, tau_s.
-_ARRIVE = """
-local h = redis.call('HMGET', KEYS[1], 'rate', 't')
-local now, tau = tonumber(ARGV[1]), tonumber(ARGV[2])
-local rate, t = tonumber(h[1] or 0), tonumber(h[2] or ARGV[1])
-rate = rate * math.exp(-math.max(0, now - t) / tau) + 1 / tau
-redis.call('HSET', KEYS[1], 'rate', rate, 't', now)
-return tostring(rate)
 """
 
 # Report cumulative usage counters; a counter only grows, so a stale or repeated report
@@ -320,6 +360,15 @@ class Taken:
 
 
 @dataclass(frozen=True)
+class Admitted:
+    """The lobby request holds the lock; it got a node, or waits at a queue position."""
+
+    lock: Taken
+    node: str | None
+    position: int
+
+
+@dataclass(frozen=True)
 class LiveModel:
     name: str
     version: str
@@ -341,6 +390,7 @@ class State:
         self._retire = r.register_script(_RETIRE)
         self._deploy = r.register_script(_DEPLOY)
         self._report_usage = r.register_script(_REPORT_USAGE)
+        self._admit = r.register_script(_ADMIT)
 
     # --- nodes ----------------------------------------------------------------------
     def add_node(self, fields: Mapping[str, Any]) -> None:
@@ -454,6 +504,23 @@ class State:
         keys += [k for node_id in candidates for k in (node_key(node_id), slots_key(node_id))]
         return int(self._assign(keys=keys, args=[now, now + hold_s, heartbeat_timeout_s,
                                                  *candidates]))
+
+    def admit(self, user: str, session_id: str, model: str, version: str, region: str,
+              now: float, candidates: Sequence[str], *, lock_ttl_s: float, takeover: bool,
+              resume: bool, tau_s: float, hold_s: float, heartbeat_timeout_s: float
+              ) -> Admitted | Lock:
+        """A lobby request in one atomic step: lock, arrival, queue, assign (see _ADMIT)."""
+        pool = pool_id(model, version, region)
+        keys = [lock_key(user), fence_key(user), arrivals_key(pool), queue_key(pool), QUEUES,
+                ASSIGNED]
+        keys += [k for node_id in candidates for k in (node_key(node_id), slots_key(node_id))]
+        res = self._admit(keys=keys, args=[session_id, model, region, now, lock_ttl_s,
+                                           int(takeover), tau_s, int(resume), pool,
+                                           now + hold_s, heartbeat_timeout_s, *candidates])
+        if int(res[0]) == 0:
+            return Lock(session=res[1], model=res[2], region=res[3], since=float(res[4] or 0))
+        return Admitted(Taken(int(res[1]), res[2] or None, res[3] or None), res[4] or None,
+                        int(res[5]))
 
     def take_assignment(self, session_id: str) -> str | None:
         """The node the assign script gave this session, if any (read once)."""

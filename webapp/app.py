@@ -33,7 +33,7 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 4096}
     sock = Sock(app)
-    nodes = lobby.NodeCache(state)
+    fleet = lobby.FleetCache(state, cfg)
 
     def kick() -> None:
         if state.kick_scaler():
@@ -121,6 +121,6 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
         except BadRequest as e:
             lobby.error(ws, e.code, str(e))
             return
-        lobby.run(ws, state, cfg, req, kick, nodes)
+        lobby.run(ws, state, cfg, req, kick, fleet)
 
     return app

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from flask_sock import ConnectionClosed
@@ -21,31 +22,43 @@ from flask_sock import ConnectionClosed
 from common import wsclose
 from common.config import Config, Model
 from common.tickets import Ticket, sign
-from provisioner.fleet import candidates_for, live_model, live_models
+from provisioner.fleet import candidates_for, live_models
 from provisioner.placement import rank_regions
-from provisioner.state import Lock, NodeRecord, State, pool_id
+from provisioner.state import Admitted, Lock, NodeRecord, State, pool_id
 from webapp.requests import LobbyRequest
 
 POLL_S = 0.05         # how often a waiting lobby re-runs the assign script
 WAIT_LIMIT_S = 300.0  # after this long without a node the user is told no_capacity
 
 
-class NodeCache:
-    """The fleet as last read from Redis, at most `max_age_s` old, shared by every lobby of
-    this process: a hundred waiting users polling do not each read every node. Staleness
-    only affects the order candidates are tried in; the assign script re-checks them."""
+@dataclass(frozen=True)
+class FleetView:
+    records: list[NodeRecord]
+    models: dict[str, Model]
+    down: frozenset[str]
 
-    def __init__(self, state: State, max_age_s: float = 0.1) -> None:
-        self.state, self.max_age_s = state, max_age_s
+
+class FleetCache:
+    """The fleet, live models and regions in outage as last read from Redis, at most
+    `max_age_s` old, shared by every lobby of this process: a hundred users arriving or
+    waiting do not each read every node. Staleness only affects the order candidates are
+    tried in (the admit and assign scripts re-check them) and, for 100 ms after a deploy,
+    which version a new session asks for."""
+
+    def __init__(self, state: State, cfg: Config, max_age_s: float = 0.1) -> None:
+        self.state, self.cfg, self.max_age_s = state, cfg, max_age_s
         self._lock = threading.Lock()
-        self._records: list[NodeRecord] = []
+        self._view = FleetView([], {}, frozenset())
         self._read_at = float("-inf")
 
-    def get(self, now: float) -> list[NodeRecord]:
+    def get(self, now: float) -> FleetView:
         with self._lock:
             if now - self._read_at > self.max_age_s or now < self._read_at:
-                self._records, self._read_at = self.state.nodes(), now
-            return self._records
+                models = {m.name: m for m in live_models(self.state, self.cfg)}
+                self._view = FleetView(self.state.nodes(), models,
+                                       self.state.regions_down(now))
+                self._read_at = now
+            return self._view
 
 
 class Refused(Exception):
@@ -57,10 +70,10 @@ class Refused(Exception):
 
 
 def run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
-        kick_scaler: Callable[[], None], nodes: NodeCache) -> None:
+        kick_scaler: Callable[[], None], fleet: FleetCache) -> None:
     """Drive one lobby socket until the user has a node, an error, or leaves."""
     try:
-        _run(ws, state, cfg, req, kick_scaler, nodes)
+        _run(ws, state, cfg, req, kick_scaler, fleet)
     except Refused as e:
         error(ws, e.code, str(e))
     except ConnectionClosed:
@@ -68,31 +81,37 @@ def run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-unt
 
 
 def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
-         kick_scaler: Callable[[], None], nodes: NodeCache) -> None:
+         kick_scaler: Callable[[], None], fleet: FleetCache) -> None:
     now = time.time()
     started = now
-    model = live_model(state, cfg, req.model)
+    view = fleet.get(now)
+    model = view.models.get(req.model)
     if model is None:
-        known = ", ".join(sorted(m.name for m in live_models(state, cfg)))
+        known = ", ".join(sorted(view.models))
         raise Refused("unknown_model", f"unknown model {req.model[:64]!r}; available: {known}")
     regions = [r for r in cfg.regions if req.region in (None, r.name)]
-    home = rank_regions(regions, req.lat, req.lon, avoid=state.regions_down(now))[0][0]
+    home = rank_regions(regions, req.lat, req.lon, avoid=view.down)[0][0]
     session_id = _session_id(state, req)
-    fence = _take_lock(state, cfg, req, session_id, model, home.name, now)
     pool = pool_id(model.name, model.version, home.name)
-    if req.resume is None:
-        state.arrive(pool, now, cfg.arrival_tau_s)
-    state.enqueue(pool, session_id, now, first=req.resume is not None)
+    got = state.admit(req.user, session_id, model.name, model.version, home.name, now,
+                      candidates_for(state, cfg, model, home.name, view.records, now),
+                      lock_ttl_s=cfg.ticket_ttl_s, takeover=req.takeover,
+                      resume=req.resume is not None, tau_s=cfg.arrival_tau_s,
+                      hold_s=cfg.ticket_ttl_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s)
+    fence = _locked(state, req, session_id, got)
+    first_node = got.node if isinstance(got, Admitted) else None
     placed = False
     try:
         last: tuple[object, ...] = ()
         kicked = False
         while True:
-            now = time.time()
-            records = nodes.get(now)
-            state.assign(pool, candidates_for(state, cfg, model, home.name, records, now),
-                         now, cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
-            node_id = state.take_assignment(session_id)
+            records = fleet.get(now).records
+            if first_node is not None:
+                node_id, first_node = first_node, None     # admitted at once
+            else:
+                state.assign(pool, candidates_for(state, cfg, model, home.name, records, now),
+                             now, cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
+                node_id = state.take_assignment(session_id)
             node = next((n for n in records if n.id == node_id), None) if node_id else None
             if node_id and node is None:
                 node = state.node(node_id)
@@ -122,6 +141,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                 raise Refused("no_capacity", f"no node became free within {WAIT_LIMIT_S:.0f} s;"
                               " try again in a few minutes")
             ws.receive(timeout=POLL_S)   # raises ConnectionClosed when the user leaves
+            now = time.time()
     finally:
         if not placed:
             state.dequeue(pool, session_id)
@@ -138,20 +158,18 @@ def _session_id(state: State, req: LobbyRequest) -> str:
     return req.resume
 
 
-def _take_lock(state: State, cfg: Config, req: LobbyRequest, session_id: str, model: Model,
-               region: str, now: float) -> int:
-    got = state.take_lock(req.user, session_id, model.name, region, now, cfg.ticket_ttl_s,
-                          takeover=req.takeover)
+def _locked(state: State, req: LobbyRequest, session_id: str, got: Admitted | Lock) -> int:
+    """The fencing token; a refusal says where the user's stream is and what to do."""
     if isinstance(got, Lock):
-        holder = got
-        since = datetime.fromtimestamp(holder.since, UTC).strftime("%H:%M:%S UTC")
+        since = datetime.fromtimestamp(got.since, UTC).strftime("%H:%M:%S UTC")
         raise Refused("already_streaming",
-                      f"user {req.user} is already streaming {holder.model} in "
-                      f"{holder.region} since {since} (session {holder.session}); stop that "
-                      "stream first, or take it over from here (reconnect with takeover=1)")
-    if got.previous_session and got.previous_session != session_id and got.previous_node:
-        state.kick(got.previous_node, got.previous_session)   # the old stream closes now
-    return got.fence
+                      f"user {req.user} is already streaming {got.model} in {got.region} "
+                      f"since {since} (session {got.session}); stop that stream first, or "
+                      "take it over from here (reconnect with takeover=1)")
+    taken = got.lock
+    if taken.previous_session and taken.previous_session != session_id and taken.previous_node:
+        state.kick(taken.previous_node, taken.previous_session)   # the old stream closes now
+    return taken.fence
 
 
 def _eta_s(cfg: Config, model: Model, region: str, records: list[NodeRecord], position: int,
