@@ -251,3 +251,27 @@ def test_minutes_used_today_are_shown(stack, browser: Browser) -> None:
     page.reload()
     expect(page.locator("#usage")).to_contain_text("Minutes used today: 1.5")
     page.context.close()
+
+
+def test_cold_start_shows_queue_and_boot_progress_then_streams(control_plane,
+                                                               browser: Browser) -> None:
+    """With no node anywhere, the page shows the queue and a moving boot progress bar with
+    the ETA, then streams once the control plane has booted a node."""
+    page = open_page(browser, control_plane.base_url)
+    states: list[str] = []
+    page.select_option("#model", "teto")
+    page.select_option("#region", "ap-northeast")
+    page.click("#start")
+    for _ in range(100):
+        states.append(page.get_attribute("body", "data-state") or "")
+        if states[-1] == "booting":
+            break
+        page.wait_for_timeout(50)
+    assert "booting" in states, states
+    expect(page.locator("#boot")).to_be_visible()
+    expect(page.locator("#boot-left")).to_contain_text("s")
+    expect(page.locator("#status")).to_contain_text("ap-northeast")
+    expect(page.locator("body")).to_have_attribute("data-state", "streaming", timeout=30_000)
+    expect(page.locator("#boot")).to_be_hidden()
+    page.click("#stop")
+    page.context.close()
