@@ -22,8 +22,9 @@ lint: $(VENV)/.installed
 test: lint                   ## lint, types, then every test (warnings are errors)
 	$(PY) -m pytest
 
-bench: $(VENV)/.installed
-	$(PY) bench/audio.py
+bench: $(VENV)/.installed    ## both benchmarks, JSON last (takes about two minutes)
+	$(PY) bench/audio.py --json
+	$(PY) bench/connect.py --json
 
 clean:
 	rm -rf $(VENV) var *.egg-info

@@ -66,6 +66,8 @@ def test_nodes_models_deploy(webapp: Webapp, fleet: Fleet) -> None:
     assert new.returncode == 2 and "--semitones" in new.stderr
     assert run("deploy", "miku-dev", "--version", "1", "--semitones", "3",
                env=env).returncode == 0
+    bad = run("deploy", "mi|ku", "--version", "1", "--semitones", "1", env=env)
+    assert bad.returncode == 2 and "must be 1-64" in bad.stderr
     missing = run("nodes", "--url", "http://127.0.0.1:9")
     assert missing.returncode == 2 and "voicectl run" in missing.stderr
 

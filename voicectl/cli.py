@@ -20,7 +20,7 @@ import redis
 from werkzeug.serving import make_server
 
 from billing.ledger import Ledger, day_totals
-from common.config import Config, load_config
+from common.config import NAME_RE, Config, load_config
 from common.errors import VoiceError
 from provisioner import clouds, tasks
 from provisioner.state import State, connect
@@ -180,6 +180,9 @@ def cmd_models(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace, cfg: Config) -> int:
+    for what, value in (("model", args.model), ("version", args.version)):
+        if not NAME_RE.match(value):
+            raise VoiceError(f"{what} {value!r} must be 1-64 of A-Z a-z 0-9 _ . -")
     state = State(connect(_redis_url(cfg)))
     current = state.model(args.model)
     semitones = args.semitones
