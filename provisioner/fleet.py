@@ -197,8 +197,8 @@ def stop(state: State, cfg: Config, rec: NodeRecord, now: float, reason: str,
     for vm in driver.list_nodes():
         if vm.name == rec.id:
             driver.destroy_node(vm)
+    on_end(NodeEnd(rec, now, reason))   # first: if the bill fails, the next tick retries
     state.forget_node(rec.id)
-    on_end(NodeEnd(rec, now, reason))
     log.info("node %s (%s v%s in %s) stopped: %s", rec.id, rec.model, rec.version,
              rec.region, reason)
 
@@ -244,10 +244,14 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
 
 
 def drain_old_versions(state: State, cfg: Config, now: float) -> None:
-    """Every node of a version that is no longer live gets its model's drain deadline."""
+    """Every node of a version that is no longer live gets its model's drain deadline; a
+    node whose version is live again (a rollback) stops draining."""
     live = {m.name: m for m in state.models()}
     for rec in state.nodes():
         m = live.get(rec.model)
+        if m is not None and rec.version == m.version and rec.drain_deadline is not None:
+            state.undrain(rec.id)
+            continue
         if m is None or rec.version == m.version or rec.drain_deadline is not None:
             continue
         deadline = next((float(d["deadline"]) for d in m.draining

@@ -27,6 +27,8 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
     vc:vm:{id}                HASH   local cloud driver: pid, name, region, image, created_at
     vc:vms                    SET    ids of local driver VMs
     vc:scale-kick             STRING set NX for a moment so bursts trigger one scale task
+    vc:flight:{name}          STRING a token while one worker runs `name` (scale+reap):
+                                     two overlapping runs would boot twice
     vc:kick:{node}            PUBSUB channel: session ids the node must close at once (4409),
                                      or WAKE: read the control flags now (a retarget)
     vc:region-down            HASH   region -> unix time until which placement avoids it (its
@@ -43,6 +45,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -230,17 +233,18 @@ end
 return {1, lock[2], lock[3], lock[4], '', redis.call('ZRANK', KEYS[4], ARGV[1]) + 1}
 """
 
-# Keep the locks of live streams alive; report streams whose lock another session took.
+# Keep the locks of live streams alive; report streams whose lock another session, or a
+# newer connection of the same session (a resume: new fence), took.
 # KEYS: lock per stream. ARGV: ttl_s, node id, then session and fence per stream.
 _REFRESH_LOCKS = """
 local lost = {}
 for i = 1, #KEYS do
   local sid, fence = ARGV[2 * i + 1], ARGV[2 * i + 2]
-  local cur = redis.call('HGET', KEYS[i], 'session')
-  if cur == sid then
+  local cur = redis.call('HMGET', KEYS[i], 'session', 'fence')
+  if cur[1] == sid and cur[2] == fence then
     redis.call('HSET', KEYS[i], 'node', ARGV[2])
     redis.call('PEXPIRE', KEYS[i], math.floor(tonumber(ARGV[1]) * 1000))
-  elseif cur then
+  elseif cur[1] then
     table.insert(lost, sid)
   else
     -- expired while Redis was away: nobody else holds it, so this stream keeps it
@@ -249,6 +253,36 @@ for i = 1, #KEYS do
   end
 end
 return lost
+"""
+
+# Make the live (+inf) slots exactly the node's own streams: a failed mark or release is
+# repaired at the next heartbeat. KEYS: slot zset. ARGV: the node's live session ids.
+_SYNC_LIVE = """
+local mine = {}
+for _, sid in ipairs(ARGV) do
+  mine[sid] = true
+  redis.call('ZADD', KEYS[1], '+inf', sid)
+end
+for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '+inf', '+inf')) do
+  if not mine[sid] then redis.call('ZREM', KEYS[1], sid) end
+end
+return #ARGV
+"""
+
+# A lobby that leaves: out of the queue, and back with any node the assign script had
+# already given it (its reservation, never a live stream's slot). KEYS: queue, vc:assigned.
+# ARGV: session. Returns the node id it had been given, or ''.
+_ABANDON = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+local node = redis.call('HGET', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return node or ''
+"""
+
+# Release a single-flight token only if it is still ours. KEYS: flight key. ARGV: token.
+_LAND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 # Release the lock only if this session still holds it. KEYS: lock. ARGV: session.
@@ -274,8 +308,9 @@ return #KEYS - 1
 """
 
 # Mark an empty node retired so nothing new lands on it; refuses a node with sessions.
-# KEYS: node hash, slot zset. ARGV: now. Returns 1 if retired.
+# KEYS: node hash, slot zset. ARGV: now. Returns 1 if retired (0 if it already was).
 _RETIRE = """
+if redis.call('HEXISTS', KEYS[1], 'retired') == 1 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1])
 if redis.call('ZCARD', KEYS[2]) > 0 then return 0 end
 redis.call('HSET', KEYS[1], 'retired', ARGV[1])
@@ -391,6 +426,9 @@ class State:
         self._deploy = r.register_script(_DEPLOY)
         self._report_usage = r.register_script(_REPORT_USAGE)
         self._admit = r.register_script(_ADMIT)
+        self._sync_live = r.register_script(_SYNC_LIVE)
+        self._abandon = r.register_script(_ABANDON)
+        self._land = r.register_script(_LAND)
 
     # --- nodes ----------------------------------------------------------------------
     def add_node(self, fields: Mapping[str, Any]) -> None:
@@ -467,6 +505,19 @@ class State:
     def drain(self, node_id: str, deadline: float) -> None:
         self.r.hset(node_key(node_id), "drain_deadline", repr(deadline))
 
+    def undrain(self, node_id: str) -> None:
+        self.r.hdel(node_key(node_id), "drain_deadline")
+
+    def single_flight(self, name: str, ttl_s: float) -> str | None:
+        """A token if this caller may run `name` now (nobody else holds it), else None."""
+        token = uuid.uuid4().hex
+        ok = self.r.set(f"{PREFIX}flight:{name}", token, nx=True, px=int(ttl_s * 1000))
+        return token if ok else None
+
+    def land(self, name: str, token: str) -> None:
+        """Release a single_flight, if it is still ours."""
+        self._land(keys=[f"{PREFIX}flight:{name}"], args=[token])
+
     # --- slots and the queue ----------------------------------------------------------
     def claim_slot(self, candidates: Iterable[str], session_id: str, now: float,
                    hold_s: float, heartbeat_timeout_s: float) -> str | None:
@@ -521,6 +572,16 @@ class State:
             return Lock(session=res[1], model=res[2], region=res[3], since=float(res[4] or 0))
         return Admitted(Taken(int(res[1]), res[2] or None, res[3] or None), res[4] or None,
                         int(res[5]))
+
+    def abandon(self, pool: str, session_id: str) -> None:
+        """A waiting lobby left: leave the queue, give back a node it was just handed."""
+        node_id = self._abandon(keys=[queue_key(pool), ASSIGNED], args=[session_id])
+        if node_id:
+            self.r.zrem(slots_key(node_id), session_id)   # a reservation, never yet live
+
+    def sync_live(self, node_id: str, sessions: Sequence[str]) -> None:
+        """The node's streams are exactly these (run under the node's own lock)."""
+        self._sync_live(keys=[slots_key(node_id)], args=list(sessions))
 
     def take_assignment(self, session_id: str) -> str | None:
         """The node the assign script gave this session, if any (read once)."""

@@ -84,27 +84,41 @@ def poll(self: Any, node_id: str) -> None:
         self.app.send_task("provisioner.scale")
 
 
-def _scale(task: Any) -> None:
+FLIGHT_TTL_S = 30.0   # a crashed worker's scale lock frees itself after this
+
+
+def _scale(task: Any, reap: bool = False) -> bool:
+    """One scale step (after reaping, on the tick), never two at once: two overlapping
+    snapshots would both boot nodes for the same waiting users. False if one is running."""
     rt = _rt(task)
-    fleet.scale(rt.state, rt.cfg, time.time(),
-                lambda node_id: task.app.send_task("provisioner.provision", (node_id,)),
-                rt.on_end)
+    token = rt.state.single_flight("scale", FLIGHT_TTL_S)
+    if token is None:
+        return False
+    try:
+        now = time.time()
+        if reap:
+            fleet.drain_old_versions(rt.state, rt.cfg, now)
+            fleet.reap(rt.state, rt.cfg, now, rt.on_end)
+        fleet.scale(rt.state, rt.cfg, time.time(),
+                    lambda node_id: task.app.send_task("provisioner.provision", (node_id,)),
+                    rt.on_end)
+    finally:
+        rt.state.land("scale", token)
+    return True
 
 
 @shared_task(bind=True, ignore_result=True, name="provisioner.scale")
 def scale(self: Any) -> None:
-    _scale(self)
+    """Event-driven scale-up; if a scale step is running, try again in a moment."""
+    if not _scale(self):
+        self.app.send_task("provisioner.scale", countdown=0.2)
 
 
 @shared_task(bind=True, ignore_result=True, name="provisioner.tick")
 def tick(self: Any) -> None:
     """The beat's backstop: reap the dead, drain old versions, scale, settle the bill."""
-    rt = _rt(self)
-    now = time.time()
-    fleet.drain_old_versions(rt.state, rt.cfg, now)
-    fleet.reap(rt.state, rt.cfg, now, rt.on_end)
-    _scale(self)
-    _settle(rt, now)
+    _scale(self, reap=True)
+    _settle(_rt(self), time.time())
 
 
 def _settle(rt: Runtime, now: float) -> int:

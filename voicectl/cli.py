@@ -43,6 +43,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             "pass --port N")
         return 1
     children = []
+    redis_proc = None
     logs = procs.ROOT / "var" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     try:
@@ -50,8 +51,8 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             say(f"using Redis at {cfg.redis_url}")
         else:
             say("starting embedded Redis (REDIS_URL is unset) ...")
-            url, proc = procs.start_redis()
-            children.append(proc)
+            url, redis_proc = procs.start_redis()
+            children.append(redis_proc)
             cfg = cfg.with_overrides(redis_url=url)
             say(f"Redis ready at {url}")
         assert cfg.redis_url is not None
@@ -88,10 +89,15 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             pass
         return 0
     finally:
-        say("stopping: destroying every local node ...")
+        # The Celery worker first, so no tick boots a node after we destroyed them all;
+        # Redis last, since the driver reads its VMs from it.
+        redis_children = [p for p in children if p is redis_proc]
+        others = [p for p in children if p is not redis_proc]
+        say(f"stopping the Celery worker and Flower ({len(others)} processes) ...")
+        procs.stop(others)
+        say("destroying every local node ...")
         _destroy_local_nodes(cfg)
-        say(f"stopping {len(children)} child processes ...")
-        procs.stop(children)
+        procs.stop(redis_children)
         RUN_FILE.unlink(missing_ok=True)
         say("stopped")
 

@@ -9,6 +9,7 @@ and an ETA from the real boot and load progress of the node that will take them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import redis
 from flask_sock import ConnectionClosed
 
 from common import wsclose
@@ -26,6 +28,8 @@ from provisioner.fleet import candidates_for, live_models
 from provisioner.placement import rank_regions
 from provisioner.state import Admitted, Lock, NodeRecord, State, pool_id
 from webapp.requests import LobbyRequest
+
+log = logging.getLogger("webapp.lobby")
 
 POLL_S = 0.05         # how often a waiting lobby re-runs the assign script
 WAIT_LIMIT_S = 300.0  # after this long without a node the user is told no_capacity
@@ -78,6 +82,10 @@ def run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-unt
         error(ws, e.code, str(e))
     except ConnectionClosed:
         pass   # the user left; the finally blocks below cleaned up
+    except redis.RedisError as e:
+        log.warning("lobby for %s: Redis failed: %s", req.user, e)
+        error(ws, "unavailable", "the control plane cannot reach its state store right now; "
+                                 "try again in a few seconds")
 
 
 def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
@@ -105,6 +113,9 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         last: tuple[object, ...] = ()
         kicked = False
         while True:
+            if state.refresh_locks("lobby", [(req.user, session_id, fence)], cfg.ticket_ttl_s):
+                raise Refused("already_streaming", "this session was taken over from another "
+                              "tab or device")
             records = fleet.get(now).records
             if first_node is not None:
                 node_id, first_node = first_node, None     # admitted at once
@@ -134,9 +145,6 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                     send(ws, type="queued", session_id=session_id, region=home.name,
                          position=position,
                          eta_s=round(cfg.provider(home.provider).boot_s + cfg.model_load_s, 1))
-            if state.refresh_locks("lobby", [(req.user, session_id, fence)], cfg.ticket_ttl_s):
-                raise Refused("already_streaming", "this session was taken over from another "
-                              "tab or device")
             if now - started > WAIT_LIMIT_S:
                 raise Refused("no_capacity", f"no node became free within {WAIT_LIMIT_S:.0f} s;"
                               " try again in a few minutes")
@@ -144,7 +152,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
             now = time.time()
     finally:
         if not placed:
-            state.dequeue(pool, session_id)
+            state.abandon(pool, session_id)
             state.release_lock(req.user, session_id)
 
 
@@ -167,8 +175,10 @@ def _locked(state: State, req: LobbyRequest, session_id: str, got: Admitted | Lo
                       f"since {since} (session {got.session}); stop that stream first, or "
                       "take it over from here (reconnect with takeover=1)")
     taken = got.lock
-    if taken.previous_session and taken.previous_session != session_id and taken.previous_node:
-        state.kick(taken.previous_node, taken.previous_session)   # the old stream closes now
+    if taken.previous_session and taken.previous_node:
+        # A take-over, or a resume of a session whose old connection still streams: the
+        # old stream closes now (its node would find its fence stale within a beat anyway).
+        state.kick(taken.previous_node, taken.previous_session)
     return taken.fence
 
 

@@ -64,24 +64,38 @@ class Agent:
                 log.info("retargeted to %s v%s: loading", model, version)
         self.state.heartbeat(self.fields(now), now)
         self.state.report_usage(self.node.usage())
-        if flags["retarget"]:
-            self.state.finish_retarget(self.node.id)
+        # Under the node's lock, so a stream that closes meanwhile is neither re-marked
+        # live nor has its released lock re-created.
         with self.node.lock:
             live = [(s.user, s.session_id, s.fence) for s in self.node.streams.values()]
-        for sid in self.state.refresh_locks(self.node.id, live, self.lock_ttl_s):
+            self.state.sync_live(self.node.id, [sid for _, sid, _ in live])
+            lost = self.state.refresh_locks(self.node.id, live, self.lock_ttl_s)
+        for sid in lost:
             self.node.kick(sid, 4409, "this user started streaming elsewhere; this stream "
                                       "was taken over")
+        if flags["retarget"]:
+            self.state.finish_retarget(self.node.id)
         if flags["drain_deadline"]:
             self.node.drain(float(flags["drain_deadline"]), now)
+        else:
+            self.node.undrain()
 
     def on_open(self, stream: Stream) -> None:
         self.state.mark_live(self.node.id, stream.session_id)
 
-    def on_close(self, stream: Stream) -> None:
-        """Bill the last seconds, free the slot and the user's lock at once."""
-        self.state.report_usage(self.node.usage([stream]))
-        self.state.release_slot(self.node.id, stream.session_id)
-        self.state.release_lock(stream.user, stream.session_id)
+    def on_close(self, stream: Stream, current: bool) -> None:
+        """Bill the last seconds; free the slot and the user's lock at once, unless a newer
+        connection of the same session took this one's place. Each step is best effort:
+        the next heartbeat's slot sync and lock expiry repair what fails here."""
+        steps = [lambda: self.state.report_usage(self.node.usage([stream]))]
+        if current:
+            steps += [lambda: self.state.release_slot(self.node.id, stream.session_id),
+                      lambda: self.state.release_lock(stream.user, stream.session_id)]
+        for step in steps:
+            try:
+                step()
+            except Exception:  # process boundary: Redis away; the heartbeat repairs it
+                log.exception("releasing session %s failed", stream.session_id)
 
     def admit(self, stream: Stream) -> str | None:
         holder = self.state.lock_holder(stream.user)
@@ -123,6 +137,9 @@ class Agent:
                 if time.monotonic() - self._last_ok > ORPHAN_AFTER_S:
                     log.error("no control plane for %.0f s: exiting", ORPHAN_AFTER_S)
                     os._exit(0)
+            if self.node.state is NodeState.DEAD:
+                log.error("the model could not load: node %s exits", self.node.id)
+                os._exit(71)
             loading = self.node.state is NodeState.LOADING
             self.maybe_crash(self.interval_s)
             self._poke.wait(min(self.interval_s, 0.5) if loading else self.interval_s)

@@ -5,8 +5,10 @@ Thread-safe; one instance per worker_node process. It knows nothing of Redis or 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +23,9 @@ class Stream:
     seconds: float = 0.0          # cumulative audio seconds processed
     minutes: dict[int, float] = field(default_factory=dict)  # UTC minute -> seconds in it
     kick: Callable[[int, str], None] | None = None   # closes the socket from another thread
+    # One usage counter per connection: a session resumed on the same node in the same
+    # minute starts a fresh counter instead of being hidden under the old one's maximum.
+    conn: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
 
 @dataclass
@@ -49,7 +54,14 @@ class NodeRuntime:
         """'Load the model': warm the processor, then wait out MODEL_LOAD_SECONDS with
         progress; `on_done` runs once ready (the agent reports it at once)."""
         start = clock()
-        warm_up()
+        try:
+            warm_up()
+        except Exception:  # the model cannot load: this node is dead (the agent exits)
+            logging.getLogger("worker_node").exception("model %s failed to load", self.model)
+            with self.lock:
+                self.state = NodeState.DEAD
+            on_done()
+            return
         while (elapsed := clock() - start) < self.load_s:
             self.progress = min(0.99, elapsed / self.load_s)
             sleep(min(0.1, self.load_s - elapsed))
@@ -70,6 +82,13 @@ class NodeRuntime:
             self.state, self.progress, self.ready_at = NodeState.LOADING, 0.0, None
         threading.Thread(target=self.load, args=(warm_up, on_done), daemon=True).start()
         return True
+
+    def undrain(self) -> None:
+        """Its version is live again (a rollback): take new streams again."""
+        with self.lock:
+            self.drain_deadline = None
+            if self.state is NodeState.DRAINING:
+                self.state = NodeState.READY
 
     def drain(self, deadline: float, now: float) -> None:
         """Take no new streams; at the deadline tell the live ones to resume elsewhere."""
@@ -96,7 +115,21 @@ class NodeRuntime:
         return max(0.0, (1.0 - self.progress) * self.load_s)
 
     def open(self, stream: Stream) -> str | None:
-        """Admit a stream; returns None, or why it is refused (a 4503 reason)."""
+        """Admit a stream; returns None, or why it is refused (a 4503 reason).
+
+        A second connection of a live session replaces the first (the page reconnected
+        after a drop the node has not noticed yet); the old socket is closed."""
+        with self.lock:
+            old = self.streams.get(stream.session_id)
+            if old is not None and self.state in (NodeState.READY, NodeState.DRAINING):
+                self.streams[stream.session_id] = stream
+                replaced = old
+            else:
+                replaced = None
+        if replaced is not None:
+            if replaced.kick is not None:
+                replaced.kick(4409, "this session reconnected; this connection was replaced")
+            return None
         with self.lock:
             if self.state is NodeState.LOADING:
                 return (f"model {self.model} is still loading ({self.progress:.0%}); "
@@ -108,24 +141,26 @@ class NodeRuntime:
             self.streams[stream.session_id] = stream
             return None
 
-    def close(self, session_id: str) -> None:
+    def close(self, stream: Stream) -> bool:
+        """Forget the stream; False if a newer connection of its session replaced it."""
         with self.lock:
-            self.streams.pop(session_id, None)
+            if self.streams.get(stream.session_id) is stream:
+                del self.streams[stream.session_id]
+                return True
+            return False
 
-    def add_seconds(self, session_id: str, seconds: float, now: float) -> None:
+    def add_seconds(self, stream: Stream, seconds: float, now: float) -> None:
         """Meter audio processed at `now` into its UTC minute (a frame never spans two)."""
         minute = int(now // 60) * 60
         with self.lock:
-            s = self.streams.get(session_id)
-            if s is not None:
-                s.seconds += seconds
-                s.minutes[minute] = s.minutes.get(minute, 0.0) + seconds
+            stream.seconds += seconds
+            stream.minutes[minute] = stream.minutes.get(minute, 0.0) + seconds
 
     def usage(self, streams: list[Stream] | None = None) -> list[tuple[int, str, float]]:
         """Cumulative counters (minute, "user|session|node|model|region", seconds)."""
         with self.lock:
             chosen = list(self.streams.values()) if streams is None else streams
-            return [(m, f"{s.user}|{s.session_id}|{self.id}|{self.model}|{self.region}",
+            return [(m, f"{s.user}|{s.session_id}:{s.conn}|{self.id}|{self.model}|{self.region}",
                      round(secs, 4))
                     for s in chosen for m, secs in s.minutes.items()]
 

@@ -28,7 +28,7 @@ MIN_RATE_HZ, MAX_RATE_HZ = 8000, 48000
 MIN_FRAME_S, MAX_FRAME_S = 0.010, 0.100
 START_TIMEOUT_S = 10.0      # a client that connects but never says start is dropped
 IDLE_TIMEOUT_S = 30.0       # a stream that sends nothing for this long is closed
-MAX_MESSAGE_BYTES = 64 * 1024
+MAX_MESSAGE_BYTES = 1024 * 1024
 
 
 class Malformed(Exception):
@@ -38,11 +38,13 @@ class Malformed(Exception):
 def create_app(node: NodeRuntime, secret: str,
                make_processor: Callable[[int], Processor] | None = None,
                on_open: Callable[[Stream], None] = lambda s: None,
-               on_close: Callable[[Stream], None] = lambda s: None,
+               on_close: Callable[[Stream, bool], None] = lambda s, current: None,
                admit: Callable[[Stream], str | None] = lambda s: None) -> Flask:
     """The node app. `on_open`/`on_close` let the agent mirror streams into Redis; `admit`
     may refuse a stream whose user's lock belongs to another session (4409)."""
     app = Flask(__name__)
+    # Far above a legal frame (100 ms at 48 kHz is 9,600 bytes), so an oversized frame gets
+    # our 4400 with a message instead of simple_websocket's bare 1009.
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": MAX_MESSAGE_BYTES}
     sock = Sock(app)
     processor_for = make_processor or (lambda rate: PitchShifter(rate, node.semitones))
@@ -73,24 +75,24 @@ def create_app(node: NodeRuntime, secret: str,
         if refused:
             wsclose.close(ws, 4503, refused)
             return
-        on_open(entry)
-        stopped = False
+        outcome: tuple[int, str] | None = (1000, "stopped")
         try:
+            on_open(entry)
             _serve(ws, node, entry, processor_for)
-            stopped = True
         except Malformed as e:
             _error(ws, "bad_request", str(e))
-            wsclose.close(ws, 4400, str(e))
+            outcome = (4400, str(e))
         except ConnectionClosed:
-            pass
+            outcome = None
         except Exception as e:  # process boundary: the model failed, tell the client
             log.exception("model failed on session %s", entry.session_id)
-            wsclose.close(ws, 1011, f"model failed: {e}; resume through the lobby")
+            outcome = (1011, f"model failed: {e}; resume through the lobby")
         finally:
-            node.close(entry.session_id)
-            on_close(entry)   # slot, lock and last seconds settle before the client hears 1000
-        if stopped:
-            wsclose.close(ws, 1000, "stopped")
+            # Slot, lock and last seconds settle before the client hears the close, so a
+            # page that reconnects at once finds them free.
+            on_close(entry, node.close(entry))
+        if outcome is not None:
+            wsclose.close(ws, *outcome)
 
     return app
 
@@ -143,7 +145,7 @@ def _serve(ws, node: NodeRuntime, entry: Stream,  # type: ignore[no-untyped-def]
                                 f" frames must be 10-100 ms ({lo}-{hi} samples)")
             out = processor.process(np.frombuffer(msg, dtype="<i2"))
             ws.send(out.astype("<i2", copy=False).tobytes())
-            node.add_seconds(entry.session_id, n / rate, time.time())
+            node.add_seconds(entry, n / rate, time.time())
             continue
         kind = _parse_json(msg).get("type")
         if kind == "stop":

@@ -1,0 +1,107 @@
+"""The races a code review found, each pinned: duplicate connections of one session,
+resume as a back door to a second stream, leaked assignments, double retire, repairs."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from conftest import ControlPlane, Fleet, closed_code, lobby, serve, start_stream
+from simple_websocket import Client
+from test_node import stream_tone, ticket
+
+from common.config import Config
+from provisioner.state import State, connect, slots_key
+from webapp.app import create_app
+from worker_node.quality import harmonic_tone
+from worker_node.runtime import NodeRuntime, Stream
+
+
+def test_second_connection_of_a_session_replaces_the_first(fleet: Fleet) -> None:
+    node_id = fleet.start("miku")
+    url = fleet.url(node_id)
+    tok = ticket(node_id, user="dup", session="s-dup")
+    first = start_stream({"node_url": url, "ticket": tok}, rate=48000)
+    second = start_stream({"node_url": url, "ticket": tok}, rate=48000)
+    code, reason = closed_code(first)
+    assert code == 4409 and "replaced" in reason
+    time.sleep(0.3)   # the first handler has ended: it must not free the live slot or lock
+    assert fleet.state.live_sessions(node_id) == ["s-dup"]
+    others = [start_stream({"node_url": url, "ticket": ticket(node_id, user=f"o{i}")},
+                           rate=48000) for i in range(3)]
+    full = Client.connect(f"{url}?ticket={ticket(node_id, user='o9')}")
+    assert closed_code(full)[0] == 4503               # still 4 streams at most
+    assert len(stream_tone(second, harmonic_tone(150.0, 48000, 0.1))) == 4800
+    for ws in others:
+        ws.close()
+
+
+def test_usage_counters_are_per_connection() -> None:
+    node = NodeRuntime("n", "miku", "1", "us-west", "local", 4.0, 4, 0.0)
+    a, b = Stream("s", "u", 1), Stream("s", "u", 2)
+    node.add_seconds(a, 40.0, 60.0)
+    node.add_seconds(b, 20.0, 70.0)
+    fields = {f for _, f, _ in node.usage([a, b])}
+    assert len(fields) == 2            # a resumed connection does not hide under the old
+
+
+def test_resume_cannot_open_a_second_stream(control_plane: ControlPlane) -> None:
+    cp = control_plane
+    first = lobby(cp.ws_url, "user=rs&model=miku&region=us-west")[-1]
+    old = start_stream(first)
+    again = lobby(cp.ws_url, f"user=rs&model=miku&region=us-west&resume={first['session_id']}")
+    assert again[-1]["type"] == "ready"
+    code, _ = closed_code(old, timeout_s=10)          # the old connection is closed
+    assert code == 4409
+    new = start_stream(again[-1])
+    assert len(stream_tone(new, harmonic_tone(150.0, 16000, 0.1), frame=320)) == 1600
+
+
+def test_abandoned_assignment_gives_the_slot_back(state: State) -> None:
+    state.heartbeat({"id": "a", "provider": "local", "region": "us-west", "model": "miku",
+                     "version": "1", "state": "ready", "capacity": 4, "url": "ws://x"},
+                    time.time())
+    pool = "miku|1|us-west"
+    state.enqueue(pool, "s1", time.time())
+    assert state.assign(pool, ["a"], time.time(), 60, 6) == 1
+    state.abandon(pool, "s1")                         # the user left before picking it up
+    assert state.take_assignment("s1") is None
+    assert state.r.zcard(slots_key("a")) == 0 and state.position(pool, "s1") is None
+
+
+def test_retire_twice_and_live_slots_repaired(state: State) -> None:
+    state.heartbeat({"id": "b", "provider": "local", "region": "us-west", "model": "miku",
+                     "version": "1", "state": "ready", "capacity": 4, "url": "ws://x"},
+                    time.time())
+    assert state.retire("b", time.time()) is True
+    assert state.retire("b", time.time()) is False    # only one of two racing stops wins
+    state.mark_live("b", "ghost")                     # a release that never happened
+    state.sync_live("b", ["real"])
+    assert state.live_sessions("b") == ["real"]
+
+
+def test_rollback_undrains_the_old_version(control_plane: ControlPlane) -> None:
+    cp = control_plane
+    ready = lobby(cp.ws_url, "user=rb&model=kaito&region=us-west")[-1]
+    ws = start_stream(ready)
+    cp.state.deploy("kaito", "2", -3.0, time.time() + 600)
+    cp.wait(lambda: cp.state.node(ready["node_id"]).state.value == "draining", 10)  # type: ignore
+    cp.state.deploy("kaito", "1", -5.0, time.time() + 600)
+    cp.wait(lambda: cp.state.node(ready["node_id"]).state.value == "ready", 10,  # type: ignore
+            "rolled-back version still draining")
+    ws.send(json.dumps({"type": "stop"}))
+
+
+def test_lobby_says_unavailable_when_redis_is_down(cfg: Config) -> None:
+    dead = State(connect("redis://127.0.0.1:1/0"))
+    host, server = serve(create_app(cfg, dead))
+    try:
+        got: list[dict] = []
+        t = threading.Thread(target=lambda: got.extend(
+            lobby(f"ws://{host}", "user=x&model=miku&region=us-west", timeout_s=60)))
+        t.start()
+        t.join(70)
+        assert got and got[-1]["code"] == "unavailable", got
+    finally:
+        server.shutdown()
