@@ -113,13 +113,14 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         last: tuple[object, ...] = ()
         kicked = False
         while True:
-            if state.refresh_locks("lobby", [(req.user, session_id, fence)], cfg.ticket_ttl_s):
-                raise Refused("already_streaming", "this session was taken over from another "
-                              "tab or device")
             records = fleet.get(now).records
             if first_node is not None:
                 node_id, first_node = first_node, None     # admitted at once
             else:
+                if state.refresh_locks("lobby", [(req.user, session_id, fence)],
+                                       cfg.ticket_ttl_s):   # before taking a slot
+                    raise Refused("already_streaming", "this session was taken over from "
+                                  "another tab or device")
                 state.assign(pool, candidates_for(state, cfg, model, home.name, records, now),
                              now, cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
                 node_id = state.take_assignment(session_id)
