@@ -29,7 +29,7 @@ import numpy as np
 from simple_websocket import Client
 
 from common.config import load_config
-from provisioner.state import State, connect
+from provisioner.state import State, connect, slots_key
 from voicectl import procs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +95,7 @@ def warm(state: State, ws_url: str, rounds: int, users: int) -> dict[str, Any]:
 
     def reset(tag: str) -> None:
         for node_id in nodes:                      # free every slot for the next round
-            state.r.delete(f"vc:node:{node_id}:slots")
+            state.r.delete(slots_key(node_id))
         for i in range(users):
             state.release_lock(f"{tag}-{i}", state.lock_holder(f"{tag}-{i}") or "")
 

@@ -13,6 +13,7 @@ from conftest import Fleet, Webapp, lobby
 from simple_websocket import Client
 from test_node import stream_tone
 
+from provisioner.state import node_key
 from worker_node.quality import harmonic_tone
 
 
@@ -133,7 +134,7 @@ def test_node_that_stops_heartbeating_is_not_placed(webapp: Webapp, fleet: Fleet
     node_id = fleet.start("miku")
     fleet.procs[-1].kill()
     fleet.procs[-1].wait()
-    webapp.state.r.hset(f"vc:node:{node_id}", "last_seen", "1")   # long ago
+    webapp.state.r.hset(node_key(node_id), "last_seen", "1")   # long ago
     ws = Client.connect(f"{webapp.ws_url}/ws/session?user=z&model=miku&region=us-west")
     assert json.loads(ws.receive(timeout=5))["type"] == "queued"
     assert ws.receive(timeout=1.0) is None      # waits; never handed to the dead node
