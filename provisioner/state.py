@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -123,19 +122,6 @@ local function has_room(node_key, slots_key, now, timeout)
   redis.call('ZREMRANGEBYSCORE', slots_key, '-inf', '(' .. now)
   return redis.call('ZCARD', slots_key) < tonumber(n[2])
 end
-"""
-
-# Claim one slot on the first candidate with room. KEYS: node hash, slot zset per candidate.
-# ARGV: session, now, reservation expiry, heartbeat timeout. Returns 1-based index or 0.
-_CLAIM = _HAS_ROOM + """
-local now, timeout = tonumber(ARGV[2]), tonumber(ARGV[4])
-for i = 1, #KEYS, 2 do
-  if has_room(KEYS[i], KEYS[i + 1], now, timeout) then
-    redis.call('ZADD', KEYS[i + 1], ARGV[3], ARGV[1])
-    return (i + 1) / 2
-  end
-end
-return 0
 """
 
 # Hand waiting sessions, oldest first, to candidates with room (re-checked here, so a stale
@@ -217,7 +203,7 @@ return tostring(arrive(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])))
 # ARGV: session, model, region, now, lock ttl, takeover, tau, resume (1/0), pool,
 # reservation expiry, heartbeat timeout, candidate ids...
 # Returns the lock refusal, or {1, fence, previous session, its node, node or '', position}.
-_ADMIT = _HAS_ROOM + _ASSIGN_FN.replace(_HAS_ROOM, "") + _LOCK_FN + _ARRIVE_FN + """
+_ADMIT = _ASSIGN_FN + _LOCK_FN + _ARRIVE_FN + """
 local now = tonumber(ARGV[4])
 local lock = take_lock(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if lock[1] == 0 then return lock end
@@ -416,7 +402,6 @@ class State:
 
     def __init__(self, r: redis.Redis) -> None:
         self.r = r
-        self._claim = r.register_script(_CLAIM)
         self._assign = r.register_script(_ASSIGN)
         self._take_lock = r.register_script(_TAKE_LOCK)
         self._refresh_locks = r.register_script(_REFRESH_LOCKS)
@@ -519,17 +504,6 @@ class State:
         self._land(keys=[f"{PREFIX}flight:{name}"], args=[token])
 
     # --- slots and the queue ----------------------------------------------------------
-    def claim_slot(self, candidates: Iterable[str], session_id: str, now: float,
-                   hold_s: float, heartbeat_timeout_s: float) -> str | None:
-        """Atomically reserve a slot on the first candidate with room; returns its id."""
-        ids = list(candidates)
-        if not ids:
-            return None
-        keys = [k for node_id in ids for k in (node_key(node_id), slots_key(node_id))]
-        index = int(self._claim(keys=keys, args=[session_id, now, now + hold_s,
-                                                 heartbeat_timeout_s]))
-        return ids[index - 1] if index else None
-
     def enqueue(self, pool: str, session_id: str, now: float, first: bool = False) -> int:
         """Put a session in its pool's queue (a resume goes first); returns its position."""
         pipe = self.r.pipeline(transaction=True)
@@ -542,9 +516,6 @@ class State:
     def position(self, pool: str, session_id: str) -> int | None:
         rank = self.r.zrank(queue_key(pool), session_id)
         return None if rank is None else int(rank) + 1
-
-    def dequeue(self, pool: str, session_id: str) -> None:
-        self.r.zrem(queue_key(pool), session_id)
 
     def assign(self, pool: str, candidates: Sequence[str], now: float, hold_s: float,
                heartbeat_timeout_s: float) -> int:
@@ -790,15 +761,3 @@ def connect(url: str) -> redis.Redis:
     """A client for the live state; blocking reads get no socket timeout (see PITFALLS)."""
     return redis.Redis.from_url(url, decode_responses=True, socket_timeout=None,
                                 health_check_interval=30)
-
-
-def wait_for_redis(r: redis.Redis, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            r.ping()
-            return
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)

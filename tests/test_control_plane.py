@@ -13,7 +13,7 @@ from conftest import ControlPlane, closed_code, lobby, start_stream
 from simple_websocket import Client
 from test_node import stream_tone
 
-from provisioner.state import State
+from provisioner.state import Admitted, State
 from provisioner.states import NodeState
 from worker_node.quality import harmonic_tone
 
@@ -24,18 +24,23 @@ def fake_node(state: State, node_id: str, model: str = "miku", capacity: int = 4
                      "url": "ws://127.0.0.1:1/ws"}, time.time())
 
 
-def test_100_concurrent_claims_never_overfill(state: State) -> None:
+def test_100_concurrent_admissions_never_overfill(state: State) -> None:
+    """The lobby's one atomic step (lock, queue, assign) raced by 100 users at once."""
     ids = [f"n{i}" for i in range(3)]
     for node_id in ids:
         fake_node(state, node_id)
     won: list[str | None] = []
     barrier = threading.Barrier(100)
 
-    def claim(i: int) -> None:
+    def admit(i: int) -> None:
         barrier.wait()
-        won.append(state.claim_slot(ids, f"s{i}", time.time(), 60, 6))
+        got = state.admit(f"u{i}", f"s{i}", "miku", "1", "us-west", time.time(), ids,
+                          lock_ttl_s=60, takeover=False, resume=False, tau_s=600,
+                          hold_s=60, heartbeat_timeout_s=6)
+        assert isinstance(got, Admitted)
+        won.append(got.node)
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(100)]
+    threads = [threading.Thread(target=admit, args=(i,)) for i in range(100)]
     for t in threads:
         t.start()
     for t in threads:
@@ -44,6 +49,7 @@ def test_100_concurrent_claims_never_overfill(state: State) -> None:
     assert {n: won.count(n) for n in ids} == {"n0": 4, "n1": 4, "n2": 4}
     assert won.count(None) == 88
     assert [state.node(n).sessions for n in ids] == [4, 4, 4]   # type: ignore[union-attr]
+    assert state.queue_lengths()["miku|1|us-west"] == 88      # the rest wait, in order
 
 
 def test_assign_hands_out_in_order_and_never_overfills(state: State) -> None:
