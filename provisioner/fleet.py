@@ -15,7 +15,7 @@ from libcloud.compute.types import NodeState as LibcloudState
 
 from common.config import Config, Model
 from provisioner import clouds
-from provisioner.placement import rank_regions, regions_in_budget
+from provisioner.placement import claim_order, rank_regions, regions_in_budget
 from provisioner.policy import (
     Decisions,
     NodeSnap,
@@ -67,18 +67,17 @@ def live_model(state: State, cfg: Config, name: str) -> Model | None:
     return cfg.model(name)
 
 
-def candidates_for(state: State, cfg: Config, model: Model, region: str,
-                   records: list[NodeRecord], now: float) -> list[str]:
-    """Ready nodes that may serve the queue of (model, region): most-loaded, nearest first."""
+def candidates_for(cfg: Config, model: Model, region: str, records: list[NodeRecord],
+                   now: float) -> list[str]:
+    """Nodes that may serve the queue of (model, region), in the placement policy's order
+    (the same `claim_order` the simulator runs): alive, not retired, within the budget."""
     home = cfg.region(region)
     assert home is not None
     near = dict((r.name, rtt) for r, rtt in regions_in_budget(
         rank_regions(cfg.regions, home.lat, home.lon), cfg.latency_budget_ms))
-    fit = [n for n in records if n.state is NodeState.READY and not n.retired
-           and (n.model, n.version) == (model.name, model.version) and n.region in near
-           and n.alive(now, cfg.heartbeat_timeout_s) and n.sessions < n.capacity]
-    fit.sort(key=lambda n: (-n.sessions, near[n.region], n.id))
-    return [n.id for n in fit]
+    usable = [n.view() for n in records
+              if not n.retired and n.alive(now, cfg.heartbeat_timeout_s)]
+    return claim_order(usable, model.name, model.version, near)
 
 
 def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[NodeRecord]]:
@@ -167,7 +166,7 @@ def poll(state: State, cfg: Config, node_id: str, now: float, on_end: NodeEndHoo
         model = Model(rec.model, rec.version, rec.semitones)
         records = state.nodes()
         state.assign(pool_id(rec.model, rec.version, rec.region),
-                     candidates_for(state, cfg, model, rec.region, records, now), now,
+                     candidates_for(cfg, model, rec.region, records, now), now,
                      cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
         return "ready"
     if now > rec.deadline:

@@ -102,7 +102,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     session_id = _session_id(state, req)
     pool = pool_id(model.name, model.version, home.name)
     got = state.admit(req.user, session_id, model.name, model.version, home.name, now,
-                      candidates_for(state, cfg, model, home.name, view.records, now),
+                      candidates_for(cfg, model, home.name, view.records, now),
                       lock_ttl_s=cfg.ticket_ttl_s, takeover=req.takeover,
                       resume=req.resume is not None, tau_s=cfg.arrival_tau_s,
                       hold_s=cfg.ticket_ttl_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s)
@@ -121,7 +121,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                                        cfg.ticket_ttl_s):   # before taking a slot
                     raise Refused("already_streaming", "this session was taken over from "
                                   "another tab or device")
-                state.assign(pool, candidates_for(state, cfg, model, home.name, records, now),
+                state.assign(pool, candidates_for(cfg, model, home.name, records, now),
                              now, cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
                 node_id = state.take_assignment(session_id)
             node = next((n for n in records if n.id == node_id), None) if node_id else None
