@@ -2,11 +2,18 @@
 its overhead above the model load, time from a breached buffer to the scale-up decision and
 to the provision task starting, and admissions per second.
 
-    python bench/connect.py [--load-s 10] [--rounds 5] [--json]
+    python bench/connect.py [--load-s 10] [--rounds 5] [--users 100] [--rate 100] [--json]
 
-Warm figures: `warm_connect_ms_*` are for 100 users who open the lobby in the same
-instant (from a separate client process); `*_at_100_per_s` for 100 users arriving 10 ms
-apart. Everything runs on the real stack, `voicectl run` in its own processes (webapp, Celery
+Warm figures (lobby opened to `ready` received, one asyncio client process standing for
+the users' browsers):
+- `warm_connect_ms_*`: 100 concurrent users. They arrive as a Poisson process at 100 per
+  second (far above the ~0.2/s that 100 concurrent users with 10-minute sessions make) and
+  keep their sessions, so the last ones are placed while the others hold their slots.
+- `warm_burst_ms_*` and `admissions_per_s`: all 100 open the lobby in the same instant.
+- `warm_burst_floor_ms_*`: the same burst against an empty flask-sock handler on the same
+  server (bench/floor_server.py), i.e. what the burst costs before any lobby code runs.
+
+Everything runs on the real stack, `voicectl run` in its own processes (webapp, Celery
 worker with beat, Flower) on a Redis of ours; the cold path boots a worker_node process
 through the local libcloud driver. The warm path measures the lobby (lock, queue, atomic
 assign, ticket) against ready nodes whose heartbeats the benchmark writes itself: a warm
@@ -17,15 +24,19 @@ connect never talks to the node, so 25 real node processes would only add noise 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import math
 import multiprocessing
 import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import websockets
 from simple_websocket import Client
 
 from common.config import load_config
@@ -41,7 +52,7 @@ def log(msg: str) -> None:
 
 
 def lobby(ws_url: str, query: str) -> tuple[float, list[dict[str, Any]]]:
-    """Seconds from opening the lobby to `ready` (or error), and the messages."""
+    """Seconds from opening the lobby to `ready` (or error), and the messages (cold path)."""
     t0 = time.perf_counter()
     ws = Client.connect(f"{ws_url}/ws/session?{query}")
     msgs = []
@@ -59,30 +70,47 @@ def lobby(ws_url: str, query: str) -> tuple[float, list[dict[str, Any]]]:
             return elapsed, msgs
 
 
-def _burst(ws_url: str, users: int, tag: str, spacing_s: float) -> tuple[list[float], float]:
-    """In a separate process (the clients are browsers elsewhere, not in the server's GIL):
-    `users` lobbies opened at once (spacing 0) or `spacing_s` apart; latencies and rate."""
-    got: list[float] = []
-    barrier = threading.Barrier(users)
+async def _open(ws_url: str, query: str, at: float, t_start: float) -> float:
+    """One user: wait until `at` seconds after `t_start`, open the lobby, read to `ready`."""
+    await asyncio.sleep(max(0.0, t_start + at - time.perf_counter()))
+    t0 = time.perf_counter()
+    async with websockets.connect(f"{ws_url}/ws/session?{query}", compression=None,
+                                  open_timeout=60, close_timeout=1) as ws:
+        async for raw in ws:
+            msg = json.loads(raw)
+            if msg["type"] == "ready":
+                return time.perf_counter() - t0
+            if msg["type"] == "error":
+                raise RuntimeError(f"lobby refused {query}: {msg}")
+    raise RuntimeError(f"lobby closed without ready for {query}")
 
-    def one(i: int) -> None:
-        barrier.wait()
-        time.sleep(i * spacing_s)
-        elapsed, msgs = lobby(ws_url, f"user={tag}-{i}&model=miku&region=us-west")
-        assert msgs[-1]["type"] == "ready", msgs
-        got.append(elapsed)
+
+def _users(ws_url: str, tag: str, arrivals: list[float]) -> tuple[list[float], float]:
+    """In a separate process (the users are browsers elsewhere, not in the server's GIL),
+    one asyncio task per user, each opening its lobby at its arrival time; latencies and
+    admissions per second over the whole round."""
+    async def all_users() -> list[float]:
+        t_start = time.perf_counter() + 0.05
+        return await asyncio.gather(*(
+            _open(ws_url, f"user={tag}-{i}&model=miku&region=us-west", at, t_start)
+            for i, at in enumerate(arrivals)))
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(users)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return got, users / (time.perf_counter() - t0)
+    got = asyncio.run(all_users())
+    return got, len(arrivals) / (time.perf_counter() - t0 - 0.05)
 
 
-def warm(state: State, ws_url: str, rounds: int, users: int) -> dict[str, Any]:
-    nodes = [f"warm-{i}" for i in range(users // 4)]
+def _percentiles(latencies: list[float]) -> tuple[float, float]:
+    p50, p99 = np.percentile(latencies, [50, 99])
+    return round(1000 * float(p50), 2), round(1000 * float(p99), 2)
+
+
+def warm(state: State, ws_url: str, rounds: int, users: int, rate: float) -> dict[str, Any]:
+    """`users` users on ready nodes with exactly enough room, two ways: arriving as a Poisson
+    process at `rate` per second and keeping their sessions (so the last ones are admitted
+    while the others hold theirs: `users` concurrent users), and all opening the lobby in
+    the same instant (a stress beyond any real arrival process)."""
+    nodes = [f"warm-{i}" for i in range(math.ceil(users / 4))]
     stop = threading.Event()
 
     def beat() -> None:
@@ -101,35 +129,63 @@ def warm(state: State, ws_url: str, rounds: int, users: int) -> dict[str, Any]:
 
     threading.Thread(target=beat, daemon=True).start()
     time.sleep(0.3)
+    rng = np.random.default_rng(7)
     out: dict[str, Any] = {}
-    ctx = multiprocessing.get_context("spawn")
     try:
-        with ctx.Pool(1) as pool:
-            for mode, spacing in (("burst", 0.0), ("steady", 0.01)):
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            pool.apply(_users, (ws_url, "warmup", [0.0]))   # imports, first connection
+            reset("warmup")
+            for mode in ("poisson", "burst"):
                 latencies: list[float] = []
                 rates = []
                 for r in range(rounds):
-                    log(f"warm {mode} round {r + 1}/{rounds}: {users} users "
-                        + ("open the lobby at once" if not spacing else
-                           f"arrive {1000 * spacing:g} ms apart") + " ...")
-                    got, rate = pool.apply(_burst, (ws_url, users, f"{mode}{r}", spacing))
+                    if mode == "poisson":
+                        arrivals = list(np.cumsum(rng.exponential(1 / rate, users)))
+                        what = f"arrive as a Poisson process at {rate:g}/s and stay"
+                    else:
+                        arrivals, what = [0.0] * users, "open the lobby in the same instant"
+                    log(f"warm {mode} round {r + 1}/{rounds}: {users} users {what} ...")
+                    got, per_s = pool.apply(_users, (ws_url, f"{mode}{r}", arrivals))
                     latencies += got
-                    rates.append(rate)
+                    rates.append(per_s)
                     reset(f"{mode}{r}")
-                p50 = round(1000 * float(np.percentile(latencies, 50)), 2)
-                p99 = round(1000 * float(np.percentile(latencies, 99)), 2)
-                if mode == "burst":
+                p50, p99 = _percentiles(latencies)
+                if mode == "poisson":
                     out.update(warm_connect_ms_p50=p50, warm_connect_ms_p99=p99,
-                               admissions_per_s=round(float(np.median(rates)), 1))
+                               warm_connect_ms_max=round(1000 * max(latencies), 2))
                 else:
-                    out.update(warm_connect_ms_p50_at_100_per_s=p50,
-                               warm_connect_ms_p99_at_100_per_s=p99)
+                    out.update(warm_burst_ms_p50=p50, warm_burst_ms_p99=p99,
+                               admissions_per_s=round(float(np.median(rates)), 1))
     finally:
         stop.set()
         for node_id in nodes:
             state.forget_node(node_id)
-    out.update(warm_users=users, warm_rounds=rounds)
+    out.update(warm_users=users, warm_arrivals_per_s=rate, warm_rounds=rounds)
     return out
+
+
+def floor(rounds: int, users: int) -> dict[str, Any]:
+    """The same burst against Flask + flask-sock with an empty handler (bench/floor_server.py):
+    the part of the burst figures that no lobby code can remove."""
+    port = procs.free_port()
+    server = procs.spawn([sys.executable, str(Path(__file__).with_name("floor_server.py")),
+                          str(port)], log=procs.ROOT / "var" / "logs" / "bench-floor.log")
+    latencies: list[float] = []
+    try:
+        while procs.port_free("127.0.0.1", port):
+            if server.poll() is not None:
+                raise RuntimeError("the floor server did not start; see var/logs/bench-floor.log")
+            time.sleep(0.05)
+        log(f"framework floor: {rounds} bursts of {users} against an empty flask-sock handler ...")
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            pool.apply(_users, (f"ws://127.0.0.1:{port}", "warmup", [0.0]))
+            for r in range(rounds):
+                latencies += pool.apply(_users, (f"ws://127.0.0.1:{port}", f"floor{r}",
+                                                 [0.0] * users))[0]
+    finally:
+        procs.stop([server])
+    p50, p99 = _percentiles(latencies)
+    return {"warm_burst_floor_ms_p50": p50, "warm_burst_floor_ms_p99": p99}
 
 
 def cold(state: State, ws_url: str, load_s: float, boot_s: float) -> dict[str, Any]:
@@ -161,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-s", type=float, default=10.0, help="MODEL_LOAD_SECONDS")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--users", type=int, default=100)
+    p.add_argument("--rate", type=float, default=100.0, help="Poisson arrivals per second")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     url, redis_proc = procs.start_redis()
@@ -183,10 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(2.0)   # the Celery worker connects
         ws_url = f"ws://127.0.0.1:{port}"
         figures.update(cold(state, ws_url, args.load_s, cfg.provider("local").boot_s))
-        figures.update(warm(state, ws_url, args.rounds, args.users))
+        figures.update(warm(state, ws_url, args.rounds, args.users, args.rate))
     finally:
         procs.stop([stack], timeout_s=30)
         procs.stop([redis_proc])
+    figures.update(floor(args.rounds, args.users))
     report(figures, args.json)
     return 0
 

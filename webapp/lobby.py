@@ -55,13 +55,15 @@ class FleetCache:
         self._view = FleetView([], {}, frozenset())
         self._read_at = float("-inf")
 
-    def get(self, now: float) -> FleetView:
+    def get(self) -> FleetView:
+        # Its own monotonic clock: a lobby that waited for the lock must not force another
+        # read just because the time it looked at the clock is older than the last read.
         with self._lock:
-            if now - self._read_at > self.max_age_s or now < self._read_at:
+            if time.monotonic() - self._read_at > self.max_age_s:
                 models = {m.name: m for m in live_models(self.state, self.cfg)}
                 self._view = FleetView(self.state.nodes(), models,
-                                       self.state.regions_down(now))
-                self._read_at = now
+                                       self.state.regions_down(time.time()))
+                self._read_at = time.monotonic()
             return self._view
 
 
@@ -92,7 +94,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
          kick_scaler: Callable[[], None], fleet: FleetCache) -> None:
     now = time.time()
     started = now
-    view = fleet.get(now)
+    view = fleet.get()
     model = view.models.get(req.model)
     if model is None:
         known = ", ".join(sorted(view.models))
@@ -113,7 +115,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         last: tuple[object, ...] = ()
         kicked = False
         while True:
-            records = fleet.get(now).records
+            records = fleet.get().records
             if first_node is not None:
                 node_id, first_node = first_node, None     # admitted at once
             else:
