@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from libcloud.compute.types import NodeState as LibcloudState
 
@@ -67,17 +67,27 @@ def live_model(state: State, cfg: Config, name: str) -> Model | None:
     return cfg.model(name)
 
 
+SEEN_FULL_TRIED = 4
+
+
 def candidates_for(cfg: Config, model: Model, region: str, records: list[NodeRecord],
                    now: float) -> list[str]:
     """Nodes that may serve the queue of (model, region), in the placement policy's order
-    (the same `claim_order` the simulator runs): alive, not retired, within the budget."""
+    (the same `claim_order` the simulator runs): alive, not retired, within the budget.
+
+    `records` may be the lobby's cached view, up to 100 ms old, so the nearest
+    SEEN_FULL_TRIED nodes it shows full come last rather than not at all: a slot freed since
+    then is still found, since the admit and assign scripts re-check every candidate's room
+    (a few, not all: each candidate costs the script call two keys)."""
     home = cfg.region(region)
     assert home is not None
     near = dict((r.name, rtt) for r, rtt in regions_in_budget(
         rank_regions(cfg.regions, home.lat, home.lon), cfg.latency_budget_ms))
     usable = [n.view() for n in records
               if not n.retired and n.alive(now, cfg.heartbeat_timeout_s)]
-    return claim_order(usable, model.name, model.version, near)
+    seen_full = [replace(v, sessions=v.capacity - 1) for v in usable if v.sessions >= v.capacity]
+    return (claim_order(usable, model.name, model.version, near)
+            + claim_order(seen_full, model.name, model.version, near)[:SEEN_FULL_TRIED])
 
 
 def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[NodeRecord]]:

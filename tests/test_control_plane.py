@@ -13,6 +13,8 @@ from conftest import ControlPlane, closed_code, lobby, start_stream
 from simple_websocket import Client
 from test_node import stream_tone
 
+from common.config import Config
+from provisioner.fleet import candidates_for
 from provisioner.state import Admitted, State
 from provisioner.states import NodeState
 from worker_node.quality import harmonic_tone
@@ -50,6 +52,29 @@ def test_100_concurrent_admissions_never_overfill(state: State) -> None:
     assert won.count(None) == 88
     assert [state.node(n).sessions for n in ids] == [4, 4, 4]   # type: ignore[union-attr]
     assert state.queue_lengths()["miku|1|us-west"] == 88      # the rest wait, in order
+
+
+def test_slot_freed_after_the_lobbys_cached_view_is_still_found(state: State,
+                                                                 cfg: Config) -> None:
+    """The lobby places from a fleet view up to 100 ms old: a node it shows full must still
+    be tried (last), or a user arriving just after a stream ended would wait for nothing."""
+    fake_node(state, "full")
+    for i in range(4):
+        state.admit(f"u{i}", f"s{i}", "miku", "1", "us-west", time.time(), ["full"],
+                    lock_ttl_s=60, takeover=False, resume=False, tau_s=600, hold_s=60,
+                    heartbeat_timeout_s=6)
+    fake_node(state, "roomy")
+    stale = state.nodes()                        # "full" shows 4 of 4
+    miku = cfg.model("miku")
+    assert miku is not None
+    assert candidates_for(cfg, miku, "us-west", stale, time.time()) == ["roomy", "full"]
+    state.forget_node("roomy")
+    state.release_slot("full", "s0")             # a stream ended after the view was read
+    got = state.admit("late", "s-late", "miku", "1", "us-west", time.time(),
+                      candidates_for(cfg, miku, "us-west", stale, time.time()), lock_ttl_s=60,
+                      takeover=False, resume=False, tau_s=600, hold_s=60,
+                      heartbeat_timeout_s=6)
+    assert isinstance(got, Admitted) and got.node == "full"
 
 
 def test_assign_hands_out_in_order_and_never_overfills(state: State) -> None:
