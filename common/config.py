@@ -26,18 +26,40 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 @dataclass(frozen=True)
 class Region:
+    """A place nodes run in, served by one provider (two regions may share a place)."""
+
     name: str
     provider: str
     lat: float
     lon: float
+    provider_region: str = ""   # the provider's own name for it (EC2: "us-west-2")
+    max_nodes: int | None = None  # the provider's quota here; creating more fails over
+
+
+DRIVERS_OF_OUR_OWN = ("local", "byo")   # any other driver name is a libcloud provider
 
 
 @dataclass(frozen=True)
 class Provider:
+    """Where nodes come from: `driver` is `local`, `byo` (own machines that join with a
+    token; never booted or destroyed by us), `ec2`, or another libcloud compute provider,
+    with its own `options` (ec2: instance_type, image, spot, endpoint)."""
+
     name: str
     price_per_hour: Decimal
     billing_increment_s: int
     boot_s: float
+    driver: str = "local"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def bootable(self) -> bool:
+        """The control plane can create (and destroy) this provider's machines."""
+        return self.driver != "byo"
+
+    @property
+    def spot(self) -> bool:
+        return bool(self.options.get("spot", False))
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,8 @@ class Config:
     model_load_s: float = 10.0
     crash_rate: float = 0.0
     ticket_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+    aws_access_key_id: str = field(default="", repr=False)
+    aws_secret_access_key: str = field(default="", repr=False)
     node_capacity: int = 4
     heartbeat_interval_s: float = 2.0
     ticket_ttl_s: float = 60.0
@@ -64,6 +88,11 @@ class Config:
     drain_limit_s: float = 600.0
     idle_grace_s: float = 60.0
     arrival_tau_s: float = 600.0    # the arrival-rate average the warm buffer is sized from
+    public_url: str = "http://127.0.0.1:8000"   # where nodes join and heartbeat (VOICE_PUBLIC_URL)
+    node_package: str = "voicechanger"   # what a fresh VM pip-installs to get `voicectl`
+    cluster: str = "voice"          # tags every VM we make; we touch no VM without it
+    join_token_ttl_s: float = 3600.0  # a cloud node's one-time join token lives this long
+    constrained_cooloff_s: float = 120.0  # a pool refused for capacity is avoided this long
 
     @property
     def heartbeat_timeout_s(self) -> float:
@@ -125,6 +154,9 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
                                     f"providers.{name}.price_per_hour"),
             billing_increment_s=int(p.get("billing_increment_s", 1)),
             boot_s=float(p.get("boot_s", 60.0)),
+            driver=str(p.get("driver", "local")),
+            options={k: v for k, v in p.items()
+                     if k not in ("price_per_hour", "billing_increment_s", "boot_s", "driver")},
         )
         for name, p in doc.get("providers", {}).items()
     )
@@ -132,7 +164,9 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
         Region(name=str(_need(r, "name", f"{source} [[regions]]")),
                provider=str(_need(r, "provider", f"{source} region")),
                lat=float(_need(r, "lat", f"{source} region")),
-               lon=float(_need(r, "lon", f"{source} region")))
+               lon=float(_need(r, "lon", f"{source} region")),
+               provider_region=str(r.get("provider_region", "")),
+               max_nodes=int(r["max_nodes"]) if "max_nodes" in r else None)
         for r in doc.get("regions", [])
     )
     models = tuple(
@@ -148,6 +182,10 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
         if r.provider not in known:
             raise ConfigError(f"region {r.name!r} uses provider {r.provider!r}, which has no "
                               f"[providers.{r.provider}] table in {source}")
+    for p in providers:
+        if p.driver == "ec2":
+            for key in ("instance_type", "image"):
+                _need(p.options, key, f"{source} [providers.{p.name}] (driver ec2)")
     for name in [m.name for m in models] + [r.name for r in regions]:
         if not NAME_RE.match(name):
             raise ConfigError(f"name {name!r} in {source} must be 1-64 of [A-Za-z0-9_.-]")
@@ -177,6 +215,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     }
     if env.get("DATABASE_URL"):
         changes["database_url"] = env["DATABASE_URL"]
+    if env.get("VOICE_PUBLIC_URL"):
+        changes["public_url"] = env["VOICE_PUBLIC_URL"].rstrip("/")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        if env.get(key):
+            changes[key.lower()] = env[key]
     if env.get("TICKET_SECRET"):
         changes["ticket_secret"] = env["TICKET_SECRET"]
     return replace(cfg, **changes)

@@ -64,3 +64,19 @@ def verify(token: str, secret: str, *, node: str, now: float) -> Ticket:
         raise TicketError(f"ticket is for node {ticket.node!r}, this is {node!r}; "
                           "reconnect through the lobby")
     return ticket
+
+
+def node_key(secret: str, node_id: str) -> str:
+    """The ticket key of one node, derived from the control plane's secret: a node holds
+    only its own, so a compromised node can forge tickets for itself alone."""
+    return hmac.new(secret.encode(), f"node-ticket-key:{node_id}".encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def sign_control(body: bytes, key: str) -> str:
+    """The signature of an order from the control plane to a node (kick, wake)."""
+    return hmac.new(key.encode(), b"control:" + body, hashlib.sha256).hexdigest()
+
+
+def verify_control(body: bytes, signature: str, key: str) -> bool:
+    return hmac.compare_digest(sign_control(body, key), signature or "")

@@ -1,20 +1,31 @@
-"""Every cloud through libcloud: our `local` driver is registered beside libcloud's own.
+"""Every cloud through libcloud: our `local` driver beside libcloud's own (EC2, GCE, ...).
 
-`driver_for(cfg, provider)` returns a driver for a provider named in the config. Production
-names a libcloud provider (EC2, GCE, Azure) there with its credentials; nothing else changes.
+The control plane calls `create`, `list_ours` and `destroy` with a region from the config;
+which driver answers is config, not code. Every machine we create carries our tags (cluster,
+pool, node id), and `list_ours` returns only machines with our cluster tag, so a cloud
+account shared with other systems is safe. A refusal for capacity or quota is raised as
+CapacityError, whatever the cloud's words, so the provisioner can fail over.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 
-from libcloud.compute.base import NodeDriver, NodeImage, NodeLocation
+from libcloud.common.types import LibcloudError
+from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeLocation
 from libcloud.compute.providers import get_driver, set_driver
 
-from common.config import Config, Model
-from common.errors import ConfigError
+from common.config import Config, Provider, Region
+from common.errors import CapacityError, ConfigError
 
 LOCAL = "voice-local"
+TAG_CLUSTER, TAG_POOL, TAG_NODE = "voice:cluster", "voice:pool", "voice:node"
+# What clouds say when they have no machine for us, or we hit a quota.
+CAPACITY_CODES = ("InsufficientInstanceCapacity", "InstanceLimitExceeded", "VcpuLimitExceeded",
+                  "MaxSpotInstanceCountExceeded", "InsufficientCapacity", "SpotMaxPriceTooLow",
+                  "QUOTA_EXCEEDED", "ZONE_RESOURCE_POOL_EXHAUSTED", "SkuNotAvailable",
+                  "OperationNotAllowed")
 
 
 def register() -> None:
@@ -25,28 +36,114 @@ def register() -> None:
         set_driver(LOCAL, "provisioner.local_driver", "LocalNodeDriver")
 
 
-@lru_cache(maxsize=32)
-def _driver(redis_url: str, provider: str, boot_s: float, price: float,
-            env: tuple[tuple[str, str], ...]) -> NodeDriver:
+@lru_cache(maxsize=64)
+def _local(redis_url: str, boot_s: float, max_nodes: tuple[tuple[str, int], ...]
+           ) -> NodeDriver:
     register()
-    if provider != "local":
-        raise ConfigError(f"provider {provider!r} has no driver wired yet; the local run "
-                          "uses provider = \"local\" (see docs/architecture.md)")
-    return get_driver(LOCAL)(redis_url, env=dict(env), boot_s=boot_s, price_per_hour=price)
+    return get_driver(LOCAL)(redis_url, boot_s=boot_s, max_nodes=dict(max_nodes))
 
 
-def driver_for(cfg: Config, provider: str) -> NodeDriver:
-    p = cfg.provider(provider)
-    assert cfg.redis_url, "the control plane needs REDIS_URL"
-    env = (("TICKET_SECRET", cfg.ticket_secret), ("MODEL_LOAD_SECONDS", str(cfg.model_load_s)),
-           ("CRASH_RATE", str(cfg.crash_rate)))
-    return _driver(cfg.redis_url, provider, p.boot_s, float(p.price_per_hour), env)
+def driver_for(cfg: Config, region: Region) -> NodeDriver:
+    """The libcloud driver that creates machines in `region`."""
+    p = cfg.provider(region.provider)
+    if p.driver == "local":
+        if not cfg.redis_url:
+            raise ConfigError("the local cloud keeps its VMs in Redis: set REDIS_URL")
+        quotas = tuple(sorted((r.name, r.max_nodes) for r in cfg.regions
+                              if r.provider == p.name and r.max_nodes is not None))
+        return _local(cfg.redis_url, p.boot_s, quotas)
+    if p.driver == "ec2":
+        from provisioner import ec2
+        return ec2.ec2_driver(region.provider_region or region.name,
+                              access_key=cfg.aws_access_key_id,
+                              secret_key=cfg.aws_secret_access_key,
+                              endpoint=p.options.get("endpoint"))
+    if p.driver == "byo":
+        raise ConfigError(f"region {region.name!r} is served by own machines (provider "
+                          f"{p.name!r}, driver byo): nothing to create there; they join with "
+                          "`voicectl byo-token`")
+    return _other(p, region)
 
 
-def image_for(driver: NodeDriver, model: Model) -> NodeImage:
-    return NodeImage(f"{model.name}:{model.version}:{model.semitones:g}",
-                     f"{model.name} v{model.version}", driver)
+def _other(p: Provider, region: Region) -> NodeDriver:
+    """Any other libcloud compute provider: `driver` names its Provider constant (e.g.
+    "gce", "azure_arm"), `options` are its constructor's keyword arguments."""
+    try:
+        cls = get_driver(p.driver)
+    except AttributeError:
+        raise ConfigError(f"provider {p.name!r}: libcloud knows no compute driver "
+                          f"{p.driver!r}; use local, ec2, byo or a libcloud Provider name"
+                          ) from None
+    opts = {k: v for k, v in p.options.items()
+            if k not in ("instance_type", "image", "spot", "size")}
+    return cls(**opts)
 
 
-def location_for(driver: NodeDriver, region: str) -> NodeLocation:
-    return NodeLocation(region, region, "", driver)
+def tags_for(cfg: Config, node_id: str, pool: str) -> dict[str, str]:
+    return {TAG_CLUSTER: cfg.cluster, TAG_POOL: pool, TAG_NODE: node_id, "Name": node_id}
+
+
+def create(cfg: Config, region: Region, node_id: str, user_data: str,
+           tags: Mapping[str, str]) -> Node:
+    """Create one node machine that runs `user_data` at boot. Idempotent per node id (EC2:
+    the node id is the client token; the local driver and others: the node id is the name).
+    Raises CapacityError when the cloud has no room or we hit a quota."""
+    p = cfg.provider(region.provider)
+    driver = driver_for(cfg, region)
+    try:
+        if p.driver == "ec2":
+            from provisioner import ec2
+            return ec2.create(driver, name=node_id, user_data=user_data, tags=tags,
+                              client_token=node_id, instance_type=str(p.options["instance_type"]),
+                              image=str(p.options["image"]), spot=p.spot)
+        size = next(iter(driver.list_sizes()))
+        if p.driver == "local":
+            image = NodeImage("voice-node", "voice worker node", driver)
+            location = NodeLocation(region.name, region.name, "", driver)
+        else:
+            image = NodeImage(str(p.options.get("image")), None, driver)
+            location = NodeLocation(region.provider_region or region.name,
+                                    region.provider_region or region.name, "", driver)
+        return driver.create_node(name=node_id, size=size, image=image, location=location,
+                                  ex_userdata=user_data, ex_metadata=dict(tags))
+    except CapacityError:
+        raise
+    except Exception as e:   # libcloud raises many kinds; only capacity is translated
+        if any(code in str(e) for code in CAPACITY_CODES):
+            raise CapacityError(f"{p.name} has no room in {region.name} "
+                                f"({region.provider_region or region.name}): {e}") from e
+        raise
+
+
+def list_ours(cfg: Config, region: Region) -> list[Node]:
+    """Machines with our cluster tag in `region`'s provider region (no one else's)."""
+    driver = driver_for(cfg, region)
+    if cfg.provider(region.provider).driver == "ec2":
+        from provisioner import ec2
+        return list(ec2.list_ours(driver, cfg.cluster))
+    return [n for n in driver.list_nodes()
+            if (n.extra.get("tags") or {}).get(TAG_CLUSTER) == cfg.cluster]
+
+
+def node_id_of(vm: Node) -> str:
+    return str((vm.extra.get("tags") or {}).get(TAG_NODE) or vm.name)
+
+
+def destroy(cfg: Config, region: Region, vm: Node) -> None:
+    driver = driver_for(cfg, region)
+    if cfg.provider(region.provider).driver == "ec2":
+        from provisioner import ec2
+        ec2.destroy(driver, vm)
+        return
+    driver.destroy_node(vm)
+
+
+def machine_regions(cfg: Config) -> list[Region]:
+    """One region per distinct machine pool we can create in (provider, provider region)."""
+    seen: dict[tuple[str, str], Region] = {}
+    for r in cfg.regions:
+        p = cfg.provider(r.provider)
+        key = (p.name, r.provider_region or (r.name if p.driver != "local" else ""))
+        if p.bootable and key not in seen:
+            seen[key] = r
+    return list(seen.values())

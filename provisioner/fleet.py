@@ -13,9 +13,11 @@ from dataclasses import dataclass, replace
 
 from libcloud.compute.types import NodeState as LibcloudState
 
-from common.config import Config, Model
-from provisioner import clouds
-from provisioner.placement import claim_order, rank_regions, regions_in_budget
+from common.config import Config, Model, Region
+from common.errors import CapacityError
+from provisioner import clouds, membership
+from provisioner.catalog import live_model, live_models
+from provisioner.placement import boot_regions, candidates
 from provisioner.policy import (
     Decisions,
     NodeSnap,
@@ -47,47 +49,18 @@ class NodeEnd:
 NodeEndHook = Callable[[NodeEnd], None]
 
 
-def bill_row(rec: NodeRecord) -> dict[str, object]:
-    """What the GPU bill records of a node."""
-    return {"id": rec.id, "provider": rec.provider, "region": rec.region, "model": rec.model,
-            "started_s": rec.requested_at or rec.started_at, "price_per_hour": rec.price_per_hour}
-
-
-def live_models(state: State, cfg: Config) -> list[Model]:
-    models = state.models()
-    if not models:
-        return list(cfg.models)
-    return [Model(m.name, m.version, m.semitones) for m in models]
-
-
-def live_model(state: State, cfg: Config, name: str) -> Model | None:
-    m = state.model(name)
-    if m is not None:
-        return Model(m.name, m.version, m.semitones)
-    return cfg.model(name)
-
-
-SEEN_FULL_TRIED = 4
-
-
-def candidates_for(cfg: Config, model: Model, region: str, records: list[NodeRecord],
+def candidates_for(cfg: Config, model: Model, home: str, records: list[NodeRecord],
                    now: float) -> list[str]:
-    """Nodes that may serve the queue of (model, region), in the placement policy's order
-    (the same `claim_order` the simulator runs): alive, not retired, within the budget.
-
-    `records` may be the lobby's cached view, up to 100 ms old, so the nearest
-    SEEN_FULL_TRIED nodes it shows full come last rather than not at all: a slot freed since
-    then is still found, since the admit and assign scripts re-check every candidate's room
-    (a few, not all: each candidate costs the script call two keys)."""
-    home = cfg.region(region)
-    assert home is not None
-    near = dict((r.name, rtt) for r, rtt in regions_in_budget(
-        rank_regions(cfg.regions, home.lat, home.lon), cfg.latency_budget_ms))
+    """Nodes that may serve the queue of (model, home): alive, not retired, in placement's
+    order (see placement.candidates)."""
     usable = [n.view() for n in records
               if not n.retired and n.alive(now, cfg.heartbeat_timeout_s)]
-    seen_full = [replace(v, sessions=v.capacity - 1) for v in usable if v.sessions >= v.capacity]
-    return (claim_order(usable, model.name, model.version, near)
-            + claim_order(seen_full, model.name, model.version, near)[:SEEN_FULL_TRIED])
+    return candidates(cfg, model.name, model.version, home, usable)
+
+
+def boot_order(state: State, cfg: Config, home: str, now: float) -> list[Region]:
+    """Where a node for `home`'s queue boots, best first (see placement.boot_regions)."""
+    return boot_regions(cfg, home, frozenset(state.constrained(now)), state.regions_down(now))
 
 
 def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[NodeRecord]]:
@@ -96,8 +69,8 @@ def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[Node
     nodes = []
     for n in records:
         idle_since = state.touch_idle(n, now)
-        nodes.append(NodeSnap(
-            id=n.id, model=n.model, version=n.version, region=n.region, provider=n.provider,
+        nodes.append(NodeSnap(   # counted in the pool of the queue it serves (its home)
+            id=n.id, model=n.model, version=n.version, region=n.home, provider=n.provider,
             state=NodeState.STOPPED if n.retired else n.state, sessions=n.sessions,
             capacity=n.capacity, requested_at=n.requested_at or n.started_at,
             ready_at=n.ready_at, idle_since=idle_since, eta_ready=n.eta_ready))
@@ -121,11 +94,15 @@ def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None
     decisions = decide(snap, now, scaling_config(cfg))
     by_id = {n.id: n for n in records}
     for key in decisions.boot:
-        provision(request_node(state, cfg, key, now))
+        if (node_id := request_node(state, cfg, key, now)) is not None:
+            provision(node_id)
     for node_id, key in decisions.retarget:
         if not retarget(state, cfg, by_id[node_id], key, now):
-            provision(request_node(state, cfg, key, now))
+            if (node_id := request_node(state, cfg, key, now)) is not None:
+                provision(node_id)
     for node_id in decisions.stop:
+        if not cfg.provider(by_id[node_id].provider).bootable:
+            continue   # own machines are never destroyed by us: they only leave
         if state.retire(node_id, now):
             stop(state, cfg, by_id[node_id], now, "idle", on_end)
     if decisions:
@@ -134,34 +111,64 @@ def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None
     return decisions
 
 
-def request_node(state: State, cfg: Config, key: PoolKey, now: float) -> str:
-    """Record a node as requested (the bill starts now); the provision task boots it."""
-    region = cfg.region(key.region)
-    assert region is not None
-    provider = cfg.provider(region.provider)
+def request_node(state: State, cfg: Config, key: PoolKey, now: float) -> str | None:
+    """Record a node as requested (the bill starts now) in the cheapest region that may
+    serve `key`'s queue; the provision task boots it. None if every such region is avoided
+    (refused for capacity) for now."""
+    where = boot_order(state, cfg, key.region, now)
+    if not where:
+        log.warning("no region may boot %s for %s now (down or out of capacity)",
+                    key.model, key.region)
+        return None
     model = live_model(state, cfg, key.model)
     semitones = model.semitones if model and model.version == key.version else 0.0
     node_id = f"n-{uuid.uuid4().hex[:10]}"
-    lead_s = provider.boot_s + cfg.model_load_s
-    state.add_node({"id": node_id, "provider": provider.name, "region": key.region,
-                    "model": key.model, "version": key.version, "semitones": semitones,
+    state.add_node({"id": node_id, "home": key.region, "model": key.model,
+                    "version": key.version, "semitones": semitones,
                     "state": NodeState.REQUESTED.value, "requested_at": now,
-                    "deadline": now + lead_s + PROVISION_SLACK_S, "eta_ready": now + lead_s,
-                    "capacity": cfg.node_capacity, "price_per_hour": provider.price_per_hour})
+                    "capacity": cfg.node_capacity, **_placed(cfg, where[0], now)})
     return node_id
 
 
+def _placed(cfg: Config, region: Region, now: float) -> dict[str, object]:
+    """A requested node's fields that follow from where it boots."""
+    provider = cfg.provider(region.provider)
+    lead_s = provider.boot_s + cfg.model_load_s
+    return {"region": region.name, "provider": provider.name,
+            "price_per_hour": provider.price_per_hour, "eta_ready": now + lead_s,
+            "deadline": now + lead_s + PROVISION_SLACK_S}
+
+
 def provision(state: State, cfg: Config, node_id: str, now: float) -> bool:
-    """Create the VM for a requested node. Idempotent: the same node id, the same VM."""
+    """Create the machine for a requested node; on a refusal for capacity or quota, mark
+    that region constrained and fail over at once to the next cheapest region within the
+    latency budget. Idempotent: the same node id, the same machine. False if no region
+    would take it (the node is dropped; waiting users are told by the lobby)."""
     rec = state.node(node_id)
     if rec is None or rec.retired:
         return False
-    driver = clouds.driver_for(cfg, rec.provider)
-    if not any(vm.name == node_id for vm in driver.list_nodes()):
-        model = Model(rec.model, rec.version, rec.semitones)
-        driver.create_node(name=node_id, size=driver.list_sizes()[0],
-                           image=clouds.image_for(driver, model),
-                           location=clouds.location_for(driver, rec.region))
+    token = membership.join_token_for(state, cfg, node_id)
+    while True:
+        region = cfg.region(rec.region)
+        assert region is not None, "request_node placed it in a configured region"
+        try:
+            clouds.create(cfg, region, node_id,
+                          membership.user_data(cfg, token, f"{node_id} {rec.model} "
+                                               f"v{rec.version} in {rec.region}"),
+                          clouds.tags_for(cfg, node_id, pool_id(rec.model, rec.version,
+                                                                rec.home)))
+            break
+        except CapacityError as e:
+            log.warning("%s; failing over", e)
+            state.mark_constrained(region.name, now + cfg.constrained_cooloff_s, str(e))
+            where = boot_order(state, cfg, rec.home, now)
+            if not where:
+                state.forget_node(node_id)
+                return False
+            state.set_node(node_id, **_placed(cfg, where[0], now))
+            rec = state.node(node_id)
+            if rec is None:
+                return False
     if rec.state is NodeState.REQUESTED:
         state.set_node(node_id, state=NodeState.BOOTING.value)
     return True
@@ -175,8 +182,8 @@ def poll(state: State, cfg: Config, node_id: str, now: float, on_end: NodeEndHoo
     if rec.state.serving:
         model = Model(rec.model, rec.version, rec.semitones)
         records = state.nodes()
-        state.assign(pool_id(rec.model, rec.version, rec.region),
-                     candidates_for(cfg, model, rec.region, records, now), now,
+        state.assign(pool_id(rec.model, rec.version, rec.home),
+                     candidates_for(cfg, model, rec.home, records, now), now,
                      cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
         return "ready"
     if now > rec.deadline:
@@ -195,17 +202,19 @@ def retarget(state: State, cfg: Config, rec: NodeRecord, key: PoolKey, now: floa
     state.set_node(rec.id, retarget=f"{model.name}:{model.version}:{model.semitones:g}",
                    model=model.name, version=model.version, state=NodeState.LOADING.value,
                    progress=0.0, eta_ready=now + cfg.model_load_s, semitones=model.semitones)
-    state.wake(rec.id)
+    membership.wake(cfg, rec)
     return True
 
 
 def stop(state: State, cfg: Config, rec: NodeRecord, now: float, reason: str,
          on_end: NodeEndHook) -> None:
-    """Destroy the VM, forget the node, close its bill."""
-    driver = clouds.driver_for(cfg, rec.provider)
-    for vm in driver.list_nodes():
-        if vm.name == rec.id:
-            driver.destroy_node(vm)
+    """Destroy the machine, forget the node, close its bill; revoke its credential first."""
+    state.revoke(rec.id)
+    region = cfg.region(rec.region)
+    if region is not None and cfg.provider(rec.provider).bootable:
+        for vm in clouds.list_ours(cfg, region):
+            if clouds.node_id_of(vm) == rec.id:
+                clouds.destroy(cfg, region, vm)
     on_end(NodeEnd(rec, now, reason))   # first: if the bill fails, the next tick retries
     state.forget_node(rec.id)
     log.info("node %s (%s v%s in %s) stopped: %s", rec.id, rec.model, rec.version,
@@ -242,14 +251,22 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
             if rec.sessions == 0 and not state.retire(rec.id, now):
                 continue
             stop(state, cfg, rec, now, "drained", on_end)
-    known = {r.id for r in records}
-    for provider in {r.provider for r in cfg.regions}:
-        driver = clouds.driver_for(cfg, cfg.provider(provider).name)
-        for vm in driver.list_nodes():
-            orphan = vm.name not in known and now - float(vm.extra.get("created_at", now)) > 5
-            if orphan or vm.state == LibcloudState.TERMINATED:
-                driver.destroy_node(vm)
+    sweep(state, cfg)
     return dead
+
+
+def sweep(state: State, cfg: Config) -> list[str]:
+    """Destroy machines with our tags that no node record names (a crash between create
+    and record, or the records lost with Redis): never leaked, and never anyone else's
+    (untagged machines are not ours to touch). Returns what it destroyed."""
+    known = set(state.node_ids())
+    gone = []
+    for region in clouds.machine_regions(cfg):
+        for vm in clouds.list_ours(cfg, region):
+            if clouds.node_id_of(vm) not in known or vm.state == LibcloudState.TERMINATED:
+                clouds.destroy(cfg, region, vm)
+                gone.append(vm.name)
+    return gone
 
 
 def drain_old_versions(state: State, cfg: Config, now: float) -> None:

@@ -1,12 +1,17 @@
-"""The `local` cloud: a libcloud NodeDriver whose "VMs" are worker_node processes on 127.0.0.1.
+"""The `local` cloud: a libcloud NodeDriver whose "VMs" are processes on 127.0.0.1.
 
-Its state lives in Redis (through provisioner.state), so every process, the Celery worker,
-the webapp and voicectl, sees the same VMs. Liveness is read from /proc, so a zombie (a
-dead child nobody waited for) counts as dead. `boot_s` stands for VM boot time.
+A VM runs its user-data, as a cloud VM would: `sh` runs the boot script (which ends with
+`exec voicectl node --join ...`) after `boot_s` (standing for VM boot time), with a small
+environment of its own (PATH to this Python's scripts; not our environment: a node holds no
+secrets of the control plane). The driver's state lives in Redis (through provisioner.state),
+so every process, the Celery worker, the webapp and voicectl, sees the same VMs. Liveness is
+read from /proc, so a zombie (a dead child nobody waited for) counts as dead. A region may
+have a quota (`max_nodes`): creating past it fails with a libcloud error, as a cloud's would.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from libcloud.common.types import LibcloudError
+
 from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeLocation, NodeSize
 from libcloud.compute.types import NodeState as LibcloudState
 
@@ -24,19 +31,26 @@ from provisioner.state import State, connect
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def pid_alive(pid: int, marker: str) -> bool:
-    """True if `pid` runs and is ours (its command line names `marker`); zombies are dead."""
+def start_ticks(pid: int) -> str:
+    """When the process started (clock ticks since boot): with the pid, its identity."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
     except OSError:
-        return False
-    process_state = stat.rsplit(")", 1)[1].split()[0]
-    return process_state not in ("Z", "X") and marker in cmdline
+        return ""
+    fields = stat.rsplit(")", 1)[1].split()
+    return "" if fields[0] in ("Z", "X") else fields[19]
+
+
+def pid_alive(pid: int, started: str) -> bool:
+    """True if `pid` runs and is the process we started (a reused pid is not); zombies
+    are dead. The VM's process execs into the node, so its command line changes: the start
+    time does not."""
+    return bool(started) and start_ticks(pid) == started
 
 
 class LocalNodeDriver(NodeDriver):  # type: ignore[misc]
-    """`key` is the Redis URL. Images are `model:version:semitones`; locations are regions."""
+    """`key` is the Redis URL; locations are region names; the image is ignored (every
+    "VM" runs this checkout's Python)."""
 
     type = "voice-local"
     name = "Local worker_node processes"
@@ -44,69 +58,80 @@ class LocalNodeDriver(NodeDriver):  # type: ignore[misc]
 
     def __init__(self, key: str, secret: str | None = None, secure: bool = False,
                  host: str | None = None, port: int | None = None,
-                 env: dict[str, str] | None = None, boot_s: float = 1.0,
-                 price_per_hour: float = 0.0, log_dir: str | None = None,
-                 **kwargs: Any) -> None:
+                 boot_s: float = 1.0, max_nodes: dict[str, int] | None = None,
+                 log_dir: str | None = None, **kwargs: Any) -> None:
         self.state = State(connect(key))
-        self.redis_url = key
-        self.env = {**os.environ, **(env or {}), "REDIS_URL": key}
         self.boot_s = boot_s
-        self.price_per_hour = price_per_hour
+        self.max_nodes = dict(max_nodes or {})
         self.log_dir = Path(log_dir or ROOT / "var" / "logs")
+        bindir = str(Path(sys.executable).parent)
+        self.env = {"PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin",
+                    "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
         self.connection = None
 
     def list_sizes(self, location: NodeLocation | None = None) -> list[NodeSize]:
         return [NodeSize("gpu-local", "local stand-in GPU (4 streams)", ram=0, disk=0,
-                         bandwidth=0, price=self.price_per_hour, driver=self)]
+                         bandwidth=0, price=0.0, driver=self)]
 
     def list_locations(self) -> list[NodeLocation]:
         return []   # any region name works: every region is 127.0.0.1
 
     def _node(self, vm: dict[str, str]) -> Node:
-        alive = pid_alive(int(vm["pid"]), vm["name"])
+        alive = pid_alive(int(vm["pid"]), vm.get("started", ""))
         return Node(id=vm["name"], name=vm["name"],
                     state=LibcloudState.RUNNING if alive else LibcloudState.TERMINATED,
                     public_ips=["127.0.0.1"], private_ips=["127.0.0.1"], driver=self,
-                    extra={k: v for k, v in vm.items() if k != "name"})
+                    extra={**{k: v for k, v in vm.items() if k not in ("name", "tags")},
+                           "tags": json.loads(vm.get("tags") or "{}")})
 
     def list_nodes(self) -> list[Node]:
         return [self._node(vm) for vm in self.state.vms()]
 
     def create_node(self, name: str, size: NodeSize, image: NodeImage,
                     location: NodeLocation | None = None, auth: Any = None,
+                    ex_userdata: str = "", ex_metadata: dict[str, str] | None = None,
                     **kwargs: Any) -> Node:
-        """Start the node process; idempotent: the same name returns the running VM."""
-        for node in self.list_nodes():
-            if node.name == name and node.state == LibcloudState.RUNNING:
+        """Boot a "VM" that runs `ex_userdata`; idempotent: the same name returns the
+        running VM. Past the region's quota, raises like a cloud out of capacity."""
+        running = [n for n in self.list_nodes() if n.state == LibcloudState.RUNNING]
+        for node in running:
+            if node.name == name:
                 return node
-        model, version, semitones = image.id.split(":")
         region = location.id if location is not None else "local"
+        quota = self.max_nodes.get(region)
+        if quota is not None and sum(n.extra.get("region") == region for n in running) >= quota:
+            raise LibcloudError(f"InstanceLimitExceeded: region {region} allows {quota} "
+                                "node(s) (max_nodes in the config)", driver=self)
+        if not ex_userdata.startswith("#!"):
+            raise LibcloudError("ex_userdata must be a boot script (#!/bin/sh ...)", driver=self)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
-        cmd = [sys.executable, "-m", "worker_node", "--node-id", name, "--model", model,
-               "--version", version, "--semitones", semitones, "--region", region,
-               "--boot-s", str(self.boot_s)]
+        script = self.log_dir / f"{name}.user-data.sh"
+        script.write_text(ex_userdata)
+        cmd = ["sh", "-c", f'sleep {self.boot_s}; exec sh "$0"', str(script)]
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                     cwd=ROOT, start_new_session=True)
         threading.Thread(target=proc.wait, daemon=True).start()   # reap: no zombies
-        vm = {"name": name, "pid": proc.pid, "region": region, "image": image.id,
-              "created_at": time.time(), "log": str(log)}
+        vm = {"name": name, "pid": proc.pid, "started": start_ticks(proc.pid),
+              "region": region, "image": image.id,
+              "created_at": time.time(), "log": str(log),
+              "tags": json.dumps(ex_metadata or {})}
         self.state.save_vm(name, vm)
         return self._node({k: str(v) for k, v in vm.items()})
 
     def destroy_node(self, node: Node) -> bool:
         """SIGTERM, then SIGKILL after a grace period; forgets the VM either way."""
-        pid = int(node.extra.get("pid", 0))
-        if pid and pid_alive(pid, node.name):
+        pid, started = int(node.extra.get("pid", 0)), str(node.extra.get("started", ""))
+        if pid and pid_alive(pid, started):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
             deadline = time.monotonic() + 3.0
-            while pid_alive(pid, node.name) and time.monotonic() < deadline:
+            while pid_alive(pid, started) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if pid_alive(pid, node.name):
+            if pid_alive(pid, started):
                 os.kill(pid, signal.SIGKILL)
         self.state.forget_vm(node.name)
         return True

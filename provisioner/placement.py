@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from common.config import Region
+from common.config import Config, Region
 from provisioner.states import NodeState
 
 EARTH_RADIUS_KM = 6371.0
@@ -57,17 +57,74 @@ class NodeView:
     state: NodeState
     sessions: int
     capacity: int
+    price_per_hour: float = 0.0
 
 
 def claim_order(nodes: Iterable[NodeView], model: str, version: str,
                 rtt_by_region: dict[str, float]) -> list[str]:
     """Ids of the ready nodes of `model`/`version` with room, in the order to try.
 
-    Most-loaded first, so that sessions pack onto few nodes and whole nodes empty out
-    (and can stop); among equally loaded nodes, the nearest region first.
+    Cheapest first (an own machine costs nothing, so it fills before any rented GPU); then
+    most-loaded, so that sessions pack onto few nodes and whole nodes empty out (and can
+    stop); among equally loaded nodes, the nearest region first.
     """
     fit = [n for n in nodes
            if n.state is NodeState.READY and n.model == model and n.version == version
            and n.region in rtt_by_region and n.sessions < n.capacity]
-    fit.sort(key=lambda n: (-n.sessions, rtt_by_region[n.region], n.id))
+    fit.sort(key=lambda n: (n.price_per_hour, -n.sessions, rtt_by_region[n.region], n.id))
     return [n.id for n in fit]
+
+
+SEEN_FULL_TRIED = 4
+
+
+def near_regions(cfg: Config, home: str) -> dict[str, float]:
+    """Regions within the latency budget of `home`'s place -> estimated RTT (ms)."""
+    region = cfg.region(home)
+    if region is None:
+        raise ValueError(f"unknown region {home!r}; known: {[r.name for r in cfg.regions]}")
+    return {r.name: rtt for r, rtt in regions_in_budget(
+        rank_regions(cfg.regions, region.lat, region.lon), cfg.latency_budget_ms)}
+
+
+def candidates(cfg: Config, model: str, version: str, home: str,
+               usable: Sequence[NodeView]) -> list[str]:
+    """Nodes that may serve the queue of (model, version, home), in claim order.
+
+    `usable` are the nodes alive and not retired, possibly from a view up to 100 ms old, so
+    the nearest SEEN_FULL_TRIED nodes it shows full come last rather than not at all: a slot
+    freed since then is still found, since the admit and assign scripts re-check every
+    candidate's room (a few, not all: each candidate costs the script call two keys)."""
+    near = near_regions(cfg, home)
+    full = [NodeView(v.id, v.region, v.model, v.version, v.state, v.capacity - 1, v.capacity,
+                     v.price_per_hour) for v in usable if v.sessions >= v.capacity]
+    return (claim_order(usable, model, version, near)
+            + claim_order(full, model, version, near)[:SEEN_FULL_TRIED])
+
+
+def home_region(cfg: Config, lat: float, lon: float, only: str | None = None,
+                avoid: frozenset[str] = frozenset()) -> Region:
+    """The region whose queue a user at (lat, lon) waits in: the nearest one we can boot
+    nodes in (own machines are used when free, but nobody can boot one for a queue), or
+    `only` when the user named a region."""
+    pool = [r for r in cfg.regions if only in (None, r.name)]
+    ranked = rank_regions(pool, lat, lon, avoid)
+    bootable = [r for r, _ in ranked if cfg.provider(r.provider).bootable]
+    return bootable[0] if bootable and only is None else ranked[0][0]
+
+
+def boot_regions(cfg: Config, home: str, refused: frozenset[str] = frozenset(),
+                 down: frozenset[str] = frozenset()) -> list[Region]:
+    """Where to boot a node for `home`'s queue, best first: regions within the latency
+    budget whose provider we can boot, cheapest first (price, then billing increment, then
+    boot time, then RTT). Regions whose provider refused for capacity are left out; regions
+    down (their nodes all died) come last: tried only when nothing else is within reach."""
+    near = near_regions(cfg, home)
+    fit = [r for r in cfg.regions if r.name in near and r.name not in refused
+           and cfg.provider(r.provider).bootable]
+
+    def cost(r: Region) -> tuple[object, ...]:
+        p = cfg.provider(r.provider)
+        return (r.name in down, p.price_per_hour, p.billing_increment_s, p.boot_s,
+                near[r.name], r.name)
+    return sorted(fit, key=cost)

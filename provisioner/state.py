@@ -5,7 +5,9 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
     vc:nodes                  SET    ids of every node the control plane knows
     vc:node:{id}              HASH   id provider region model version state progress url
                                      capacity started_at requested_at deadline last_seen
-                                     price_per_hour eta_ready semitones. `state` is written by
+                                     price_per_hour eta_ready semitones home cred. `home`: the
+                                     region whose queue it serves (it may run in another region
+                                     at the same place, on a cheaper provider). `state` is written by
                                      the control plane until the node heartbeats, then by the
                                      node. Control flags the node never writes: drain_deadline
                                      (old version: no new sessions), retired (being stopped).
@@ -29,21 +31,27 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
     vc:scale-kick             STRING set NX for a moment so bursts trigger one scale task
     vc:flight:{name}          STRING a token while one worker runs `name` (scale+reap):
                                      two overlapping runs would boot twice
-    vc:kick:{node}            PUBSUB channel: session ids the node must close at once (4409),
-                                     or WAKE: read the control flags now (a retarget)
     vc:region-down            HASH   region -> unix time until which placement avoids it (its
                                      nodes all died or failed to boot)
     vc:usage:{minute_s}       HASH   "{user}|{session}|{node}|{model}|{region}" -> cumulative
                                      seconds streamed in that UTC minute (only ever grows)
     vc:usage-minutes          ZSET   minute_s -> minute_s of every usage hash not yet expired
+    vc:join:{sha256(token)}   STRING one-time join token -> JSON {"node": id} (a node we
+                                     booted) or {"byo": region, "model": name}; expires
+    vc:cred:{sha256(cred)}    STRING a joined node's credential -> node id (revoked: deleted;
+                                     the node hash keeps the hash in `cred`)
+    vc:constrained            HASH   region -> JSON {"until", "reason"}: the provider refused
+                                     to create there (capacity, quota); boots go elsewhere
 
 Anything that must be atomic is one Lua script below; every key it touches is in KEYS.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import secrets
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,7 +71,6 @@ VMS = PREFIX + "vms"
 REGION_DOWN = PREFIX + "region-down"
 SCALE_KICK = PREFIX + "scale-kick"
 USAGE_MINUTES = PREFIX + "usage-minutes"
-WAKE = "WAKE"           # on a node's kick channel: heartbeat now (session ids never look so)
 USAGE_KEEP_S = 3600     # usage counters stay this long, so late reports can be re-settled
 
 
@@ -103,12 +110,24 @@ def usage_key(minute_s: int) -> str:
     return f"{PREFIX}usage:{minute_s}"
 
 
-def kick_channel(node_id: str) -> str:
-    return f"{PREFIX}kick:{node_id}"
-
-
 def vm_key(vm_id: str) -> str:
     return f"{PREFIX}vm:{vm_id}"
+
+
+def join_key(token: str) -> str:
+    return f"{PREFIX}join:{digest(token)}"
+
+
+def cred_key(credential: str) -> str:
+    return f"{PREFIX}cred:{digest(credential)}"
+
+
+def digest(secret: str) -> str:
+    """Secrets are stored hashed: a read of Redis does not hand out working tokens."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+CONSTRAINED = PREFIX + "constrained"
 
 
 # A node can take a session when it is ready, alive, not draining or retired, and has room.
@@ -323,6 +342,96 @@ return cjson.encode(entry)
 """
 
 
+# A node's heartbeat in one step: its health, its live slots, its users' locks, its usage,
+# and the locks of streams that closed since (released if still theirs, so the user may
+# start again at once). Refused (returns {0}) for a node the control plane forgot. While a
+# retarget is pending and the node does not serve the new model yet, its old state is not
+# written (the record already says LOADING for the new model).
+# KEYS: node hash, slot zset, vc:usage-minutes, then one lock per live stream, one usage
+# hash per counter, one lock per closed stream.
+# ARGV: now, state, progress, eta_ready, ready_at, lock ttl_s, node id, serving
+# "model:version", usage keep_s, number of streams n, number of counters m, then session
+# and fence per live stream, field, seconds, minute per counter, session per closed stream.
+# Returns {1, drain_deadline, retarget, sessions whose lock another session took...}.
+_BEAT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local n, m = tonumber(ARGV[10]), tonumber(ARGV[11])
+local flags = redis.call('HMGET', KEYS[1], 'drain_deadline', 'retarget')
+local pending = flags[2] and string.sub(flags[2], 1, #ARGV[8] + 1) ~= ARGV[8] .. ':'
+if flags[2] and not pending then
+  redis.call('HDEL', KEYS[1], 'retarget', 'retired', 'idle_since')
+  flags[2] = false
+end
+if pending then
+  redis.call('HSET', KEYS[1], 'last_seen', ARGV[1])
+else
+  redis.call('HSET', KEYS[1], 'state', ARGV[2], 'progress', ARGV[3], 'eta_ready', ARGV[4],
+             'ready_at', ARGV[5], 'last_seen', ARGV[1])
+end
+local mine = {}
+for i = 1, n do
+  mine[ARGV[10 + 2 * i]] = true
+  redis.call('ZADD', KEYS[2], '+inf', ARGV[10 + 2 * i])
+end
+for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '+inf', '+inf')) do
+  if not mine[sid] then redis.call('ZREM', KEYS[2], sid) end
+end
+local ttl = math.floor(tonumber(ARGV[6]) * 1000)
+local out = {1, flags[1] or '', flags[2] or ''}
+for i = 1, n do
+  local lock, sid, fence = KEYS[3 + i], ARGV[10 + 2 * i], ARGV[11 + 2 * i]
+  local cur = redis.call('HMGET', lock, 'session', 'fence')
+  if cur[1] and (cur[1] ~= sid or cur[2] ~= fence) then
+    table.insert(out, sid)
+  else
+    -- ours, or expired while the node could not report: nobody else holds it
+    redis.call('HSET', lock, 'session', sid, 'fence', fence, 'node', ARGV[7])
+    redis.call('PEXPIRE', lock, ttl)
+  end
+end
+local base = 11 + 2 * n
+for j = 1, m do
+  local key = KEYS[3 + n + j]
+  local field, secs, minute = ARGV[base + 3 * j - 2], ARGV[base + 3 * j - 1], ARGV[base + 3 * j]
+  local cur = tonumber(redis.call('HGET', key, field) or 0)
+  if tonumber(secs) > cur then redis.call('HSET', key, field, secs) end
+  redis.call('EXPIRE', key, ARGV[9])
+  redis.call('ZADD', KEYS[3], minute, minute)
+end
+base = base + 3 * m
+for k = 1, #KEYS - 3 - n - m do
+  local lock, sid = KEYS[3 + n + m + k], ARGV[base + k]
+  if not mine[sid] and redis.call('HGET', lock, 'session') == sid then
+    redis.call('DEL', lock)
+  end
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What a node reports in one heartbeat (validated by the control plane first)."""
+
+    state: str
+    progress: float
+    eta_ready: float | None
+    ready_at: float | None
+    serving: str                                     # "model:version" it has loaded
+    streams: Sequence[tuple[str, str, int]] = ()     # (user, session, fence) per live stream
+    usage: Sequence[tuple[int, str, float]] = ()     # (minute_s, field, cumulative seconds)
+    closed: Sequence[tuple[str, str]] = ()           # (user, session) of streams that ended
+
+
+@dataclass(frozen=True)
+class Orders:
+    """The control plane's answer to a heartbeat."""
+
+    drain_deadline: float | None
+    retarget: str | None                             # "model:version:semitones"
+    lost: tuple[str, ...]                            # sessions another session took over
+
+
 @dataclass(frozen=True)
 class NodeRecord:
     """A node as the control plane sees it in Redis."""
@@ -349,10 +458,11 @@ class NodeRecord:
     semitones: float
     ready_at: float | None
     idle_since: float | None
+    home: str = ""           # the region whose queue it was booted for (policy's pool)
 
     def view(self) -> NodeView:
         return NodeView(self.id, self.region, self.model, self.version, self.state,
-                        self.sessions, self.capacity)
+                        self.sessions, self.capacity, float(self.price_per_hour))
 
     def alive(self, now: float, timeout_s: float) -> bool:
         """Heartbeating recently, or still coming up within its provisioning deadline."""
@@ -414,6 +524,7 @@ class State:
         self._sync_live = r.register_script(_SYNC_LIVE)
         self._abandon = r.register_script(_ABANDON)
         self._land = r.register_script(_LAND)
+        self._beat = r.register_script(_BEAT)
 
     # --- nodes ----------------------------------------------------------------------
     def add_node(self, fields: Mapping[str, Any]) -> None:
@@ -456,6 +567,9 @@ class State:
         if rec.idle_since is not None:
             self.r.hdel(node_key(rec.id), "idle_since")
         return None
+
+    def node_ids(self) -> list[str]:
+        return sorted(self.r.smembers(NODES))
 
     def nodes(self) -> list[NodeRecord]:
         ids = sorted(self.r.smembers(NODES))
@@ -502,6 +616,83 @@ class State:
     def land(self, name: str, token: str) -> None:
         """Release a single_flight, if it is still ours."""
         self._land(keys=[f"{PREFIX}flight:{name}"], args=[token])
+
+    # --- membership: join tokens, credentials, heartbeats --------------------------------
+    def mint_join(self, grant: Mapping[str, str], ttl_s: float) -> str:
+        """A one-time join token for a node we boot ({"node": id}) or an own machine
+        ({"byo": region, "model": name}); only its hash is stored."""
+        token = "j-" + secrets.token_urlsafe(24)
+        self.r.set(join_key(token), json.dumps(dict(grant)), px=int(ttl_s * 1000))
+        return token
+
+    def node_join_token(self, node_id: str) -> str | None:
+        """The join token minted for a node we boot, while it has not joined."""
+        return self.r.hget(node_key(node_id), "join_token") or None
+
+    def redeem_join(self, token: str) -> dict[str, str] | None:
+        """The token's grant, once: a second use (or an expired token) gets None."""
+        raw = self.r.getdel(join_key(token))
+        return json.loads(raw) if raw else None
+
+    def enroll(self, node_id: str, fields: Mapping[str, Any]) -> str:
+        """Give a node its credential (a fresh one revokes the old) and record `fields`."""
+        credential = "c-" + secrets.token_urlsafe(32)
+        old = self.r.hget(node_key(node_id), "cred")
+        pipe = self.r.pipeline(transaction=True)
+        if old:
+            pipe.delete(f"{PREFIX}cred:{old}")
+        pipe.set(cred_key(credential), node_id)
+        pipe.sadd(NODES, node_id)
+        pipe.hset(node_key(node_id), mapping={**{k: str(v) for k, v in fields.items()},
+                                              "cred": digest(credential)})
+        pipe.hdel(node_key(node_id), "join_token")
+        pipe.execute()
+        return credential
+
+    def node_for_credential(self, credential: str) -> str | None:
+        return self.r.get(cred_key(credential)) if credential else None
+
+    def revoke(self, node_id: str) -> bool:
+        """The node's credential stops working at once; True if it had one."""
+        old = self.r.hget(node_key(node_id), "cred")
+        if not old:
+            return False
+        self.r.delete(f"{PREFIX}cred:{old}")
+        self.r.hdel(node_key(node_id), "cred")
+        return True
+
+    def beat(self, node_id: str, beat: Beat, now: float, lock_ttl_s: float) -> Orders | None:
+        """Record one heartbeat atomically (see _BEAT); None if the node is forgotten."""
+        keys = [node_key(node_id), slots_key(node_id), USAGE_MINUTES]
+        keys += [lock_key(user) for user, _, _ in beat.streams]
+        keys += [usage_key(minute) for minute, _, _ in beat.usage]
+        keys += [lock_key(user) for user, _ in beat.closed]
+        args: list[Any] = [now, beat.state, beat.progress,
+                           "" if beat.eta_ready is None else beat.eta_ready,
+                           "" if beat.ready_at is None else beat.ready_at, lock_ttl_s,
+                           node_id, beat.serving, USAGE_KEEP_S, len(beat.streams),
+                           len(beat.usage)]
+        for _, session, fence in beat.streams:
+            args += [session, fence]
+        for minute, field, seconds in beat.usage:
+            args += [field, repr(seconds), minute]
+        args += [session for _, session in beat.closed]
+        res = self._beat(keys=keys, args=args)
+        if int(res[0]) == 0:
+            return None
+        return Orders(float(res[1]) if res[1] else None, res[2] or None, tuple(res[3:]))
+
+    def mark_constrained(self, region: str, until: float, reason: str) -> None:
+        self.r.hset(CONSTRAINED, region, json.dumps({"until": until, "reason": reason}))
+
+    def constrained(self, now: float) -> dict[str, str]:
+        """Regions whose provider refused to create nodes lately -> the refusal."""
+        out = {}
+        for region, raw in self.r.hgetall(CONSTRAINED).items():
+            entry = json.loads(raw)
+            if float(entry["until"]) > now:
+                out[region] = str(entry["reason"])
+        return out
 
     # --- slots and the queue ----------------------------------------------------------
     def enqueue(self, pool: str, session_id: str, now: float, first: bool = False) -> int:
@@ -632,20 +823,6 @@ class State:
     def lock_holder(self, user: str) -> str | None:
         return self.r.hget(lock_key(user), "session")
 
-    def kick(self, node_id: str, session_id: str) -> None:
-        """Tell a node to close a stream now (its user took over elsewhere)."""
-        self.r.publish(kick_channel(node_id), session_id)
-
-    def wake(self, node_id: str) -> None:
-        """Tell a node to heartbeat now and so read its new control flags."""
-        self.r.publish(kick_channel(node_id), WAKE)
-
-    def kick_subscription(self, node_id: str) -> Any:
-        """A pub/sub on the node's kick channel (give its client socket_timeout=None)."""
-        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(kick_channel(node_id))
-        return pubsub
-
     # --- usage counters -----------------------------------------------------------------
     def report_usage(self, counters: Iterable[tuple[int, str, float]]) -> None:
         """(minute_s, "user|session|node|model|region", cumulative seconds) per counter."""
@@ -754,7 +931,8 @@ def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
         price_per_hour=h.get("price_per_hour") or "0", eta_ready=float(eta) if eta else None,
         drain_deadline=float(drain) if drain else None, retired=bool(h.get("retired")),
         semitones=_float(h, "semitones"), ready_at=_float(h, "ready_at") or None,
-        idle_since=_float(h, "idle_since") or None)
+        idle_since=_float(h, "idle_since") or None,
+        home=h.get("home") or h.get("region", ""))
 
 
 def connect(url: str) -> redis.Redis:

@@ -14,7 +14,7 @@ from celery import Celery, shared_task
 
 from billing.ledger import Ledger
 from common.config import Config
-from provisioner import fleet
+from provisioner import fleet, membership
 from provisioner.state import State, connect
 
 TICK_S = 2.0
@@ -58,9 +58,8 @@ class Runtime:
     def on_end(self, end: fleet.NodeEnd) -> None:
         """Close the node's bill: from its request to now, in its provider's increments."""
         rec = end.record
-        increment = self.cfg.provider(rec.provider).billing_increment_s \
-            if any(p.name == rec.provider for p in self.cfg.providers) else 1
-        self.ledger.close_node(fleet.bill_row(rec), end.ended_at, increment)
+        self.ledger.close_node(membership.bill_row(rec), end.ended_at,
+                               membership.increment_s(self.cfg, rec.provider))
 
 
 def _rt(task: Any) -> Runtime:
@@ -122,7 +121,7 @@ def tick(self: Any) -> None:
 
 
 def _settle(rt: Runtime, now: float) -> int:
-    rt.ledger.open_nodes(fleet.bill_row(n) for n in rt.state.nodes())
+    rt.ledger.open_nodes(membership.bill_row(n) for n in rt.state.nodes())
     return rt.ledger.settle_from(rt.state, now)
 
 

@@ -4,7 +4,9 @@ real webapp on a free port. Nothing here mocks Redis, sockets or processes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -21,11 +23,13 @@ from werkzeug.serving import make_server
 
 from billing.ledger import Ledger
 from common.config import Config, load_config
+from provisioner import membership
 from provisioner.state import State, connect
 from voicectl import procs
 from webapp.app import create_app
 
 SECRET = "test-secret-" + uuid.uuid4().hex
+logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no line per heartbeat
 LOAD_S = 0.3
 
 
@@ -83,24 +87,53 @@ def state(redis_url: str) -> State:
 
 @dataclass
 class Fleet:
-    """Starts real worker_node processes and waits for them in Redis."""
+    """Starts real worker_node processes that join the control plane (`control_url`, the
+    webapp) with a one-time token, as every node does, and waits for them in Redis."""
 
     cfg: Config
     state: State
     tmp: Path
+    control_url: str
     procs: list[Any] = field(default_factory=list)
 
-    def start(self, model: str = "miku", region: str = "us-west", node_id: str | None = None,
-              load_s: float | None = None, wait: bool = True, **env: str) -> str:
+    def enroll(self, model: str = "miku", region: str = "us-west",
+               node_id: str | None = None) -> tuple[str, str]:
+        """Record a node as the control plane does when it boots one; its join token."""
         node_id = node_id or f"n-{uuid.uuid4().hex[:8]}"
-        full_env = {**os.environ, "REDIS_URL": self.cfg.redis_url or "",
-                    "TICKET_SECRET": SECRET,
-                    "MODEL_LOAD_SECONDS": str(LOAD_S if load_s is None else load_s), **env}
-        self.procs.append(procs.start_node(model, region, full_env, node_id=node_id,
-                                           log=self.tmp / f"{node_id}.log"))
+        m = self.cfg.model(model)
+        assert m is not None, model
+        r = self.cfg.region(region)
+        assert r is not None, region
+        provider = self.cfg.provider(r.provider)
+        now = time.time()
+        self.state.add_node({"id": node_id, "home": region, "region": region,
+                             "provider": provider.name, "model": m.name, "version": m.version,
+                             "semitones": m.semitones, "state": "booting", "requested_at": now,
+                             "deadline": now + 120, "capacity": self.cfg.node_capacity,
+                             "price_per_hour": provider.price_per_hour})
+        return node_id, membership.join_token_for(self.state, self.cfg, node_id)
+
+    def start(self, model: str = "miku", region: str = "us-west", node_id: str | None = None,
+              load_s: float | None = None, wait: bool = True, crash_rate: float | None = None,
+              ) -> str:
+        node_id, token = self.enroll(model, region, node_id)
+        self.join(token, node_id, load_s=load_s, crash_rate=crash_rate)
         if wait:
             self.wait_state(node_id, "ready")
         return node_id
+
+    def join(self, token: str, log_name: str, *extra: str, load_s: float | None = None,
+             crash_rate: float | None = None) -> Any:
+        """`voicectl node --join` as a child process with nothing of our environment."""
+        cmd = [sys.executable, "-m", "worker_node", "--join", self.control_url,
+               "--token", token, *extra]
+        cmd += ["--load-s", str(LOAD_S if load_s is None else load_s)]
+        if crash_rate is not None:
+            cmd += ["--crash-rate", str(crash_rate)]
+        proc = procs.spawn(cmd, env={"PATH": os.environ["PATH"]},
+                           log=self.tmp / f"{log_name}.log")
+        self.procs.append(proc)
+        return proc
 
     def wait_state(self, node_id: str, want: str, timeout_s: float = 30.0) -> Any:
         deadline = time.monotonic() + timeout_s
@@ -120,8 +153,9 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(cfg: Config, state: State, tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(cfg, state, tmp_path)
+def fleet(webapp: Webapp, tmp_path: Path) -> Iterator[Fleet]:
+    """Nodes that join `webapp` (the control plane's node endpoints live there)."""
+    f = Fleet(webapp.config, webapp.state, tmp_path, webapp.base_url)
     yield f
     procs.stop(f.procs)
 
@@ -134,8 +168,8 @@ class Webapp:
     state: State
 
 
-def serve(app: Any) -> tuple[str, Any]:
-    port = procs.free_port()
+def serve(app: Any, port: int | None = None) -> tuple[str, Any]:
+    port = port or procs.free_port()
     server = make_server("127.0.0.1", port, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"127.0.0.1:{port}", server
@@ -190,6 +224,8 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
     from provisioner import clouds
     from provisioner.tasks import make_celery
 
+    port = procs.free_port()
+    cfg = cfg.with_overrides(public_url=f"http://127.0.0.1:{port}")   # where nodes join
     app = make_celery(cfg)
     state = State(connect(cfg.redis_url or ""))
     state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
@@ -201,7 +237,7 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
 
     ledger = Ledger.open(cfg.database_url)
     host, server = serve(create_app(cfg, state, lambda: app.send_task("provisioner.scale"),
-                                    ledger))
+                                    ledger), port)
     with start_worker(app, pool="threads", concurrency=4, perform_ping_check=True,
                       loglevel="WARNING"):
         threading.Thread(target=beat, daemon=True).start()
@@ -210,9 +246,10 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
         finally:
             stop.set()
             server.shutdown()
-    driver = clouds.driver_for(cfg, "local")
-    for vm in driver.list_nodes():
-        driver.destroy_node(vm)
+    for region in clouds.machine_regions(cfg):
+        if cfg.provider(region.provider).driver == "local":
+            for vm in clouds.list_ours(cfg, region):
+                clouds.destroy(cfg, region, vm)
     ledger.engine.dispose()
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import SECRET, Fleet, closed_code
 from simple_websocket import Client
 
-from common.tickets import Ticket, sign
+from common.tickets import node_key, Ticket, sign
 from worker_node.quality import cents, harmonic_tone, pitch_hz
 
 RATE = 48000
@@ -23,7 +23,7 @@ def ticket(node_id: str, user: str = "alice", session: str | None = None, model:
            secret: str = SECRET) -> str:
     return sign(Ticket(user=user, session=session or f"s-{user}-{fence}", node=node_id,
                        model=model, version=version, fence=fence,
-                       exp=time.time() + exp_in_s), secret)
+                       exp=time.time() + exp_in_s), node_key(secret, node_id))
 
 
 def open_stream(url: str, tok: str, rate: int = RATE) -> tuple[Client, dict]:
@@ -176,6 +176,6 @@ def test_healthz_reports_load_progress(fleet: Fleet) -> None:
 
 
 def test_crash_rate_one_kills_the_node_within_a_beat(fleet: Fleet) -> None:
-    fleet.start("miku", wait=False, CRASH_RATE="1")
+    fleet.start("miku", wait=False, crash_rate=1.0)
     proc = fleet.procs[-1]
     assert proc.wait(timeout=20) == 70     # the simulated GPU crash exit code

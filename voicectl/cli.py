@@ -57,11 +57,13 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             cfg = cfg.with_overrides(redis_url=url)
             say(f"Redis ready at {url}")
         assert cfg.redis_url is not None
+        if cfg.public_url == Config.public_url:   # VOICE_PUBLIC_URL unset: nodes join us here
+            cfg = cfg.with_overrides(public_url=f"http://{args.host}:{args.port}")
         state = State(connect(cfg.redis_url))
         state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
         env = {**os.environ, "REDIS_URL": cfg.redis_url, "TICKET_SECRET": cfg.ticket_secret,
                "MODEL_LOAD_SECONDS": str(cfg.model_load_s), "CRASH_RATE": str(cfg.crash_rate),
-               "FLOWER_UNAUTHENTICATED_API": "true"}
+               "VOICE_PUBLIC_URL": cfg.public_url, "FLOWER_UNAUTHENTICATED_API": "true"}
         celery = [sys.executable, "-m", "celery", "-A", "provisioner.worker"]
         say(f"starting the Celery worker with beat (log: {logs / 'celery.log'}) ...")
         children.append(procs.spawn(celery + ["worker", "-B", "-E", "--pool", "threads",
@@ -110,9 +112,10 @@ def _destroy_local_nodes(cfg: Config) -> None:
     if not cfg.redis_url:
         return
     try:
-        driver = clouds.driver_for(cfg, "local")
-        for vm in driver.list_nodes():
-            driver.destroy_node(vm)
+        for region in clouds.machine_regions(cfg):
+            if cfg.provider(region.provider).driver == "local":
+                for vm in clouds.list_ours(cfg, region):
+                    clouds.destroy(cfg, region, vm)
     except Exception as e:  # process boundary: shutting down, say what was left
         say(f"could not destroy every node ({e}); they exit on their own within "
             "15 s of Redis going away")
@@ -215,8 +218,10 @@ def cmd_deploy(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _kill(cfg: Config, node_ids: list[str], as_json: bool) -> int:
-    driver = clouds.driver_for(cfg.with_overrides(redis_url=_redis_url(cfg)), "local")
-    vms = {vm.name: vm for vm in driver.list_nodes()}
+    cfg = cfg.with_overrides(redis_url=_redis_url(cfg))
+    vms = {vm.name: vm for region in clouds.machine_regions(cfg)
+           if cfg.provider(region.provider).driver == "local"
+           for vm in clouds.list_ours(cfg, region)}
     killed = []
     for node_id in node_ids:
         vm = vms.get(node_id)
@@ -272,6 +277,21 @@ def cmd_kill_region(args: argparse.Namespace, cfg: Config) -> int:
     return _kill(cfg, [i for i in ids if i in vm_ids], args.json)
 
 
+def cmd_byo_token(args: argparse.Namespace, cfg: Config) -> int:
+    from provisioner import membership
+
+    state = State(connect(_redis_url(cfg)))
+    token = membership.byo_token(state, cfg, args.region, args.model, args.ttl)
+    url = cfg.public_url if cfg.public_url != Config.public_url else _default_url()
+    if args.json:
+        print(json.dumps({"token": token, "join": url, "region": args.region}))
+    else:
+        print(token)
+        say(f"on the machine (with this project installed), valid {args.ttl:.0f} s, once:\n"
+            f"  voicectl node --join {url} --token {token} --public-url ws://HOST:PORT")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="voicectl", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -311,6 +331,14 @@ def parser() -> argparse.ArgumentParser:
     kr.add_argument("region")
     kr.add_argument("--json", action="store_true")
     kr.set_defaults(func=cmd_kill_region)
+    sub.add_parser("node", help="run a GPU node that joins the control plane "
+                   "(see voicectl node --help)", add_help=False)
+    bt = sub.add_parser("byo-token", help="a one-time join token for your own GPU machine")
+    bt.add_argument("--region", required=True, help="a region whose provider has driver byo")
+    bt.add_argument("--model", help="the model it serves first (default: the first)")
+    bt.add_argument("--ttl", type=float, default=3600.0, help="seconds the token stays valid")
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(func=cmd_byo_token)
     return p
 
 
@@ -320,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         from provisioner.simulate import main as simulate
 
         return simulate(argv[1:])
+    if argv[:1] == ["node"]:       # a node needs no config: the control plane gives it all
+        from worker_node.__main__ import main as node
+
+        return node(argv[1:])
     args = parser().parse_args(argv)
     try:
         return int(args.func(args, load_config()))

@@ -19,9 +19,9 @@ from flask_sock import Sock
 
 from billing.ledger import Ledger
 from common.config import Config
-from provisioner.fleet import live_models
+from provisioner.catalog import live_models
 from provisioner.state import State
-from webapp import lobby
+from webapp import lobby, nodes_api
 from webapp.requests import BadRequest, parse_lobby, parse_since, parse_user
 
 STATIC = Path(__file__).with_name("static")
@@ -34,6 +34,7 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 4096}
     sock = Sock(app)
     fleet = lobby.FleetCache(state, cfg)
+    app.register_blueprint(nodes_api.blueprint(cfg, state, ledger))
 
     def kick() -> None:
         if state.kick_scaler():

@@ -23,9 +23,10 @@ from flask_sock import ConnectionClosed
 
 from common import wsclose
 from common.config import Config, Model
-from common.tickets import Ticket, sign
-from provisioner.fleet import candidates_for, live_models
-from provisioner.placement import rank_regions
+from common.tickets import Ticket, node_key, sign
+from provisioner import membership
+from provisioner.catalog import live_models
+from provisioner.placement import candidates, home_region, rank_regions
 from provisioner.state import Admitted, Lock, NodeRecord, State, pool_id
 from webapp.requests import LobbyRequest
 
@@ -40,6 +41,7 @@ class FleetView:
     records: list[NodeRecord]
     models: dict[str, Model]
     down: frozenset[str]
+    constrained: dict[str, str]    # region -> why its provider refused to create nodes
 
 
 class FleetCache:
@@ -52,7 +54,7 @@ class FleetCache:
     def __init__(self, state: State, cfg: Config, max_age_s: float = 0.1) -> None:
         self.state, self.cfg, self.max_age_s = state, cfg, max_age_s
         self._lock = threading.Lock()
-        self._view = FleetView([], {}, frozenset())
+        self._view = FleetView([], {}, frozenset(), {})
         self._read_at = float("-inf")
 
     def get(self) -> FleetView:
@@ -61,8 +63,10 @@ class FleetCache:
         with self._lock:
             if time.monotonic() - self._read_at > self.max_age_s:
                 models = {m.name: m for m in live_models(self.state, self.cfg)}
+                now = time.time()
                 self._view = FleetView(self.state.nodes(), models,
-                                       self.state.regions_down(time.time()))
+                                       self.state.regions_down(now),
+                                       self.state.constrained(now))
                 self._read_at = time.monotonic()
             return self._view
 
@@ -99,16 +103,15 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     if model is None:
         known = ", ".join(sorted(view.models))
         raise Refused("unknown_model", f"unknown model {req.model[:64]!r}; available: {known}")
-    regions = [r for r in cfg.regions if req.region in (None, r.name)]
-    home = rank_regions(regions, req.lat, req.lon, avoid=view.down)[0][0]
+    home = home_region(cfg, req.lat, req.lon, only=req.region, avoid=view.down)
     session_id = _session_id(state, req)
     pool = pool_id(model.name, model.version, home.name)
     got = state.admit(req.user, session_id, model.name, model.version, home.name, now,
-                      candidates_for(cfg, model, home.name, view.records, now),
+                      _candidates(cfg, model, home.name, view.records, now),
                       lock_ttl_s=cfg.ticket_ttl_s, takeover=req.takeover,
                       resume=req.resume is not None, tau_s=cfg.arrival_tau_s,
                       hold_s=cfg.ticket_ttl_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s)
-    fence = _locked(state, req, session_id, got)
+    fence = _locked(state, cfg, req, session_id, got)
     first_node = got.node if isinstance(got, Admitted) else None
     placed = False
     try:
@@ -123,7 +126,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                                        cfg.ticket_ttl_s):   # before taking a slot
                     raise Refused("already_streaming", "this session was taken over from "
                                   "another tab or device")
-                state.assign(pool, candidates_for(cfg, model, home.name, records, now),
+                state.assign(pool, _candidates(cfg, model, home.name, records, now),
                              now, cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
                 node_id = state.take_assignment(session_id)
             node = next((n for n in records if n.id == node_id), None) if node_id else None
@@ -138,16 +141,19 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                 kicked = True
             position = state.position(pool, session_id) or 1
             eta = _eta_s(cfg, model, home.name, records, position, now)
-            msg = (("booting", round(eta * 2) / 2) if eta is not None else ("queued", position))
+            note = _note(cfg, home.name, fleet.get().constrained)
+            msg = (("booting", round(eta * 2) / 2, note) if eta is not None
+                   else ("queued", position, note))
             if msg != last:
                 last = msg
                 if eta is not None:
                     send(ws, type="booting", session_id=session_id, region=home.name,
-                         eta_s=round(eta, 1), position=position)
+                         eta_s=round(eta, 1), position=position, **note)
                 else:
                     send(ws, type="queued", session_id=session_id, region=home.name,
                          position=position,
-                         eta_s=round(cfg.provider(home.provider).boot_s + cfg.model_load_s, 1))
+                         eta_s=round(cfg.provider(home.provider).boot_s + cfg.model_load_s, 1),
+                         **note)
             if now - started > WAIT_LIMIT_S:
                 raise Refused("no_capacity", f"no node became free within {WAIT_LIMIT_S:.0f} s;"
                               " try again in a few minutes")
@@ -157,6 +163,27 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         if not placed:
             state.abandon(pool, session_id)
             state.release_lock(req.user, session_id)
+
+
+def _candidates(cfg: Config, model: Model, home: str, records: list[NodeRecord],
+                now: float) -> list[str]:
+    usable = [n.view() for n in records
+              if not n.retired and n.alive(now, cfg.heartbeat_timeout_s)]
+    return candidates(cfg, model.name, model.version, home, usable)
+
+
+def _note(cfg: Config, home: str, constrained: dict[str, str]) -> dict[str, str]:
+    """Tell waiting users when a provider near them refused to boot nodes."""
+    region = cfg.region(home)
+    if region is None or not constrained:
+        return {}
+    near = [r for r, _ in rank_regions(cfg.regions, region.lat, region.lon)
+            if r.name in constrained]
+    if not near:
+        return {}
+    names = ", ".join(r.name for r in near[:3])
+    return {"note": f"out of GPU capacity in {names}: booting in the next cheapest region "
+                    "within reach, which may take longer"}
 
 
 def _session_id(state: State, req: LobbyRequest) -> str:
@@ -169,7 +196,8 @@ def _session_id(state: State, req: LobbyRequest) -> str:
     return req.resume
 
 
-def _locked(state: State, req: LobbyRequest, session_id: str, got: Admitted | Lock) -> int:
+def _locked(state: State, cfg: Config, req: LobbyRequest, session_id: str,
+            got: Admitted | Lock) -> int:
     """The fencing token; a refusal says where the user's stream is and what to do."""
     if isinstance(got, Lock):
         since = datetime.fromtimestamp(got.since, UTC).strftime("%H:%M:%S UTC")
@@ -181,7 +209,9 @@ def _locked(state: State, req: LobbyRequest, session_id: str, got: Admitted | Lo
     if taken.previous_session and taken.previous_node:
         # A take-over, or a resume of a session whose old connection still streams: the
         # old stream closes now (its node would find its fence stale within a beat anyway).
-        state.kick(taken.previous_node, taken.previous_session)
+        rec = state.node(taken.previous_node)
+        if rec is not None:
+            membership.kick(cfg, rec, taken.previous_session)
     return taken.fence
 
 
@@ -192,7 +222,7 @@ def _eta_s(cfg: Config, model: Model, region: str, records: list[NodeRecord], po
     None when no coming node has a slot for this position (the user is queued).
     """
     coming = sorted((n for n in records if n.state.coming and not n.retired
-                     and (n.model, n.version, n.region) == (model.name, model.version, region)),
+                     and (n.model, n.version, n.home) == (model.name, model.version, region)),
                     key=lambda n: n.eta_ready or now)
     index = math.ceil(position / cfg.node_capacity) - 1
     if index >= len(coming):
@@ -208,7 +238,7 @@ def _ready(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-
                        ttl_s=7 * 86400)
     ticket = sign(Ticket(user=req.user, session=session_id, node=node.id, model=node.model,
                          version=node.version, fence=fence, exp=now + cfg.ticket_ttl_s),
-                  cfg.ticket_secret)
+                  node_key(cfg.ticket_secret, node.id))
     region = cfg.region(node.region)
     rtt = rank_regions([region], req.lat, req.lon)[0][1] if region else 0.0
     send(ws, type="ready", session_id=session_id, node_url=node.url, ticket=ticket,

@@ -1,85 +1,195 @@
-"""Run one worker node: `python -m worker_node --model miku --region us-west [--port 0]`.
+"""Run one worker node.
 
-The node publishes its URL, state and load progress in Redis by heartbeat.
+    voicectl node --join URL --token T [--public-url ws://HOST:PORT] [--host H] [--port P]
+    python -m worker_node --standalone --model miku --semitones 4 --ticket-key K
+
+Joined, the node gets its id, model and ticket key from the control plane and heartbeats
+there over HTTP(S); it holds no Redis or database credentials. Standalone, it serves
+tickets signed with the key it is given and reports to nobody (benchmarks, a research
+team trying a model). SIGTERM drains: no new streams, live ones may finish for
+--drain-s, then are told to resume elsewhere, and the node leaves the fleet.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
+import json
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
 import uuid
+from typing import Any
 
+from flask import Flask, Response, jsonify, request
 from werkzeug.serving import make_server
 
-from common.config import Model, load_config
-from common.errors import ConfigError
-from provisioner.state import State, connect
+from common.tickets import verify_control
 from worker_node.agent import Agent
+from worker_node.control import ControlClient, ControlError, Grant, Refused
 from worker_node.runtime import NodeRuntime
 from worker_node.server import create_app
 from worker_node.shifter import warm_up
 
+log = logging.getLogger("worker_node")
+JOIN_PATIENCE_S = 60.0     # keep trying an unreachable control plane this long at boot
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="voicectl node", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--join", metavar="URL", help="the control plane (VOICE_PUBLIC_URL)")
+    p.add_argument("--token", help="one-time join token (user-data, or voicectl byo-token)")
+    p.add_argument("--public-url", help="where browsers reach this node, ws://HOST:PORT or "
+                   "wss://HOST:PORT (default: ws://HOST:PORT of --host/--port)")
+    p.add_argument("--host", default=None, help="listen address (default 127.0.0.1, or "
+                   "0.0.0.0 with --public-url)")
+    p.add_argument("--port", type=int, default=None,
+                   help="listen port (default: --public-url's, else a free one)")
+    p.add_argument("--cert", help="TLS certificate (PEM): serve wss://")
+    p.add_argument("--key", help="TLS private key (PEM) for --cert")
+    p.add_argument("--drain-s", type=float, default=30.0,
+                   help="on SIGTERM, how long live streams may go on before leaving")
+    p.add_argument("--standalone", action="store_true", help="serve without a control plane")
+    p.add_argument("--model", default="standalone")
+    p.add_argument("--version", default="1")
+    p.add_argument("--semitones", type=float, default=0.0)
+    p.add_argument("--ticket-key", help="standalone: the key tickets are signed with")
+    p.add_argument("--node-id", default=None, help="standalone: the node id tickets name")
+    p.add_argument("--load-s", type=float, default=None,
+                   help="the stand-in model's load time (default: the control plane's)")
+    p.add_argument("--crash-rate", type=float, default=None,
+                   help="the stand-in model's crash chance per minute (default: the control "
+                        "plane's CRASH_RATE)")
+    return p
+
+
+def _listen(args: argparse.Namespace) -> tuple[str, int, str]:
+    """Host, port and public URL (the port is chosen now, so the URL can be announced)."""
+    scheme = "wss" if args.cert else "ws"
+    public = (args.public_url or "").rstrip("/")
+    host = args.host or ("0.0.0.0" if public else "127.0.0.1")
+    port = args.port
+    if port is None and public:
+        port = int(public.split("://", 1)[1].split("/", 1)[0].rpartition(":")[2] or 0)
+    if not port:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+    url = (public or f"{scheme}://{host}:{port}")
+    return host, port, url if url.endswith("/ws") else url + "/ws"
+
+
+def _join(control: ControlClient, token: str, url: str) -> Grant:
+    deadline = time.monotonic() + JOIN_PATIENCE_S
+    while True:
+        try:
+            return control.join(token, url)
+        except Refused:
+            raise
+        except ControlError as e:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("%s; retrying", e)
+            time.sleep(1.0)
+
+
+def control_endpoint(app: Flask, key: str, agent: Agent) -> None:
+    """POST /control: orders the control plane pushes (kick, wake), signed with our key."""
+    @app.post("/control")
+    def control() -> tuple[Response, int]:
+        body = request.get_data()
+        if not verify_control(body, request.headers.get("X-Signature", ""), key):
+            return jsonify({"error": "forbidden", "message": "bad or missing signature"}), 403
+        try:
+            order: dict[str, Any] = json.loads(body)
+        except ValueError:
+            return jsonify({"error": "bad_request", "message": "body is not JSON"}), 400
+        agent.control_order(order)
+        return jsonify({"ok": True}), 200
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="worker_node", description=__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--version", help="model version (default: the configured one)")
-    p.add_argument("--region", required=True)
-    p.add_argument("--node-id", default=None)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    p.add_argument("--semitones", type=float, help="pitch shift (default: the configured one)")
-    p.add_argument("--boot-s", type=float, default=0.0,
-                   help="wait this long first: stands for the VM booting")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s node %(message)s")
-    try:
-        cfg = load_config()
-    except ConfigError as e:
-        print(f"worker_node: {e}", file=sys.stderr)
+    if not args.standalone and not (args.join and args.token):
+        print("voicectl node: give --join URL --token T (a join token from the control plane: "
+              "the VM's user-data, or `voicectl byo-token --region R`), or --standalone",
+              file=sys.stderr)
         return 2
-    model, region = cfg.model(args.model), cfg.region(args.region)
-    if model is None and args.version and args.semitones is not None:
-        model = Model(args.model, args.version, args.semitones)   # a deployed version
-    if model is None or region is None:
-        print(f"worker_node: unknown model {args.model!r} or region {args.region!r}; "
-              f"known models {[m.name for m in cfg.models]}, regions "
-              f"{[r.name for r in cfg.regions]}", file=sys.stderr)
+    if bool(args.cert) != bool(args.key):
+        print("voicectl node: --cert and --key go together (PEM files)", file=sys.stderr)
         return 2
-    if cfg.redis_url is None:
-        print("worker_node: REDIS_URL is not set; the node must heartbeat into the "
-              "control plane's Redis", file=sys.stderr)
-        return 2
-    provider = cfg.provider(region.provider)
-    time.sleep(args.boot_s)
-    node = NodeRuntime(id=args.node_id or f"n-{uuid.uuid4().hex[:10]}", model=model.name,
-                       version=args.version or model.version, region=region.name,
-                       provider=provider.name,
-                       semitones=model.semitones if args.semitones is None else args.semitones,
-                       capacity=cfg.node_capacity, load_s=cfg.model_load_s)
-    agent = Agent(node, State(connect(cfg.redis_url)), cfg.heartbeat_interval_s,
-                  provider.price_per_hour, cfg.crash_rate, lock_ttl_s=cfg.heartbeat_timeout_s,
-                  warm_up=warm_up)
-    app = create_app(node, cfg.ticket_secret, on_open=agent.on_open, on_close=agent.on_close,
-                     admit=agent.admit)
-    server = make_server(args.host, args.port, app, threaded=True)
-    node.url = f"ws://{args.host}:{server.server_port}/ws"
-    agent.start()
+    host, port, url = _listen(args)
+    control = ControlClient(args.join or "")
+    if args.standalone:
+        grant = Grant(args.node_id or f"n-{uuid.uuid4().hex[:10]}", "", args.ticket_key or "",
+                      args.model, args.version, args.semitones, "local", "standalone", 2.0,
+                      args.load_s or 0.0, args.crash_rate or 0.0)
+    else:
+        try:
+            grant = _join(control, args.token, url)
+        except ControlError as e:
+            print(f"voicectl node: could not join {args.join}: {e}", file=sys.stderr)
+            return 3
+        knobs = {k: v for k, v in (("model_load_s", args.load_s),
+                                   ("crash_rate", args.crash_rate)) if v is not None}
+        grant = dataclasses.replace(grant, **knobs)   # type: ignore[arg-type]
+    node = NodeRuntime(id=grant.node_id, model=grant.model, version=grant.version,
+                       region=grant.region, provider=grant.provider, semitones=grant.semitones,
+                       capacity=4, load_s=grant.model_load_s, url=url)
+    agent = Agent(node, control, grant.heartbeat_interval_s, grant.crash_rate, warm_up=warm_up)
+    hooks = {} if args.standalone else {"on_open": agent.on_open, "on_close": agent.on_close}
+    app = create_app(node, grant.ticket_key, **hooks)
+    control_endpoint(app, grant.ticket_key, agent)
+    ssl = (args.cert, args.key) if args.cert else None
+    server = make_server(host, port, app, threaded=True, ssl_context=ssl)
+    if not args.standalone:
+        agent.start()
     threading.Thread(target=node.load, args=(warm_up, agent.poke), name="load",
                      daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    logging.info("%s serving %s v%s in %s at %s (loading %.1f s)", node.id, node.model,
-                 node.version, node.region, node.url, cfg.model_load_s)
+
+    def leave(*_: object) -> None:
+        threading.Thread(target=_drain_and_leave, args=(node, agent, control, server,
+                                                        args.drain_s, args.standalone),
+                         name="leave", daemon=True).start()
+    signal.signal(signal.SIGTERM, leave)
+    gc.freeze()   # start-up objects out of the collector's way: no long pauses mid-stream
+    log.info("%s serving %s v%s in %s at %s (loading %.1f s)", node.id, node.model,
+             node.version, node.region, node.url, grant.model_load_s)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     agent.stop()
     return 0
+
+
+def _drain_and_leave(node: NodeRuntime, agent: Agent, control: ControlClient, server: Any,
+                     drain_s: float, standalone: bool) -> None:
+    """SIGTERM: take no new streams, let live ones finish, move the rest, leave, stop."""
+    deadline = time.time() + drain_s
+    agent.leaving = True
+    node.drain(deadline, time.time())
+    if node.streams:
+        log.info("SIGTERM: draining %d stream(s) for up to %.0f s", len(node.streams), drain_s)
+    agent.poke()
+    while node.streams and time.time() < deadline:
+        time.sleep(0.1)
+    node.drain(deadline, max(time.time(), deadline))   # at the deadline: resume elsewhere
+    time.sleep(0.2)
+    if not standalone:
+        agent.stop()
+        try:
+            control.leave()
+            log.info("left the fleet")
+        except ControlError as e:
+            log.warning("could not say goodbye (%s); the control plane will reap us", e)
+    server.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""The node agent: heartbeats the node's state into Redis and obeys the control flags.
+"""The node agent: heartbeats the node's own health, load and usage to the control plane
+over HTTP, and obeys the orders in the answer.
 
-Each beat writes state, load progress and the streamed seconds of every live stream, keeps
-the users' single-stream locks alive, and reads back the control plane's flags: a drain
-deadline (take no new streams; at the deadline tell live ones to resume elsewhere) and
-take-overs (a stream whose lock another session took is closed with 4409). A node never
-needs to be told anything to die safely: if its heartbeats stop, the control plane frees its
-slots and re-places its users; if Redis stays unreachable, the node exits by itself.
+Each beat reports state, load progress, the live streams (user, session, fence), their
+per-minute streamed seconds, and the streams that closed since the last beat; the answer
+carries the control plane's orders: a drain deadline (take no new streams; at the deadline
+tell live ones to resume elsewhere), a retarget (reload another model), and the streams
+whose user's lock another session took (closed with 4409). Orders that cannot wait arrive
+on `/control`, signed with the node's key. A node never needs to be told anything to die
+safely: if its heartbeats stop, the control plane frees its slots and re-places its users;
+if the control plane stays unreachable, or forgot the node, the node exits by itself.
 """
 
 from __future__ import annotations
@@ -16,115 +19,113 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from decimal import Decimal
+from typing import Any
 
-from provisioner.state import WAKE, State
-from provisioner.states import NodeState
+from worker_node.control import ControlClient, ControlError, Refused
+from common.states import NodeState
 from worker_node.runtime import NodeRuntime, Stream
 
 log = logging.getLogger("worker_node.agent")
 
-ORPHAN_AFTER_S = 15.0   # no Redis for this long: the control plane is gone, so exit
+ORPHAN_AFTER_S = 15.0   # no control plane for this long: it is gone, so exit
+TAKEN_OVER = "this user started streaming elsewhere; this stream was taken over"
 
 
 class Agent:
-    def __init__(self, node: NodeRuntime, state: State, interval_s: float,
-                 price_per_hour: Decimal, crash_rate_per_min: float = 0.0,
-                 lock_ttl_s: float = 6.0, rng: random.Random | None = None,
-                 warm_up: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, node: NodeRuntime, control: ControlClient, interval_s: float,
+                 crash_rate_per_min: float = 0.0, rng: random.Random | None = None,
+                 warm_up: Callable[[], None] = lambda: None,
+                 exit: Callable[[int], None] = os._exit) -> None:
+        self.node, self.control, self.interval_s = node, control, interval_s
         self.warm_up = warm_up
-        self.node, self.state, self.interval_s = node, state, interval_s
-        self.price = price_per_hour
         self.crash_rate = crash_rate_per_min
-        self.lock_ttl_s = lock_ttl_s
         self.rng = rng or random.Random()
+        self.exit = exit
         self._stop = threading.Event()
         self._poke = threading.Event()
+        self._beating = threading.Lock()
+        self._closed: list[tuple[str, str]] = []
+        self.leaving = False   # SIGTERM: draining to leave; orders never undrain it
         self._last_ok = time.monotonic()
 
-    def fields(self, now: float) -> dict[str, object]:
+    def report(self) -> dict[str, Any]:
+        """What this node says of itself: nothing the control plane decides."""
         snap = self.node.snapshot()
-        eta = float(snap["eta_ready_s"])  # type: ignore[arg-type]
-        return {
-            "id": snap["id"], "provider": snap["provider"], "region": snap["region"],
-            "model": snap["model"], "version": snap["version"],
-            "state": NodeState.READY.value if snap["state"] == "draining" else snap["state"],
-            "progress": snap["progress"], "url": snap["url"], "capacity": snap["capacity"],
-            "started_at": snap["started_at"], "ready_at": snap["ready_at"] or "",
-            "price_per_hour": self.price, "semitones": self.node.semitones,
-            "eta_ready": now + eta if eta > 0 else "",
-        }
+        with self.node.lock:
+            streams = list(self.node.streams.values())
+            live = [[s.user, s.session_id, s.fence, s.conn] for s in streams]
+            closed = list(self._closed)
+        return {"state": snap["state"], "progress": snap["progress"],
+                "eta_ready_s": snap["eta_ready_s"], "ready_at": snap["ready_at"],
+                "serving": f"{self.node.model}:{self.node.version}", "streams": live,
+                "usage": self._usage(streams), "closed": [list(c) for c in closed]}
 
-    def beat(self) -> None:
-        now = time.time()
-        flags = self.state.node_flags(self.node.id)
-        if flags["retarget"]:
-            model, version, semitones = flags["retarget"].split(":")
+    def _usage(self, streams: list[Stream]) -> list[list[Any]]:
+        with self.node.lock:
+            return [[minute, s.user, s.session_id, s.conn, round(secs, 4)]
+                    for s in streams for minute, secs in s.minutes.items()]
+
+    def beat(self, extra_usage: list[Stream] | None = None) -> None:
+        """One heartbeat and its orders (serialised: on_close and the loop both beat)."""
+        with self._beating:
+            report = self.report()
+            if extra_usage:
+                report["usage"] += self._usage(extra_usage)
+            orders = self.control.beat(report)
+            with self.node.lock:
+                sent = {tuple(c) for c in report["closed"]}
+                self._closed = [c for c in self._closed if c not in sent]
+        if orders.get("retarget"):
+            model, version, semitones = str(orders["retarget"]).split(":")
             if self.node.retarget(model, version, float(semitones), self.warm_up, self.poke):
                 log.info("retargeted to %s v%s: loading", model, version)
-        self.state.heartbeat(self.fields(now), now)
-        self.state.report_usage(self.node.usage())
-        # Under the node's lock, so a stream that closes meanwhile is neither re-marked
-        # live nor has its released lock re-created.
-        with self.node.lock:
-            live = [(s.user, s.session_id, s.fence) for s in self.node.streams.values()]
-            self.state.sync_live(self.node.id, [sid for _, sid, _ in live])
-            lost = self.state.refresh_locks(self.node.id, live, self.lock_ttl_s)
-        for sid in lost:
-            self.node.kick(sid, 4409, "this user started streaming elsewhere; this stream "
-                                      "was taken over")
-        if flags["retarget"]:
-            self.state.finish_retarget(self.node.id)
-        if flags["drain_deadline"]:
-            self.node.drain(float(flags["drain_deadline"]), now)
-        else:
+                self.poke()
+        for sid in orders.get("lost") or []:
+            self.node.kick(str(sid), 4409, TAKEN_OVER)
+        if orders.get("drain_deadline"):
+            self.node.drain(float(orders["drain_deadline"]), time.time())
+        elif not self.leaving:
             self.node.undrain()
 
     def on_open(self, stream: Stream) -> None:
-        self.state.mark_live(self.node.id, stream.session_id)
+        """Tell the control plane at once: the slot is live, and a stream whose lock
+        another session holds (a take-over elsewhere) is closed right away."""
+        self._safe_beat()
 
     def on_close(self, stream: Stream, current: bool) -> None:
-        """Bill the last seconds; free the slot and the user's lock at once, unless a newer
-        connection of the same session took this one's place. Each step is best effort:
-        the next heartbeat's slot sync and lock expiry repair what fails here."""
-        steps = [lambda: self.state.report_usage(self.node.usage([stream]))]
+        """Bill the last seconds; free the slot and the user's lock before the client hears
+        the close, unless a newer connection of the same session took this one's place."""
         if current:
-            steps += [lambda: self.state.release_slot(self.node.id, stream.session_id),
-                      lambda: self.state.release_lock(stream.user, stream.session_id)]
-        for step in steps:
-            try:
-                step()
-            except Exception:  # process boundary: Redis away; the heartbeat repairs it
-                log.exception("releasing session %s failed", stream.session_id)
+            with self.node.lock:
+                self._closed.append((stream.user, stream.session_id))
+        self._safe_beat([stream])
 
-    def admit(self, stream: Stream) -> str | None:
-        holder = self.state.lock_holder(stream.user)
-        if holder is not None and holder != stream.session_id:
-            return ("this user's stream now belongs to another session (taken over); "
-                    "reconnect through the lobby")
-        return None
+    def _safe_beat(self, extra_usage: list[Stream] | None = None) -> None:
+        try:
+            self.beat(extra_usage)
+            self._last_ok = time.monotonic()
+        except Refused:
+            self._forgotten()
+        except ControlError as e:  # the loop retries; lock expiry repairs what fails here
+            log.warning("heartbeat failed: %s", e)
 
-    def listen_for_kicks(self) -> None:
-        """Close at once a stream whose user took over elsewhere (pub/sub from the lobby)."""
-        while not self._stop.is_set():
-            try:
-                sub = self.state.kick_subscription(self.node.id)
-                for msg in sub.listen():
-                    if msg["data"] == WAKE:
-                        self.poke()   # new control flags (a retarget): act now
-                        continue
-                    self.node.kick(str(msg["data"]), 4409, "this user started streaming "
-                                   "elsewhere; this stream was taken over")
-            except Exception:  # process boundary: resubscribe after a Redis hiccup
-                log.exception("kick subscription lost; resubscribing")
-                self._stop.wait(1.0)
+    def control_order(self, order: dict[str, Any]) -> None:
+        """An order pushed to /control (already verified): kick streams, or beat now."""
+        for sid in order.get("kick") or []:
+            self.node.kick(str(sid), 4409, TAKEN_OVER)
+        if order.get("wake"):
+            self.poke()
 
     def maybe_crash(self, dt_s: float) -> None:
         """CRASH_RATE is the chance of dying in a given minute; scale it to this tick."""
         if self.crash_rate > 0 and self.rng.random() < 1 - (1 - self.crash_rate) ** (dt_s / 60):
             log.error("simulated GPU crash (CRASH_RATE=%s): node %s exits now",
                       self.crash_rate, self.node.id)
-            os._exit(70)
+            self.exit(70)
+
+    def _forgotten(self) -> None:
+        log.error("the control plane no longer knows node %s: exiting", self.node.id)
+        self.exit(0)
 
     def run(self) -> None:
         """Beat until stopped; faster while loading so the lobby's ETA stays fresh."""
@@ -132,25 +133,26 @@ class Agent:
             try:
                 self.beat()
                 self._last_ok = time.monotonic()
-            except Exception:  # process boundary: Redis may be briefly away; keep beating
-                log.exception("heartbeat failed; retrying")
+            except Refused:
+                self._forgotten()
+            except ControlError as e:  # the control plane may be briefly away; keep beating
+                log.warning("heartbeat failed: %s; retrying", e)
                 if time.monotonic() - self._last_ok > ORPHAN_AFTER_S:
                     log.error("no control plane for %.0f s: exiting", ORPHAN_AFTER_S)
-                    os._exit(0)
+                    self.exit(0)
             if self.node.state is NodeState.DEAD:
                 log.error("the model could not load: node %s exits", self.node.id)
-                os._exit(71)
+                self.exit(71)
             loading = self.node.state is NodeState.LOADING
             self.maybe_crash(self.interval_s)
             self._poke.wait(min(self.interval_s, 0.5) if loading else self.interval_s)
             self._poke.clear()
 
     def poke(self) -> None:
-        """Beat now (the model just loaded), not at the next interval."""
+        """Beat now (the model just loaded, or an order came), not at the next interval."""
         self._poke.set()
 
     def start(self) -> threading.Thread:
-        threading.Thread(target=self.listen_for_kicks, name="kicks", daemon=True).start()
         t = threading.Thread(target=self.run, name="agent", daemon=True)
         t.start()
         return t

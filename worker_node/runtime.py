@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from provisioner.states import NodeState
+from common.states import NodeState
 
 
 @dataclass

@@ -1,0 +1,282 @@
+"""Nodes join and heartbeat over HTTP: the control plane's side of node membership.
+
+A node holds no Redis or database credentials. It joins with a one-time token (minted when
+we boot its VM, or by `voicectl byo-token` for an own machine), gets a per-node credential
+that can be revoked and its own ticket key, and then reports only its own health, load and
+usage; what the control plane decided (model, region, capacity, price) stays ours. Orders
+that cannot wait for the next heartbeat (close a taken-over stream, reload now) are pushed
+to the node's `/control` endpoint, signed with its key. Views in webapp/nodes_api.py are
+thin adapters around these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import requests
+
+from common.config import NAME_RE, Config
+from common.errors import JoinError
+from common.tickets import node_key, sign_control
+from provisioner.placement import home_region
+from provisioner.state import Beat, NodeRecord, Orders, State
+from provisioner.states import NodeState
+
+log = logging.getLogger("provisioner.membership")
+
+NODE_STATES = {NodeState.LOADING.value, NodeState.READY.value, NodeState.DRAINING.value,
+               NodeState.DEAD.value}
+CONN_RE = re.compile(r"^[0-9a-f]{1,16}$")
+URL_RE = re.compile(r"^wss?://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[A-Za-z0-9_./\-]*)?$")
+MAX_COUNTERS = 2000          # per heartbeat: a node with 4 streams reports a handful
+NOTIFY_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a node gets for its join token."""
+
+    node_id: str
+    credential: str
+    ticket_key: str
+    model: str
+    version: str
+    semitones: float
+    region: str
+    provider: str
+    heartbeat_interval_s: float
+    model_load_s: float
+    crash_rate: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def user_data(cfg: Config, token: str, note: str = "") -> str:
+    """The boot script of a node VM: install the project if needed, then join."""
+    return "\n".join([
+        "#!/bin/sh",
+        f"# voice changer node{': ' + note if note else ''}",
+        "set -e",
+        "if ! command -v voicectl >/dev/null 2>&1; then",
+        f"  python3 -m pip install --quiet '{cfg.node_package}'",
+        "fi",
+        f"exec voicectl node --join {cfg.public_url} --token {token}",
+        "",
+    ])
+
+
+def join_token_for(state: State, cfg: Config, node_id: str) -> str:
+    """The join token for a node we are booting; the same one if asked again (retries)."""
+    token = state.node_join_token(node_id)
+    if token is None:
+        token = state.mint_join({"node": node_id}, cfg.join_token_ttl_s)
+        state.set_node(node_id, join_token=token)
+    return token
+
+
+def byo_token(state: State, cfg: Config, region: str, model: str | None, ttl_s: float) -> str:
+    """A join token for one own machine in `region` (its provider must be `byo`)."""
+    r = cfg.region(region)
+    if r is None:
+        raise JoinError(f"unknown region {region!r}; known: {[x.name for x in cfg.regions]}")
+    if cfg.provider(r.provider).driver != "byo":
+        byo = [x.name for x in cfg.regions if cfg.provider(x.provider).driver == "byo"]
+        raise JoinError(f"region {region!r} is served by provider {r.provider!r}, not an own "
+                        f"machine provider (driver = \"byo\"); byo regions: {byo or 'none'}; "
+                        "add one to the config")
+    name = model or cfg.models[0].name
+    if cfg.model(name) is None and state.model(name) is None:
+        raise JoinError(f"unknown model {name!r}; known: {[m.name for m in cfg.models]}")
+    return state.mint_join({"byo": region, "model": name}, ttl_s)
+
+
+def join(state: State, cfg: Config, token: str, url: str, now: float) -> Grant:
+    """Redeem a join token: the node gets its id, model, credential and ticket key."""
+    if not URL_RE.match(url or ""):
+        raise JoinError(f"node url {url[:100]!r} is not ws://HOST:PORT/PATH or wss://...; "
+                        "pass --public-url as browsers reach this machine")
+    grant = state.redeem_join(token or "")
+    if grant is None:
+        raise JoinError("join token unknown, expired or already used; a node joins once per "
+                        "token: ask for a new one (voicectl byo-token --region R)")
+    if "node" in grant:
+        node_id = grant["node"]
+        rec = state.node(node_id)
+        if rec is None or rec.retired:
+            raise JoinError(f"node {node_id} is no longer wanted (stopped before it joined); "
+                            "this machine should shut down")
+        fields: dict[str, Any] = {"url": url, "started_at": now}
+    else:
+        node_id, rec = f"b-{uuid.uuid4().hex[:10]}", None
+        region = cfg.region(grant["byo"])
+        assert region is not None, "byo_token checked the region"
+        provider = cfg.provider(region.provider)
+        model = state.model(grant["model"])
+        version, semitones = (model.version, model.semitones) if model else (
+            cfg.models[0].version, cfg.models[0].semitones)
+        home = home_region(cfg, region.lat, region.lon).name
+        fields = {"id": node_id, "provider": provider.name, "region": region.name,
+                  "home": home, "model": grant["model"], "version": version,
+                  "semitones": semitones, "state": NodeState.LOADING.value,
+                  "requested_at": now, "started_at": now, "deadline": now + 3600,
+                  "capacity": cfg.node_capacity, "price_per_hour": provider.price_per_hour,
+                  "url": url, "last_seen": now}
+    credential = state.enroll(node_id, fields)
+    rec = state.node(node_id)
+    assert rec is not None
+    log.info("node %s joined from %s (%s v%s in %s)", node_id, url, rec.model, rec.version,
+             rec.region)
+    return Grant(node_id, credential, node_key(cfg.ticket_secret, node_id), rec.model,
+                 rec.version, rec.semitones, rec.region, rec.provider,
+                 cfg.heartbeat_interval_s, cfg.model_load_s, cfg.crash_rate)
+
+
+def authenticate(state: State, credential: str) -> str:
+    node_id = state.node_for_credential(credential)
+    if node_id is None:
+        raise JoinError("unknown or revoked node credential; this node is not part of the "
+                        "fleet (rejoin with a new join token)")
+    return node_id
+
+
+def parse_beat(rec: NodeRecord, body: Mapping[str, Any]) -> Beat:
+    """Validate a node's report; the usage counters are keyed by what the control plane
+    knows of the node (its id, model and region), never by what the node says."""
+    st = body.get("state")
+    if st not in NODE_STATES:
+        raise ValueError(f"state {st!r} is not one of {sorted(NODE_STATES)}")
+    streams = body.get("streams") or []
+    usage = body.get("usage") or []
+    if not isinstance(streams, list) or len(streams) > 4 * max(1, rec.capacity):
+        raise ValueError("streams must be a list of [user, session, fence, conn], "
+                         "at most a few per slot")
+    if not isinstance(usage, list) or len(usage) > MAX_COUNTERS:
+        raise ValueError(f"usage must be a list of at most {MAX_COUNTERS} "
+                         "[minute_s, user, session, conn, seconds]")
+    live = []
+    for item in streams:
+        user, session, fence, conn = item
+        _name(user, "user")
+        _name(session, "session")
+        live.append((str(user), str(session), int(fence)))
+    counters = []
+    for item in usage:
+        minute, user, session, conn, seconds = item
+        _name(user, "user")
+        _name(session, "session")
+        if not CONN_RE.match(str(conn)):
+            raise ValueError(f"connection id {str(conn)[:20]!r} is not 1-16 hex digits")
+        minute, seconds = int(minute), float(seconds)
+        if minute % 60 or not 0.0 <= seconds <= 60.0:
+            raise ValueError(f"usage minute {minute} / {seconds} s is not a UTC minute with "
+                             "0-60 s streamed")
+        counters.append((minute, f"{user}|{session}:{conn}|{rec.id}|{rec.model}|{rec.region}",
+                         round(seconds, 4)))
+    closed = body.get("closed") or []
+    if not isinstance(closed, list) or len(closed) > MAX_COUNTERS:
+        raise ValueError("closed must be a list of [user, session]")
+    ended = []
+    for user, session in closed:
+        _name(user, "user")
+        _name(session, "session")
+        ended.append((str(user), str(session)))
+    eta = body.get("eta_ready_s")
+    ready_at = body.get("ready_at")
+    return Beat(state=str(st), progress=min(1.0, max(0.0, float(body.get("progress") or 0))),
+                eta_ready=None if eta is None else float(eta),
+                ready_at=float(ready_at) if ready_at else None,
+                serving=str(body.get("serving") or ""), streams=live, usage=counters,
+                closed=ended)
+
+
+def _name(value: object, what: str) -> None:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValueError(f"{what} {str(value)[:70]!r} must be 1-64 of [A-Za-z0-9_.-]")
+
+
+def heartbeat(state: State, cfg: Config, node_id: str, body: Mapping[str, Any],
+              now: float) -> Orders:
+    rec = state.node(node_id)
+    if rec is None:
+        raise JoinError(f"node {node_id} was removed from the fleet (no heartbeat in time, or "
+                        "stopped); this node should shut down")
+    beat = parse_beat(rec, body)
+    if beat.eta_ready is not None:   # the node says "in N s"; the fleet keeps absolute times
+        beat = replace(beat, eta_ready=now + beat.eta_ready if beat.eta_ready > 0 else None)
+    orders = state.beat(node_id, beat, now, cfg.heartbeat_timeout_s)
+    if orders is None:
+        raise JoinError(f"node {node_id} was removed from the fleet; shut down")
+    return orders
+
+
+def orders_json(orders: Orders) -> dict[str, Any]:
+    return {"drain_deadline": orders.drain_deadline, "retarget": orders.retarget,
+            "lost": list(orders.lost)}
+
+
+def bill_row(rec: NodeRecord) -> dict[str, object]:
+    """What the GPU bill records of a node: the configured price, never a node's word."""
+    return {"id": rec.id, "provider": rec.provider, "region": rec.region, "model": rec.model,
+            "started_s": rec.requested_at or rec.started_at, "price_per_hour": rec.price_per_hour}
+
+
+def increment_s(cfg: Config, provider: str) -> int:
+    return next((p.billing_increment_s for p in cfg.providers if p.name == provider), 1)
+
+
+def leave(state: State, node_id: str) -> NodeRecord | None:
+    """A node leaves (an own machine drained on SIGTERM): revoke it and forget it; the
+    caller closes its bill."""
+    rec = state.node(node_id)
+    state.revoke(node_id)
+    state.forget_node(node_id)
+    return rec
+
+
+# --- orders pushed to a node ---------------------------------------------------------------
+
+def control_url(node_url: str) -> str:
+    """ws://host:port/ws -> http://host:port/control (wss -> https)."""
+    scheme, _, rest = node_url.partition("://")
+    host = rest.split("/", 1)[0]
+    return f"{'https' if scheme == 'wss' else 'http'}://{host}/control"
+
+
+def notify(cfg: Config, rec: NodeRecord, payload: Mapping[str, Any],
+           wait: bool = False) -> None:
+    """Push an order to a node now (best effort; its next heartbeat is the backstop)."""
+    if not rec.url:
+        return
+    body = json.dumps(dict(payload)).encode()
+    sig = sign_control(body, node_key(cfg.ticket_secret, rec.id))
+
+    def send() -> None:
+        try:
+            requests.post(control_url(rec.url), data=body, timeout=NOTIFY_TIMEOUT_S,
+                          headers={"Content-Type": "application/json", "X-Signature": sig},
+                          verify=False)   # noqa: S501  own nodes' certificates may be private
+        except requests.RequestException as e:
+            log.info("order to node %s not delivered (%s); its heartbeat will carry it",
+                     rec.id, e)
+    if wait:
+        send()
+    else:
+        threading.Thread(target=send, name="notify", daemon=True).start()
+
+
+def kick(cfg: Config, rec: NodeRecord, session_id: str) -> None:
+    """Close a stream now: its user took it over elsewhere."""
+    notify(cfg, rec, {"kick": [session_id]})
+
+
+def wake(cfg: Config, rec: NodeRecord) -> None:
+    """Heartbeat now and so read new orders (a retarget)."""
+    notify(cfg, rec, {"wake": True})

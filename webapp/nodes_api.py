@@ -1,0 +1,68 @@
+"""Where nodes join, heartbeat and leave: `/api/nodes/*` (see docs/protocol.md).
+
+Thin views over provisioner.membership. A node authenticates every heartbeat with the
+credential it got at join (`Authorization: Bearer ...`); refusals are JSON errors that say
+what was wrong and what the node should do (401: rejoin or shut down; 400: fix the report).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from billing.ledger import Ledger
+from common.config import Config
+from common.errors import JoinError
+from provisioner import membership
+from provisioner.state import State
+
+
+def blueprint(cfg: Config, state: State, ledger: Ledger | None) -> Blueprint:
+    bp = Blueprint("nodes", __name__, url_prefix="/api/nodes")
+
+    def body() -> dict[str, Any]:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise ValueError("the body must be a JSON object")
+        return data
+
+    def node_id() -> str:
+        auth = request.headers.get("Authorization", "")
+        scheme, _, credential = auth.partition(" ")
+        if scheme != "Bearer" or not credential:
+            raise JoinError("no node credential: send Authorization: Bearer CREDENTIAL (the "
+                            "one the join answered)")
+        return membership.authenticate(state, credential)
+
+    @bp.errorhandler(JoinError)
+    def refused(e: JoinError) -> tuple[Response, int]:
+        return jsonify({"error": "refused", "message": str(e)}), 401
+
+    @bp.errorhandler(ValueError)
+    @bp.errorhandler(TypeError)
+    def malformed(e: Exception) -> tuple[Response, int]:
+        return jsonify({"error": "bad_request", "message": f"malformed node request: {e}"}), 400
+
+    @bp.post("/join")
+    def join() -> Response:
+        data = body()
+        grant = membership.join(state, cfg, str(data.get("token") or ""),
+                                str(data.get("url") or ""), time.time())
+        return jsonify(grant.to_json())
+
+    @bp.post("/heartbeat")
+    def heartbeat() -> Response:
+        orders = membership.heartbeat(state, cfg, node_id(), body(), time.time())
+        return jsonify(membership.orders_json(orders))
+
+    @bp.post("/leave")
+    def leave() -> Response:
+        rec = membership.leave(state, node_id())
+        if rec is not None and ledger is not None:
+            ledger.close_node(membership.bill_row(rec), time.time(),
+                              membership.increment_s(cfg, rec.provider))
+        return jsonify({"left": rec.id if rec else None})
+
+    return bp
