@@ -35,7 +35,7 @@ TOKEN_TAG = "voice:client-token"   # see _existing: moto ignores ClientToken
 CAPACITY_CODES = frozenset({
     "InsufficientInstanceCapacity", "InstanceLimitExceeded", "VcpuLimitExceeded",
     "MaxSpotInstanceCountExceeded", "InsufficientCapacity", "SpotMaxPriceTooLow",
-    "Unsupported",
+    "Unsupported", "UnfulfillableCapacity",   # the last: no spare spot capacity now
 })
 GONE_STATES = frozenset({"shutting-down", "terminated"})
 

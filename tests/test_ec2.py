@@ -52,12 +52,6 @@ def make(driver: NodeDriver, image: str, cluster: str, name: str, **kw: Any) -> 
                       instance_type=TYPE, image=image, **kw)
 
 
-def user_data(driver: NodeDriver, instance_id: str) -> str:
-    init = devcloud.CloudInit(f"http://{driver.connection.host}:{driver.connection.port}",
-                              REGION, log_dir=Path("/nonexistent"))
-    return init._user_data(instance_id)
-
-
 def wait_for(what: Callable[[], Any], timeout_s: float = 10.0, msg: str = "") -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -80,7 +74,7 @@ def test_create_tags_user_data_and_client_token(driver: NodeDriver, image: str,
     tags = seen.extra["tags"]
     assert {k: tags[k] for k in ("Name", ec2.NODE_TAG, ec2.CLUSTER_TAG, ec2.POOL_TAG)} == {
         "Name": "n-1", ec2.NODE_TAG: "n-1", ec2.CLUSTER_TAG: cluster, ec2.POOL_TAG: "miku"}
-    assert user_data(driver, node.id) == script
+    assert devcloud.read_user_data(driver, node.id) == script
 
     again = make(driver, image, cluster, "n-1", user_data=script,
                  client_token="tok-" + cluster)                 # a retried task

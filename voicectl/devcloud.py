@@ -33,8 +33,8 @@ from libcloud.compute.types import NodeState
 from provisioner import ec2
 from voicectl import procs
 
-__all__ = ["MOTO_AMI", "FAKE_KEY", "start_moto", "default_image", "CapacityFault",
-           "CloudInit"]
+__all__ = ["MOTO_AMI", "FAKE_KEY", "start_moto", "default_image", "read_user_data",
+           "CapacityFault", "CloudInit", "minimal_env"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,15 @@ def default_image(endpoint: str, region: str) -> str:
         "Action": "RegisterImage", "Name": name, "RootDeviceName": "/dev/sda1",
         "Architecture": "x86_64"}).object
     return str(body.findtext(f"{{{NAMESPACE}}}imageId"))
+
+
+def read_user_data(driver: NodeDriver, instance_id: str) -> str:
+    """The user-data an instance was started with (DescribeInstanceAttribute), decoded."""
+    body = driver.connection.request("/", params={  # type: ignore[no-untyped-call]
+        "Action": "DescribeInstanceAttribute", "InstanceId": instance_id,
+        "Attribute": "userData"}).object
+    encoded = body.findtext(f"{{{NAMESPACE}}}userData/{{{NAMESPACE}}}value") or ""
+    return base64.b64decode(encoded).decode()
 
 
 # --- capacity faults ---------------------------------------------------------------------
@@ -205,9 +214,12 @@ GRACE_S = 3.0    # SIGTERM, then SIGKILL: like a VM's shutdown
 
 
 def minimal_env(**extra: str) -> dict[str, str]:
-    """The environment a fresh VM would have: PATH, HOME, LANG; plus `extra`."""
-    return {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", **extra}
+    """What a fresh VM with the project installed would have: PATH (our venv's bin first,
+    so the user-data finds this checkout's `voicectl`), HOME, LANG; plus `extra`."""
+    path = os.pathsep.join([str(Path(sys.executable).parent),
+                            os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")])
+    return {"PATH": path, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",
+            **extra}
 
 
 class CloudInit:
@@ -280,20 +292,13 @@ class CloudInit:
 
     def _boot(self, instance_id: str) -> None:
         self._booted.add(instance_id)
-        script = self._user_data(instance_id)
+        script = read_user_data(self.driver, instance_id)
         if not script:
             return     # an instance without user-data boots and runs nothing of ours
         proc = procs.spawn(["sh", "-c", script], env=self.env,
                            log=self.log_dir / f"{instance_id}.log")
         with self._lock:
             self._procs[instance_id] = proc
-
-    def _user_data(self, instance_id: str) -> str:
-        body = self.driver.connection.request("/", params={  # type: ignore[no-untyped-call]
-            "Action": "DescribeInstanceAttribute", "InstanceId": instance_id,
-            "Attribute": "userData"}).object
-        encoded = body.findtext(f"{{{NAMESPACE}}}userData/{{{NAMESPACE}}}value") or ""
-        return base64.b64decode(encoded).decode()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
