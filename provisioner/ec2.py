@@ -85,8 +85,8 @@ def ec2_driver(provider_region: str, *, access_key: str, secret_key: str,
     secure = url.scheme == "https"
     return CompatibleEC2NodeDriver(  # type: ignore[no-untyped-call]
         access_key, secret_key, secure=secure, host=url.hostname,
-                                   port=url.port or (443 if secure else 80),
-                                   region=provider_region, signature_version="4")
+        port=url.port or (443 if secure else 80), region=provider_region,
+        signature_version="4")   # with SigV2 moto cannot tell the service, answers as S3
 
 
 def create(driver: NodeDriver, *, name: str, user_data: str, tags: Mapping[str, str],
