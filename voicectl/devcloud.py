@@ -48,7 +48,9 @@ START_TIMEOUT_S = 30.0
 def start_moto(port: int | None = None) -> tuple[str, Popen[bytes]]:
     """moto's EC2 server as our child on 127.0.0.1; returns (endpoint URL, process).
 
-    AMI validation is on, so an unknown `image` fails here as it would on AWS."""
+    AMI validation is on, so an unknown `image` fails here as it would on AWS. Call it from
+    a thread that outlives your use of moto: the child's death signal (PR_SET_PDEATHSIG)
+    fires when the thread that spawned it ends, not only the process."""
     port = port or procs.free_port()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
            "MOTO_ENABLE_AMI_VALIDATION": "true"}
@@ -295,6 +297,8 @@ class CloudInit:
         script = read_user_data(self.driver, instance_id)
         if not script:
             return     # an instance without user-data boots and runs nothing of ours
+        # spawned from the loop thread, so a node dies with this CloudInit (PDEATHSIG follows
+        # the spawning thread) as well as with our process
         proc = procs.spawn(["sh", "-c", script], env=self.env,
                            log=self.log_dir / f"{instance_id}.log")
         with self._lock:
