@@ -12,20 +12,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import lru_cache
 
-from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeLocation
 from libcloud.compute.providers import get_driver, set_driver
 
 from common.config import Config, Provider, Region
-from common.errors import CapacityError, ConfigError
+from common.errors import ConfigError
+from provisioner import ec2
+from provisioner.errors import CapacityError
 
 LOCAL = "voice-local"
-TAG_CLUSTER, TAG_POOL, TAG_NODE = "voice:cluster", "voice:pool", "voice:node"
-# What clouds say when they have no machine for us, or we hit a quota.
-CAPACITY_CODES = ("InsufficientInstanceCapacity", "InstanceLimitExceeded", "VcpuLimitExceeded",
-                  "MaxSpotInstanceCountExceeded", "InsufficientCapacity", "SpotMaxPriceTooLow",
-                  "QUOTA_EXCEEDED", "ZONE_RESOURCE_POOL_EXHAUSTED", "SkuNotAvailable",
-                  "OperationNotAllowed")
+TAG_CLUSTER, TAG_POOL, TAG_NODE = ec2.CLUSTER_TAG, ec2.POOL_TAG, ec2.NODE_TAG
+# What clouds say when they have no machine for us, or we hit a quota (EC2's, then GCE's
+# and Azure's words for the same).
+CAPACITY_CODES = (*ec2.CAPACITY_CODES, "QUOTA_EXCEEDED", "ZONE_RESOURCE_POOL_EXHAUSTED",
+                  "SkuNotAvailable", "OperationNotAllowed")
 
 
 def register() -> None:
@@ -53,7 +53,6 @@ def driver_for(cfg: Config, region: Region) -> NodeDriver:
                               if r.provider == p.name and r.max_nodes is not None))
         return _local(cfg.redis_url, p.boot_s, quotas)
     if p.driver == "ec2":
-        from provisioner import ec2
         return ec2.ec2_driver(region.provider_region or region.name,
                               access_key=cfg.aws_access_key_id,
                               secret_key=cfg.aws_secret_access_key,
@@ -92,7 +91,6 @@ def create(cfg: Config, region: Region, node_id: str, user_data: str,
     driver = driver_for(cfg, region)
     try:
         if p.driver == "ec2":
-            from provisioner import ec2
             return ec2.create(driver, name=node_id, user_data=user_data, tags=tags,
                               client_token=node_id, instance_type=str(p.options["instance_type"]),
                               image=str(p.options["image"]), spot=p.spot)
@@ -109,17 +107,20 @@ def create(cfg: Config, region: Region, node_id: str, user_data: str,
     except CapacityError:
         raise
     except Exception as e:   # libcloud raises many kinds; only capacity is translated
-        if any(code in str(e) for code in CAPACITY_CODES):
-            raise CapacityError(f"{p.name} has no room in {region.name} "
-                                f"({region.provider_region or region.name}): {e}") from e
-        raise
+        code = next((c for c in CAPACITY_CODES if c in str(e)), None)
+        if code is None:
+            raise
+        raise CapacityError(f"{p.name} has no room in {region.name} "
+                            f"({region.provider_region or region.name}): {e}",
+                            provider_region=region.provider_region or region.name,
+                            instance_type=str(p.options.get("instance_type", "")),
+                            code=code) from e
 
 
 def list_ours(cfg: Config, region: Region) -> list[Node]:
     """Machines with our cluster tag in `region`'s provider region (no one else's)."""
     driver = driver_for(cfg, region)
     if cfg.provider(region.provider).driver == "ec2":
-        from provisioner import ec2
         return list(ec2.list_ours(driver, cfg.cluster))
     return [n for n in driver.list_nodes()
             if (n.extra.get("tags") or {}).get(TAG_CLUSTER) == cfg.cluster]
@@ -132,7 +133,6 @@ def node_id_of(vm: Node) -> str:
 def destroy(cfg: Config, region: Region, vm: Node) -> None:
     driver = driver_for(cfg, region)
     if cfg.provider(region.provider).driver == "ec2":
-        from provisioner import ec2
         ec2.destroy(driver, vm)
         return
     driver.destroy_node(vm)

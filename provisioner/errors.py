@@ -18,3 +18,8 @@ class CapacityError(VoiceError):
         self.provider_region = provider_region
         self.instance_type = instance_type
         self.code = code
+
+
+class JoinError(VoiceError):
+    """A node's join or heartbeat is refused: an unknown, used or expired join token, a
+    revoked or unknown credential, or a node the control plane already forgot."""

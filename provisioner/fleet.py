@@ -9,14 +9,14 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from libcloud.compute.types import NodeState as LibcloudState
 
 from common.config import Config, Model, Region
-from common.errors import CapacityError
 from provisioner import clouds, membership
 from provisioner.catalog import live_model, live_models
+from provisioner.errors import CapacityError
 from provisioner.placement import boot_regions, candidates
 from provisioner.policy import (
     Decisions,

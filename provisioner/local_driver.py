@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from libcloud.common.types import LibcloudError
-
 from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeLocation, NodeSize
 from libcloud.compute.types import NodeState as LibcloudState
 

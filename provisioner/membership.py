@@ -23,8 +23,8 @@ from typing import Any
 import requests
 
 from common.config import NAME_RE, Config
-from common.errors import JoinError
 from common.tickets import node_key, sign_control
+from provisioner.errors import JoinError
 from provisioner.placement import home_region
 from provisioner.state import Beat, NodeRecord, Orders, State
 from provisioner.states import NodeState

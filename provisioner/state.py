@@ -5,12 +5,13 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
     vc:nodes                  SET    ids of every node the control plane knows
     vc:node:{id}              HASH   id provider region model version state progress url
                                      capacity started_at requested_at deadline last_seen
-                                     price_per_hour eta_ready semitones home cred. `home`: the
-                                     region whose queue it serves (it may run in another region
-                                     at the same place, on a cheaper provider). `state` is written by
-                                     the control plane until the node heartbeats, then by the
-                                     node. Control flags the node never writes: drain_deadline
-                                     (old version: no new sessions), retired (being stopped).
+                                     price_per_hour eta_ready semitones home cred join_token.
+                                     `home`: the region whose queue it serves (it may run in
+                                     another region nearby, on a cheaper provider). `cred`: the
+                                     hash of its credential. `state` is written by the control
+                                     plane until the node heartbeats, then reported by the node.
+                                     Orders the node never writes: drain_deadline (old version:
+                                     no new sessions), retired (being stopped), retarget.
     vc:node:{id}:slots        ZSET   session id -> reservation expiry; +inf once the stream is
                                      live on the node. ZCARD = slots taken (never > capacity).
     vc:session:{sid}          HASH   user model version region node fence created_at

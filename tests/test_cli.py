@@ -97,9 +97,9 @@ def test_run_serves_the_page_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> Non
                 break
         assert msg["type"] == "ready", msg
         children = psutil.Process(proc.pid).children(recursive=True)
+        # The node's "VM" ran its user-data, which joins this control plane.
         vms = [c for c in psutil.process_iter(["cmdline"])
-               if "worker_node" in " ".join(c.info["cmdline"] or [])
-               and msg["node_id"] in " ".join(c.info["cmdline"] or [])]
+               if f"node --join http://127.0.0.1:{port} " in " ".join(c.info["cmdline"] or [])]
         assert len(children) >= 3 and vms          # redis, celery, flower; the node's VM
     finally:
         proc.send_signal(signal.SIGINT)

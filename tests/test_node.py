@@ -11,7 +11,7 @@ import pytest
 from conftest import SECRET, Fleet, closed_code
 from simple_websocket import Client
 
-from common.tickets import node_key, Ticket, sign
+from common.tickets import Ticket, node_key, sign
 from worker_node.quality import cents, harmonic_tone, pitch_hz
 
 RATE = 48000

@@ -130,7 +130,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                              now, cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
                 node_id = state.take_assignment(session_id)
             node = next((n for n in records if n.id == node_id), None) if node_id else None
-            if node_id and node is None:
+            if node_id and (node is None or not node.url):   # the view predates its join
                 node = state.node(node_id)
             if node is not None:
                 _ready(ws, state, cfg, req, session_id, fence, node, now)

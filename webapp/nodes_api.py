@@ -14,8 +14,8 @@ from flask import Blueprint, Response, jsonify, request
 
 from billing.ledger import Ledger
 from common.config import Config
-from common.errors import JoinError
 from provisioner import membership
+from provisioner.errors import JoinError
 from provisioner.state import State
 
 

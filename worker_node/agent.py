@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from worker_node.control import ControlClient, ControlError, Refused
 from common.states import NodeState
+from worker_node.control import ControlClient, ControlError, Refused
 from worker_node.runtime import NodeRuntime, Stream
 
 log = logging.getLogger("worker_node.agent")
