@@ -40,6 +40,23 @@ def redis_server() -> Iterator[str]:
     procs.stop([proc])
 
 
+@pytest.fixture(scope="session")
+def moto() -> Iterator[str]:
+    """A local EC2 API (moto) for the whole run: our child on a free port."""
+    from voicectl import devcloud
+
+    endpoint, proc = devcloud.start_moto()
+    yield endpoint
+    procs.stop([proc])
+
+
+@pytest.fixture(scope="session")
+def image(moto: str) -> str:
+    from voicectl import devcloud
+
+    return devcloud.default_image(moto, "us-west-2")
+
+
 @pytest.fixture
 def redis_url(redis_server: str) -> str:
     redis.Redis.from_url(redis_server).flushall()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +16,11 @@ from libcloud.compute.base import NodeDriver, NodeImage, NodeSize
 
 from provisioner import ec2
 from provisioner.errors import CapacityError
-from voicectl import devcloud, procs
+from voicectl import devcloud
 
 REGION = "us-west-2"
 TYPE = "g4dn.xlarge"
 KEY = "testing"        # fake credentials: moto takes any, nothing reads the environment
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[str]:
-    endpoint, proc = devcloud.start_moto()
-    yield endpoint
-    procs.stop([proc])
-
-
-@pytest.fixture(scope="module")
-def image(moto: str) -> str:
-    return devcloud.default_image(moto, REGION)
 
 
 @pytest.fixture
