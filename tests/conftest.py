@@ -68,6 +68,13 @@ def make_config(redis_url: str, **env: str) -> Config:
     return load_config({**base, **env})
 
 
+def fleet_config(redis_url: str, tmp: Path, toml: str, **overrides: Any) -> Config:
+    """A control-plane config from TOML text (other providers, regions), fast clocks."""
+    path = tmp / "voice.toml"
+    path.write_text(toml)
+    return control_plane_config(redis_url, VOICE_CONFIG=str(path), **overrides)
+
+
 DATABASES = ["sqlite"] + (["postgresql"] if os.environ.get("TEST_DATABASE_URL") else [])
 
 
@@ -222,9 +229,10 @@ class ControlPlane(Webapp):
         return [n for n in self.state.nodes() if model in (None, n.model)]
 
 
-def control_plane_config(redis_url: str, **overrides: Any) -> Config:
+def control_plane_config(redis_url: str, VOICE_CONFIG: str = "",  # noqa: N803
+                         **overrides: Any) -> Config:
     """Fast clocks for tests: short load, boot, grace and ticket life."""
-    cfg = make_config(redis_url)
+    cfg = make_config(redis_url, **({"VOICE_CONFIG": VOICE_CONFIG} if VOICE_CONFIG else {}))
     providers = tuple(replace(p, boot_s=0.2) for p in cfg.providers)
     base: dict[str, Any] = {"providers": providers, "idle_grace_s": 1.0, "ticket_ttl_s": 3.0,
                             "arrival_tau_s": 1.0}   # the warm buffer forgets arrivals fast
