@@ -217,6 +217,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         changes["database_url"] = env["DATABASE_URL"]
     if env.get("VOICE_PUBLIC_URL"):
         changes["public_url"] = env["VOICE_PUBLIC_URL"].rstrip("/")
+    if env.get("VOICE_EC2_ENDPOINT"):   # dev and tests: every ec2 provider talks to moto
+        changes["providers"] = tuple(
+            replace(p, options={**p.options, "endpoint": env["VOICE_EC2_ENDPOINT"]})
+            if p.driver == "ec2" else p for p in cfg.providers)
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         if env.get(key):
             changes[key.lower()] = env[key]

@@ -15,9 +15,16 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import (
+    ControlPlane,
+    Fleet,
+    closed_code,
+    fleet_config,
+    lobby,
+    running_control_plane,
+    start_stream,
+)
 
-from conftest import ControlPlane, Fleet, closed_code, fleet_config, lobby, \
-    running_control_plane, start_stream
 from voicectl import procs
 
 CONFIG = """

@@ -43,8 +43,9 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         say(f"cannot listen on {args.host}:{args.port}: another program uses it; stop it or "
             "pass --port N")
         return 1
-    children = []
-    redis_proc = None
+    children: list[Any] = []
+    infra: list[Any] = []    # Redis and moto: stopped last, the nodes' records live there
+    clouds_init: list[Any] = []   # --moto: what boots moto's instances here
     logs = procs.ROOT / "var" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     try:
@@ -53,17 +54,23 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         else:
             say("starting embedded Redis (REDIS_URL is unset) ...")
             url, redis_proc = procs.start_redis()
-            children.append(redis_proc)
+            infra.append(redis_proc)
             cfg = cfg.with_overrides(redis_url=url)
             say(f"Redis ready at {url}")
         assert cfg.redis_url is not None
         if cfg.public_url == Config.public_url:   # VOICE_PUBLIC_URL unset: nodes join us here
             cfg = cfg.with_overrides(public_url=f"http://{args.host}:{args.port}")
+        dev_env: dict[str, str] = {}
+        if args.moto:
+            dev_env = _start_moto(cfg, infra, clouds_init, logs)
+            cfg = load_config({**os.environ, **dev_env}).with_overrides(
+                redis_url=cfg.redis_url, public_url=cfg.public_url)
         state = State(connect(cfg.redis_url))
         state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
         env = {**os.environ, "REDIS_URL": cfg.redis_url, "TICKET_SECRET": cfg.ticket_secret,
                "MODEL_LOAD_SECONDS": str(cfg.model_load_s), "CRASH_RATE": str(cfg.crash_rate),
-               "VOICE_PUBLIC_URL": cfg.public_url, "FLOWER_UNAUTHENTICATED_API": "true"}
+               "VOICE_PUBLIC_URL": cfg.public_url, "FLOWER_UNAUTHENTICATED_API": "true",
+               **dev_env}
         celery = [sys.executable, "-m", "celery", "-A", "provisioner.worker"]
         say(f"starting the Celery worker with beat (log: {logs / 'celery.log'}) ...")
         children.append(procs.spawn(celery + ["worker", "-B", "-E", "--pool", "threads",
@@ -96,26 +103,46 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     finally:
         # The Celery worker first, so no tick boots a node after we destroyed them all;
-        # Redis last, since the driver reads its VMs from it.
-        redis_children = [p for p in children if p is redis_proc]
-        others = [p for p in children if p is not redis_proc]
-        say(f"stopping the Celery worker and Flower ({len(others)} processes) ...")
-        procs.stop(others)
-        say("destroying every local node ...")
-        _destroy_local_nodes(cfg)
-        procs.stop(redis_children)
+        # Redis (and moto) last, since the drivers read their VMs from them.
+        say(f"stopping the Celery worker and Flower ({len(children)} processes) ...")
+        procs.stop(children)
+        say("destroying every node we started ...")
+        _destroy_nodes(cfg)
+        for init in clouds_init:
+            init.stop()
+        procs.stop(infra)
         RUN_FILE.unlink(missing_ok=True)
         say("stopped")
 
 
-def _destroy_local_nodes(cfg: Config) -> None:
+def _start_moto(cfg: Config, infra: list[Any], inits: list[Any], logs: Any
+                ) -> dict[str, str]:
+    """Dev mode: a local EC2 API (moto) for every ec2 provider, and a "cloud-init" that
+    boots its instances from their user-data as local processes."""
+    from voicectl import devcloud
+
+    say("starting a local EC2 API (moto) for the ec2 providers ...")
+    endpoint, proc = devcloud.start_moto()
+    infra.append(proc)
+    for region in clouds.machine_regions(cfg):
+        if cfg.provider(region.provider).driver == "ec2":
+            where = region.provider_region or region.name
+            inits.append(devcloud.CloudInit(endpoint, where, log_dir=logs / "vms",
+                                            cluster=cfg.cluster,
+                                            env=devcloud.minimal_env()).start())
+            say(f"EC2 {where} at {endpoint}: instances run their user-data here")
+    return {"VOICE_EC2_ENDPOINT": endpoint,
+            "AWS_ACCESS_KEY_ID": cfg.aws_access_key_id or "testing",
+            "AWS_SECRET_ACCESS_KEY": cfg.aws_secret_access_key or "testing"}
+
+
+def _destroy_nodes(cfg: Config) -> None:
     if not cfg.redis_url:
         return
     try:
         for region in clouds.machine_regions(cfg):
-            if cfg.provider(region.provider).driver == "local":
-                for vm in clouds.list_ours(cfg, region):
-                    clouds.destroy(cfg, region, vm)
+            for vm in clouds.list_ours(cfg, region):
+                clouds.destroy(cfg, region, vm)
     except Exception as e:  # process boundary: shutting down, say what was left
         say(f"could not destroy every node ({e}); they exit on their own within "
             "15 s of Redis going away")
@@ -301,6 +328,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--region", help="region of the launch nodes (default: the first)")
     run.set_defaults(func=cmd_run)
     run.add_argument("--flower-port", type=int, default=5555)
+    run.add_argument("--moto", action="store_true", help="dev mode: ec2 providers use a local "
+                     "EC2 API (moto) whose instances boot here from their user-data")
     for name, func, text in [("nodes", cmd_nodes, "list the fleet and the queues"),
                              ("models", cmd_models, "list models and versions")]:
         sp = sub.add_parser(name, help=text)
