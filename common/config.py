@@ -89,6 +89,7 @@ class Config:
     idle_grace_s: float = 60.0
     arrival_tau_s: float = 600.0    # the arrival-rate average the warm buffer is sized from
     public_url: str = "http://127.0.0.1:8000"   # where nodes join and heartbeat (VOICE_PUBLIC_URL)
+    node_ca_file: str = ""          # CA bundle for nodes' own https certificates (or system)
     node_package: str = "voicechanger"   # what a fresh VM pip-installs to get `voicectl`
     cluster: str = "voice"          # tags every VM we make; we touch no VM without it
     join_token_ttl_s: float = 3600.0  # a cloud node's one-time join token lives this long

@@ -262,7 +262,7 @@ def notify(cfg: Config, rec: NodeRecord, payload: Mapping[str, Any],
         try:
             requests.post(control_url(rec.url), data=body, timeout=NOTIFY_TIMEOUT_S,
                           headers={"Content-Type": "application/json", "X-Signature": sig},
-                          verify=False)   # noqa: S501  own nodes' certificates may be private
+                          verify=cfg.node_ca_file or True)
         except requests.RequestException as e:
             log.info("order to node %s not delivered (%s); its heartbeat will carry it",
                      rec.id, e)

@@ -4,16 +4,21 @@ themselves, and every refusal is a clear error that leaves everyone else's strea
 from __future__ import annotations
 
 import json
+import shutil
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 from conftest import SECRET, Fleet, closed_code, start_stream
 from simple_websocket import Client
 
 from common.tickets import Ticket, node_key, sign
+from provisioner import membership
+from voicectl import procs
 from worker_node.quality import harmonic_tone
 
 
@@ -129,3 +134,31 @@ def test_a_forgotten_node_exits(fleet: Fleet) -> None:
     node_id = fleet.start("miku")
     fleet.state.forget_node(node_id)
     assert fleet.procs[-1].wait(timeout=15) == 0
+
+
+def test_a_node_serves_wss_with_a_certificate(fleet: Fleet, tmp_path: Path) -> None:
+    """A page on https cannot open ws://: a node given a certificate serves wss://, and
+    the control plane's orders reach it over https."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate: apt-get install openssl")
+    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    node_id, token = fleet.enroll("miku", node_id="n-tls")
+    port = procs.free_port()
+    fleet.join(token, "n-tls", "--public-url", f"wss://127.0.0.1:{port}", "--host",
+               "127.0.0.1", "--cert", str(cert), "--key", str(key))
+    fleet.wait_state(node_id, "ready")
+    url = fleet.url(node_id)
+    assert url == f"wss://127.0.0.1:{port}/ws"
+    trust = ssl.create_default_context(cafile=str(cert))
+    ws = Client.connect(f"{url}?ticket={ticket_for(node_id, node_id)}", ssl_context=trust)
+    ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+    assert json.loads(ws.receive(timeout=5))["type"] == "started"
+    rec = fleet.state.node(node_id)
+    assert rec is not None
+    trusting = fleet.cfg.with_overrides(node_ca_file=str(cert))
+    membership.notify(trusting, rec, {"kick": ["s-alice"]}, wait=True)   # https://.../control
+    code, reason = closed_code(ws)
+    assert code == 4409 and "taken over" in reason
