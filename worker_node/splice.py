@@ -76,8 +76,8 @@ class SpliceShifter:
         self.semitones = float(semitones)
         self.ratio = float(2.0 ** (self.semitones / 12.0))
         ms = self.sample_rate / 1000.0
-        self.latency_samples = round(LATENCY_MS * ms)
-        self.max_splice = float(round(MAX_SPLICE_MS * ms))
+        self.latency_samples = math.floor(LATENCY_MS * ms)  # floors: the sum stays <= 20 ms
+        self.max_splice = float(math.floor(MAX_SPLICE_MS * ms))
         self.min_splice = float(round(MIN_SPLICE_MS * ms))
         self._back = round(CORR_BACK_MS * ms)
         self._ahead = round(CORR_AHEAD_MS * ms)
@@ -99,6 +99,12 @@ class SpliceShifter:
     def max_latency_ms(self) -> float:
         """The largest delay any output sample can have, in milliseconds."""
         return 1000.0 * (self.latency_samples + self.max_splice / 2.0) / self.sample_rate
+
+    def read_delay_samples(self) -> float:
+        """How far behind the input the tap reads the next output sample (for tests)."""
+        if self.bypass:
+            return float(self.latency_samples)
+        return self._n - (self._tap_r + self.ratio * (self._n - self._tap_n))
 
     @property
     def bypass(self) -> bool:
