@@ -5,6 +5,8 @@ Tests and the benchmark judge a voice model on speech, not only tones:
 - `voice(name, sr)`: three short English sentences spoken by espeak-ng at a known pitch
   (`VOICES`: a low male about 80 Hz, a male about 102 Hz, a female about 219 Hz),
   resampled to `sr`. Needs the `espeak-ng` program (`have_espeak()`); cached per process.
+- `librosa_offline(signal, sr, semitones)`: the reference, librosa's offline
+  `effects.pitch_shift` on the whole utterance (no latency, no streaming).
 - `pitch_track(signal, sr)`: librosa.pyin frame by frame (F0 and a voiced flag).
 - `compare(inp, out, sr, delay, semitones)`: voiced frames kept (voiced frames in the
   output over voiced frames in the input) and the frame-wise shift in cents, measured
@@ -32,6 +34,7 @@ __all__ = [
     "Voice",
     "compare",
     "have_espeak",
+    "librosa_offline",
     "pitch_track",
     "voice",
 ]
@@ -101,6 +104,15 @@ def voice(name: str, sr: int) -> Int16Array:
     x = librosa.resample(pcm.astype(np.float64), orig_sr=rate, target_sr=sr)
     x *= 0.5 * 32767.0 / max(float(np.max(np.abs(x))), 1.0)
     out: Int16Array = np.clip(np.rint(x), -32768, 32767).astype(np.int16)
+    return out
+
+
+def librosa_offline(signal: Int16Array, sr: int, semitones: float) -> Int16Array:
+    """librosa.effects.pitch_shift on the whole signal at once, int16 (the reference)."""
+    import librosa
+
+    y = librosa.effects.pitch_shift(signal.astype(np.float64) / 32768.0, sr=sr, n_steps=semitones)
+    out: Int16Array = np.clip(np.rint(32768.0 * y), -32768, 32767).astype(np.int16)
     return out
 
 
