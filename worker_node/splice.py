@@ -160,7 +160,7 @@ class SpliceShifter:
 
     def _render(self, start: int, stop: int) -> FloatArray:
         """Output samples start..stop-1 from the tap (and the fading tap, if any)."""
-        n = np.arange(start, stop)
+        n: FloatArray = np.arange(start, stop, dtype=np.float64)
         y = self._read(self._tap_r + self.ratio * (n - self._tap_n))
         if self._fade_n >= 0:
             old = self._read(self._old_r + self.ratio * (n - self._old_n))
