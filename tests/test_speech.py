@@ -98,10 +98,12 @@ def test_voicing_kept_is_at_least_0_9_of_librosa_offline(name: str, semitones: f
     )
 
 
-@every_voice_and_shift
+@pytest.mark.parametrize(
+    ("name", "semitones"),
+    [(v.name, st) for v in VOICES if v.median_f0_hz >= MIN_KEPT_FROM_HZ for st in SHIFTS],
+)
 def test_voicing_kept_is_at_least_0_9_from_100_hz_up(name: str, semitones: float) -> None:
-    if next(v.median_f0_hz for v in VOICES if v.name == name) < MIN_KEPT_FROM_HZ:
-        pytest.skip(f"{name} speaks below {MIN_KEPT_FROM_HZ:g} Hz: judged against librosa only")
+    """Below 100 Hz the voice is judged against librosa offline only (the issue's target)."""
     got = score(name, semitones, "splice")
     assert got.voicing_kept >= MIN_KEPT, f"{name} {semitones:+g} st: {got.voicing_kept:.2f}"
 
