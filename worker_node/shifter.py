@@ -61,8 +61,9 @@ class Processor(Protocol):
 
     One instance serves one stream. `process` takes mono int16 samples of any length and
     returns exactly as many int16 samples: the transformed input delayed by exactly
-    `latency_samples`, whatever the chunking (the first `latency_samples` outputs are
-    the start-up silence). It must be deterministic and never wrap on overflow.
+    `latency_samples` (for a method that repeats or drops pitch periods, its mean delay),
+    whatever the chunking (the first `latency_samples` outputs are the start-up silence).
+    It must be deterministic and never wrap on overflow.
     Optionally a processor also has `reset()`, returning it to its fresh state; callers
     check with `hasattr` (it is not part of the protocol, so a model need not have it).
     """

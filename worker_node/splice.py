@@ -10,17 +10,18 @@ faster than real time (shifting up) the delay shrinks; slower (down) it grows. B
 leaves its band the read tap jumps back (or forward) by a whole number of pitch periods
 J and the old and new taps are cross-faded. J is the lag, within the allowed range, that
 maximises the normalised cross-correlation of the signal around the tap with the signal
-J earlier, refined to a fraction of a sample (a pitch tracker that runs only at splices):
+J apart, refined to a fraction of a sample (a pitch tracker that runs only at splices):
 the two taps are in phase, so the splice is seamless on voiced sounds. Like TD-PSOLA it
 repeats or drops whole periods; unlike PSOLA it needs no glottal-pulse marks, and it
 moves the formants with the pitch (a +7 voice sounds younger, not only higher).
 
-Latency. The delay from input to output wanders around `latency_samples` (12 ms) within
-plus or minus half the longest splice, 20 ms at most, 4 ms at least: a 62.5 Hz period
-(16 ms) can still be spliced, and the output never needs input it has not seen. The
-declared latency is the mean delay, which the tone-burst measure finds; any single
-moment of the output is up to 8 ms earlier or later than that (one period either way is
-inherent to every method that repeats or drops periods).
+Latency. The tap's delay wanders as a sawtooth around `latency_samples` (12 ms), within
+plus or minus half the longest splice: 4 to 20 ms, never more (a 62.5 Hz period, 16 ms,
+can still be spliced). The declared latency is the mean delay (11.8-12.2 ms measured on
+speech; one tone burst lands anywhere in the band); a single moment of the output may
+be up to 8 ms earlier or later than that, which every method that repeats or drops
+periods shares. Shifting up, the tap being faded out keeps reading until it is 3 samples
+behind the input: the output never needs input it has not seen.
 
 Streaming: every decision (when to splice, by how much) is taken at an exact output
 sample index from input before that index, so the output does not depend on chunking.
