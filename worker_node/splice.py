@@ -8,10 +8,12 @@ the pitch is right on every frame and the waveform stays as periodic as the inpu
 low voice stays voiced (a 20 ms phase vocoder cannot resolve its harmonics). Reading
 faster than real time (shifting up) the delay shrinks; slower (down) it grows. Before it
 leaves its band the read tap jumps back (or forward) by a whole number of pitch periods
-J and the old and new taps are cross-faded. J is the lag, within the allowed range, that
-maximises the normalised cross-correlation of the signal around the tap with the signal
-J apart, refined to a fraction of a sample (a pitch tracker that runs only at splices):
-the two taps are in phase, so the splice is seamless on voiced sounds. Like TD-PSOLA it
+J and the old and new taps are cross-faded (at constant power for the correlation of
+the two taps: linear for in-phase periods, equal power for noise). J is the lag, within
+the allowed range, that maximises the normalised cross-correlation of the signal around
+the tap with the signal J apart, refined to a fraction of a sample (a pitch tracker that
+runs only at splices): the two taps are in phase, so the splice is seamless on voiced
+sounds. Like TD-PSOLA it
 repeats or drops whole periods; unlike PSOLA it needs no glottal-pulse marks, and it
 moves the formants with the pitch (a +7 voice sounds younger, not only higher).
 
@@ -121,6 +123,7 @@ class SpliceShifter:
         self._tap_n, self._tap_r = 0, float(-self.latency_samples)
         self._fade_n = -1  # start of the running cross-fade, or -1
         self._fade_len = 0
+        self._fade_rho = 1.0  # correlation of the two taps being cross-faded
         self._old_n, self._old_r = 0, 0.0  # the tap being faded out
         self._splice = (self.min_splice + self.max_splice) / 2.0  # last jump, samples
         self._next_splice = self._due(0, -self.latency_samples)
@@ -165,8 +168,12 @@ class SpliceShifter:
         y = self._read(self._tap_r + self.ratio * (n - self._tap_n))
         if self._fade_n >= 0:
             old = self._read(self._old_r + self.ratio * (n - self._old_n))
-            gain = 0.5 - 0.5 * np.cos(np.pi * (n - self._fade_n + 0.5) / self._fade_len)
-            y = old + gain * (y - old)
+            new = 0.5 - 0.5 * np.cos(np.pi * (n - self._fade_n + 0.5) / self._fade_len)
+            # Keep the power of old * a + new * b constant for taps correlated by rho:
+            # a = 1 - b for in-phase periods (rho 1), equal power for noise (rho 0).
+            rho = self._fade_rho
+            fade = -rho * new + np.sqrt(1.0 - new * new * (1.0 - rho * rho))
+            y = fade * old + new * y
         return y
 
     def _read(self, positions: FloatArray) -> FloatArray:
@@ -200,7 +207,7 @@ class SpliceShifter:
         # A jump under half the last one would be due again at once (and noise would
         # chain such jumps): pitch falls by at most an octave per splice.
         shortest = max(self.min_splice, self._splice / 2.0)
-        jump = self._best_lag(n, math.floor(r), shortest, longest)
+        jump, self._fade_rho = self._best_lag(n, math.floor(r), shortest, longest)
         self._splice = jump
         self._old_n, self._old_r = self._tap_n, self._tap_r
         self._tap_n = n
@@ -209,7 +216,9 @@ class SpliceShifter:
         self._fade_n = n
         self._fade_len = max(1, min(self._max_fade, self._next_splice - n))
 
-    def _best_lag(self, n: int, tap: int, shortest: float, longest: float) -> float:
+    def _best_lag(
+        self, n: int, tap: int, shortest: float, longest: float
+    ) -> tuple[float, float]:
         """Lag in [shortest, longest] by which the signal around the tap best repeats.
 
         Normalised cross-correlation, by FFT, of the window input[tap - back : tap +
@@ -217,7 +226,7 @@ class SpliceShifter:
         behind) or later (down: ahead, as far as input before output index n allows;
         the windows move back when the latest lag would need input not yet seen). The
         peak is refined by a parabola. A silent or aperiodic window keeps the previous
-        lag, clamped to the range.
+        lag, clamped to the range. Returns the lag and its correlation (0 to 1).
         """
         lo, hi = math.ceil(shortest), int(longest)
         width = self._back + self._ahead
@@ -239,11 +248,12 @@ class SpliceShifter:
         template_energy = float(np.dot(template, template))
         fallback = min(max(self._splice, float(lo)), float(hi))
         if template_energy <= 1e-6 * width:
-            return fallback
+            return fallback, 0.0
         rho = corr / np.sqrt(template_energy * np.maximum(energy, 1e-9 * template_energy))
         k = int(np.argmax(rho))
-        if rho[k] <= 0.0:
-            return fallback
+        peak = float(rho[k])
+        if peak <= 0.0:
+            return fallback, 0.0
         offset = 0.0
         if 0 < k < lags - 1:
             left, mid, right = float(rho[k - 1]), float(rho[k]), float(rho[k + 1])
@@ -252,6 +262,7 @@ class SpliceShifter:
                 offset = 0.5 * (left - right) / curve
         # corr[k] compares the template with the window k samples into the region:
         # shifting up the region starts hi before the template, down lo after it.
+        peak = min(peak, 1.0)
         if self.ratio > 1.0:
-            return float(hi - (k + offset))
-        return float(lo + k + offset)
+            return float(hi - (k + offset)), peak
+        return float(lo + k + offset), peak
