@@ -1,9 +1,13 @@
-"""Streaming pitch shifter: the stand-in voice model a worker node runs per stream.
+"""Streaming pitch shifters: the stand-in voice model a worker node runs per stream.
 
-`Processor` is the seam a real ML model fills later; `PitchShifter` is today's model.
-Pure numpy: no librosa at import or run time, so loading costs nothing.
+`Processor` is the seam a real ML model fills later; `PitchShifter` is today's model,
+the speech shifter of `worker_node.splice` (resampling delay line, pitch-synchronous
+splices, 12 ms mean latency). `make_processor(rate, semitones, method=...)` builds any
+of the methods by name; `PhaseVocoderShifter` (below) is the previous model, kept for
+comparison: exact on tones, but its 20 ms window cannot resolve the harmonics of a low
+voice, which then loses its voicing. Pure numpy: no librosa at import or run time.
 
-Algorithm (Laroche and Dolson 1999, "New phase-vocoder techniques for pitch-shifting"):
+Phase vocoder (Laroche and Dolson 1999, "New phase-vocoder techniques for pitch-shifting"):
 a short-time Fourier transform with a 20 ms periodic Hann window, a 5 ms hop and a
 zero-padded power-of-two FFT. Each frame's magnitude peaks split the spectrum into
 regions of influence; each region moves by a whole number of bins towards its peak's
@@ -20,12 +24,22 @@ on how the input is chunked and there is no discontinuity at chunk boundaries.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Processor", "PitchShifter", "warm_up"]
+from worker_node.splice import SpliceShifter
+
+__all__ = [
+    "METHODS",
+    "PhaseVocoderShifter",
+    "PitchShifter",
+    "Processor",
+    "SpliceShifter",
+    "make_processor",
+    "warm_up",
+]
 
 Int16Array = npt.NDArray[np.int16]
 FloatArray = npt.NDArray[np.float64]
@@ -47,8 +61,9 @@ class Processor(Protocol):
 
     One instance serves one stream. `process` takes mono int16 samples of any length and
     returns exactly as many int16 samples: the transformed input delayed by exactly
-    `latency_samples`, whatever the chunking (the first `latency_samples` outputs are
-    the start-up silence). It must be deterministic and never wrap on overflow.
+    `latency_samples` (for a method that repeats or drops pitch periods, its mean delay),
+    whatever the chunking (the first `latency_samples` outputs are the start-up silence).
+    It must be deterministic and never wrap on overflow.
     Optionally a processor also has `reset()`, returning it to its fresh state; callers
     check with `hasattr` (it is not part of the protocol, so a model need not have it).
     """
@@ -59,7 +74,7 @@ class Processor(Protocol):
     def process(self, frames: Int16Array) -> Int16Array: ...
 
 
-class PitchShifter:
+class PhaseVocoderShifter:
     """Stateful streaming phase-vocoder pitch shifter with a fixed latency.
 
     Output sample t is the shifted input around t - `latency_samples` (window length
@@ -93,6 +108,7 @@ class PitchShifter:
             )
         self.sample_rate = int(sample_rate)
         self.semitones = float(semitones)
+        self.method = f"vocoder{window_ms:g}" if window_ms != WINDOW_MS else "vocoder"
         self.ratio = float(2.0 ** (self.semitones / 12.0))
         self.hop_samples = hop
         self.window_samples = hop * overlap
@@ -242,6 +258,39 @@ class PitchShifter:
         real = np.bincount(target, weights=moved.real, minlength=length)[offset:length]
         imag = np.bincount(target, weights=moved.imag, minlength=length)[offset:length]
         return real + 1j * imag
+
+
+# The node's model: `PitchShifter(rate, semitones)` is what worker_node.server builds.
+PitchShifter = SpliceShifter
+
+Method = Literal["splice", "vocoder"]
+METHODS: tuple[Method, ...] = ("splice", "vocoder")
+DEFAULT_METHOD: Method = "splice"
+
+
+def make_processor(
+    sample_rate: int, semitones: float, method: str = DEFAULT_METHOD
+) -> SpliceShifter | PhaseVocoderShifter:
+    """A fresh per-stream shifter by method name: "splice" (default) or "vocoder".
+
+    "vocoder" is the 20 ms phase vocoder; "vocoderNN" is one with an NN ms window
+    (latency NN ms; for comparisons such as the voicing-against-latency chart).
+    """
+    if method == "splice":
+        return SpliceShifter(sample_rate, semitones)
+    if method == "vocoder":
+        return PhaseVocoderShifter(sample_rate, semitones)
+    if method.startswith("vocoder"):
+        try:
+            window_ms = float(method.removeprefix("vocoder"))
+        except ValueError:
+            window_ms = -1.0
+        if window_ms > 0:
+            return PhaseVocoderShifter(sample_rate, semitones, window_ms=window_ms)
+    raise ValueError(
+        f"method={method!r} is unknown: expected one of {METHODS} or 'vocoderNN' "
+        "(a phase vocoder with an NN ms window, NN a multiple of 10)"
+    )
 
 
 def warm_up(sample_rate: int = 48000) -> None:
