@@ -23,6 +23,7 @@ from conftest import (
 from libcloud.compute.base import NodeImage, NodeSize
 
 from provisioner import clouds, ec2, fleet
+from provisioner.errors import CapacityError
 from voicectl import devcloud
 
 CONFIG = """
@@ -152,3 +153,24 @@ def test_sweep_destroys_only_our_orphans(cp: tuple[ControlPlane, devcloud.CloudI
     plane.state.forget_node(ready["node_id"])
     assert fleet.sweep(plane.state, plane.config) == [ready["node_id"]]
     driver.destroy_node(theirs)                                                  # type: ignore
+
+
+def test_a_regions_quota_is_a_capacity_refusal(redis_url: str, tmp_path: Path) -> None:
+    """The local driver enforces a region's max_nodes with a libcloud error, as a cloud
+    out of quota would; the clouds seam turns it into CapacityError (what fails over)."""
+    toml = CONFIG.replace('name = "us-west"\nprovider = "local"',
+                          'name = "us-west"\nprovider = "local"\nmax_nodes = 1')
+    cfg = fleet_config(redis_url, tmp_path, toml.format(image="ami-x", endpoint="http://x"))
+    region = cfg.region("us-west")
+    assert region is not None and region.max_nodes == 1
+    script = "#!/bin/sh\nexec sleep 30\n"
+    try:
+        clouds.create(cfg, region, "n-q1", script, clouds.tags_for(cfg, "n-q1", "p"))
+        again = clouds.create(cfg, region, "n-q1", script, clouds.tags_for(cfg, "n-q1", "p"))
+        assert again.name == "n-q1"                      # idempotent per node id
+        with pytest.raises(CapacityError, match="InstanceLimitExceeded.*max_nodes"):
+            clouds.create(cfg, region, "n-q2", script, clouds.tags_for(cfg, "n-q2", "p"))
+    finally:
+        for vm in clouds.list_ours(cfg, region):
+            clouds.destroy(cfg, region, vm)
+    assert clouds.list_ours(cfg, region) == []

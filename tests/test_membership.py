@@ -162,3 +162,12 @@ def test_a_node_serves_wss_with_a_certificate(fleet: Fleet, tmp_path: Path) -> N
     membership.notify(trusting, rec, {"kick": ["s-alice"]}, wait=True)   # https://.../control
     code, reason = closed_code(ws)
     assert code == 4409 and "taken over" in reason
+
+
+def test_the_webapp_needs_no_cloud_code() -> None:
+    """The lobby chooses candidates with pure placement; libcloud stays in the workers."""
+    out = subprocess.run([sys.executable, "-c", "import sys, webapp.app; print(sorted("
+                          "{m.split('.')[0] for m in sys.modules} & {'libcloud', 'celery'}), "
+                          "'provisioner.fleet' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] False", out.stdout

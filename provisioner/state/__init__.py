@@ -1,0 +1,83 @@
+"""Live state in Redis: typed access for the control plane, one module per noun.
+
+    keys.py      every key name, and the key schema in its docstring (nobody else spells one)
+    scripts/     the Lua scripts, one .lua file each, and their loader
+    records.py   the records handed out (NodeRecord, Lock, Admitted, Beat, Orders, ...)
+    nodes.py, membership.py, lobby.py, lock.py, usage.py, sessions.py, models.py,
+    regions.py, vms.py
+                 the verbs per noun, composed here into one `State`
+
+Callers import from here: `from provisioner.state import State, connect, pool_id, ...`.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from provisioner.state.keys import (
+    ASSIGNED,
+    CONSTRAINED,
+    MODELS,
+    NODES,
+    PREFIX,
+    QUEUES,
+    REGION_DOWN,
+    SCALE_KICK,
+    USAGE_KEEP_S,
+    USAGE_MINUTES,
+    VMS,
+    arrivals_key,
+    cred_hash_key,
+    cred_key,
+    digest,
+    fence_key,
+    flight_key,
+    join_key,
+    lock_key,
+    node_key,
+    pool_id,
+    queue_key,
+    session_key,
+    slots_key,
+    usage_key,
+    vm_key,
+)
+from provisioner.state.lobby import Lobby
+from provisioner.state.lock import UserLock
+from provisioner.state.membership import Membership
+from provisioner.state.models import Models
+from provisioner.state.nodes import Nodes
+from provisioner.state.records import (
+    Admitted,
+    Beat,
+    LiveModel,
+    Lock,
+    NodeRecord,
+    Orders,
+    Taken,
+)
+from provisioner.state.regions import RegionHealth
+from provisioner.state.sessions import Sessions
+from provisioner.state.usage import Usage
+from provisioner.state.vms import LocalVMs
+
+__all__ = [
+    "ASSIGNED", "CONSTRAINED", "MODELS", "NODES", "PREFIX", "QUEUES", "REGION_DOWN",
+    "SCALE_KICK", "USAGE_KEEP_S", "USAGE_MINUTES", "VMS",
+    "arrivals_key", "cred_hash_key", "cred_key", "digest", "fence_key", "flight_key",
+    "join_key", "lock_key", "node_key", "pool_id", "queue_key", "session_key", "slots_key",
+    "usage_key", "vm_key",
+    "Admitted", "Beat", "LiveModel", "Lock", "NodeRecord", "Orders", "Taken",
+    "State", "connect",
+]
+
+
+class State(Nodes, Membership, Lobby, UserLock, Usage, Sessions, Models, RegionHealth,
+            LocalVMs):
+    """Typed access to the live state. Construct with a redis client (decode_responses=True)."""
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for the live state; blocking reads get no socket timeout (see PITFALLS)."""
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=None,
+                                health_check_interval=30)

@@ -1,0 +1,27 @@
+"""What every part of `State` shares: the redis client and the registered scripts."""
+
+from __future__ import annotations
+
+import redis
+
+from provisioner.state import scripts
+
+
+class StateBase:
+    """Typed access to the live state. Construct with a redis client (decode_responses=True)."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+        self._assign = r.register_script(scripts.ASSIGN)
+        self._take_lock = r.register_script(scripts.TAKE_LOCK)
+        self._refresh_locks = r.register_script(scripts.REFRESH_LOCKS)
+        self._release_lock = r.register_script(scripts.RELEASE_LOCK)
+        self._arrive = r.register_script(scripts.ARRIVE)
+        self._retire = r.register_script(scripts.RETIRE)
+        self._deploy = r.register_script(scripts.DEPLOY)
+        self._report_usage = r.register_script(scripts.REPORT_USAGE)
+        self._admit = r.register_script(scripts.ADMIT)
+        self._sync_live = r.register_script(scripts.SYNC_LIVE)
+        self._abandon = r.register_script(scripts.ABANDON)
+        self._land = r.register_script(scripts.LAND)
+        self._beat = r.register_script(scripts.BEAT)

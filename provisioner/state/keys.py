@@ -1,0 +1,127 @@
+"""Every Redis key of the live state: the one module that spells keys (scripts/ holds the Lua).
+
+Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
+
+    vc:nodes                  SET    ids of every node the control plane knows
+    vc:node:{id}              HASH   id provider region model version state progress url
+                                     capacity started_at requested_at deadline last_seen
+                                     price_per_hour eta_ready semitones home cred join_token.
+                                     `home`: the region whose queue it serves (it may run in
+                                     another region nearby, on a cheaper provider). `cred`: the
+                                     hash of its credential. `state` is written by the control
+                                     plane until the node heartbeats, then reported by the node.
+                                     Orders the node never writes: drain_deadline (old version:
+                                     no new sessions), retired (being stopped), retarget.
+    vc:node:{id}:slots        ZSET   session id -> reservation expiry; +inf once the stream is
+                                     live on the node. ZCARD = slots taken (never > capacity).
+    vc:session:{sid}          HASH   user model version region node fence created_at
+    vc:assigned               HASH   session id -> node id, written by the assign script for a
+                                     waiting lobby to pick up
+    vc:queue:{model}|{version}|{region}
+                              ZSET   waiting session id -> enqueue time (resumes: 0, first)
+    vc:queues                 SET    "{model}|{version}|{region}" of every queue ever used
+    vc:arrivals:{model}|{version}|{region}
+                              HASH   rate (EWMA arrivals/s) t (last update)
+    vc:lock:{user}            HASH   session fence model region node since; expires unless a
+                                     lobby or the node streaming it refreshes it
+    vc:fence:{user}           STRING the user's last fencing token (INCR)
+    vc:models                 HASH   model name -> JSON {"live": {version, semitones},
+                                     "draining": [{version, semitones, deadline}]}
+    vc:vm:{id}                HASH   local cloud driver: pid, name, region, image, created_at
+    vc:vms                    SET    ids of local driver VMs
+    vc:scale-kick             STRING set NX for a moment so bursts trigger one scale task
+    vc:flight:{name}          STRING a token while one worker runs `name` (scale+reap):
+                                     two overlapping runs would boot twice
+    vc:region-down            HASH   region -> unix time until which placement avoids it (its
+                                     nodes all died or failed to boot)
+    vc:usage:{minute_s}       HASH   "{user}|{session}|{node}|{model}|{region}" -> cumulative
+                                     seconds streamed in that UTC minute (only ever grows)
+    vc:usage-minutes          ZSET   minute_s -> minute_s of every usage hash not yet expired
+    vc:join:{sha256(token)}   STRING one-time join token -> JSON {"node": id} (a node we
+                                     booted) or {"byo": region, "model": name}; expires
+    vc:cred:{sha256(cred)}    STRING a joined node's credential -> node id (revoked: deleted;
+                                     the node hash keeps the hash in `cred`)
+    vc:constrained            HASH   region -> JSON {"until", "reason"}: the provider refused
+                                     to create there (capacity, quota); boots go elsewhere
+
+Anything that must be atomic is one Lua script in scripts/; every key it touches is in KEYS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX = "vc:"
+NODES = PREFIX + "nodes"
+ASSIGNED = PREFIX + "assigned"
+QUEUES = PREFIX + "queues"
+MODELS = PREFIX + "models"
+VMS = PREFIX + "vms"
+REGION_DOWN = PREFIX + "region-down"
+SCALE_KICK = PREFIX + "scale-kick"
+USAGE_MINUTES = PREFIX + "usage-minutes"
+CONSTRAINED = PREFIX + "constrained"
+USAGE_KEEP_S = 3600     # usage counters stay this long, so late reports can be re-settled
+
+
+def node_key(node_id: str) -> str:
+    return f"{PREFIX}node:{node_id}"
+
+
+def slots_key(node_id: str) -> str:
+    return f"{PREFIX}node:{node_id}:slots"
+
+
+def session_key(session_id: str) -> str:
+    return f"{PREFIX}session:{session_id}"
+
+
+def pool_id(model: str, version: str, region: str) -> str:
+    return f"{model}|{version}|{region}"
+
+
+def queue_key(pool: str) -> str:
+    return f"{PREFIX}queue:{pool}"
+
+
+def arrivals_key(pool: str) -> str:
+    return f"{PREFIX}arrivals:{pool}"
+
+
+def lock_key(user: str) -> str:
+    return f"{PREFIX}lock:{user}"
+
+
+def fence_key(user: str) -> str:
+    return f"{PREFIX}fence:{user}"
+
+
+def usage_key(minute_s: int) -> str:
+    return f"{PREFIX}usage:{minute_s}"
+
+
+def vm_key(vm_id: str) -> str:
+    return f"{PREFIX}vm:{vm_id}"
+
+
+def join_key(token: str) -> str:
+    return f"{PREFIX}join:{digest(token)}"
+
+
+def cred_key(credential: str) -> str:
+    return f"{PREFIX}cred:{digest(credential)}"
+
+
+def cred_hash_key(hashed: str) -> str:
+    """The credential key from its stored hash (the node hash's `cred`), to revoke it."""
+    return f"{PREFIX}cred:{hashed}"
+
+
+def flight_key(name: str) -> str:
+    return f"{PREFIX}flight:{name}"
+
+
+def digest(secret: str) -> str:
+    """Secrets are stored hashed: a read of Redis does not hand out working tokens."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+

@@ -1,0 +1,124 @@
+"""The lobby's side: slots on nodes, the per-pool queues, assignment, arrival rates."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from provisioner.state.base import StateBase
+from provisioner.state.keys import (
+    ASSIGNED,
+    QUEUES,
+    SCALE_KICK,
+    arrivals_key,
+    fence_key,
+    lock_key,
+    node_key,
+    pool_id,
+    queue_key,
+    slots_key,
+)
+from provisioner.state.records import Admitted, Lock, Taken
+
+
+class Lobby(StateBase):
+    """State's verbs on slots and the queue (a mixin)."""
+
+    def enqueue(self, pool: str, session_id: str, now: float, first: bool = False) -> int:
+        """Put a session in its pool's queue (a resume goes first); returns its position."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zadd(queue_key(pool), {session_id: 0 if first else now}, nx=True)
+        pipe.sadd(QUEUES, pool)
+        pipe.zrank(queue_key(pool), session_id)
+        rank = pipe.execute()[-1]
+        return int(rank) + 1
+
+    def position(self, pool: str, session_id: str) -> int | None:
+        rank = self.r.zrank(queue_key(pool), session_id)
+        return None if rank is None else int(rank) + 1
+
+    def assign(self, pool: str, candidates: Sequence[str], now: float, hold_s: float,
+               heartbeat_timeout_s: float) -> int:
+        """Atomically hand waiting sessions, in order, to candidates with room."""
+        if not candidates:
+            return 0
+        keys = [queue_key(pool), ASSIGNED]
+        keys += [k for node_id in candidates for k in (node_key(node_id), slots_key(node_id))]
+        return int(self._assign(keys=keys, args=[now, now + hold_s, heartbeat_timeout_s,
+                                                 *candidates]))
+
+    def admit(self, user: str, session_id: str, model: str, version: str, region: str,
+              now: float, candidates: Sequence[str], *, lock_ttl_s: float, takeover: bool,
+              resume: bool, tau_s: float, hold_s: float, heartbeat_timeout_s: float
+              ) -> Admitted | Lock:
+        """A lobby request in one atomic step: lock, arrival, queue, assign (admit.lua)."""
+        pool = pool_id(model, version, region)
+        keys = [lock_key(user), fence_key(user), arrivals_key(pool), queue_key(pool), QUEUES,
+                ASSIGNED]
+        keys += [k for node_id in candidates for k in (node_key(node_id), slots_key(node_id))]
+        res = self._admit(keys=keys, args=[session_id, model, region, now, lock_ttl_s,
+                                           int(takeover), tau_s, int(resume), pool,
+                                           now + hold_s, heartbeat_timeout_s, *candidates])
+        if int(res[0]) == 0:
+            return Lock(session=res[1], model=res[2], region=res[3], since=float(res[4] or 0))
+        return Admitted(Taken(int(res[1]), res[2] or None, res[3] or None), res[4] or None,
+                        int(res[5]))
+
+    def abandon(self, pool: str, session_id: str) -> None:
+        """A waiting lobby left: leave the queue, give back a node it was just handed."""
+        node_id = self._abandon(keys=[queue_key(pool), ASSIGNED], args=[session_id])
+        if node_id:
+            self.r.zrem(slots_key(node_id), session_id)   # a reservation, never yet live
+
+    def sync_live(self, node_id: str, sessions: Sequence[str]) -> None:
+        """The node's streams are exactly these (run under the node's own lock)."""
+        self._sync_live(keys=[slots_key(node_id)], args=list(sessions))
+
+    def take_assignment(self, session_id: str) -> str | None:
+        """The node the assign script gave this session, if any (read once)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hget(ASSIGNED, session_id)
+        pipe.hdel(ASSIGNED, session_id)
+        node_id = pipe.execute()[0]
+        return str(node_id) if node_id else None
+
+    def queue_lengths(self) -> dict[str, int]:
+        pools = sorted(self.r.smembers(QUEUES))
+        pipe = self.r.pipeline(transaction=False)
+        for pool in pools:
+            pipe.zcard(queue_key(pool))
+        return dict(zip(pools, (int(n) for n in pipe.execute()), strict=True))
+
+    def arrive(self, pool: str, now: float, tau_s: float) -> float:
+        """Count an arrival in the pool's arrival-rate average (time constant tau_s)."""
+        return float(self._arrive(keys=[arrivals_key(pool)], args=[now, tau_s]))
+
+    def arrival_rates(self, pools: Iterable[str], now: float, tau_s: float
+                      ) -> dict[str, float]:
+        pools = list(pools)
+        pipe = self.r.pipeline(transaction=False)
+        for pool in pools:
+            pipe.hmget(arrivals_key(pool), "rate", "t")
+        out = {}
+        for pool, (rate, t) in zip(pools, pipe.execute(), strict=True):
+            out[pool] = (float(rate) * math.exp(-max(0.0, now - float(t)) / tau_s)
+                         if rate else 0.0)
+        return out
+
+    def drop_expired(self, node_id: str, now: float) -> int:
+        """Free the slots of tickets that were never used before they expired."""
+        return int(self.r.zremrangebyscore(slots_key(node_id), "-inf", f"({now}"))
+
+    def mark_live(self, node_id: str, session_id: str) -> None:
+        """The stream connected: its slot no longer expires."""
+        self.r.zadd(slots_key(node_id), {session_id: "+inf"})
+
+    def release_slot(self, node_id: str, session_id: str) -> None:
+        self.r.zrem(slots_key(node_id), session_id)
+
+    def live_sessions(self, node_id: str) -> list[str]:
+        return list(self.r.zrangebyscore(slots_key(node_id), "+inf", "+inf"))
+
+    def kick_scaler(self, hold_s: float = 0.2) -> bool:
+        """True for the first caller in a short window: bursts trigger one scale task."""
+        return bool(self.r.set(SCALE_KICK, "1", nx=True, px=int(hold_s * 1000)))

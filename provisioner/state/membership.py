@@ -1,0 +1,105 @@
+"""Membership: join tokens, credentials, heartbeats, and constrained regions."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from provisioner.state.base import StateBase
+from provisioner.state.keys import (
+    CONSTRAINED,
+    NODES,
+    USAGE_KEEP_S,
+    USAGE_MINUTES,
+    cred_hash_key,
+    cred_key,
+    digest,
+    join_key,
+    lock_key,
+    node_key,
+    slots_key,
+    usage_key,
+)
+from provisioner.state.records import Beat, Orders
+
+
+class Membership(StateBase):
+    """State's verbs on membership: join tokens, credentials, heartbeats (a mixin)."""
+
+    def mint_join(self, grant: Mapping[str, str], ttl_s: float) -> str:
+        """A one-time join token for a node we boot ({"node": id}) or an own machine
+        ({"byo": region, "model": name}); only its hash is stored."""
+        token = "j-" + secrets.token_urlsafe(24)
+        self.r.set(join_key(token), json.dumps(dict(grant)), px=int(ttl_s * 1000))
+        return token
+
+    def node_join_token(self, node_id: str) -> str | None:
+        """The join token minted for a node we boot, while it has not joined."""
+        return self.r.hget(node_key(node_id), "join_token") or None
+
+    def redeem_join(self, token: str) -> dict[str, str] | None:
+        """The token's grant, once: a second use (or an expired token) gets None."""
+        raw = self.r.getdel(join_key(token))
+        return json.loads(raw) if raw else None
+
+    def enroll(self, node_id: str, fields: Mapping[str, Any]) -> str:
+        """Give a node its credential (a fresh one revokes the old) and record `fields`."""
+        credential = "c-" + secrets.token_urlsafe(32)
+        old = self.r.hget(node_key(node_id), "cred")
+        pipe = self.r.pipeline(transaction=True)
+        if old:
+            pipe.delete(cred_hash_key(old))
+        pipe.set(cred_key(credential), node_id)
+        pipe.sadd(NODES, node_id)
+        pipe.hset(node_key(node_id), mapping={**{k: str(v) for k, v in fields.items()},
+                                              "cred": digest(credential)})
+        pipe.hdel(node_key(node_id), "join_token")
+        pipe.execute()
+        return credential
+
+    def node_for_credential(self, credential: str) -> str | None:
+        return self.r.get(cred_key(credential)) if credential else None
+
+    def revoke(self, node_id: str) -> bool:
+        """The node's credential stops working at once; True if it had one."""
+        old = self.r.hget(node_key(node_id), "cred")
+        if not old:
+            return False
+        self.r.delete(cred_hash_key(old))
+        self.r.hdel(node_key(node_id), "cred")
+        return True
+
+    def beat(self, node_id: str, beat: Beat, now: float, lock_ttl_s: float) -> Orders | None:
+        """Record one heartbeat atomically (beat.lua); None if the node is forgotten."""
+        keys = [node_key(node_id), slots_key(node_id), USAGE_MINUTES]
+        keys += [lock_key(user) for user, _, _ in beat.streams]
+        keys += [usage_key(minute) for minute, _, _ in beat.usage]
+        keys += [lock_key(user) for user, _ in beat.closed]
+        args: list[Any] = [now, beat.state, beat.progress,
+                           "" if beat.eta_ready is None else beat.eta_ready,
+                           "" if beat.ready_at is None else beat.ready_at, lock_ttl_s,
+                           node_id, beat.serving, USAGE_KEEP_S, len(beat.streams),
+                           len(beat.usage)]
+        for _, session, fence in beat.streams:
+            args += [session, fence]
+        for minute, field, seconds in beat.usage:
+            args += [field, repr(seconds), minute]
+        args += [session for _, session in beat.closed]
+        res = self._beat(keys=keys, args=args)
+        if int(res[0]) == 0:
+            return None
+        return Orders(float(res[1]) if res[1] else None, res[2] or None, tuple(res[3:]))
+
+    def mark_constrained(self, region: str, until: float, reason: str) -> None:
+        self.r.hset(CONSTRAINED, region, json.dumps({"until": until, "reason": reason}))
+
+    def constrained(self, now: float) -> dict[str, str]:
+        """Regions whose provider refused to create nodes lately -> the refusal."""
+        out = {}
+        for region, raw in self.r.hgetall(CONSTRAINED).items():
+            entry = json.loads(raw)
+            if float(entry["until"]) > now:
+                out[region] = str(entry["reason"])
+        return out

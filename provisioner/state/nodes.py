@@ -1,0 +1,106 @@
+"""Nodes: their records, orders (drain, retire), and single-flight tokens."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from provisioner.state.base import StateBase
+from provisioner.state.keys import NODES, flight_key, node_key, slots_key
+from provisioner.state.records import NodeRecord, _record
+from provisioner.states import NodeState
+
+
+class Nodes(StateBase):
+    """State's verbs on nodes (a mixin: `State` composes one per noun)."""
+
+    def add_node(self, fields: Mapping[str, Any]) -> None:
+        """The control plane asks for a node: record it before any VM exists."""
+        node_id = str(fields["id"])
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(NODES, node_id)
+        pipe.hset(node_key(node_id), mapping={k: str(v) for k, v in fields.items()})
+        pipe.execute()
+
+    def set_node(self, node_id: str, **fields: Any) -> None:
+        self.r.hset(node_key(node_id), mapping={k: str(v) for k, v in fields.items()})
+
+    def heartbeat(self, fields: Mapping[str, Any], now: float) -> None:
+        """A node reports its state (read its control flags first with node_flags)."""
+        node_id = str(fields["id"])
+        mapping = {k: ("" if v is None else str(v)) for k, v in fields.items()}
+        mapping["last_seen"] = repr(now)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(NODES, node_id)
+        pipe.hset(node_key(node_id), mapping=mapping)
+        pipe.execute()
+
+    def node_flags(self, node_id: str) -> dict[str, str]:
+        """The control plane's orders for a node: drain_deadline, retarget."""
+        flags = self.r.hmget(node_key(node_id), "drain_deadline", "retarget")
+        return {"drain_deadline": flags[0] or "", "retarget": flags[1] or ""}
+
+    def finish_retarget(self, node_id: str) -> None:
+        """The node has switched model: it may take sessions again once loaded."""
+        self.r.hdel(node_key(node_id), "retarget", "retired", "idle_since")
+
+    def touch_idle(self, rec: NodeRecord, now: float) -> float | None:
+        """When the node last became empty (tracked for scale-down grace), None if busy."""
+        if rec.state is NodeState.READY and rec.sessions == 0:
+            if rec.idle_since is None:
+                self.r.hset(node_key(rec.id), "idle_since", repr(now))
+                return now
+            return rec.idle_since
+        if rec.idle_since is not None:
+            self.r.hdel(node_key(rec.id), "idle_since")
+        return None
+
+    def node_ids(self) -> list[str]:
+        return sorted(self.r.smembers(NODES))
+
+    def nodes(self) -> list[NodeRecord]:
+        ids = sorted(self.r.smembers(NODES))
+        pipe = self.r.pipeline(transaction=False)
+        for node_id in ids:
+            pipe.hgetall(node_key(node_id))
+            pipe.zcard(slots_key(node_id))
+            pipe.zcount(slots_key(node_id), "+inf", "+inf")
+        raw = pipe.execute()
+        return [_record(h, int(taken), int(live))
+                for h, taken, live in zip(raw[::3], raw[1::3], raw[2::3], strict=True)
+                if h and "state" in h]
+
+    def node(self, node_id: str) -> NodeRecord | None:
+        h = self.r.hgetall(node_key(node_id))
+        if not h or "state" not in h:
+            return None
+        return _record(h, int(self.r.zcard(slots_key(node_id))),
+                       int(self.r.zcount(slots_key(node_id), "+inf", "+inf")))
+
+    def forget_node(self, node_id: str) -> None:
+        """Remove a node and its slots (it stopped or died)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(NODES, node_id)
+        pipe.delete(node_key(node_id), slots_key(node_id))
+        pipe.execute()
+
+    def retire(self, node_id: str, now: float) -> bool:
+        """Atomically mark an empty node as stopping; False if it has sessions."""
+        return bool(self._retire(keys=[node_key(node_id), slots_key(node_id)], args=[now]))
+
+    def drain(self, node_id: str, deadline: float) -> None:
+        self.r.hset(node_key(node_id), "drain_deadline", repr(deadline))
+
+    def undrain(self, node_id: str) -> None:
+        self.r.hdel(node_key(node_id), "drain_deadline")
+
+    def single_flight(self, name: str, ttl_s: float) -> str | None:
+        """A token if this caller may run `name` now (nobody else holds it), else None."""
+        token = uuid.uuid4().hex
+        ok = self.r.set(flight_key(name), token, nx=True, px=int(ttl_s * 1000))
+        return token if ok else None
+
+    def land(self, name: str, token: str) -> None:
+        """Release a single_flight, if it is still ours."""
+        self._land(keys=[flight_key(name)], args=[token])

@@ -1,0 +1,141 @@
+"""The records the live state hands out: typed views of Redis hashes and script replies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from provisioner.placement import NodeView
+from provisioner.states import NodeState
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What a node reports in one heartbeat (validated by the control plane first)."""
+
+    state: str
+    progress: float
+    eta_ready: float | None
+    ready_at: float | None
+    serving: str                                     # "model:version" it has loaded
+    streams: Sequence[tuple[str, str, int]] = ()     # (user, session, fence) per live stream
+    usage: Sequence[tuple[int, str, float]] = ()     # (minute_s, field, cumulative seconds)
+    closed: Sequence[tuple[str, str]] = ()           # (user, session) of streams that ended
+
+
+@dataclass(frozen=True)
+class Orders:
+    """The control plane's answer to a heartbeat."""
+
+    drain_deadline: float | None
+    retarget: str | None                             # "model:version:semitones"
+    lost: tuple[str, ...]                            # sessions another session took over
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A node as the control plane sees it in Redis."""
+
+    id: str
+    provider: str
+    region: str
+    model: str
+    version: str
+    state: NodeState
+    progress: float
+    url: str
+    capacity: int
+    sessions: int
+    live: int
+    started_at: float
+    requested_at: float
+    deadline: float
+    last_seen: float
+    price_per_hour: str
+    eta_ready: float | None
+    drain_deadline: float | None
+    retired: bool
+    semitones: float
+    ready_at: float | None
+    idle_since: float | None
+    home: str = ""           # the region whose queue it was booted for (policy's pool)
+
+    def view(self) -> NodeView:
+        return NodeView(self.id, self.region, self.model, self.version, self.state,
+                        self.sessions, self.capacity, float(self.price_per_hour))
+
+    def alive(self, now: float, timeout_s: float) -> bool:
+        """Heartbeating recently, or still coming up within its provisioning deadline."""
+        if self.state in (NodeState.REQUESTED, NodeState.BOOTING) and self.last_seen == 0:
+            return now <= self.deadline
+        return self.last_seen >= now - timeout_s
+
+
+@dataclass(frozen=True)
+class Lock:
+    """Who holds a user's single-stream lock."""
+
+    session: str
+    model: str
+    region: str
+    since: float
+
+
+@dataclass(frozen=True)
+class Taken:
+    """The lock is ours: its fencing token, and whom we took it from (take-over)."""
+
+    fence: int
+    previous_session: str | None
+    previous_node: str | None
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The lobby request holds the lock; it got a node, or waits at a queue position."""
+
+    lock: Taken
+    node: str | None
+    position: int
+
+
+@dataclass(frozen=True)
+class LiveModel:
+    name: str
+    version: str
+    semitones: float
+    draining: tuple[dict[str, Any], ...]
+
+
+def _live_model(name: str, raw: str) -> LiveModel:
+    entry = json.loads(raw)
+    return LiveModel(name, str(entry["live"]["version"]), float(entry["live"]["semitones"]),
+                     tuple(entry.get("draining") or ()))
+
+
+def _float(h: Mapping[str, str], key: str) -> float:
+    raw = h.get(key) or ""
+    return float(raw) if raw else 0.0
+
+
+def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
+    state = NodeState(h["state"])
+    drain = h.get("drain_deadline") or ""
+    if drain and state is NodeState.READY:
+        state = NodeState.DRAINING
+    eta = h.get("eta_ready") or ""
+    return NodeRecord(
+        id=h["id"], provider=h.get("provider", ""), region=h.get("region", ""),
+        model=h.get("model", ""), version=h.get("version", ""), state=state,
+        progress=_float(h, "progress"), url=h.get("url", ""),
+        capacity=int(h.get("capacity") or 0), sessions=sessions, live=live,
+        started_at=_float(h, "started_at"), requested_at=_float(h, "requested_at"),
+        deadline=_float(h, "deadline"), last_seen=_float(h, "last_seen"),
+        price_per_hour=h.get("price_per_hour") or "0", eta_ready=float(eta) if eta else None,
+        drain_deadline=float(drain) if drain else None, retired=bool(h.get("retired")),
+        semitones=_float(h, "semitones"), ready_at=_float(h, "ready_at") or None,
+        idle_since=_float(h, "idle_since") or None,
+        home=h.get("home") or h.get("region", ""))
+

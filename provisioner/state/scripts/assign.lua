@@ -1,0 +1,3 @@
+-- requires: assign
+-- KEYS[1] queue, KEYS[2] vc:assigned, then candidates. ARGV: now, expiry, timeout, ids...
+return assign(KEYS[1], KEYS[2], 3, 4, tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]))

@@ -1,0 +1,63 @@
+-- A node's heartbeat in one step: its health, its live slots, its users' locks, its usage,
+-- and the locks of streams that closed since (released if still theirs, so the user may
+-- start again at once). Refused (returns {0}) for a node the control plane forgot. While a
+-- retarget is pending and the node does not serve the new model yet, its old state is not
+-- written (the record already says LOADING for the new model).
+-- KEYS: node hash, slot zset, vc:usage-minutes, then one lock per live stream, one usage
+-- hash per counter, one lock per closed stream.
+-- ARGV: now, state, progress, eta_ready, ready_at, lock ttl_s, node id, serving
+-- "model:version", usage keep_s, number of streams n, number of counters m, then session
+-- and fence per live stream, field, seconds, minute per counter, session per closed stream.
+-- Returns {1, drain_deadline, retarget, sessions whose lock another session took...}.
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local n, m = tonumber(ARGV[10]), tonumber(ARGV[11])
+local flags = redis.call('HMGET', KEYS[1], 'drain_deadline', 'retarget')
+local pending = flags[2] and string.sub(flags[2], 1, #ARGV[8] + 1) ~= ARGV[8] .. ':'
+if flags[2] and not pending then
+  redis.call('HDEL', KEYS[1], 'retarget', 'retired', 'idle_since')
+  flags[2] = false
+end
+if pending then
+  redis.call('HSET', KEYS[1], 'last_seen', ARGV[1])
+else
+  redis.call('HSET', KEYS[1], 'state', ARGV[2], 'progress', ARGV[3], 'eta_ready', ARGV[4],
+             'ready_at', ARGV[5], 'last_seen', ARGV[1])
+end
+local mine = {}
+for i = 1, n do
+  mine[ARGV[10 + 2 * i]] = true
+  redis.call('ZADD', KEYS[2], '+inf', ARGV[10 + 2 * i])
+end
+for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '+inf', '+inf')) do
+  if not mine[sid] then redis.call('ZREM', KEYS[2], sid) end
+end
+local ttl = math.floor(tonumber(ARGV[6]) * 1000)
+local out = {1, flags[1] or '', flags[2] or ''}
+for i = 1, n do
+  local lock, sid, fence = KEYS[3 + i], ARGV[10 + 2 * i], ARGV[11 + 2 * i]
+  local cur = redis.call('HMGET', lock, 'session', 'fence')
+  if cur[1] and (cur[1] ~= sid or cur[2] ~= fence) then
+    table.insert(out, sid)
+  else
+    -- ours, or expired while the node could not report: nobody else holds it
+    redis.call('HSET', lock, 'session', sid, 'fence', fence, 'node', ARGV[7])
+    redis.call('PEXPIRE', lock, ttl)
+  end
+end
+local base = 11 + 2 * n
+for j = 1, m do
+  local key = KEYS[3 + n + j]
+  local field, secs, minute = ARGV[base + 3 * j - 2], ARGV[base + 3 * j - 1], ARGV[base + 3 * j]
+  local cur = tonumber(redis.call('HGET', key, field) or 0)
+  if tonumber(secs) > cur then redis.call('HSET', key, field, secs) end
+  redis.call('EXPIRE', key, ARGV[9])
+  redis.call('ZADD', KEYS[3], minute, minute)
+end
+base = base + 3 * m
+for k = 1, #KEYS - 3 - n - m do
+  local lock, sid = KEYS[3 + n + m + k], ARGV[base + k]
+  if not mine[sid] and redis.call('HGET', lock, 'session') == sid then
+    redis.call('DEL', lock)
+  end
+end
+return out
