@@ -36,10 +36,13 @@ local out = {1, flags[1] or '', flags[2] or ''}
 for i = 1, n do
   local lock, sid, fence = KEYS[3 + i], ARGV[10 + 2 * i], ARGV[11 + 2 * i]
   local cur = redis.call('HMGET', lock, 'session', 'fence')
-  if cur[1] and (cur[1] ~= sid or cur[2] ~= fence) then
+  local mine_now = cur[1] == sid and cur[2] == fence
+  if cur[1] and not mine_now and tonumber(cur[2] or 0) >= tonumber(fence) then
+    -- taken over (another session, or a newer connection of this one): close this stream
     table.insert(out, sid)
   else
-    -- ours, or expired while the node could not report: nobody else holds it
+    -- ours; or expired while the node could not report; or held under an older fence
+    -- (a lock re-created from a stale report): the newer fence wins
     redis.call('HSET', lock, 'session', sid, 'fence', fence, 'node', ARGV[7])
     redis.call('PEXPIRE', lock, ttl)
   end
