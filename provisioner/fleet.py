@@ -185,6 +185,7 @@ def poll(state: State, cfg: Config, node_id: str, now: float, on_end: NodeEndHoo
         state.assign(pool_id(rec.model, rec.version, rec.home),
                      candidates_for(cfg, model, rec.home, records, now), now,
                      cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
+        state.wake_lobbies()
         return "ready"
     if now > rec.deadline:
         log.warning("node %s not ready by its deadline: destroying it", node_id)
@@ -228,8 +229,8 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
     node record names (a crash between create and record) are destroyed.
     """
     dead = []
-    for rec in state.nodes():
-        state.drop_expired(rec.id, now)
+    if sum(state.drop_expired(rec.id, now) for rec in state.nodes()):
+        state.wake_lobbies()   # tickets never used: their slots are room again
     records = state.nodes()
     for rec in records:
         if not rec.alive(now, cfg.heartbeat_timeout_s):

@@ -214,6 +214,8 @@ def heartbeat(state: State, cfg: Config, node_id: str, body: Mapping[str, Any],
     orders = state.beat(node_id, beat, now, cfg.heartbeat_timeout_s)
     if orders is None:
         raise JoinError(f"node {node_id} was removed from the fleet; shut down")
+    if beat.closed or (beat.state == NodeState.READY.value and rec.state is not NodeState.READY):
+        state.wake_lobbies()   # room appeared: waiting lobbies look now, not at the backstop
     return orders
 
 

@@ -23,17 +23,21 @@ from provisioner.catalog import live_models
 from provisioner.state import State
 from webapp import lobby, nodes_api
 from webapp.requests import BadRequest, parse_lobby, parse_since, parse_user
+from webapp.waiting import BACKSTOP_S, WaitingRoom
 
 STATIC = Path(__file__).with_name("static")
 
 
 def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lambda: None,
-               ledger: Ledger | None = None) -> Flask:
-    """`ledger` (the billing database) serves /api/usage and joins /healthz."""
+               ledger: Ledger | None = None, waiting_backstop_s: float = BACKSTOP_S) -> Flask:
+    """`ledger` (the billing database) serves /api/usage and joins /healthz;
+    `waiting_backstop_s`: how often waiting lobbies look for room without being woken."""
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 4096}
     sock = Sock(app)
     fleet = lobby.FleetCache(state, cfg)
+    room = WaitingRoom(state, cfg, lambda: fleet.get(fresh=True).records, lobby.candidates_for,
+                       waiting_backstop_s)
     app.register_blueprint(nodes_api.blueprint(cfg, state, ledger))
 
     def kick() -> None:
@@ -122,6 +126,6 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
         except BadRequest as e:
             lobby.error(ws, e.code, str(e))
             return
-        lobby.run(ws, state, cfg, req, kick, fleet)
+        lobby.run(ws, state, cfg, req, kick, fleet, room)
 
     return app

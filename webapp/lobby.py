@@ -29,10 +29,11 @@ from provisioner.catalog import live_models
 from provisioner.placement import candidates, home_region, rank_regions
 from provisioner.state import Admitted, Lock, NodeRecord, State, pool_id
 from webapp.requests import LobbyRequest
+from webapp.waiting import Waiter, WaitingRoom
 
 log = logging.getLogger("webapp.lobby")
 
-POLL_S = 0.05         # how often a waiting lobby re-runs the assign script
+POLL_S = 0.1          # how often a waiting lobby looks at its Waiter (no Redis)
 WAIT_LIMIT_S = 300.0  # after this long without a node the user is told no_capacity
 
 
@@ -57,11 +58,12 @@ class FleetCache:
         self._view = FleetView([], {}, frozenset(), {})
         self._read_at = float("-inf")
 
-    def get(self) -> FleetView:
+    def get(self, fresh: bool = False) -> FleetView:
+        """The view; `fresh`: read now (the waiting room, woken because a node changed)."""
         # Its own monotonic clock: a lobby that waited for the lock must not force another
         # read just because the time it looked at the clock is older than the last read.
         with self._lock:
-            if time.monotonic() - self._read_at > self.max_age_s:
+            if fresh or time.monotonic() - self._read_at > self.max_age_s:
                 models = {m.name: m for m in live_models(self.state, self.cfg)}
                 now = time.time()
                 self._view = FleetView(self.state.nodes(), models,
@@ -80,10 +82,10 @@ class Refused(Exception):
 
 
 def run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
-        kick_scaler: Callable[[], None], fleet: FleetCache) -> None:
+        kick_scaler: Callable[[], None], fleet: FleetCache, room: WaitingRoom) -> None:
     """Drive one lobby socket until the user has a node, an error, or leaves."""
     try:
-        _run(ws, state, cfg, req, kick_scaler, fleet)
+        _run(ws, state, cfg, req, kick_scaler, fleet, room)
     except Refused as e:
         error(ws, e.code, str(e))
     except ConnectionClosed:
@@ -95,7 +97,7 @@ def run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-unt
 
 
 def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
-         kick_scaler: Callable[[], None], fleet: FleetCache) -> None:
+         kick_scaler: Callable[[], None], fleet: FleetCache, room: WaitingRoom) -> None:
     now = time.time()
     started = now
     view = fleet.get()
@@ -107,51 +109,43 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     session_id = _session_id(state, req)
     pool = pool_id(model.name, model.version, home.name)
     got = state.admit(req.user, session_id, model.name, model.version, home.name, now,
-                      _candidates(cfg, model, home.name, view.records, now),
+                      candidates_for(cfg, model, home.name, view.records, now),
                       lock_ttl_s=cfg.ticket_ttl_s, takeover=req.takeover,
                       resume=req.resume is not None, tau_s=cfg.arrival_tau_s,
                       hold_s=cfg.ticket_ttl_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s)
     fence = _locked(state, cfg, req, session_id, got)
-    first_node = got.node if isinstance(got, Admitted) else None
+    if isinstance(got, Admitted) and got.node is not None:      # room at once
+        _ready(ws, state, cfg, req, session_id, fence, _node(state, fleet, got.node), now)
+        return
+    waiter = Waiter(req.user, session_id, fence, pool, model, home.name,
+                    position=got.position if isinstance(got, Admitted) else 1)
+    room.enter(waiter)
+    kick_scaler()   # event-driven scale-up: no slot for this user right now
     placed = False
     try:
         last: tuple[object, ...] = ()
-        kicked = False
         while True:
-            records = fleet.get().records
-            if first_node is not None:
-                node_id, first_node = first_node, None     # admitted at once
-            else:
-                if state.refresh_locks("lobby", [(req.user, session_id, fence)],
-                                       cfg.ticket_ttl_s):   # before taking a slot
-                    raise Refused("already_streaming", "this session was taken over from "
-                                  "another tab or device")
-                state.assign(pool, _candidates(cfg, model, home.name, records, now),
-                             now, cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
-                node_id = state.take_assignment(session_id)
-            node = next((n for n in records if n.id == node_id), None) if node_id else None
-            if node_id and (node is None or not node.url):   # the view predates its join
-                node = state.node(node_id)
-            if node is not None:
-                _ready(ws, state, cfg, req, session_id, fence, node, now)
+            if waiter.lost:
+                raise Refused("already_streaming", "this session was taken over from "
+                              "another tab or device")
+            if waiter.node_id is not None:
+                _ready(ws, state, cfg, req, session_id, fence,
+                       _node(state, fleet, waiter.node_id), now)
                 placed = True
                 return
-            if not kicked:
-                kick_scaler()   # event-driven scale-up: no slot for this user right now
-                kicked = True
-            position = state.position(pool, session_id) or 1
-            eta = _eta_s(cfg, model, home.name, records, position, now)
-            note = _note(cfg, home.name, fleet.get().constrained)
+            view = fleet.get()
+            eta = _eta_s(cfg, model, home.name, view.records, waiter.position, now)
+            note = _note(cfg, home.name, view.constrained)
             msg = (("booting", round(eta * 2) / 2, note) if eta is not None
-                   else ("queued", position, note))
+                   else ("queued", waiter.position, note))
             if msg != last:
                 last = msg
                 if eta is not None:
                     send(ws, type="booting", session_id=session_id, region=home.name,
-                         eta_s=round(eta, 1), position=position, **note)
+                         eta_s=round(eta, 1), position=waiter.position, **note)
                 else:
                     send(ws, type="queued", session_id=session_id, region=home.name,
-                         position=position,
+                         position=waiter.position,
                          eta_s=round(cfg.provider(home.provider).boot_s + cfg.model_load_s, 1),
                          **note)
             if now - started > WAIT_LIMIT_S:
@@ -160,13 +154,29 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
             ws.receive(timeout=POLL_S)   # raises ConnectionClosed when the user leaves
             now = time.time()
     finally:
+        given = room.leave(waiter)
         if not placed:
+            if given:
+                state.release_slot(given, session_id)
             state.abandon(pool, session_id)
             state.release_lock(req.user, session_id)
 
 
-def _candidates(cfg: Config, model: Model, home: str, records: list[NodeRecord],
-                now: float) -> list[str]:
+def _node(state: State, fleet: FleetCache, node_id: str) -> NodeRecord:
+    """The node a session was given: from the shared view, or read now if the view
+    predates its join (it has no URL there yet)."""
+    node = next((n for n in fleet.get().records if n.id == node_id), None)
+    if node is None or not node.url:
+        node = state.node(node_id)
+    if node is None:
+        raise Refused("unavailable", f"node {node_id} vanished as it was given to you; "
+                      "reconnect to try again")
+    return node
+
+
+def candidates_for(cfg: Config, model: Model, home: str, records: list[NodeRecord],
+                   now: float) -> list[str]:
+    """Nodes alive and not retired that may serve (model, home), in claim order."""
     usable = [n.view() for n in records
               if not n.retired and n.alive(now, cfg.heartbeat_timeout_s)]
     return candidates(cfg, model.name, model.version, home, usable)

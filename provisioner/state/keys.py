@@ -41,6 +41,8 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
                                      booted) or {"byo": region, "model": name}; expires
     vc:cred:{sha256(cred)}    STRING a joined node's credential -> node id (revoked: deleted;
                                      the node hash keeps the hash in `cred`)
+    vc:lobby-wake             PUBSUB a node turned ready or freed a slot: every webapp's
+                                     waiting room runs its assign step now
     vc:constrained            HASH   region -> JSON {"until", "reason"}: the provider refused
                                      to create there (capacity, quota); boots go elsewhere
 
@@ -61,6 +63,7 @@ REGION_DOWN = PREFIX + "region-down"
 SCALE_KICK = PREFIX + "scale-kick"
 USAGE_MINUTES = PREFIX + "usage-minutes"
 CONSTRAINED = PREFIX + "constrained"
+LOBBY_WAKE = PREFIX + "lobby-wake"   # PUBSUB: room may have appeared; waiting lobbies look now
 USAGE_KEEP_S = 3600     # usage counters stay this long, so late reports can be re-settled
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from provisioner.state.base import StateBase
 from provisioner.state.keys import (
     ASSIGNED,
+    LOBBY_WAKE,
     QUEUES,
     SCALE_KICK,
     arrivals_key,
@@ -32,6 +33,33 @@ class Lobby(StateBase):
         pipe.zrank(queue_key(pool), session_id)
         rank = pipe.execute()[-1]
         return int(rank) + 1
+
+    def take_assignments(self, session_ids: Sequence[str]) -> dict[str, str]:
+        """The nodes the assign script gave any of these sessions (read once)."""
+        if not session_ids:
+            return {}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hmget(ASSIGNED, list(session_ids))
+        pipe.hdel(ASSIGNED, *session_ids)
+        got = pipe.execute()[0]
+        return {sid: node for sid, node in zip(session_ids, got, strict=True) if node}
+
+    def queues(self, pools: Sequence[str]) -> dict[str, list[str]]:
+        """The waiting session ids of each pool, in order (one round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        for pool in pools:
+            pipe.zrange(queue_key(pool), 0, -1)
+        return dict(zip(pools, (list(q) for q in pipe.execute()), strict=True))
+
+    def wake_lobbies(self) -> None:
+        """Room may have appeared (a node ready, a slot freed): waiting lobbies look now."""
+        self.r.publish(LOBBY_WAKE, "1")
+
+    def lobby_wake_subscription(self) -> object:
+        """A pub/sub on the lobbies' wake-up channel (the client has no socket timeout)."""
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(LOBBY_WAKE)
+        return pubsub
 
     def position(self, pool: str, session_id: str) -> int | None:
         rank = self.r.zrank(queue_key(pool), session_id)
@@ -69,6 +97,7 @@ class Lobby(StateBase):
         node_id = self._abandon(keys=[queue_key(pool), ASSIGNED], args=[session_id])
         if node_id:
             self.r.zrem(slots_key(node_id), session_id)   # a reservation, never yet live
+            self.wake_lobbies()
 
     def sync_live(self, node_id: str, sessions: Sequence[str]) -> None:
         """The node's streams are exactly these (run under the node's own lock)."""

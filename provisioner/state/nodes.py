@@ -72,11 +72,14 @@ class Nodes(StateBase):
                 if h and "state" in h]
 
     def node(self, node_id: str) -> NodeRecord | None:
-        h = self.r.hgetall(node_key(node_id))
+        pipe = self.r.pipeline(transaction=False)   # one round trip (every heartbeat reads it)
+        pipe.hgetall(node_key(node_id))
+        pipe.zcard(slots_key(node_id))
+        pipe.zcount(slots_key(node_id), "+inf", "+inf")
+        h, taken, live = pipe.execute()
         if not h or "state" not in h:
             return None
-        return _record(h, int(self.r.zcard(slots_key(node_id))),
-                       int(self.r.zcount(slots_key(node_id), "+inf", "+inf")))
+        return _record(h, int(taken), int(live))
 
     def forget_node(self, node_id: str) -> None:
         """Remove a node and its slots (it stopped or died)."""

@@ -1,0 +1,136 @@
+"""The waiting room: one poller per webapp process for every lobby that waits for a node.
+
+A waiting lobby costs no Redis of its own. Each step, for every pool with waiters, the
+room runs the atomic assign script once, picks up every assignment at once and reads the
+queue order for positions; every LOCK_CHECK_S it refreshes the waiters' locks (one script
+call: a waiter whose session was taken over is told so). A step runs when something may have changed (a node
+turned ready or freed a slot: pub/sub `LOBBY_WAKE` from any process; a lobby joined) and
+otherwise every `backstop_s`. Lobbies read their news from their `Waiter` (no Redis).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from common.config import Config, Model
+from provisioner.state import NodeRecord, State
+
+log = logging.getLogger("webapp.waiting")
+
+BACKSTOP_S = 1.0
+LOCK_CHECK_S = 2.0   # how often waiters' locks are refreshed (and take-overs noticed)
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One waiting lobby, as the room sees it; the room writes the last three fields."""
+
+    user: str
+    session_id: str
+    fence: int
+    pool: str
+    model: Model
+    home: str
+    node_id: str | None = None   # assigned: its slot is reserved for this session
+    lost: bool = False           # another session took the user's lock over
+    position: int = 1
+
+
+Candidates = Callable[[Config, Model, str, list[NodeRecord], float], list[str]]
+
+
+class WaitingRoom:
+    def __init__(self, state: State, cfg: Config, records: Callable[[], list[NodeRecord]],
+                 candidates: Candidates, backstop_s: float = BACKSTOP_S) -> None:
+        """`records` reads the fleet now (a step follows an event: a cached view may not
+        show the node that caused it yet)."""
+        self.state, self.cfg = state, cfg
+        self.records, self.candidates = records, candidates
+        self.backstop_s = backstop_s
+        self._lock = threading.Lock()
+        self._waiters: dict[str, Waiter] = {}
+        self._wake = threading.Event()
+        self._started = False
+        self._checked_at = float("-inf")
+        self._lost: set[str] = set()
+        self.steps = 0
+
+    def enter(self, waiter: Waiter) -> None:
+        with self._lock:
+            self._waiters[waiter.session_id] = waiter
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._loop, name="waiting-room", daemon=True).start()
+                threading.Thread(target=self._listen, name="waiting-wake", daemon=True).start()
+        self.poke()
+
+    def leave(self, waiter: Waiter) -> str | None:
+        """Stop waiting; the node the room had just given it, if any (give its slot back)."""
+        with self._lock:
+            if self._waiters.get(waiter.session_id) is waiter:
+                del self._waiters[waiter.session_id]
+            return waiter.node_id
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(self.backstop_s)
+            self._wake.clear()
+            try:
+                self.step(time.time())
+            except redis.RedisError as e:   # a thread's boundary: try again next step
+                log.warning("waiting room: Redis failed: %s", e)
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                sub = self.state.lobby_wake_subscription()
+                for _ in sub.listen():   # type: ignore[attr-defined]
+                    self.poke()
+            except redis.RedisError as e:   # a thread's boundary: resubscribe
+                log.warning("waiting room: wake-ups lost (%s); resubscribing", e)
+                time.sleep(1.0)
+
+    def step(self, now: float) -> None:
+        with self._lock:
+            waiters = list(self._waiters.values())
+        if not waiters:
+            return
+        self.steps += 1
+        if now - self._checked_at >= LOCK_CHECK_S:   # keep their locks; notice take-overs
+            self._checked_at = now
+            self._lost = set(self.state.refresh_locks(
+                "lobby", [(w.user, w.session_id, w.fence) for w in waiters],
+                self.cfg.ticket_ttl_s))
+        lost = self._lost
+        pools: dict[str, Waiter] = {}
+        for w in waiters:
+            pools.setdefault(w.pool, w)
+        records = self.records()
+        for pool, w in pools.items():
+            if all(x.session_id in lost for x in waiters if x.pool == pool):
+                continue
+            self.state.assign(pool, self.candidates(self.cfg, w.model, w.home, records, now),
+                              now, self.cfg.ticket_ttl_s, self.cfg.heartbeat_timeout_s)
+        got = self.state.take_assignments([w.session_id for w in waiters])
+        order = self.state.queues(list(pools))
+        with self._lock:
+            for w in waiters:
+                node = got.pop(w.session_id, None)
+                if self._waiters.get(w.session_id) is not w:
+                    if node:   # it left meanwhile: give the reserved slot back
+                        self.state.release_slot(node, w.session_id)
+                    continue
+                w.lost = w.session_id in lost
+                if node:
+                    w.node_id = node
+                queue = order.get(w.pool, [])
+                w.position = queue.index(w.session_id) + 1 if w.session_id in queue else 1
