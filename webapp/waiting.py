@@ -5,7 +5,8 @@ room runs the atomic assign script once, picks up every assignment at once and r
 queue order for positions; every LOCK_CHECK_S it refreshes the waiters' locks (one script
 call: a waiter whose session was taken over is told so). A step runs when something may
 have changed (a node turned ready or freed a slot: pub/sub `LOBBY_WAKE` from any process;
-a lobby joined) and otherwise every `backstop_s`. Lobbies read their news from their `Waiter` (no Redis).
+a lobby joined) and otherwise every `backstop_s`. Lobbies read their news from their
+`Waiter` (no Redis).
 """
 
 from __future__ import annotations
