@@ -10,8 +10,12 @@ the users' browsers):
   second (far above the ~0.2/s that 100 concurrent users with 10-minute sessions make) and
   keep their sessions, so the last ones are placed while the others hold their slots.
 - `warm_burst_ms_*` and `admissions_per_s`: all 100 open the lobby in the same instant.
-- `warm_burst_floor_ms_*`: the same burst against an empty flask-sock handler on the same
-  server (bench/floor_server.py), i.e. what the burst costs before any lobby code runs.
+- `warm_connect_floor_ms_*`, `warm_burst_floor_ms_*`: the same arrivals against an empty
+  flask-sock handler on the same server (bench/floor_server.py), i.e. what they cost before
+  any lobby code runs; `*_over_floor` is ours over the floor, p99 to p99 (absolute times on
+  shared 2-core machines vary two- to fourfold between runs; the ratio far less).
+- `waiting_*`: CPU of the webapp process and Redis commands per second while `--waiting`
+  (200) lobbies wait in a region whose provider cannot boot, beside the same stack idle.
 
 Everything runs on the real stack, `voicectl run` in its own processes (webapp, Celery
 worker with beat, Flower) on a Redis of ours; the cold path boots a worker_node process
@@ -164,28 +168,36 @@ def warm(state: State, ws_url: str, rounds: int, users: int, rate: float) -> dic
     return out
 
 
-def floor(rounds: int, users: int) -> dict[str, Any]:
-    """The same burst against Flask + flask-sock with an empty handler (bench/floor_server.py):
-    the part of the burst figures that no lobby code can remove."""
+def floor(rounds: int, users: int, rate: float) -> dict[str, Any]:
+    """The same arrivals (Poisson, then bursts) against Flask + flask-sock with an empty
+    handler (bench/floor_server.py): the part of the figures no lobby code can remove."""
     port = procs.free_port()
     server = procs.spawn([sys.executable, str(Path(__file__).with_name("floor_server.py")),
                           str(port)], log=procs.ROOT / "var" / "logs" / "bench-floor.log")
     latencies: list[float] = []
+    poisson: list[float] = []
+    rng = np.random.default_rng(7)      # the same arrival times as the warm measure
     try:
         while procs.port_free("127.0.0.1", port):
             if server.poll() is not None:
                 raise RuntimeError("the floor server did not start; see var/logs/bench-floor.log")
             time.sleep(0.05)
-        log(f"framework floor: {rounds} bursts of {users} against an empty flask-sock handler ...")
+        log(f"framework floor: {rounds} rounds of {users} against an empty flask-sock handler ...")
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             pool.apply(_users, (f"ws://127.0.0.1:{port}", "warmup", [0.0]))
+            for r in range(rounds):
+                arrivals = list(np.cumsum(rng.exponential(1 / rate, users)))
+                poisson += pool.apply(_users, (f"ws://127.0.0.1:{port}", f"floorp{r}",
+                                               arrivals))[0]
             for r in range(rounds):
                 latencies += pool.apply(_users, (f"ws://127.0.0.1:{port}", f"floor{r}",
                                                  [0.0] * users))[0]
     finally:
         procs.stop([server])
     p50, p99 = _percentiles(latencies)
-    return {"warm_burst_floor_ms_p50": p50, "warm_burst_floor_ms_p99": p99}
+    f50, f99 = _percentiles(poisson)
+    return {"warm_connect_floor_ms_p50": f50, "warm_connect_floor_ms_p99": f99,
+            "warm_burst_floor_ms_p50": p50, "warm_burst_floor_ms_p99": p99}
 
 
 def cold(state: State, ws_url: str, load_s: float, boot_s: float) -> dict[str, Any]:
@@ -212,18 +224,68 @@ def cold(state: State, ws_url: str, load_s: float, boot_s: float) -> dict[str, A
             "model_load_s": load_s, "vm_boot_s": boot_s}
 
 
+WAIT_REGION = """
+[[regions]]
+name = "nowhere"           # the bench's: its provider can never boot a node (quota 0)
+provider = "local"
+lat = -45.0
+lon = 170.0
+max_nodes = 0
+"""
+
+
+def _load(proc: Any, redis_url: str, seconds: float) -> tuple[float, float]:
+    """CPU cores the webapp process used and Redis commands per second, over `seconds`."""
+    import psutil
+
+    r = State(connect(redis_url)).r
+    p = psutil.Process(proc.pid)
+    c0, n0, t0 = p.cpu_times(), int(r.info("stats")["total_commands_processed"]), time.time()
+    time.sleep(seconds)
+    c1, n1, t1 = p.cpu_times(), int(r.info("stats")["total_commands_processed"]), time.time()
+    cpu = (c1.user + c1.system - c0.user - c0.system) / (t1 - t0)
+    return round(cpu, 3), round((n1 - n0 - 2) / (t1 - t0), 1)
+
+
+def waiting(stack: Any, redis_url: str, ws_url: str, lobbies: int) -> dict[str, Any]:
+    """`lobbies` users waiting where no node can boot, beside the same stack idle."""
+    log("idle: webapp CPU and Redis commands for 5 s ...")
+    idle_cpu, idle_cmds = _load(stack, redis_url, 5.0)
+    log(f"{lobbies} lobbies waiting in a region whose provider cannot boot ...")
+    sockets = [Client.connect(f"{ws_url}/ws/session?user=wait{i}&model=miku&region=nowhere")
+               for i in range(lobbies)]
+    try:
+        for ws in sockets:
+            ws.receive(timeout=30)
+        time.sleep(2.0)
+        cpu, cmds = _load(stack, redis_url, 5.0)
+        notes = [json.loads(raw).get("note", "") for ws in sockets[:1]
+                 if (raw := ws.receive(timeout=2))]
+    finally:
+        for ws in sockets:
+            ws.close()
+    return {"waiting_lobbies": lobbies, "waiting_cpu_cores": cpu,
+            "waiting_redis_cmds_per_s": cmds, "idle_cpu_cores": idle_cpu,
+            "idle_redis_cmds_per_s": idle_cmds, "waiting_told": bool(notes and notes[0])}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--load-s", type=float, default=10.0, help="MODEL_LOAD_SECONDS")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--users", type=int, default=100)
     p.add_argument("--rate", type=float, default=100.0, help="Poisson arrivals per second")
+    p.add_argument("--waiting", type=int, default=200, help="lobbies waiting for a node")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     url, redis_proc = procs.start_redis()
     port, flower = procs.free_port(), procs.free_port()
+    var = procs.ROOT / "var"
+    var.mkdir(exist_ok=True)
+    config = var / "bench-connect.toml"   # the default fleet and a region that never boots
+    config.write_text((procs.ROOT / "common" / "default.toml").read_text() + WAIT_REGION)
     env = {**os.environ, "REDIS_URL": url, "MODEL_LOAD_SECONDS": str(args.load_s),
-           "DATABASE_URL": "sqlite:///" + str(procs.ROOT / "var" / "bench.sqlite")}
+           "VOICE_CONFIG": str(config), "DATABASE_URL": "sqlite:///" + str(var / "bench.sqlite")}
     log(f"starting the real stack: voicectl run on port {port} (Redis {url}) ...")
     stack = procs.spawn([sys.executable, "-m", "voicectl", "run", "--port", str(port),
                          "--flower-port", str(flower)], env=env,
@@ -241,10 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         ws_url = f"ws://127.0.0.1:{port}"
         figures.update(cold(state, ws_url, args.load_s, cfg.provider("local").boot_s))
         figures.update(warm(state, ws_url, args.rounds, args.users, args.rate))
+        figures.update(waiting(stack, url, ws_url, args.waiting))
     finally:
         procs.stop([stack], timeout_s=30)
         procs.stop([redis_proc])
-    figures.update(floor(args.rounds, args.users))
+    figures.update(floor(args.rounds, args.users, args.rate))
+    figures["warm_connect_p99_over_floor"] = round(
+        figures["warm_connect_ms_p99"] / figures["warm_connect_floor_ms_p99"], 2)
+    figures["warm_burst_p99_over_floor"] = round(
+        figures["warm_burst_ms_p99"] / figures["warm_burst_floor_ms_p99"], 2)
     report(figures, args.json)
     return 0
 

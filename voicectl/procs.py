@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,7 +48,10 @@ def port_free(host: str, port: int) -> bool:
 
 def spawn(cmd: Sequence[str], env: Mapping[str, str] | None = None,
           log: Path | None = None, inherit: bool = False) -> subprocess.Popen[bytes]:
-    """Start a child; its output goes to `log`, our own stdout (`inherit`), or nowhere."""
+    """Start a child; its output goes to `log` (its folder is made), our own stdout
+    (`inherit`), or nowhere."""
+    if log is not None and not inherit:
+        log.parent.mkdir(parents=True, exist_ok=True)
     out = None if inherit else open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stdout=out,
                             stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, cwd=ROOT)
@@ -96,14 +98,3 @@ def start_redis(port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
                 stop([proc])
                 raise RuntimeError(f"redis-server on port {port} did not start") from None
             time.sleep(0.02)
-
-
-def start_node(model: str, region: str, env: Mapping[str, str], node_id: str | None = None,
-               version: str | None = None, log: Path | None = None,
-               inherit: bool = False) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "worker_node", "--model", model, "--region", region]
-    if node_id:
-        cmd += ["--node-id", node_id]
-    if version:
-        cmd += ["--version", version]
-    return spawn(cmd, env=env, log=log, inherit=inherit)

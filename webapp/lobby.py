@@ -26,7 +26,7 @@ from common.config import Config, Model
 from common.tickets import Ticket, node_key, sign
 from provisioner import membership
 from provisioner.catalog import live_models
-from provisioner.placement import candidates, home_region, rank_regions
+from provisioner.placement import boot_regions, candidates, home_region, rank_regions
 from provisioner.state import Admitted, Lock, NodeRecord, State, pool_id
 from webapp.requests import LobbyRequest
 from webapp.waiting import Waiter, WaitingRoom
@@ -192,6 +192,10 @@ def _note(cfg: Config, home: str, constrained: dict[str, str]) -> dict[str, str]
     if not near:
         return {}
     names = ", ".join(r.name for r in near[:3])
+    if not boot_regions(cfg, home, frozenset(constrained)):
+        return {"note": f"out of GPU capacity in {names}, and no other region within reach "
+                        "can boot one: you keep your place and get the first slot that frees "
+                        "up"}
     return {"note": f"out of GPU capacity in {names}: booting in the next cheapest region "
                     "within reach, which may take longer"}
 
