@@ -17,12 +17,13 @@ import re
 import threading
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import requests
 
 from common.config import NAME_RE, Config
+from common.grant import Grant
 from common.tickets import node_key, sign_control
 from provisioner.errors import JoinError
 from provisioner.placement import home_region
@@ -37,26 +38,6 @@ CONN_RE = re.compile(r"^[0-9a-f]{1,16}$")
 URL_RE = re.compile(r"^wss?://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[A-Za-z0-9_./\-]*)?$")
 MAX_COUNTERS = 2000          # per heartbeat: a node with 4 streams reports a handful
 NOTIFY_TIMEOUT_S = 1.0
-
-
-@dataclass(frozen=True)
-class Grant:
-    """What a node gets for its join token."""
-
-    node_id: str
-    credential: str
-    ticket_key: str
-    model: str
-    version: str
-    semitones: float
-    region: str
-    provider: str
-    heartbeat_interval_s: float
-    model_load_s: float
-    crash_rate: float
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def user_data(cfg: Config, token: str, note: str = "") -> str:

@@ -28,9 +28,10 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.serving import make_server
 
+from common.grant import Grant
 from common.tickets import verify_control
 from worker_node.agent import Agent
-from worker_node.control import ControlClient, ControlError, Grant, Refused
+from worker_node.control import ControlClient, ControlError, Refused
 from worker_node.runtime import NodeRuntime
 from worker_node.server import create_app
 from worker_node.shifter import warm_up

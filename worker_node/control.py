@@ -6,10 +6,11 @@ and, after joining, its own credential and ticket key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import requests
+
+from common.grant import Grant
 
 TIMEOUT_S = 5.0
 
@@ -20,21 +21,6 @@ class ControlError(Exception):
 
 class Refused(ControlError):
     """The control plane refused this node (bad token, revoked, forgotten): shut down."""
-
-
-@dataclass(frozen=True)
-class Grant:
-    node_id: str
-    credential: str
-    ticket_key: str
-    model: str
-    version: str
-    semitones: float
-    region: str
-    provider: str
-    heartbeat_interval_s: float
-    model_load_s: float
-    crash_rate: float
 
 
 class ControlClient:
@@ -67,7 +53,7 @@ class ControlClient:
 
     def join(self, token: str, url: str) -> Grant:
         data = self._post("/api/nodes/join", {"token": token, "url": url})
-        grant = Grant(**{k: data[k] for k in Grant.__dataclass_fields__})
+        grant = Grant.from_json(data)
         self.credential = grant.credential
         return grant
 
