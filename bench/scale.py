@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -56,12 +57,13 @@ from provisioner.state import State, connect, slots_key
 from voicectl import procs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from connect import _users  # noqa: E402
+from connect import _open  # noqa: E402
 from report import report  # noqa: E402
 
 REAL_NODES = 3
 SIM_MODELS = ("teto", "kaito")     # not the lobby's model: its users go to the real nodes
 JOIN_CONCURRENCY = 50
+LOBBY_TIMEOUT_S = 10.0             # a lobby not ready by then counts as failed
 
 
 def log(msg: str) -> None:
@@ -172,7 +174,11 @@ async def _agents(base_url: str, tokens: list[str], ctl: Connection) -> None:
             except TimeoutError:
                 pass
 
-    await asyncio.gather(*(agent(i, g) for i, g in enumerate(grants)))
+    tasks = [asyncio.create_task(agent(i, g)) for i, g in enumerate(grants)]
+    await stop.wait()
+    for task in tasks:   # a beat still waiting for its answer is past the window: drop it
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     for c in conns:
         c.close()
     ctl.send(("done", beats))
@@ -204,6 +210,30 @@ def enroll(state: State, cfg: Config, model: str, region: str) -> tuple[str, str
     return node_id, membership.join_token_for(state, cfg, node_id)
 
 
+def _users(ws_url: str, tag: str, arrivals: list[float]) -> list[float | None]:
+    """bench/connect.py's users (one asyncio task each, opening the lobby at its arrival
+    time), but a lobby that fails, or is not ready within LOBBY_TIMEOUT_S, counts as an
+    error (None) instead of ending the run."""
+    async def one(i: int, at: float, t_start: float) -> float | None:
+        try:
+            return await asyncio.wait_for(
+                _open(ws_url, f"user={tag}-{i}&model=miku&region=us-west", at, t_start),
+                at + t_start - time.perf_counter() + LOBBY_TIMEOUT_S)
+        except Exception as e:  # process boundary: any failure is one failed lobby
+            failures[type(e).__name__] = failures.get(type(e).__name__, 0) + 1
+            return None
+
+    async def all_users() -> list[float | None]:
+        t_start = time.perf_counter() + 0.05
+        return await asyncio.gather(*(one(i, at, t_start) for i, at in enumerate(arrivals)))
+
+    failures: dict[str, int] = {}
+    got = asyncio.run(all_users())
+    if failures:
+        print(f"bench: {tag}: failed lobbies: {failures}", file=sys.stderr, flush=True)
+    return got
+
+
 class Meter:
     """CPU seconds of some processes between two instants, as cores."""
 
@@ -232,8 +262,14 @@ def _recv(ctl: Connection, agents: Any, want: str, timeout_s: float) -> Any:
     return value
 
 
-def _ms(values: list[float], q: float) -> float:
-    return round(1000 * float(np.percentile(values, q)), 2) if values else float("nan")
+def _ms(values: Sequence[float | None], q: float) -> float | None:
+    """A percentile in ms; a failed lobby (None) counts as slower than every success, so a
+    percentile that falls on a failure is None."""
+    if not values:
+        return None
+    got = float(np.percentile([float("inf") if v is None else v for v in values], q,
+                              method="higher"))
+    return round(1000 * got, 2) if got != float("inf") else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=20.0, help="Poisson arrivals per second")
     p.add_argument("--warmup-s", type=float, default=6.0,
                    help="heartbeats before the with-nodes phase is measured")
+    p.add_argument("--py-spy", metavar="FILE", help="profile the webapp during the "
+                   "with-nodes phase with py-spy (if installed), collapsed stacks to FILE")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -298,11 +336,11 @@ def main(argv: list[str] | None = None) -> int:
             meter.procs["users"] = psutil.Process(users.apply(os.getpid))
             users.apply(_users, (ws_url, "warmup", [0.0] * 5))
 
-            def phase(name: str) -> tuple[list[float], dict[str, float], float, float]:
+            def phase(name: str) -> tuple[list[float | None], dict[str, float], float, float]:
                 arrivals = list(np.cumsum(rng.exponential(1 / args.rate, args.users)))
                 log(f"phase {name}: {args.users} users arrive at {args.rate:g}/s ...")
                 a = meter.read()
-                got, _ = users.apply(_users, (ws_url, name, arrivals))
+                got = users.apply(_users, (ws_url, name, arrivals))
                 b = meter.read()
                 return got, Meter.cores(a, b), a[0], b[0]
 
@@ -320,7 +358,15 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{args.nodes} joined over HTTP in {join_s:.1f} s; heartbeating, "
                 f"warm-up {args.warmup_s:g} s ...")
             time.sleep(args.warmup_s)
+            spy = None
+            if args.py_spy:
+                spy = procs.spawn([str(Path(sys.executable).with_name("py-spy")), "record",
+                                   "-p", str(server.pid), "-f", "raw", "-o", args.py_spy,
+                                   "-d", str(int(args.users / args.rate)), "--nonblocking"],
+                                  log=tmp / "py-spy.log")
             busy, cpu_busy, t0, t1 = phase("with_nodes")
+            if spy is not None:
+                spy.wait(30)
             ctl.send("stop")
             beats = _recv(ctl, agents, "done", 60)
             agents.join(10)
@@ -350,9 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         lobby_ms_p50_idle=_ms(idle, 50), lobby_ms_p99_idle=_ms(idle, 99),
         lobby_ms_p50_with_nodes=_ms(busy, 50), lobby_ms_p99_with_nodes=_ms(busy, 99),
         lobby_ms_p50_nodes_silent=_ms(silent, 50), lobby_ms_p99_nodes_silent=_ms(silent, 99),
+        lobby_errors_idle=idle.count(None), lobby_errors_with_nodes=busy.count(None),
+        lobby_errors_nodes_silent=silent.count(None),
     )
-    figures["lobby_p99_ratio"] = round(figures["lobby_ms_p99_with_nodes"]
-                                       / figures["lobby_ms_p99_idle"], 2)
+    with_nodes, idle_p99 = figures["lobby_ms_p99_with_nodes"], figures["lobby_ms_p99_idle"]
+    figures["lobby_p99_ratio"] = (round(with_nodes / idle_p99, 2) if with_nodes and idle_p99
+                                  else None)
     figures.update(lobby_users_per_phase=args.users, lobby_arrivals_per_s=args.rate,
                    heartbeat_interval_s=cfg.heartbeat_interval_s,
                    load_average_1m=round(os.getloadavg()[0], 2))
