@@ -22,11 +22,13 @@ Processes (everything real, each in its own process, as in production):
   timed from opening the lobby to `ready`. A thread here frees the real nodes' slot
   reservations (a user never uses the ticket), so users never wait for a slot.
 
-Phases, in one run: `idle` (users only), `with_nodes` (users while N agents heartbeat,
-after a warm-up), and `nodes_silent` (the N node records still there, the agents
-stopped): the last separates what a big fleet costs the lobby (reading its records)
-from what handling the heartbeats costs. CPU is each process's own (psutil) over each
-phase; `heartbeat_cpu_ms_per_beat` is the webapp's extra CPU with nodes per heartbeat.
+Phases, in one run: `idle` (users only), `nodes_only` (N agents heartbeating after a
+warm-up, no users: `heartbeat_cpu_ms_per_beat` is the webapp's CPU over the beats
+answered), `with_nodes` (users while the N agents heartbeat), and `nodes_silent` (users,
+the N node records still there, the agents stopped): the last separates what a big fleet
+costs the lobby (reading its records) from what handling the heartbeats costs. CPU is each
+process's own (psutil user + system) over each phase, in cores. A lobby not `ready` within
+10 s counts as failed; a percentile that falls on a failure is null, and so is the ratio.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import multiprocessing
 import os
 import random
 import resource
+import signal
 import sys
 import tempfile
 import threading
@@ -63,6 +66,7 @@ from report import report  # noqa: E402
 REAL_NODES = 3
 SIM_MODELS = ("teto", "kaito")     # not the lobby's model: its users go to the real nodes
 JOIN_CONCURRENCY = 50
+NODES_ONLY_S = 10.0                # heartbeats alone, no users: their cost, measured clean
 LOBBY_TIMEOUT_S = 10.0             # a lobby not ready by then counts as failed
 
 
@@ -220,7 +224,8 @@ def _users(ws_url: str, tag: str, arrivals: list[float]) -> list[float | None]:
                 _open(ws_url, f"user={tag}-{i}&model=miku&region=us-west", at, t_start),
                 at + t_start - time.perf_counter() + LOBBY_TIMEOUT_S)
         except Exception as e:  # process boundary: any failure is one failed lobby
-            failures[type(e).__name__] = failures.get(type(e).__name__, 0) + 1
+            why = f"{type(e).__name__}: {str(e)[:120]}"
+            failures[why] = failures.get(why, 0) + 1
             return None
 
     async def all_users() -> list[float | None]:
@@ -358,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{args.nodes} joined over HTTP in {join_s:.1f} s; heartbeating, "
                 f"warm-up {args.warmup_s:g} s ...")
             time.sleep(args.warmup_s)
+            log(f"phase nodes_only: heartbeats without users for {NODES_ONLY_S:g} s ...")
+            a = meter.read()
+            time.sleep(NODES_ONLY_S)
+            b = meter.read()
+            cpu_nodes_only, n0, n1 = Meter.cores(a, b), a[0], b[0]
             spy = None
             if args.py_spy:
                 spy = procs.spawn([str(Path(sys.executable).with_name("py-spy")), "record",
@@ -365,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "-d", str(int(args.users / args.rate)), "--nonblocking"],
                                   log=tmp / "py-spy.log")
             busy, cpu_busy, t0, t1 = phase("with_nodes")
-            if spy is not None:
+            if spy is not None:   # sampling a thousand threads can lag: stop it, it writes
+                spy.send_signal(signal.SIGINT)
                 spy.wait(30)
             ctl.send("stop")
             beats = _recv(ctl, agents, "done", 60)
@@ -379,15 +390,26 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop([server], timeout_s=10)
         procs.stop([redis_proc])
 
-    window = [(rtt, status) for at, rtt, status in beats if t0 <= at <= t1]
-    rtts = [rtt for rtt, status in window if status == 200]
-    per_s = len(rtts) / (t1 - t0)
-    extra_cores = cpu_busy["webapp"] - cpu_idle["webapp"]
+    def window(start: float, end: float) -> tuple[list[float], int, float]:
+        """Heartbeats answered in [start, end]: round trips of the good ones, the errors,
+        good ones per second."""
+        got = [(rtt, status) for at, rtt, status in beats if start <= at <= end]
+        good = [rtt for rtt, status in got if status == 200]
+        return good, len(got) - len(good), len(good) / (end - start)
+
+    rtts, errors, per_s = window(t0, t1)
+    alone, _, alone_per_s = window(n0, n1)
     figures.update(
         heartbeats_per_s=round(per_s, 1),
-        heartbeat_errors=sum(1 for _, status in window if status != 200),
+        heartbeat_errors=errors,
         heartbeat_ms_p50=_ms(rtts, 50), heartbeat_ms_p99=_ms(rtts, 99),
-        heartbeat_cpu_ms_per_beat=round(1000 * extra_cores / per_s, 3) if per_s else None,
+        heartbeats_per_s_nodes_only=round(alone_per_s, 1),
+        heartbeat_ms_p50_nodes_only=_ms(alone, 50), heartbeat_ms_p99_nodes_only=_ms(alone, 99),
+        webapp_cpu_cores_nodes_only=cpu_nodes_only["webapp"],
+        heartbeat_cpu_ms_per_beat=(round(1000 * cpu_nodes_only["webapp"] / alone_per_s, 3)
+                                   if alone_per_s else None),
+        redis_cpu_cores_nodes_only=cpu_nodes_only["redis"],
+        agents_cpu_cores_nodes_only=cpu_nodes_only["agents"],
         join_s=round(join_s, 2),
         webapp_cpu_cores_idle=cpu_idle["webapp"], webapp_cpu_cores_with_nodes=cpu_busy["webapp"],
         webapp_cpu_cores_nodes_silent=cpu_silent["webapp"],
