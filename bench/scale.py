@@ -424,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     with_nodes, idle_p99 = figures["lobby_ms_p99_with_nodes"], figures["lobby_ms_p99_idle"]
     figures["lobby_p99_ratio"] = (round(with_nodes / idle_p99, 2) if with_nodes and idle_p99
                                   else None)
+    if with_nodes is None and idle_p99:   # the p99 lobby failed or took over the timeout
+        figures["lobby_p99_ratio_at_least"] = round(1000 * LOBBY_TIMEOUT_S / idle_p99, 1)
     figures.update(lobby_users_per_phase=args.users, lobby_arrivals_per_s=args.rate,
                    heartbeat_interval_s=cfg.heartbeat_interval_s,
                    load_average_1m=round(os.getloadavg()[0], 2))
