@@ -33,12 +33,13 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
     """`ledger` (the billing database) serves /api/usage and joins /healthz;
     `waiting_backstop_s`: how often waiting lobbies look for room without being woken."""
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
-    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 4096}
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 65536}   # a node's report fits
     sock = Sock(app)
     fleet = lobby.FleetCache(state, cfg)
     room = WaitingRoom(state, cfg, lambda: fleet.get(fresh=True).records, lobby.candidates_for,
                        waiting_backstop_s)
     app.register_blueprint(nodes_api.blueprint(cfg, state, ledger))
+    nodes_api.beat_stream(sock, cfg, state)
 
     def kick() -> None:
         if state.kick_scaler():

@@ -28,6 +28,7 @@ from worker_node.runtime import NodeRuntime, Stream
 log = logging.getLogger("worker_node.agent")
 
 ORPHAN_AFTER_S = 15.0   # no control plane for this long: it is gone, so exit
+REPORT_MINUTES_S = 300  # a closed minute's counter is final: re-reported this long, then not
 TAKEN_OVER = "this user started streaming elsewhere; this stream was taken over"
 
 
@@ -61,9 +62,11 @@ class Agent:
                 "usage": self._usage(streams), "closed": [list(c) for c in closed]}
 
     def _usage(self, streams: list[Stream]) -> list[list[Any]]:
+        """Counters of the last few minutes: older ones are final and were reported."""
+        since = int(time.time() // 60) * 60 - REPORT_MINUTES_S
         with self.node.lock:
             return [[minute, s.user, s.session_id, s.conn, round(secs, 4)]
-                    for s in streams for minute, secs in s.minutes.items()]
+                    for s in streams for minute, secs in s.minutes.items() if minute >= since]
 
     def beat(self, extra_usage: list[Stream] | None = None) -> None:
         """One heartbeat and its orders (serialised: on_close and the loop both beat)."""

@@ -1,4 +1,5 @@
-"""The node's line to the control plane: join once, then heartbeat, over HTTP(S).
+"""The node's line to the control plane: join once over HTTP(S), then heartbeat on one
+WebSocket (ws/wss) to it.
 
 A node holds no Redis or database credentials: only the URL it joins, the one-time token
 and, after joining, its own credential and ticket key.
@@ -6,9 +7,12 @@ and, after joining, its own credential and ticket key.
 
 from __future__ import annotations
 
+import json
+import ssl
 from typing import Any
 
 import requests
+from simple_websocket import Client, ConnectionClosed
 
 from common.grant import Grant
 
@@ -31,6 +35,7 @@ class ControlClient:
         self.credential = credential
         self.session = requests.Session()
         self.session.verify = verify
+        self._ws: Client | None = None
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.credential}"} if self.credential else {}
@@ -58,7 +63,50 @@ class ControlClient:
         return grant
 
     def beat(self, report: dict[str, Any]) -> dict[str, Any]:
-        return self._post("/api/nodes/heartbeat", report)
+        """One heartbeat on the node's heartbeat socket (opened on first use, reopened
+        after a failure); its answer is the control plane's orders."""
+        try:
+            if self._ws is None:
+                scheme, rest = self.base_url.split("://", 1)
+                url = f"{'wss' if scheme == 'https' else 'ws'}://{rest}/api/nodes/beat"
+                self._ws = Client.connect(url, headers={
+                    "Authorization": f"Bearer {self.credential}"},
+                    ssl_context=self._ssl_context())
+            self._ws.send(json.dumps(report))
+            raw = self._ws.receive(timeout=TIMEOUT_S)
+        except ConnectionClosed as e:
+            self._ws = None
+            if e.reason in (4400, 4401):
+                raise Refused(f"control plane refused the heartbeat ({e.reason}): "
+                              f"{e.message}") from None
+            raise ControlError(f"heartbeat socket closed ({e.reason} {e.message})") from None
+        except (OSError, ValueError) as e:   # refused connection, bad handshake
+            self._ws = None
+            raise ControlError(f"control plane at {self.base_url} unreachable: {e}") from None
+        if raw is None:
+            self.close()
+            raise ControlError(f"no answer to a heartbeat within {TIMEOUT_S:.0f} s")
+        data = json.loads(raw)
+        if "error" in data:
+            self.close()
+            raise Refused(f"control plane refused the heartbeat: {data.get('message')}")
+        return dict(data)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.base_url.startswith("https"):
+            return None
+        if isinstance(self.session.verify, str):
+            return ssl.create_default_context(cafile=self.session.verify)
+        return ssl.create_default_context()
+
+    def close(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                ws.close()
+            except (ConnectionClosed, OSError):
+                pass
 
     def leave(self) -> None:
+        self.close()
         self._post("/api/nodes/leave", {})

@@ -77,7 +77,15 @@ class State(Nodes, Membership, Lobby, UserLock, Usage, Sessions, Models, RegionH
     """Typed access to the live state. Construct with a redis client (decode_responses=True)."""
 
 
+MAX_CONNECTIONS = 256   # per process; more callers at once wait their turn (up to 10 s)
+
+
 def connect(url: str) -> redis.Redis:
-    """A client for the live state; blocking reads get no socket timeout (see PITFALLS)."""
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=None,
-                                health_check_interval=30)
+    """A client for the live state; blocking reads get no socket timeout (see PITFALLS).
+
+    A thousand nodes' heartbeat threads may call at once: the pool makes them wait for a
+    connection instead of failing with "Too many connections" (redis-py's plain pool)."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url, decode_responses=True, socket_timeout=None, health_check_interval=30,
+        max_connections=MAX_CONNECTIONS, timeout=10)
+    return redis.Redis(connection_pool=pool)

@@ -90,7 +90,8 @@ class Membership(StateBase):
         res = self._beat(keys=keys, args=args)
         if int(res[0]) == 0:
             return None
-        return Orders(float(res[1]) if res[1] else None, res[2] or None, tuple(res[3:]))
+        return Orders(float(res[1]) if res[1] else None, res[2] or None, tuple(res[4:]),
+                      was=res[3])
 
     def mark_constrained(self, region: str, until: float, reason: str) -> None:
         self.r.hset(CONSTRAINED, region, json.dumps({"until": until, "reason": reason}))

@@ -21,7 +21,7 @@ class Beat:
     ready_at: float | None
     serving: str                                     # "model:version" it has loaded
     streams: Sequence[tuple[str, str, int]] = ()     # (user, session, fence) per live stream
-    usage: Sequence[tuple[int, str, float]] = ()     # (minute_s, field, cumulative seconds)
+    usage: Sequence[tuple[int, str, float]] = ()     # (minute_s, "user|session:conn", seconds)
     closed: Sequence[tuple[str, str]] = ()           # (user, session) of streams that ended
 
 
@@ -32,6 +32,7 @@ class Orders:
     drain_deadline: float | None
     retarget: str | None                             # "model:version:semitones"
     lost: tuple[str, ...]                            # sessions another session took over
+    was: str = ""                                    # the node's state before this beat
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,14 @@
 -- hash per counter, one lock per closed stream.
 -- ARGV: now, state, progress, eta_ready, ready_at, lock ttl_s, node id, serving
 -- "model:version", usage keep_s, number of streams n, number of counters m, then session
--- and fence per live stream, field, seconds, minute per counter, session per closed stream.
--- Returns {1, drain_deadline, retarget, sessions whose lock another session took...}.
+-- and fence per live stream, "user|session:conn", seconds, minute per counter (the field
+-- becomes "user|session:conn|node|model|region" from the node's record), session per closed
+-- stream. Returns {1, drain_deadline, retarget, the state before this beat, sessions whose
+-- lock another session took...}.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 local n, m = tonumber(ARGV[10]), tonumber(ARGV[11])
-local flags = redis.call('HMGET', KEYS[1], 'drain_deadline', 'retarget')
+local flags = redis.call('HMGET', KEYS[1], 'drain_deadline', 'retarget', 'state', 'model',
+                         'region')
 local pending = flags[2] and string.sub(flags[2], 1, #ARGV[8] + 1) ~= ARGV[8] .. ':'
 if flags[2] and not pending then
   redis.call('HDEL', KEYS[1], 'retarget', 'retired', 'idle_since')
@@ -32,7 +35,7 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '+inf', '+inf')) do
   if not mine[sid] then redis.call('ZREM', KEYS[2], sid) end
 end
 local ttl = math.floor(tonumber(ARGV[6]) * 1000)
-local out = {1, flags[1] or '', flags[2] or ''}
+local out = {1, flags[1] or '', flags[2] or '', flags[3] or ''}
 for i = 1, n do
   local lock, sid, fence = KEYS[3 + i], ARGV[10 + 2 * i], ARGV[11 + 2 * i]
   local cur = redis.call('HMGET', lock, 'session', 'fence')
@@ -50,7 +53,10 @@ end
 local base = 11 + 2 * n
 for j = 1, m do
   local key = KEYS[3 + n + j]
-  local field, secs, minute = ARGV[base + 3 * j - 2], ARGV[base + 3 * j - 1], ARGV[base + 3 * j]
+  -- the counter names what the control plane knows of the node, never the node's word
+  local field = ARGV[base + 3 * j - 2] .. '|' .. ARGV[7] .. '|' .. (flags[4] or '') .. '|'
+                .. (flags[5] or '')
+  local secs, minute = ARGV[base + 3 * j - 1], ARGV[base + 3 * j]
   local cur = tonumber(redis.call('HGET', key, field) or 0)
   if tonumber(secs) > cur then redis.call('HSET', key, field, secs) end
   redis.call('EXPIRE', key, ARGV[9])
