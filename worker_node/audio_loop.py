@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
-from common import wsclose
 from worker_node import protocol
 from worker_node.protocol import Malformed
 from worker_node.runtime import NodeRuntime, Stream
@@ -69,7 +68,8 @@ class Conn:
     done: threading.Event = field(default_factory=threading.Event)
 
     def kick(self, code: int, reason: str) -> None:
-        """Close this stream from any thread (take-over, drain); the loop does it."""
+        """End this stream from any thread (take-over, drain): the loop hands it back to
+        its request thread, which settles it and closes with `code`."""
         self.loop.post(("kick", self, (code, reason)))
 
 
@@ -167,7 +167,7 @@ class AudioLoop:
 
     def _add(self, conn: Conn) -> None:
         if conn.kicked is not None:   # kicked before it got here
-            self._close_now(conn, conn.kicked)
+            self._end(conn, conn.kicked)
             return
         sock = conn.ws.sock
         sock.setblocking(False)
@@ -177,24 +177,11 @@ class AudioLoop:
         self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _kick(self, conn: Conn, why: tuple[int, str]) -> None:
+        """Its request thread settles the stream, then closes with `why`."""
         if conn in self.conns:
-            self._close_now(conn, why)
+            self._end(conn, why)
         elif not conn.done.is_set():
             conn.kicked = why
-
-    def _close_now(self, conn: Conn, why: tuple[int, str]) -> None:
-        """Close at once from the loop (a kick); the request thread then only settles."""
-        self._finish(conn, None)
-        try:
-            conn.ws.sock.setblocking(True)
-            conn.ws.sock.settimeout(1.0)
-            if conn.backlog:
-                conn.ws.sock.sendall(conn.backlog)
-        except OSError:
-            pass
-        conn.backlog.clear()
-        wsclose.close(conn.ws, *why)
-        conn.done.set()
 
     def _guard(self, conn: Conn, step: Callable[[Conn], None]) -> None:
         """Run one step of one stream; its failure ends that stream only."""
