@@ -170,11 +170,15 @@ class AudioLoop:
             self._end(conn, conn.kicked)
             return
         sock = conn.ws.sock
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+        except (OSError, ValueError):   # the client left before its turn came
+            self._end(conn, None)
+            return
         conn.deadline = self.clock() + protocol.START_TIMEOUT_S
         self.conns.add(conn)
-        self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _kick(self, conn: Conn, why: tuple[int, str]) -> None:
         """Its request thread settles the stream, then closes with `why`."""

@@ -4,9 +4,9 @@
 
 export const config = {
   FRAME_MS: 10, // capture frame sent to the node (protocol: 10-100 ms); 10 ms halves capture buffering
-  JITTER_TARGET_MS: 15, // playback (re)starts once this much audio is buffered
+  JITTER_TARGET_MS: 20, // playback (re)starts once this much audio is buffered
   JITTER_MAX_MS: 60, // above this the playback worklet drops the oldest audio back to the target
-  JITTER_FLOOR_MS: 5, // a buffer that never fell below this for 100 ms is trimmed down to it
+  JITTER_FLOOR_MS: 8, // a buffer that never fell below this for 100 ms is trimmed down to it
   // Node losses in a row before giving up. Backoff 1, 2, 4, 8 s: the later tries come
   // after the control plane's heartbeat timeout (6 s), when it no longer offers a dead node.
   MAX_RETRIES: 4,
