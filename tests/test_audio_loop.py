@@ -94,7 +94,7 @@ def test_accepted_socket_has_nodelay(shifting: tuple[str, AudioLoop, list[Stream
     assert closed_code(ws)[0] == 1000
 
 
-def test_no_deflate_and_the_start_up_heap_is_frozen(
+def test_no_deflate_heap_frozen_audio_thread_raised(
         shifting: tuple[str, AudioLoop, list[Stream]]) -> None:
     """Chromium offers permessage-deflate; inflating and deflating every PCM frame in
     Python cost the old node CPU per frame for nothing. And once a stream runs, what the
@@ -114,6 +114,12 @@ def test_no_deflate_and_the_start_up_heap_is_frozen(
     ws = open_stream(url, "frozen")
     assert gc.get_freeze_count() > 0
     assert sys.getswitchinterval() == audio_loop.SWITCH_INTERVAL_S
+    loop = shifting[1]
+    if loop.priority_raised:   # with CAP_SYS_NICE: the audio thread, and only it, raised
+        assert loop.thread_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, loop.thread_id) == audio_loop.AUDIO_THREAD_NICE
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != \
+            audio_loop.AUDIO_THREAD_NICE
     ws.send(json.dumps({"type": "stop"}))
     assert closed_code(ws)[0] == 1000
 
