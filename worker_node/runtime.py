@@ -149,12 +149,21 @@ class NodeRuntime:
                 return True
             return False
 
-    def add_seconds(self, stream: Stream, seconds: float, now: float) -> None:
-        """Meter audio processed at `now` into its UTC minute (a frame never spans two)."""
+    def add_seconds(self, stream: Stream, seconds: float, now: float,
+                    blocking: bool = True) -> bool:
+        """Meter audio processed at `now` into its UTC minute (a frame never spans two).
+
+        With `blocking=False` it returns False at once, metering nothing, while another
+        thread holds the lock (the audio loop retries next turn rather than wait)."""
         minute = int(now // 60) * 60
-        with self.lock:
+        if not self.lock.acquire(blocking=blocking):
+            return False
+        try:
             stream.seconds += seconds
             stream.minutes[minute] = stream.minutes.get(minute, 0.0) + seconds
+        finally:
+            self.lock.release()
+        return True
 
     def usage(self, streams: list[Stream] | None = None) -> list[tuple[int, str, float]]:
         """Cumulative counters (minute, "user|session|node|model|region", seconds)."""

@@ -1,6 +1,9 @@
 // Capture processor: collects the microphone's 128-sample render quanta into
-// fixed-size frames (20 ms by default) of mono signed 16-bit little-endian PCM
-// and posts each frame's ArrayBuffer (transferred, not copied) to the main thread.
+// fixed-size frames (10 ms by default) of mono signed 16-bit little-endian PCM
+// and posts each frame's ArrayBuffer (transferred, not copied) to the main thread
+// as {buf, end, meanFillMs}: `end` is the context time just after the frame's last
+// sample, meanFillMs the frame buffer's fill averaged over the frame's render quanta
+// (the mean time a sample waits here before it is sent).
 class CaptureProcessor extends AudioWorkletProcessor {
   constructor(options) {
     super();
@@ -8,12 +11,16 @@ class CaptureProcessor extends AudioWorkletProcessor {
     this.frame = new ArrayBuffer(this.frameSamples * 2);
     this.view = new DataView(this.frame);
     this.filled = 0;
+    this.fillSum = 0; // sum over render quanta of samples waiting, for meanFillMs
+    this.quanta = 0;
   }
 
   process(inputs) {
     const channels = inputs[0];
     if (!channels || channels.length === 0) return true; // no input connected yet
     const n = channels[0].length;
+    this.fillSum += this.filled + n / 2; // mean waiting during this quantum
+    this.quanta++;
     for (let i = 0; i < n; i++) {
       // Down-mix to mono in case the device ignored channelCount: 1.
       let x = 0;
@@ -22,7 +29,10 @@ class CaptureProcessor extends AudioWorkletProcessor {
       const clipped = Math.max(-1, Math.min(1, x));
       this.view.setInt16(this.filled * 2, Math.round(clipped * 32767), true);
       if (++this.filled === this.frameSamples) {
-        this.port.postMessage(this.frame, [this.frame]);
+        const end = currentTime + (i + 1) / sampleRate;
+        const meanFillMs = (1000 * this.fillSum) / this.quanta / sampleRate;
+        this.port.postMessage({ buf: this.frame, end, meanFillMs }, [this.frame]);
+        this.fillSum = this.quanta = 0;
         this.frame = new ArrayBuffer(this.frameSamples * 2);
         this.view = new DataView(this.frame);
         this.filled = 0;

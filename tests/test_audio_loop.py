@@ -1,0 +1,231 @@
+"""The node's one audio loop, in process: a real werkzeug server and real sockets, the
+node's runtime built directly (no Redis), processors injected through `make_processor`."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from conftest import closed_code
+from simple_websocket import Client
+from werkzeug.serving import make_server
+
+from common.tickets import Ticket, sign
+from provisioner.states import NodeState
+from worker_node import audio_loop
+from worker_node.audio_loop import AudioLoop
+from worker_node.runtime import NodeRuntime, Stream
+from worker_node.server import create_app
+from worker_node.shifter import PitchShifter, Processor
+
+SECRET = "loop-secret"
+RATE, FRAME = 48000, 960
+
+
+class Recording:
+    """Wraps a processor; notes which thread ran each call."""
+
+    threads: list[str] = []
+
+    def __init__(self, inner: Processor, fail_after: int | None = None) -> None:
+        self.inner, self.fail_after, self.calls = inner, fail_after, 0
+        self.sample_rate, self.latency_samples = inner.sample_rate, inner.latency_samples
+
+    def process(self, frames: np.ndarray) -> np.ndarray:
+        Recording.threads.append(threading.current_thread().name)
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated model failure")
+        return self.inner.process(frames)
+
+
+def serve_node(make_processor: Callable[[int], Processor],
+               closed: list[Stream] | None = None) -> tuple[str, AudioLoop, object]:
+    node = NodeRuntime(id="n-loop", model="miku", version="1", region="us-west",
+                       provider="local", semitones=4.0, capacity=8, load_s=0.0,
+                       state=NodeState.READY)
+    app = create_app(node, SECRET, make_processor=make_processor,
+                     on_close=lambda s, current: (closed if closed is not None else []).append(s))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"ws://127.0.0.1:{server.server_port}/ws", app.extensions["audio_loop"], server
+
+
+@pytest.fixture
+def shifting() -> Iterator[tuple[str, AudioLoop, list[Stream]]]:
+    Recording.threads = []
+    closed: list[Stream] = []
+    url, loop, server = serve_node(
+        lambda rate: Recording(PitchShifter(rate, 4.0), fail_after=3 if rate == 16000 else None),
+        closed)
+    yield url, loop, closed
+    server.shutdown()  # type: ignore[attr-defined]
+
+
+def open_stream(url: str, user: str, rate: int = RATE) -> Client:
+    tok = sign(Ticket(user, f"s-{user}", "n-loop", "miku", "1", 1, time.time() + 60), SECRET)
+    ws = Client.connect(f"{url}?ticket={tok}")
+    ws.send(json.dumps({"type": "start", "sample_rate": rate}))
+    assert json.loads(ws.receive(timeout=5))["type"] == "started"
+    return ws
+
+
+def tone(hz: float, seconds: float, rate: int = RATE) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (8000 * np.sin(2 * np.pi * hz * t)).astype("<i2")
+
+
+def test_accepted_socket_has_nodelay(shifting: tuple[str, AudioLoop, list[Stream]]) -> None:
+    """Nagle off on the node's side: an answer never waits for the last one's ACK."""
+    url, loop, _ = shifting
+    ws = open_stream(url, "nagle")
+    (conn,) = loop.conns
+    assert conn.ws.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    ws.send(json.dumps({"type": "stop"}))
+    assert closed_code(ws)[0] == 1000
+
+
+def test_no_deflate_heap_frozen_audio_thread_raised(
+        shifting: tuple[str, AudioLoop, list[Stream]]) -> None:
+    """Chromium offers permessage-deflate; inflating and deflating every PCM frame in
+    Python cost the old node CPU per frame for nothing. And once a stream runs, what the
+    process built at start-up is out of the collector's sight (no 40 ms full passes)."""
+    url, _, _ = shifting
+    port = int(url.split(":")[2].split("/")[0])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    key = base64.b64encode(os.urandom(16)).decode()
+    raw.sendall(f"GET /ws?ticket=x HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+                "\r\n".encode())
+    head = raw.recv(4096).split(b"\r\n\r\n")[0].lower()
+    raw.close()
+    assert head.startswith(b"http/1.1 101") and b"sec-websocket-extensions" not in head
+    ws = open_stream(url, "frozen")
+    assert gc.get_freeze_count() > 0
+    assert sys.getswitchinterval() == audio_loop.SWITCH_INTERVAL_S
+    loop = shifting[1]
+    if loop.priority_raised:   # with CAP_SYS_NICE: the audio thread, and only it, raised
+        assert loop.thread_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, loop.thread_id) == audio_loop.AUDIO_THREAD_NICE
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != \
+            audio_loop.AUDIO_THREAD_NICE
+    ws.send(json.dumps({"type": "stop"}))
+    assert closed_code(ws)[0] == 1000
+
+
+def test_streams_share_one_loop_each_in_order_and_exact(
+        shifting: tuple[str, AudioLoop, list[Stream]]) -> None:
+    """Four interleaved streams, one thread runs every processor, and each stream gets
+    exactly what its own processor run directly on its frames gives, in order."""
+    url, _, closed = shifting
+    signals = [tone(150.0 * (k + 1), 0.4) for k in range(4)]
+    sockets = [open_stream(url, f"u{k}") for k in range(4)]
+    got: list[list[bytes]] = [[] for _ in range(4)]
+    for i in range(0, len(signals[0]), FRAME):   # frames of all four in flight at once
+        for k, ws in enumerate(sockets):
+            ws.send(signals[k][i:i + FRAME].tobytes())
+        for k, ws in enumerate(sockets):
+            answer = ws.receive(timeout=5)
+            assert isinstance(answer, bytes)
+            got[k].append(answer)
+    for k, ws in enumerate(sockets):
+        ws.send(json.dumps({"type": "stop"}))
+        assert closed_code(ws)[0] == 1000
+        direct = PitchShifter(RATE, 4.0)
+        want = b"".join(direct.process(signals[k][i:i + FRAME]).astype("<i2").tobytes()
+                        for i in range(0, len(signals[k]), FRAME))
+        assert b"".join(got[k]) == want, f"stream {k} differs from a direct run"
+    assert set(Recording.threads) == {"audio-loop"}
+    assert sorted(round(s.seconds, 6) for s in closed) == [0.4] * 4   # every frame metered
+
+
+def test_answers_flow_while_the_heartbeat_holds_the_node_lock(
+        shifting: tuple[str, AudioLoop, list[Stream]]) -> None:
+    """The agent holds the node's lock across Redis calls; the loop meters seconds later
+    instead of waiting for it, and loses none."""
+    url, loop, closed = shifting
+    ws = open_stream(url, "metered")
+    (conn,) = loop.conns
+    with loop.node.lock:     # as the heartbeat does while it talks to Redis
+        for _ in range(5):
+            ws.send(tone(200.0, 0.02).tobytes())
+            assert len(ws.receive(timeout=5)) == 2 * FRAME
+        assert conn.stream is not None and conn.stream.seconds == 0.0
+    ws.send(json.dumps({"type": "stop"}))
+    assert closed_code(ws)[0] == 1000
+    assert [round(s.seconds, 6) for s in closed] == [0.1]
+
+
+def test_failing_model_closes_its_stream_only(
+        shifting: tuple[str, AudioLoop, list[Stream]]) -> None:
+    url, _, _ = shifting
+    good = open_stream(url, "good")
+    bad = open_stream(url, "bad", rate=16000)    # its processor fails on the 4th frame
+    for _ in range(6):
+        bad.send(tone(200.0, 0.02, 16000).tobytes())
+    code, reason = closed_code(bad)
+    assert code == 1011 and "model failed" in reason and "lobby" in reason
+    for _ in range(10):
+        good.send(tone(200.0, 0.02).tobytes())
+        assert len(good.receive(timeout=5)) == 2 * FRAME
+    good.send(json.dumps({"type": "stop"}))
+    assert closed_code(good)[0] == 1000
+
+
+def test_client_that_never_reads_does_not_stall_others(
+        shifting: tuple[str, AudioLoop, list[Stream]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop that blocked on one socket's full send buffer would stop every stream; the
+    answers wait in that stream's backlog, and past its cap the loop stops reading it."""
+    url, loop, _ = shifting
+    monkeypatch.setattr(audio_loop, "MAX_BACKLOG_BYTES", 16_000)   # throttled sooner
+    tok = sign(Ticket("deaf", "s-deaf", "n-loop", "miku", "1", 1, time.time() + 60), SECRET)
+    deaf = Client.connect(f"{url}?ticket={tok}", thread_class=_NoThread)
+    deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    deaf.send(json.dumps({"type": "start", "sample_rate": RATE}))
+    frame100 = tone(180.0, 0.1).tobytes()        # 100 ms frames fill buffers fastest
+    sent = [0]
+
+    def flood() -> None:
+        try:
+            while sent[0] < 2000:
+                deaf.send(frame100)
+                sent[0] += 1
+        except OSError:
+            pass   # closed at the end of the test
+
+    threading.Thread(target=flood, daemon=True).start()
+    good = open_stream(url, "good")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(not c.reading for c in loop.conns):
+        good.send(tone(200.0, 0.02).tobytes())   # flows all along
+        assert len(good.receive(timeout=5)) == 2 * FRAME
+    assert any(not c.reading for c in loop.conns), "the deaf client was never throttled"
+    blocked_at = sent[0]
+    for _ in range(20):
+        good.send(tone(200.0, 0.02).tobytes())
+        assert len(good.receive(timeout=5)) == 2 * FRAME
+    assert sent[0] < 2000 and sent[0] - blocked_at < 200   # the deaf sender is held back
+    good.send(json.dumps({"type": "stop"}))
+    assert closed_code(good)[0] == 1000
+    deaf.sock.close()
+
+
+class _NoThread:
+    """A client that reads nothing: no reader thread at all."""
+
+    def __init__(self, target: Callable[[], None]) -> None:
+        self.name = "deaf"
+
+    def start(self) -> None:
+        pass

@@ -1,0 +1,58 @@
+// Identity and the JSON API: the user's id, voices, regions and minutes used today.
+import { state } from "./state.js";
+import { setButtons, setStatus, ui } from "./ui.js";
+
+export function userId() {
+  const m = document.cookie.match(/(?:^|;\s*)uid=([^;]+)/);
+  if (m) return decodeURIComponent(m[1]);
+  const bytes = crypto.getRandomValues(new Uint8Array(8));
+  const id = "u-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  document.cookie = `uid=${id}; path=/; max-age=31536000; SameSite=Lax`;
+  return id;
+}
+
+async function getJson(path) {
+  const r = await fetch(path, { cache: "no-store" });
+  if (!r.ok) throw new Error(`${path} answered HTTP ${r.status}`);
+  return r.json();
+}
+
+export async function loadModels() {
+  try {
+    const models = (await getJson("/api/models")).filter((m) => m.state === "live");
+    const names = [...new Map(models.map((m) => [m.name, m])).values()];
+    ui.model.replaceChildren(...names.map((m) => new Option(`${m.name} (v${m.version})`, m.name)));
+    state.modelsLoaded = names.length > 0;
+    if (state.modelsLoaded) setStatus("Ready. Pick a voice and press Start.", "idle", "idle");
+    else setStatus("No voices are available right now. Try again later.", "error", "error");
+  } catch (err) {
+    state.modelsLoaded = false;
+    setStatus("Cannot reach the server (loading voices failed). Retrying…", "error", "error");
+    setTimeout(loadModels, 3000);
+  }
+  setButtons();
+}
+
+export async function loadRegions() {
+  try {
+    for (const r of await getJson("/api/regions")) {
+      ui.region.add(new Option(`${r.name} (${r.provider})`, r.name));
+    }
+  } catch (err) {
+    /* keep "Nearest (auto)" only */
+  }
+}
+
+export async function refreshUsage() {
+  try {
+    const u = await getJson(`/api/usage?user=${encodeURIComponent(state.uid)}`);
+    const today = new Date().toISOString().slice(0, 10);
+    const secs = Array.isArray(u.minutes)
+      ? u.minutes.filter((m) => m.minute.startsWith(today)).reduce((a, m) => a + m.seconds, 0)
+      : u.seconds;
+    ui.usage.textContent = `Minutes used today: ${(secs / 60).toFixed(1)}`;
+    ui.usage.hidden = false;
+  } catch (err) {
+    ui.usage.hidden = true; // endpoint missing or server down: say nothing
+  }
+}

@@ -1,0 +1,93 @@
+// The lobby socket (/ws/session): queued -> booting -> ready, or an error.
+import { state } from "./state.js";
+import { fail } from "./session.js";
+import { connectNode, nodeLost } from "./node.js";
+import { hideBoot, setStatus, showBoot, ui } from "./ui.js";
+
+function guessLocation() {
+  // No geolocation prompt: the time zone offset gives a rough longitude (15 deg/hour).
+  const lon = Math.max(-180, Math.min(180, -new Date().getTimezoneOffset() / 4));
+  return { lat: 40, lon };
+}
+
+function lobbyUrl({ takeover, resume }) {
+  const q = new URLSearchParams({ user: state.uid, model: ui.model.value });
+  if (ui.region.value) q.set("region", ui.region.value);
+  else {
+    const loc = guessLocation();
+    q.set("lat", loc.lat);
+    q.set("lon", loc.lon);
+  }
+  if (resume) q.set("resume", resume);
+  if (takeover) q.set("takeover", "1");
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${proto}//${location.host}/ws/session?${q}`;
+}
+
+export function openLobby(opts) {
+  closeLobby();
+  const ws = new WebSocket(lobbyUrl(opts));
+  let opened = false;
+  let refused = false; // the server sent an error message
+  let readied = false; // the server sent "ready": closing afterwards is normal
+  state.lobby = ws;
+  if (!opts.resume) setStatus("Connecting to the server…", "busy", "connecting");
+  ws.onopen = () => { opened = true; };
+  ws.onmessage = (e) => {
+    const m = JSON.parse(e.data);
+    if (m.type === "error") refused = true;
+    if (m.type === "ready") readied = true;
+    if (state.lobby === ws) onLobbyMessage(m);
+  };
+  ws.onclose = () => {
+    if (state.lobby !== ws) return; // replaced or closed on purpose
+    state.lobby = null;
+    // Closing after "ready" is normal: node loss is handled by the node socket.
+    if (!state.active || refused || readied) return;
+    if (opts.resume || state.session.id) {
+      // We hold a session (queued, booting or resuming): rejoin it, a few times.
+      const why = opened ? "the server closed the lobby" : "the server is unreachable";
+      nodeLost(why, "Connection to the server lost");
+    } else if (!opened) {
+      fail(`Cannot reach the server at ${location.host}: is it running? Press Start to retry.`);
+    } else {
+      fail("The server closed the connection before a voice node was ready. Press Start to retry.");
+    }
+  };
+}
+
+export function closeLobby() {
+  const ws = state.lobby;
+  state.lobby = null;
+  if (ws) ws.close(1000);
+}
+
+function onLobbyMessage(m) {
+  if (m.session_id) state.session.id = m.session_id;
+  switch (m.type) {
+    case "queued":
+      hideBoot();
+      setStatus(`Queued: #${m.position} in line for ${ui.model.value} in ${m.region}. Waiting for a free slot…`, "busy", "queued");
+      break;
+    case "booting":
+      showBoot(m.eta_s);
+      setStatus(`Starting a voice node for you in ${m.region}…`, "busy", "booting");
+      break;
+    case "ready":
+      clearTimeout(state.retryTimer);
+      hideBoot();
+      connectNode(m);
+      break;
+    case "drain":
+      if (state.streaming && !ui.status.textContent.includes("draining")) {
+        setStatus(`${ui.status.textContent} (node draining: you will be moved)`, "ok", "streaming");
+      }
+      break;
+    case "error":
+      fail(m.message || `The server refused: ${m.code}`);
+      if (m.code === "already_streaming") ui.takeover.hidden = false;
+      break;
+    default:
+      break; // newer server events: ignore
+  }
+}
