@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import selectors
 import socket
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ from report import report  # noqa: E402
 from simple_websocket import Client  # noqa: E402
 
 from common.tickets import Ticket, sign  # noqa: E402
-from provisioner.state import State, connect  # noqa: E402
 from voicectl import procs  # noqa: E402
 
 RATE, FRAME = 48000, 960   # 20 ms frames at 48 kHz
@@ -128,21 +127,30 @@ def _run_streams(url: str, node_id: str, n: int, seconds: float) -> list[float]:
 
 
 def rtt_figures(seconds: float) -> dict[str, Any]:
-    """Round trip of one 20 ms frame through a real node process on loopback."""
-    url, redis_proc = procs.start_redis()
-    env = {**os.environ, "REDIS_URL": url, "TICKET_SECRET": SECRET, "MODEL_LOAD_SECONDS": "0.2"}
-    node = procs.start_node("miku", "us-west", env, node_id="bench-node")
+    """Round trip of one 20 ms frame through a real node process on loopback (standalone:
+    serving tickets signed with the key it is given, no control plane)."""
+    port = procs.free_port()
+    node = procs.spawn([sys.executable, "-m", "worker_node", "--standalone", "--model", "miku",
+                        "--semitones", "4", "--ticket-key", SECRET, "--node-id", "bench-node",
+                        "--port", str(port), "--load-s", "0.2"],
+                       log=ROOT / "var" / "logs" / "bench-audio-node.log")
     try:
-        state = State(connect(url))
         deadline = time.monotonic() + 60
-        while (rec := state.node("bench-node")) is None or rec.state.value != "ready":
-            if time.monotonic() > deadline:
-                raise RuntimeError("bench node did not become ready")
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    if json.load(r)["state"] == "ready":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or node.poll() is not None:
+                raise RuntimeError("bench node did not become ready; see "
+                                   "var/logs/bench-audio-node.log")
             time.sleep(0.1)
         figures: dict[str, Any] = {}
         for n in (1, 4):
             log(f"round trip with {n} concurrent real-time stream(s) for {seconds:g} s ...")
-            rtts = _run_streams(rec.url, "bench-node", n, seconds)
+            rtts = _run_streams(f"ws://127.0.0.1:{port}/ws", "bench-node", n, seconds)
             label = "1stream" if n == 1 else f"{n}streams"
             figures[f"rtt_ms_p50_{label}"] = round(float(np.percentile(rtts, 50)), 3)
             figures[f"rtt_ms_p99_{label}"] = round(float(np.percentile(rtts, 99)), 3)
@@ -152,7 +160,7 @@ def rtt_figures(seconds: float) -> dict[str, Any]:
             figures["rtt_ms_p99_4streams"] / figures["rtt_ms_p50_4streams"], 2)
         return figures
     finally:
-        procs.stop([node, redis_proc])
+        procs.stop([node])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,31 +46,51 @@ class FleetView:
 
 
 class FleetCache:
-    """The fleet, live models and regions in outage as last read from Redis, at most
-    `max_age_s` old, shared by every lobby of this process: a hundred users arriving or
-    waiting do not each read every node. Staleness only affects the order candidates are
-    tried in (the admit and assign scripts re-check them) and, for 100 ms after a deploy,
-    which version a new session asks for."""
+    """The fleet, live models and regions in outage as last read from Redis, shared by
+    every lobby of this process: a hundred users arriving or waiting do not each read every
+    node. A view older than `max_age_s` is served while one background read replaces it,
+    so no lobby waits for a read of a thousand nodes (only the very first one does), and
+    nothing is read while no lobby asks. Staleness only affects the order candidates are
+    tried in (the admit and assign scripts re-check them), the ETA, and for a moment after a
+    deploy which version a new session asks for; the waiting room reads it fresh when an
+    event says a node changed."""
 
-    def __init__(self, state: State, cfg: Config, max_age_s: float = 0.1) -> None:
+    def __init__(self, state: State, cfg: Config, max_age_s: float = 0.25) -> None:
         self.state, self.cfg, self.max_age_s = state, cfg, max_age_s
         self._lock = threading.Lock()
-        self._view = FleetView([], {}, frozenset(), {})
+        self._view: FleetView | None = None
         self._read_at = float("-inf")
+        self._reading = False
+
+    def _read(self) -> FleetView:
+        models = {m.name: m for m in live_models(self.state, self.cfg)}
+        now = time.time()
+        view = FleetView(self.state.nodes(), models, self.state.regions_down(now),
+                         self.state.constrained(now))
+        self._read_at = time.monotonic()
+        return view
 
     def get(self, fresh: bool = False) -> FleetView:
         """The view; `fresh`: read now (the waiting room, woken because a node changed)."""
-        # Its own monotonic clock: a lobby that waited for the lock must not force another
-        # read just because the time it looked at the clock is older than the last read.
-        with self._lock:
-            if fresh or time.monotonic() - self._read_at > self.max_age_s:
-                models = {m.name: m for m in live_models(self.state, self.cfg)}
-                now = time.time()
-                self._view = FleetView(self.state.nodes(), models,
-                                       self.state.regions_down(now),
-                                       self.state.constrained(now))
-                self._read_at = time.monotonic()
-            return self._view
+        if fresh or self._view is None:
+            with self._lock:
+                if fresh or self._view is None:
+                    self._view = self._read()
+                return self._view
+        if time.monotonic() - self._read_at > self.max_age_s:
+            with self._lock:
+                start, self._reading = not self._reading, True
+            if start:
+                threading.Thread(target=self._refresh, name="fleet-view", daemon=True).start()
+        return self._view
+
+    def _refresh(self) -> None:
+        try:
+            self._view = self._read()
+        except redis.RedisError as e:   # a thread's boundary: keep the last view
+            log.warning("fleet view not refreshed: %s", e)
+        finally:
+            self._reading = False
 
 
 class Refused(Exception):
@@ -266,6 +286,7 @@ def send(ws, **msg: object) -> None:  # type: ignore[no-untyped-def]
 
 def error(ws, code: str, message: str) -> None:  # type: ignore[no-untyped-def]
     """Send a lobby error and close; a client that already left is fine."""
+    wsclose.after_handshake()
     try:
         send(ws, type="error", code=code, message=message)
     except ConnectionClosed:

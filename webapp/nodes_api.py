@@ -62,6 +62,7 @@ def beat_stream(sock: Sock, cfg: Config, state: State) -> None:
 
 
 def _refuse(ws, code: str, message: str, close: int) -> None:  # type: ignore[no-untyped-def]
+    wsclose.after_handshake()
     try:
         ws.send(json.dumps({"error": code, "message": message}))
     except ConnectionClosed:

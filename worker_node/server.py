@@ -33,14 +33,9 @@ from worker_node.protocol import (  # noqa: F401  re-exported: the protocol's li
 from worker_node.runtime import NodeRuntime, Stream
 from worker_node.shifter import PitchShifter, Processor
 
-# A refusal's close frame that shares a TCP segment with the 101 answer is lost by
-# simple_websocket's client (its handshake keeps only the first event of its read), and the
-# client sees 1005 instead of our code. Refusals are rare: wait out the client's read.
-REFUSAL_GAP_S = 0.02
-
 
 def _refuse(ws, code: int, reason: str) -> None:  # type: ignore[no-untyped-def]
-    time.sleep(REFUSAL_GAP_S)
+    wsclose.after_handshake()
     wsclose.close(ws, code, reason)
 
 
