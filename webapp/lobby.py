@@ -25,7 +25,7 @@ from common import wsclose
 from common.config import Config, Model
 from common.tickets import Ticket, node_key, sign
 from provisioner import membership
-from provisioner.catalog import live_models
+from provisioner.catalog import live_model, live_models
 from provisioner.placement import boot_regions, candidates, home_region, rank_regions
 from provisioner.state import Admitted, Lock, NodeRecord, State, pool_id
 from webapp.requests import LobbyRequest
@@ -45,12 +45,15 @@ class FleetView:
     constrained: dict[str, str]    # region -> why its provider refused to create nodes
 
 
+STALE_LIMIT_S = 1.0   # a view older than this is read again before it is used
+
+
 class FleetCache:
     """The fleet, live models and regions in outage as last read from Redis, shared by
     every lobby of this process: a hundred users arriving or waiting do not each read every
     node. A view older than `max_age_s` is served while one background read replaces it,
-    so no lobby waits for a read of a thousand nodes (only the very first one does), and
-    nothing is read while no lobby asks. Staleness only affects the order candidates are
+    so no lobby waits for a read of a thousand nodes while lobbies keep coming, and nothing
+    is read while none asks (the first after STALE_LIMIT_S reads it). Staleness only affects the order candidates are
     tried in (the admit and assign scripts re-check them), the ETA, and for a moment after a
     deploy which version a new session asks for; the waiting room reads it fresh when an
     event says a node changed."""
@@ -77,7 +80,10 @@ class FleetCache:
                 if fresh or self._view is None:
                     self._view = self._read()
                 return self._view
-        if time.monotonic() - self._read_at > self.max_age_s:
+        age = time.monotonic() - self._read_at
+        if age > STALE_LIMIT_S:   # nobody asked for a while: read now, not a stale view
+            return self.get(fresh=True)
+        if age > self.max_age_s:
             with self._lock:
                 start, self._reading = not self._reading, True
             if start:
@@ -121,7 +127,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     now = time.time()
     started = now
     view = fleet.get()
-    model = view.models.get(req.model)
+    model = live_model(state, cfg, req.model)   # one read: a deploy counts at once
     if model is None:
         known = ", ".join(sorted(view.models))
         raise Refused("unknown_model", f"unknown model {req.model[:64]!r}; available: {known}")
