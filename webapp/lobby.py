@@ -53,10 +53,9 @@ class FleetCache:
     every lobby of this process: a hundred users arriving or waiting do not each read every
     node. A view older than `max_age_s` is served while one background read replaces it,
     so no lobby waits for a read of a thousand nodes while lobbies keep coming, and nothing
-    is read while none asks (the first after STALE_LIMIT_S reads it). Staleness only affects the order candidates are
-    tried in (the admit and assign scripts re-check them), the ETA, and for a moment after a
-    deploy which version a new session asks for; the waiting room reads it fresh when an
-    event says a node changed."""
+    is read while none asks (the first after STALE_LIMIT_S reads it). Staleness only
+    affects the order candidates are tried in (the admit and assign scripts re-check them)
+    and the ETA; the waiting room reads it fresh when an event says a node changed."""
 
     def __init__(self, state: State, cfg: Config, max_age_s: float = 0.25) -> None:
         self.state, self.cfg, self.max_age_s = state, cfg, max_age_s
