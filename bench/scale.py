@@ -9,13 +9,13 @@ Processes (everything real, each in its own process, as in production):
 - 3 real worker nodes (`python -m worker_node --join URL --token T`) serving miku in
   us-west, so every lobby gets `ready`;
 - the simulated agents: one asyncio process standing for N machines elsewhere, one
-  keep-alive HTTP/1.1 connection each (the real agent keeps one `requests.Session`). Each
-  was recorded as the control plane records a node it boots (a node record plus
-  `membership.join_token_for`, as tests/conftest.py's Fleet.enroll does), POSTs
-  /api/nodes/join with its token, then, like worker_node/agent.py, beats
-  /api/nodes/heartbeat with its credential, waits the real interval (2 s) and beats
-  again. Reports: state ready, `serving`, and for every fourth node two live streams and
-  their usage counters of the current minute. They serve teto and kaito in every region,
+  connection each. Each was recorded as the control plane records a node it boots (a node
+  record plus `membership.join_token_for`, as tests/conftest.py's Fleet.enroll does), POSTs
+  /api/nodes/join with its token (keep-alive HTTP/1.1), then, like worker_node/agent.py,
+  opens its heartbeat socket `WS /api/nodes/beat` with its credential, sends a report,
+  reads its orders, waits the real interval (2 s) and beats again. Reports: state ready,
+  `serving`, and for every fourth node two live streams and their usage counters of the
+  current minute. They serve teto and kaito in every region,
   so they are not candidates for the miku/us-west lobbies: the lobby still reads and
   filters all of them, but its users land on the real nodes;
 - the users: one asyncio process (bench/connect.py's client), Poisson arrivals, each
@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+import websockets
 
 from common.config import Config, load_config
 from provisioner import membership
@@ -164,19 +165,26 @@ async def _agents(base_url: str, tokens: list[str], ctl: Connection) -> None:
         serving = f"{grant['model']}:{grant['version']}"
         interval = float(grant["heartbeat_interval_s"])
         await asyncio.sleep(random.uniform(0, interval))   # machines booted at other times
+        ws = None
         while not stop.is_set():
             t = time.perf_counter()
-            try:
-                status, _ = await conns[i].post("/api/nodes/heartbeat",
-                                                node_report(i, serving, time.time()),
-                                                grant["credential"])
-            except (OSError, asyncio.IncompleteReadError):
-                status = 0
+            try:   # like worker_node/control.py: one heartbeat socket, reopened on failure
+                if ws is None:
+                    ws = await websockets.connect(
+                        f"ws://{host}:{port}/api/nodes/beat", compression=None,
+                        additional_headers={"Authorization": f"Bearer {grant['credential']}"})
+                await ws.send(json.dumps(node_report(i, serving, time.time())))
+                answer = json.loads(await ws.recv())
+                status = 401 if "error" in answer else 200
+            except (TimeoutError, OSError, websockets.ConnectionClosed):
+                status, ws = 0, None
             beats.append((time.monotonic(), time.perf_counter() - t, status))
             try:   # like worker_node/agent.py: beat, then wait the interval
                 await asyncio.wait_for(stop.wait(), interval)
             except TimeoutError:
                 pass
+        if ws is not None:
+            await ws.close()
 
     tasks = [asyncio.create_task(agent(i, g)) for i, g in enumerate(grants)]
     await stop.wait()

@@ -1,5 +1,5 @@
 """The webapp alone, served exactly as `voicectl run` serves it (the same `create_app`,
-werkzeug with a thread per connection, `gc.freeze()` before serving), for bench/scale.py.
+werkzeug with a thread per connection, the same `before_serving()`), for bench/scale.py.
 
 No Celery worker and no Flower: the autoscaler would start retiring a thousand idle
 simulated nodes, and the benchmark measures the webapp process, not the control loop.
@@ -9,7 +9,6 @@ simulated nodes, and the benchmark measures the webapp process, not the control 
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import resource
@@ -23,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from billing.ledger import Ledger  # noqa: E402
 from common.config import load_config  # noqa: E402
 from provisioner.state import State, connect  # noqa: E402
-from webapp.app import create_app  # noqa: E402
+from webapp.app import before_serving, create_app  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +40,7 @@ def main() -> None:
                          create_app(cfg, state, ledger=Ledger.open(cfg.database_url)),
                          threaded=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    gc.freeze()
+    before_serving()   # as voicectl run does
     server.serve_forever()
 
 

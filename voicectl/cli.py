@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from common.errors import VoiceError
 from provisioner import clouds, tasks
 from provisioner.state import State, connect
 from voicectl import procs
-from webapp.app import create_app
+from webapp.app import before_serving, create_app
 from webapp.requests import BadRequest, parse_since
 
 
@@ -93,9 +92,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         threading.Thread(target=_report_fleet, args=(state,), daemon=True).start()
         say(f"open http://{args.host}:{args.port}  (Ctrl-C stops everything)")
         say(f"nodes boot on demand (model load {cfg.model_load_s:g} s); node logs in {logs}")
-        # Everything built so far lives as long as the process: out of the collector's way,
-        # a full collection no longer stalls every open lobby (measured: 40 ms pauses).
-        gc.freeze()
+        before_serving()
         try:
             server.serve_forever()
         except KeyboardInterrupt:
