@@ -29,6 +29,7 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from worker_node.pcm import checked, delayed
 from worker_node.splice import SpliceShifter
 
 __all__ = [
@@ -156,17 +157,11 @@ class PhaseVocoderShifter:
 
     def process(self, frames: Int16Array) -> Int16Array:
         """Shift one chunk: int16 mono in, as many int16 samples out, `latency` later."""
-        samples = np.asarray(frames)
-        if samples.dtype != np.int16 or samples.ndim != 1:
-            raise TypeError(
-                f"expected a 1-D int16 array, got dtype={samples.dtype} ndim={samples.ndim}; "
-                "decode PCM with np.frombuffer(data, dtype='<i2')"
-            )
+        samples = checked(frames)
         count = samples.shape[0]
         if self.bypass:
-            joined = np.concatenate((self._delay_line, samples))
-            self._delay_line = joined[count:]
-            return joined[:count].copy()
+            passed, self._delay_line = delayed(self._delay_line, samples)
+            return passed
 
         self._in_fifo = np.concatenate((self._in_fifo, samples.astype(np.float64)))
         n_frames = (self._in_fifo.shape[0] - self.window_samples) // self.hop_samples + 1
