@@ -65,23 +65,23 @@ class FleetCache:
         self._reading = False
 
     def _read(self) -> FleetView:
+        started = time.monotonic()
         models = {m.name: m for m in live_models(self.state, self.cfg)}
         now = time.time()
         view = FleetView(self.state.nodes(), models, self.state.regions_down(now),
                          self.state.constrained(now))
-        self._read_at = time.monotonic()
+        self._read_at = started
         return view
 
     def get(self, fresh: bool = False) -> FleetView:
         """The view; `fresh`: read now (the waiting room, woken because a node changed)."""
-        if fresh or self._view is None:
-            with self._lock:
-                if fresh or self._view is None:
+        if fresh or self._view is None or time.monotonic() - self._read_at > STALE_LIMIT_S:
+            asked = time.monotonic()
+            with self._lock:   # one read for everyone who waited on it
+                if fresh or self._view is None or self._read_at < asked - STALE_LIMIT_S:
                     self._view = self._read()
                 return self._view
         age = time.monotonic() - self._read_at
-        if age > STALE_LIMIT_S:   # nobody asked for a while: read now, not a stale view
-            return self.get(fresh=True)
         if age > self.max_age_s:
             with self._lock:
                 start, self._reading = not self._reading, True
