@@ -33,7 +33,7 @@ from webapp.waiting import Waiter, WaitingRoom
 
 log = logging.getLogger("webapp.lobby")
 
-POLL_S = 0.1          # how often a waiting lobby looks at its Waiter (no Redis)
+POLL_S = 0.25         # how often a waiting lobby looks at its Waiter (no Redis)
 WAIT_LIMIT_S = 300.0  # after this long without a node the user is told no_capacity
 
 
@@ -149,6 +149,10 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     placed = False
     try:
         last: tuple[object, ...] = ()
+        looked: tuple[int, int, int] = (0, 0, 0)
+        msg: tuple[object, ...] = ()
+        eta: float | None = None
+        note: dict[str, str] = {}
         while True:
             if waiter.lost:
                 raise Refused("already_streaming", "this session was taken over from "
@@ -158,11 +162,14 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                        _node(state, fleet, waiter.node_id), now)
                 placed = True
                 return
-            view = fleet.get()
-            eta = _eta_s(cfg, model, home.name, view.records, waiter.position, now)
-            note = _note(cfg, home.name, view.constrained)
-            msg = (("booting", round(eta * 2) / 2, note) if eta is not None
-                   else ("queued", waiter.position, note))
+            view = room.view or fleet.get()   # the room's last read: no Redis per lobby
+            seen = (id(view), waiter.position, int(now))
+            if seen != looked:   # the ETA moves with the clock: recompute once a second
+                looked = seen
+                eta = _eta_s(cfg, model, home.name, view.records, waiter.position, now)
+                note = _note(cfg, home.name, view.constrained)
+                msg = (("booting", round(eta * 2) / 2, note) if eta is not None
+                       else ("queued", waiter.position, note))
             if msg != last:
                 last = msg
                 if eta is not None:

@@ -16,11 +16,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 
 from common.config import Config, Model
 from provisioner.state import NodeRecord, State
+
+if TYPE_CHECKING:
+    from webapp.lobby import FleetView
 
 log = logging.getLogger("webapp.waiting")
 
@@ -47,12 +51,13 @@ Candidates = Callable[[Config, Model, str, list[NodeRecord], float], list[str]]
 
 
 class WaitingRoom:
-    def __init__(self, state: State, cfg: Config, records: Callable[[], list[NodeRecord]],
+    def __init__(self, state: State, cfg: Config, read: Callable[[], FleetView],
                  candidates: Candidates, backstop_s: float = BACKSTOP_S) -> None:
-        """`records` reads the fleet now (a step follows an event: a cached view may not
-        show the node that caused it yet)."""
+        """`read` reads the fleet now (a step follows an event: a cached view may not show
+        the node that caused it yet); waiters read `view`, the last step's, for their ETA."""
         self.state, self.cfg = state, cfg
-        self.records, self.candidates = records, candidates
+        self.read, self.candidates = read, candidates
+        self.view: FleetView | None = None
         self.backstop_s = backstop_s
         self._lock = threading.Lock()
         self._waiters: dict[str, Waiter] = {}
@@ -115,7 +120,8 @@ class WaitingRoom:
         pools: dict[str, Waiter] = {}
         for w in waiters:
             pools.setdefault(w.pool, w)
-        records = self.records()
+        self.view = self.read()
+        records = self.view.records
         for pool, w in pools.items():
             if all(x.session_id in lost for x in waiters if x.pool == pool):
                 continue
