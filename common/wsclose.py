@@ -13,6 +13,8 @@ from typing import Any
 
 from simple_websocket import ConnectionClosed
 
+CLOSE_LINGER_S = 0.05   # between our close frame and the end of the TCP stream (see close)
+
 
 def close(ws: Any, code: int = 1000, reason: str = "") -> None:
     """Send a close frame (reason cut to the 123 bytes a frame allows), then end the TCP
@@ -24,6 +26,10 @@ def close(ws: Any, code: int = 1000, reason: str = "") -> None:
         ws.close(code, reason)
     except (ConnectionClosed, OSError):
         pass
+    # The socket is closed soon after: with the client's frames still arriving, that sends
+    # a reset, which can reach the browser before it has read our close frame (it then
+    # reports 1006 and resumes instead of obeying the code). Give the frame a moment first.
+    time.sleep(CLOSE_LINGER_S)
     try:
         ws.sock.shutdown(socket.SHUT_RDWR)
     except (OSError, AttributeError):
