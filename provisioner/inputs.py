@@ -10,19 +10,18 @@ retired nodes counted as nobody's capacity.
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from provisioner.policy import NodeSnap, PoolDemand, PoolKey, Snapshot
+from provisioner.policy import FAST_TAU_SHARE, NodeSnap, PoolDemand, PoolKey, Snapshot
 from provisioner.states import NodeState
 
 __all__ = ["ASSUMED_SESSION_S", "FAST_TAU_SHARE", "TICK_S", "Arrivals", "policy_inputs"]
 
 TICK_S = 2.0                 # the beat's backstop scale step (tasks.py runs it this often)
 ASSUMED_SESSION_S = 600.0    # mean session length the policy assumes (none is learned)
-# The fast arrival average's time constant as a share of `arrival_tau_s` (600 s -> 60 s);
-# fn_arrive.lua keeps both averages and spells the same share.
-FAST_TAU_SHARE = 0.1
+# FAST_TAU_SHARE (policy): the fast arrival average's time constant as a share of
+# `arrival_tau_s` (600 s -> 60 s); fn_arrive.lua keeps both averages with the same share.
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +46,7 @@ class Arrivals:
 
 def policy_inputs(nodes: Iterable[NodeSnap], pools: Iterable[PoolKey],
                   waiting: Mapping[PoolKey, int], arrivals: Mapping[PoolKey, Arrivals],
-                  now: float, tau_s: float, retired: Container[str] = frozenset()
+                  now: float, tau_s: float, retired: Collection[str] = frozenset()
                   ) -> Snapshot:
     """The snapshot `policy.decide` takes.
 
@@ -55,7 +54,8 @@ def policy_inputs(nodes: Iterable[NodeSnap], pools: Iterable[PoolKey],
     `pools` every live (model, live version, region); `retired` ids of nodes being stopped
     (shown as STOPPED: nobody's capacity). Every pool assumes ASSUMED_SESSION_S sessions.
     """
-    snaps = tuple(replace(n, state=NodeState.STOPPED) if n.id in retired else n for n in nodes)
+    snaps = tuple(replace(n, state=NodeState.STOPPED) if n.id in retired else n
+                  for n in nodes) if retired else tuple(nodes)
     demand = []
     for key in pools:
         rate, fast = arrivals.get(key, _NONE).decayed(now, tau_s)

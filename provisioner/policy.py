@@ -34,6 +34,10 @@ __all__ = [
 ]
 
 
+FAST_TAU_SHARE = 0.1   # the fast arrival average's time constant: this share of the slow one
+RISE_Z = 2.0           # standard errors by which the fast average must lead to count as a rise
+
+
 @dataclass(frozen=True, order=True, slots=True)
 class PoolKey:
     model: str
@@ -72,11 +76,12 @@ class PoolDemand:
     mean_session_s: float = 600.0
     arrival_rate_fast_per_s: float = 0.0   # the same over ~a minute: sees a burst at once
 
-    @property
-    def rate_per_s(self) -> float:
-        """The rate to plan for: the larger average, so a burst counts while it rises and
-        the slow average still holds the buffer while it falls."""
-        return max(self.arrival_rate_per_s, self.arrival_rate_fast_per_s)
+    def rate_per_s(self, fast_tau_s: float, z: float = RISE_Z) -> float:
+        """The rate to plan for: the fast average while it is significantly above the slow
+        one (a burst rising: more than `z` standard errors of a Poisson rate averaged over
+        `fast_tau_s`), else the slow one. Noise in the fast average alone boots nothing."""
+        slow, fast = self.arrival_rate_per_s, self.arrival_rate_fast_per_s
+        return fast if fast > slow + z * math.sqrt(slow / (2 * fast_tau_s)) else slow
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +117,7 @@ class ScalingConfig:
     # Spot offers (the simulator's; no provider declares one in production yet): the price
     # of a spot node per provider. Only the warm buffer boots on spot.
     spot_price_per_hour_by_provider: Mapping[str, Decimal] = field(default_factory=dict)
+    fast_tau_s: float = 60.0           # time constant of PoolDemand.arrival_rate_fast_per_s
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> ScalingConfig:
@@ -125,6 +131,7 @@ class ScalingConfig:
             price_per_hour_by_provider={p.name: p.price_per_hour for p in config.providers},
             region_provider={r.name: r.provider for r in config.regions},
             idle_grace_s=config.idle_grace_s,
+            fast_tau_s=config.arrival_tau_s * FAST_TAU_SHARE,
         )
         return replace(base, **overrides)
 
@@ -223,10 +230,11 @@ class _Pool:
     def free(self) -> int:
         return self.slots - self.streaming - self.waiting
 
-    def buffer(self, fn: BufferFn, lead_s: float) -> int:
+    def buffer(self, fn: BufferFn, lead_s: float, fast_tau_s: float) -> int:
         if self.demand is None:
             return 0   # not live: no buffer, no minimum
-        return fn(self.streaming, self.demand.rate_per_s, self.demand.mean_session_s, lead_s)
+        return fn(self.streaming, self.demand.rate_per_s(fast_tau_s), self.demand.mean_session_s,
+                  lead_s)
 
     def keep(self, capacity: int, nodes: int = 1, soon: bool = True) -> None:
         self.count += nodes
@@ -269,6 +277,7 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
     boot would otherwise wait a whole boot each (one decision answers the burst).
     """
     pools = _pools(snapshot)
+    fast_tau = cfg.fast_tau_s
     by_region: dict[str, list[_Pool]] = {}
     for pool in sorted(pools.values(), key=lambda p: (p.key.model, p.key.version, p.key.region)):
         by_region.setdefault(pool.key.region, []).append(pool)
@@ -292,7 +301,7 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
         for pool in members:
             ident, key = _ident(pool.key), pool.key
             own_lead = boot_lead if queue_lead and pool.waiting else lead
-            want[ident] = pool.streaming + pool.waiting + pool.buffer(buffer, own_lead)
+            want[ident] = pool.streaming + pool.waiting + pool.buffer(buffer, own_lead, fast_tau)
             lo, hi = (cfg.min_nodes(key.model) if pool.demand else 0), cfg.max_nodes(key.model)
             # Unpooled, every coming node counts; pooled, only those ready within a reload.
             ready_slots = sum(n.capacity for n in pool.ready)
@@ -329,7 +338,7 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
 
         live = [p for p in members if p.demand]
         lead = boot_lead
-        arrivals = sum(p.demand.rate_per_s for p in live if p.demand) * lead
+        arrivals = sum(p.demand.rate_per_s(fast_tau) for p in live if p.demand) * lead
         ends = sum(_ends(p.streaming, p.demand.mean_session_s, lead) for p in live if p.demand)
         need = _skellam_slots(arrivals, ends, cfg.buffer_z) - sum(p.free for p in live)
         region_spare.sort(key=stop_order)
@@ -342,7 +351,7 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
             room = [p for p in live if p.count < cfg.max_nodes(p.key.model)]
             if not room:
                 break
-            pool = max(room, key=lambda p: (p.buffer(buffer, lead) - p.free, p.key.model))
+            pool = max(room, key=lambda p: (p.buffer(buffer, lead, fast_tau) - p.free, p.key.model))
             (spot if cfg.spot_offered(region) else boot).append(pool.key)
             pool.keep(cfg.capacity, soon=False)
             need -= cfg.capacity

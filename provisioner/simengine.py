@@ -70,6 +70,7 @@ def routes(sessions: Sequence[Session], config: Config) -> list[Route]:
 
 @dataclass(slots=True)
 class _Node:
+    sim: Sim
     id: str
     key: PoolKey          # the pool of its home queue (the policy's pool)
     region: str           # where it runs
@@ -87,6 +88,7 @@ class _Node:
 
     def touch(self) -> None:
         self.cached_snap = self.cached_view = None
+        self.sim.snaps = None
 
     def snap(self) -> NodeSnap:
         if self.cached_snap is None:
@@ -134,6 +136,7 @@ class Sim:
         self.heap: list[tuple[float, int, int, str]] = []
         self.seq = self.next_id = 0
         self.waiting = self.ready_slots = self.total_streaming = 0
+        self.snaps: tuple[NodeSnap, ...] | None = None   # the nodes as the policy saw them
 
     # -- events ------------------------------------------------------------------------
     def push(self, t: float, kind: int, payload: str) -> None:
@@ -230,16 +233,18 @@ class Sim:
     def interrupt(self, node: _Node, now: float) -> None:
         """The provider took a spot node back: its streams resume first in their queues."""
         self.result.interruptions += 1
-        for idx in sorted(node.sessions):
-            self.result.interrupted_sessions += 1
+        cut = sorted(node.sessions)
+        for idx in cut:
             self.resumed[idx] = self.ends.pop(idx)[1] - now
             self.leave(node, idx, now)
+        self.stop(node, now)
+        self.result.interrupted_sessions += len(cut)
+        for idx in reversed(cut):   # first in line, in their old order
             route = self.routes[idx]
             key = PoolKey(node.key.model, node.key.version, route.home)
             if not self.claim(idx, key, route, now):
                 self.queues[key].appendleft(idx)
                 self.waiting += 1
-        self.stop(node, now)
         self.evaluate(now)
 
     def make_ready(self, node: _Node, now: float) -> None:
@@ -267,8 +272,10 @@ class Sim:
 
     def evaluate(self, now: float) -> None:
         waiting = {key: len(q) for key, q in self.queues.items() if q}
-        snapshot = policy_inputs((node.snap() for node in self.nodes.values()), self.pool_keys,
-                                 waiting, self.arrivals, now, self.config.arrival_tau_s)
+        if self.snaps is None:
+            self.snaps = tuple(node.snap() for node in self.nodes.values())
+        snapshot = policy_inputs(self.snaps, self.pool_keys, waiting, self.arrivals, now,
+                                 self.config.arrival_tau_s)
         self.apply(self.policy(snapshot, now, self.scaling), now)
 
     def apply(self, decisions: Decisions, now: float) -> None:
@@ -309,7 +316,8 @@ class Sim:
         provider = self.config.provider(region.provider)
         lead_s = provider.boot_s + self.scaling.load_s
         self.next_id += 1
-        node = _Node(f"n{self.next_id:05d}", key, region.name, provider.name,
+        self.snaps = None
+        node = _Node(self, f"n{self.next_id:05d}", key, region.name, provider.name,
                      self.config.node_capacity, NodeState.BOOTING, now, now + lead_s, spot)
         self.nodes[node.id] = node
         self.placed.setdefault(self.place(node), {})[node.id] = node
@@ -324,6 +332,7 @@ class Sim:
         return node
 
     def stop(self, node: _Node, now: float) -> None:
+        self.snaps = None
         del self.nodes[node.id]
         del self.placed[self.place(node)][node.id]
         if node.state is NodeState.READY:

@@ -1,5 +1,5 @@
 -- Update a pool's arrival-rate EWMAs: `rate` with time constant tau_s and `fast` with
--- tau_s * 0.1 (inputs.FAST_TAU_SHARE), so a burst shows within seconds.
+-- tau_s * 0.1 (policy.FAST_TAU_SHARE), so a burst shows within seconds.
 local function arrive(key, now, tau)
   local h = redis.call('HMGET', key, 'rate', 't', 'fast')
   local rate, t, fast = tonumber(h[1] or 0), tonumber(h[2] or now), tonumber(h[3] or 0)
