@@ -124,14 +124,15 @@ def run_all(sessions: Sequence[Session], config: Config, *, until_s: float | Non
 
 
 def sweep(sessions: Sequence[Session], config: Config, *, until_s: float | None = None,
-          progress: Callable[[str, float], None] | None = None
+          progress: Callable[[str, float], None] | None = None,
+          knobs: Mapping[str, tuple[str, tuple[float, ...]]] | None = None
           ) -> dict[str, list[dict[str, Any]]]:
-    """Each scaling policy over the values of its main knob (SWEEP), on one trace: the
-    points of its cost/wait curve (knob, value and the run's metrics)."""
+    """Each scaling policy over the values of its main knob (`knobs`, default SWEEP), on
+    one trace: the points of its cost/wait curve (knob, value and the run's metrics)."""
     scaling = ScalingConfig.from_config(config)
     routes_ = routes(sessions, config)
     curves: dict[str, list[dict[str, Any]]] = {}
-    for name, (knob, values) in SWEEP.items():
+    for name, (knob, values) in (knobs or SWEEP).items():
         policy, tick, eager = POLICIES[name]
         for value in values:
             knobbed = replace(scaling, **{knob: type(getattr(scaling, knob))(value)})
