@@ -94,7 +94,9 @@ def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None
     snap, records = snapshot(state, cfg, now)
     decisions = decide(snap, now, scaling_config(cfg))
     by_id = {n.id: n for n in records}
-    for key in decisions.boot:
+    # No provider declares a spot offer to the policy yet (ScalingConfig.from_config), so
+    # spot boots, if any, are ordinary ones here.
+    for key in (*decisions.boot, *decisions.spot):
         if (node_id := request_node(state, cfg, key, now)) is not None:
             provision(node_id)
     for node_id, key in decisions.retarget:

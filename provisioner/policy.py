@@ -13,6 +13,10 @@ per region (on idle nodes of any model, a reload away) for those of one VM boot.
 no demand entry names is not live and keeps no buffer and no minimum. Draining nodes are
 nobody's capacity, and are never retargeted or stopped here.
 
+Arrivals come as two averages (`PoolDemand`): over ~10 minutes and over ~1 minute. The
+policy plans for the fast one while it is significantly above the slow one, so a burst
+counts within seconds and noise in the fast one books nothing.
+
 The baselines `decide_fixed_buffer`, `decide_reactive` and `static_fleet` have the same
 signature, so the simulator can measure the policy against them.
 """
@@ -375,8 +379,12 @@ def decide(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
 
     Each pool keeps free slots for the arrivals of one reload (`load_s`); each region keeps
     free slots, on idle nodes of any model, for the arrivals of all its pools during one
-    boot (`warm_buffer_slots`). A pool short of room takes idle nodes of other pools of
-    its region by reloading them (faster than booting a VM), then boots the rest. An
+    boot (`warm_buffer_slots`). Arrival rates are the minute-scale average while it is
+    significantly above the ten-minute one (a burst), else the ten-minute one. A pool
+    with users waiting plans its own buffer for a whole boot: one decision books nodes for
+    everyone queued plus the arrivals until they are ready. A pool short of room takes
+    idle nodes of other pools of its region by reloading them (faster than booting a VM),
+    then boots the rest; where spot nodes are offered, the region's buffer boots on spot. An
     idle node stops only after `idle_grace_s` empty and near the end of its paid billing
     increment, when its pool and region keep their buffers without it; the most
     expensive first.

@@ -98,23 +98,25 @@ def chart(results: Mapping[str, RunResult], path: Path) -> None:
 
 def frontier_chart(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path,
                    title: str) -> None:
-    """Cost (ratio to the lower bound) against the share of users who waited: one curve per
-    policy, one point per setting of its knob (labelled)."""
+    """The share of users who waited against cost, one curve per policy, one point per
+    setting of its knob (labelled): cost as GPU-hours over the lower bound (left) and as
+    billed dollars (right; billing-aware stops show here)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name, points in curves.items():
-        pts = sorted(points, key=lambda p: p["cost_ratio"])
-        ax.plot([p["cost_ratio"] for p in pts], [100 * p["wait_fraction"] for p in pts],
-                marker="o", lw=1.3, label=f"{name} ({pts[0]['knob']})")
-        for p in pts:
-            ax.annotate(f"{p['value']:g}", (p["cost_ratio"], 100 * p["wait_fraction"]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("GPU-hours / lower bound")
-    ax.set_ylabel("users who waited (%)")
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for ax, key, label in ((axes[0], "cost_ratio", "GPU-hours / lower bound"),
+                           (axes[1], "cost_usd", "billed GPU cost ($)")):
+        for name, points in curves.items():
+            pts = sorted(points, key=lambda p: p[key])
+            ax.plot([p[key] for p in pts], [100 * p["wait_fraction"] for p in pts],
+                    marker="o", lw=1.3, label=f"{name} ({pts[0]['knob']})")
+            for p in pts:
+                ax.annotate(f"{p['value']:g}", (p[key], 100 * p["wait_fraction"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("users who waited (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

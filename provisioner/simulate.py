@@ -54,7 +54,7 @@ FIXED_TICK_S = 30.0         # Agones' fleet autoscaler sync period
 STATIC_TICK_S = 60.0
 # --sweep: each scaling policy over its main knob (ScalingConfig field, values).
 SWEEP: dict[str, tuple[str, tuple[float, ...]]] = {
-    "policy": ("buffer_z", (0.0, 0.5, 1.0, 1.6, 2.2, 3.0)),
+    "policy": ("buffer_z", (-2.0, -1.0, 0.0, 1.0, 2.2, 3.0)),
     "fixed_buffer": ("fixed_buffer_nodes", (0, 1, 2, 3, 5, 8)),
     "reactive": ("idle_grace_s", (0.0, 60.0, 300.0, 900.0, 1800.0, 3600.0)),
 }
