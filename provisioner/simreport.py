@@ -37,6 +37,7 @@ def table(results: Mapping[str, RunResult]) -> str:
             ("wait p99 s", "wait_s_p99", "{:.1f}"), ("wait max s", "wait_s_max", "{:.1f}"),
             ("billed GPU-hours", "billed_gpu_hours", "{:.2f}"),
             ("GPU cost $", "cost_usd", "{:,.2f}"),
+            ("cost $ / lower bound $", "cost_usd_ratio", "{:.3f}"),
             ("node boots", "boots", "{}"), ("model reloads", "retargets", "{}"),
             ("spot boots", "spot_boots", "{}"),
             ("spot interruptions", "spot_interruptions", "{}"),
@@ -100,11 +101,11 @@ def frontier_chart(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path
                    title: str) -> None:
     """The share of users who waited against cost, one curve per policy, one point per
     setting of its knob (labelled): cost as GPU-hours over the lower bound (left) and as
-    billed dollars (right; billing-aware stops show here)."""
+    billed dollars over the lower bound's (right; billing-aware stops show here)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for ax, key, label in ((axes[0], "cost_ratio", "GPU-hours / lower bound"),
-                           (axes[1], "cost_usd", "billed GPU cost ($)")):
+                           (axes[1], "cost_usd_ratio", "billed $ / lower bound $")):
         for name, points in curves.items():
             pts = sorted(points, key=lambda p: p[key])
             ax.plot([p[key] for p in pts], [100 * p["wait_fraction"] for p in pts],

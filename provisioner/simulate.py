@@ -34,7 +34,7 @@ from provisioner.policy import (
     static_fleet,
 )
 from provisioner.simengine import Route, Sim, SimulationError, routes
-from provisioner.simmetrics import RunResult, perfect_packing
+from provisioner.simmetrics import RunResult, lower_bound_usd, perfect_packing
 from provisioner.simreport import chart, frontier_chart, report, require_charts, table
 from provisioner.simtrace import (
     SIM_SPOT,
@@ -84,7 +84,8 @@ def simulate(sessions: Sequence[Session], config: Config, policy: Policy, *, nam
     until = math.inf if until_s is None else until_s
     routes_ = routes_ or routes(sessions, config)
     lower, _ = perfect_packing(sessions, [r.home for r in routes_], config, until)
-    result = RunResult(name, lower_bound_s=lower)
+    result = RunResult(name, lower_bound_s=sum(lower.values()),
+                       lower_bound_usd=lower_bound_usd(lower, config))
     sim = Sim(sessions, routes_, config, scaling or ScalingConfig.from_config(config), policy,
               result, tick_s=tick_s, event_driven=event_driven, progress=progress,
               until_s=until, interruptions_per_hour=interruptions_per_hour or {}, seed=seed)
