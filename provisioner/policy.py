@@ -85,7 +85,7 @@ class PoolDemand:
         one (a burst rising: more than `z` standard errors of a Poisson rate averaged over
         `fast_tau_s`), else the slow one. Noise in the fast average alone boots nothing."""
         slow, fast = self.arrival_rate_per_s, self.arrival_rate_fast_per_s
-        return fast if fast > slow + z * math.sqrt(slow / (2 * fast_tau_s)) else slow
+        return fast if fast > slow + z * math.sqrt(slow / (2 * max(fast_tau_s, 1e-9))) else slow
 
 
 @dataclass(frozen=True, slots=True)
