@@ -290,3 +290,15 @@ def test_chart_without_matplotlib_says_how_to_install(tmp_path: Path,
     err = capsys.readouterr().err
     assert "matplotlib" in err and "pip install -e '.[charts]'" in err and "--no-chart" in err
     assert main(["--trace", str(trace), "--no-chart"]) == 0       # no chart: no matplotlib
+
+
+def test_generated_trace_written_as_csv_reads_back(tmp_path: Path) -> None:
+    config = sim_config()
+    path = tmp_path / "bursty.csv"
+    run_main(["--bursty", "--hours", "0.2", "--seed", "3", "--peak", "100", "--no-chart",
+              "--write-trace", str(path)])
+    measured = [s for s in bursty_trace(config, 0.2, 3, 100) if s.arrival_s >= 0]
+    back = load_trace(path, config)
+    assert len(back) == len(measured) > 0
+    assert back[0].model == measured[0].model
+    assert back[0].arrival_s == pytest.approx(measured[0].arrival_s, abs=1e-3)
