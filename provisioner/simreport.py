@@ -105,7 +105,7 @@ def frontier_chart(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for ax, key, label in ((axes[0], "cost_ratio", "GPU-hours / lower bound"),
-                           (axes[1], "cost_usd_ratio", "billed $ / lower bound $")):
+                           (axes[1], "cost_usd_ratio", "billed dollars / lower bound dollars")):
         for name, points in curves.items():
             pts = sorted(points, key=lambda p: p[key])
             ax.plot([p[key] for p in pts], [100 * p["wait_fraction"] for p in pts],

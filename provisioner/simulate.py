@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep:
             curves = sweep(sessions, config, until_s=until_s, progress=progress)
             if not args.no_chart:
-                frontier_chart(curves, path, f"Cost against waits, {len(sessions)} sessions")
+                frontier_chart(curves, path,
+                               f"Cost against waits ({len(sessions)} sessions in the trace)")
             out: dict[str, Any] = {"frontier": curves}
             text = "\n".join(f"{name:14} {p['knob']}={p['value']:<6g} cost {p['cost_ratio']:.3f}"
                              f"  waited {p['wait_fraction']:.2%}  max {p['wait_s_max']:.0f} s"
