@@ -82,10 +82,12 @@ class PoolDemand:
 
     def rate_per_s(self, fast_tau_s: float, z: float = RISE_Z) -> float:
         """The rate to plan for: the fast average while it is significantly above the slow
-        one (a burst rising: more than `z` standard errors of a Poisson rate averaged over
-        `fast_tau_s`), else the slow one. Noise in the fast average alone boots nothing."""
+        one (a burst rising: more than `z` standard errors of a Poisson rate as high as the
+        fast one, averaged over `fast_tau_s`), else the slow one. Noise in the fast average
+        alone boots nothing, nor do a handful of arrivals at once (each adds 1 / tau)."""
         slow, fast = self.arrival_rate_per_s, self.arrival_rate_fast_per_s
-        return fast if fast > slow + z * math.sqrt(slow / (2 * max(fast_tau_s, 1e-9))) else slow
+        noise = z * math.sqrt(fast / (2 * max(fast_tau_s, 1e-9)))
+        return fast if fast - slow > noise else slow
 
 
 @dataclass(frozen=True, slots=True)

@@ -286,10 +286,14 @@ def test_a_rising_fast_average_plans_for_the_burst_at_once() -> None:
 
 @pytest.mark.parametrize("fast_rate", [0.0, 0.03, 0.08])
 def test_noise_or_a_falling_fast_average_changes_nothing(fast_rate: float) -> None:
-    """Within two standard errors of the slow average (0.05/s over 60 s: +0.041), or below
-    it (a burst over), the slow average alone sizes the buffer."""
+    """Within two standard errors of the slow average (a Poisson rate of 0.08/s averaged
+    over 60 s: 0.052), or below it (a burst over), the slow average alone sizes the buffer;
+    so it does after a single arrival (below)."""
     slow_only = decide(snap(pools=(demand(key(), rate=0.05),)), NOW, CFG)
     assert decide(snap(pools=(fast(key(), 0.05, fast_rate),)), NOW, CFG) == slow_only
+    # One user after a quiet spell: 1/600 and 1/60 per second; 2 SE at 1/60 per s = 0.024.
+    assert decide(snap(pools=(fast(key(), 1 / 600, 1 / 60),)), NOW, CFG) == decide(
+        snap(pools=(demand(key(), rate=1 / 600),)), NOW, CFG)
 
 
 def test_a_queue_sizes_its_pool_for_the_arrivals_of_a_whole_boot() -> None:
