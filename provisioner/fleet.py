@@ -17,11 +17,11 @@ from common.config import Config, Model, Region
 from provisioner import clouds, membership
 from provisioner.catalog import live_model, live_models
 from provisioner.errors import CapacityError
+from provisioner.inputs import policy_inputs
 from provisioner.placement import boot_regions, candidates
 from provisioner.policy import (
     Decisions,
     NodeSnap,
-    PoolDemand,
     PoolKey,
     ScalingConfig,
     Snapshot,
@@ -64,23 +64,24 @@ def boot_order(state: State, cfg: Config, home: str, now: float) -> list[Region]
 
 
 def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[NodeRecord]]:
-    """The policy's view: live nodes (idle time tracked here) and demand per live pool."""
+    """The policy's view (built by inputs.policy_inputs, as the simulator builds it): live
+    nodes in the pool of the queue each serves (its home), idle time tracked here, and
+    demand per live pool."""
     records = [n for n in state.nodes() if n.alive(now, cfg.heartbeat_timeout_s)]
-    nodes = []
-    for n in records:
-        idle_since = state.touch_idle(n, now)
-        nodes.append(NodeSnap(   # counted in the pool of the queue it serves (its home)
-            id=n.id, model=n.model, version=n.version, region=n.home, provider=n.provider,
-            state=NodeState.STOPPED if n.retired else n.state, sessions=n.sessions,
-            capacity=n.capacity, requested_at=n.requested_at or n.started_at,
-            ready_at=n.ready_at, idle_since=idle_since, eta_ready=n.eta_ready))
+    nodes = [NodeSnap(id=n.id, model=n.model, version=n.version, region=n.home,
+                      provider=n.provider, state=n.state, sessions=n.sessions,
+                      capacity=n.capacity, requested_at=n.requested_at or n.started_at,
+                      ready_at=n.ready_at, idle_since=state.touch_idle(n, now),
+                      eta_ready=n.eta_ready)
+             for n in records]
     pools = [pool_id(m.name, m.version, r.name) for m in live_models(state, cfg)
              for r in cfg.regions]
-    waiting = state.queue_lengths()
-    rates = state.arrival_rates(pools, now, cfg.arrival_tau_s)
-    demand = tuple(PoolDemand(PoolKey(*p.split("|")), waiting=waiting.get(p, 0),
-                              arrival_rate_per_s=rates[p]) for p in pools)
-    return Snapshot(tuple(nodes), demand), records
+    keys = {p: PoolKey(*p.split("|")) for p in pools}
+    waiting = {keys[p]: n for p, n in state.queue_lengths().items() if p in keys}
+    arrivals = {keys[p]: a for p, a in state.arrivals(pools).items()}
+    snap = policy_inputs(nodes, keys.values(), waiting, arrivals, now, cfg.arrival_tau_s,
+                         retired={n.id for n in records if n.retired})
+    return snap, records
 
 
 def scaling_config(cfg: Config) -> ScalingConfig:
@@ -93,7 +94,9 @@ def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None
     snap, records = snapshot(state, cfg, now)
     decisions = decide(snap, now, scaling_config(cfg))
     by_id = {n.id: n for n in records}
-    for key in decisions.boot:
+    # No provider declares a spot offer to the policy yet (ScalingConfig.from_config), so
+    # spot boots, if any, are ordinary ones here.
+    for key in (*decisions.boot, *decisions.spot):
         if (node_id := request_node(state, cfg, key, now)) is not None:
             provision(node_id)
     for node_id, key in decisions.retarget:

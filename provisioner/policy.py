@@ -13,6 +13,10 @@ per region (on idle nodes of any model, a reload away) for those of one VM boot.
 no demand entry names is not live and keeps no buffer and no minimum. Draining nodes are
 nobody's capacity, and are never retargeted or stopped here.
 
+Arrivals come as two averages (`PoolDemand`): over ~10 minutes and over ~1 minute. The
+policy plans for the fast one while it is significantly above the slow one, so a burst
+counts within seconds and noise in the fast one books nothing.
+
 The baselines `decide_fixed_buffer`, `decide_reactive` and `static_fleet` have the same
 signature, so the simulator can measure the policy against them.
 """
@@ -32,6 +36,10 @@ __all__ = [
     "Decisions", "NodeSnap", "Policy", "PoolDemand", "PoolKey", "ScalingConfig", "Snapshot",
     "decide", "decide_fixed_buffer", "decide_reactive", "static_fleet", "warm_buffer_slots",
 ]
+
+
+FAST_TAU_SHARE = 0.1   # the fast arrival average's time constant: this share of the slow one
+RISE_Z = 2.0           # standard errors by which the fast average must lead to count as a rise
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -57,6 +65,7 @@ class NodeSnap:
     ready_at: float | None = None      # when it turned ready; None while coming
     idle_since: float | None = None    # when it last became empty; None while it has sessions
     eta_ready: float | None = None     # expected time a coming node turns ready
+    spot: bool = False                 # a spot node: cheaper, and may be interrupted
 
     @property
     def key(self) -> PoolKey:
@@ -69,6 +78,16 @@ class PoolDemand:
     waiting: int = 0
     arrival_rate_per_s: float = 0.0    # recent (e.g. an EWMA over ~10 minutes)
     mean_session_s: float = 600.0
+    arrival_rate_fast_per_s: float = 0.0   # the same over ~a minute: sees a burst at once
+
+    def rate_per_s(self, fast_tau_s: float, z: float = RISE_Z) -> float:
+        """The rate to plan for: the fast average while it is significantly above the slow
+        one (a burst rising: more than `z` standard errors of a Poisson rate as high as the
+        fast one, averaged over `fast_tau_s`), else the slow one. Noise in the fast average
+        alone boots nothing, nor do a handful of arrivals at once (each adds 1 / tau)."""
+        slow, fast = self.arrival_rate_per_s, self.arrival_rate_fast_per_s
+        noise = z * math.sqrt(fast / (2 * max(fast_tau_s, 1e-9)))
+        return fast if fast - slow > noise else slow
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +120,10 @@ class ScalingConfig:
     stop_margin_slots: int = 2         # hysteresis: free slots beyond the buffer kept up
     default_boot_s: float = 60.0       # for a provider missing from boot_s_by_provider
     fixed_buffer_nodes: int = 1        # decide_fixed_buffer: free nodes' worth of slots
+    # Spot offers (the simulator's; no provider declares one in production yet): the price
+    # of a spot node per provider. Only the warm buffer boots on spot.
+    spot_price_per_hour_by_provider: Mapping[str, Decimal] = field(default_factory=dict)
+    fast_tau_s: float = 60.0           # time constant of PoolDemand.arrival_rate_fast_per_s
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> ScalingConfig:
@@ -114,6 +137,7 @@ class ScalingConfig:
             price_per_hour_by_provider={p.name: p.price_per_hour for p in config.providers},
             region_provider={r.name: r.provider for r in config.regions},
             idle_grace_s=config.idle_grace_s,
+            fast_tau_s=config.arrival_tau_s * FAST_TAU_SHARE,
         )
         return replace(base, **overrides)
 
@@ -133,6 +157,15 @@ class ScalingConfig:
     def price(self, provider: str) -> Decimal:
         return self.price_per_hour_by_provider.get(provider, Decimal(0))
 
+    def node_price(self, node: NodeSnap) -> Decimal:
+        if node.spot:
+            return self.spot_price_per_hour_by_provider.get(node.provider,
+                                                            self.price(node.provider))
+        return self.price(node.provider)
+
+    def spot_offered(self, region: str) -> bool:
+        return self.region_provider.get(region, "") in self.spot_price_per_hour_by_provider
+
     def paid_left_s(self, node: NodeSnap, now: float) -> float:
         """Seconds left in the node's current paid billing increment (0 at a boundary)."""
         inc = self.billing_increment_s_by_provider.get(node.provider, 1.0)
@@ -144,9 +177,10 @@ class Decisions:
     boot: tuple[PoolKey, ...] = ()                  # one entry per node to boot
     stop: tuple[str, ...] = ()                      # node ids, all idle
     retarget: tuple[tuple[str, PoolKey], ...] = ()  # idle ready node -> pool, same region
+    spot: tuple[PoolKey, ...] = ()                  # one entry per spot node to boot
 
     def __bool__(self) -> bool:
-        return bool(self.boot or self.stop or self.retarget)
+        return bool(self.boot or self.stop or self.retarget or self.spot)
 
 
 Policy = Callable[[Snapshot, float, ScalingConfig], Decisions]
@@ -202,10 +236,10 @@ class _Pool:
     def free(self) -> int:
         return self.slots - self.streaming - self.waiting
 
-    def buffer(self, fn: BufferFn, lead_s: float) -> int:
+    def buffer(self, fn: BufferFn, lead_s: float, fast_tau_s: float) -> int:
         if self.demand is None:
             return 0   # not live: no buffer, no minimum
-        return fn(self.streaming, self.demand.arrival_rate_per_s, self.demand.mean_session_s,
+        return fn(self.streaming, self.demand.rate_per_s(fast_tau_s), self.demand.mean_session_s,
                   lead_s)
 
     def keep(self, capacity: int, nodes: int = 1, soon: bool = True) -> None:
@@ -234,7 +268,8 @@ def _pools(snapshot: Snapshot) -> dict[PoolKey, _Pool]:
 
 
 def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferFn,
-          may_stop: Callable[[NodeSnap], bool], pooled: bool, margin: int = 0) -> Decisions:
+          may_stop: Callable[[NodeSnap], bool], pooled: bool, margin: int = 0,
+          queue_lead: bool = False) -> Decisions:
     """Size every pool to demand + buffer; reuse, keep or stop the idle nodes left over.
 
     Unpooled, each pool keeps the buffer for a new node's full lead time. Pooled, a pool
@@ -243,8 +278,12 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
     the pool in need takes by reloading: fewer free slots for the same waits. An idle
     node is spare only if its pool, when it wants any room, keeps `margin` slots more than
     it wants (hysteresis: a node booted again a minute after it stopped costs a boot).
+    With `queue_lead`, a pool with users waiting sizes its buffer for a boot's lead time:
+    its queue shows that the region's buffer did not hold, and the arrivals of the next
+    boot would otherwise wait a whole boot each (one decision answers the burst).
     """
     pools = _pools(snapshot)
+    fast_tau = cfg.fast_tau_s
     by_region: dict[str, list[_Pool]] = {}
     for pool in sorted(pools.values(), key=lambda p: (p.key.model, p.key.version, p.key.region)):
         by_region.setdefault(pool.key.region, []).append(pool)
@@ -254,18 +293,21 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
 
     def stop_order(n: NodeSnap) -> tuple[bool, Decimal, float, float, str]:
         """Stoppable first, then the most expensive, nearest the end of its paid time."""
-        return (not may_stop(n), -cfg.price(n.provider), cfg.paid_left_s(n, now),
+        return (not may_stop(n), -cfg.node_price(n), cfg.paid_left_s(n, now),
                 -_idle_for(n, now), n.id)
 
     boot: list[PoolKey] = []
+    spot: list[PoolKey] = []
     moves: list[tuple[str, PoolKey]] = []
     for region in sorted(by_region):
         members = by_region[region]
         reload_faster = pooled and cfg.load_s < cfg.lead_s(region)
-        lead = cfg.reaction_s + (cfg.load_s if reload_faster else cfg.lead_s(region))
+        boot_lead = cfg.reaction_s + cfg.lead_s(region)
+        lead = cfg.reaction_s + cfg.load_s if reload_faster else boot_lead
         for pool in members:
             ident, key = _ident(pool.key), pool.key
-            want[ident] = pool.streaming + pool.waiting + pool.buffer(buffer, lead)
+            own_lead = boot_lead if queue_lead and pool.waiting else lead
+            want[ident] = pool.streaming + pool.waiting + pool.buffer(buffer, own_lead, fast_tau)
             lo, hi = (cfg.min_nodes(key.model) if pool.demand else 0), cfg.max_nodes(key.model)
             # Unpooled, every coming node counts; pooled, only those ready within a reload.
             ready_slots = sum(n.capacity for n in pool.ready)
@@ -301,8 +343,8 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
             continue
 
         live = [p for p in members if p.demand]
-        lead = cfg.reaction_s + cfg.lead_s(region)
-        arrivals = sum(p.demand.arrival_rate_per_s for p in live if p.demand) * lead
+        lead = boot_lead
+        arrivals = sum(p.demand.rate_per_s(fast_tau) for p in live if p.demand) * lead
         ends = sum(_ends(p.streaming, p.demand.mean_session_s, lead) for p in live if p.demand)
         need = _skellam_slots(arrivals, ends, cfg.buffer_z) - sum(p.free for p in live)
         region_spare.sort(key=stop_order)
@@ -315,13 +357,14 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
             room = [p for p in live if p.count < cfg.max_nodes(p.key.model)]
             if not room:
                 break
-            pool = max(room, key=lambda p: (p.buffer(buffer, lead) - p.free, p.key.model))
-            boot.append(pool.key)
+            pool = max(room, key=lambda p: (p.buffer(buffer, lead, fast_tau) - p.free, p.key.model))
+            (spot if cfg.spot_offered(region) else boot).append(pool.key)
             pool.keep(cfg.capacity, soon=False)
             need -= cfg.capacity
 
     stop = [n.id for region in spare for n in spare[region] if may_stop(n)]
-    return Decisions(boot=tuple(boot), stop=tuple(sorted(stop)), retarget=tuple(moves))
+    return Decisions(boot=tuple(boot), stop=tuple(sorted(stop)), retarget=tuple(moves),
+                     spot=tuple(spot))
 
 
 def _ident(key: PoolKey) -> tuple[str, str]:
@@ -338,8 +381,12 @@ def decide(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
 
     Each pool keeps free slots for the arrivals of one reload (`load_s`); each region keeps
     free slots, on idle nodes of any model, for the arrivals of all its pools during one
-    boot (`warm_buffer_slots`). A pool short of room takes idle nodes of other pools of
-    its region by reloading them (faster than booting a VM), then boots the rest. An
+    boot (`warm_buffer_slots`). Arrival rates are the minute-scale average while it is
+    significantly above the ten-minute one (a burst), else the ten-minute one. A pool
+    with users waiting plans its own buffer for a whole boot: one decision books nodes for
+    everyone queued plus the arrivals until they are ready. A pool short of room takes
+    idle nodes of other pools of its region by reloading them (faster than booting a VM),
+    then boots the rest; where spot nodes are offered, the region's buffer boots on spot. An
     idle node stops only after `idle_grace_s` empty and near the end of its paid billing
     increment, when its pool and region keep their buffers without it; the most
     expensive first.
@@ -352,7 +399,7 @@ def decide(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
                 and cfg.paid_left_s(node, now) <= cfg.stop_window_s)
 
     return _plan(snapshot, now, cfg, buffer=buffer, may_stop=may_stop, pooled=True,
-                 margin=cfg.stop_margin_slots)
+                 margin=cfg.stop_margin_slots, queue_lead=True)
 
 
 def decide_fixed_buffer(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:

@@ -21,8 +21,8 @@ import numpy as np
 from common.config import DEFAULT_CONFIG_PATH, Config, Provider, parse_config
 from common.errors import ConfigError, VoiceError
 
-__all__ = ["SIM_PROVIDERS", "Session", "TraceError", "builtin_trace", "load_trace",
-           "sim_config"]
+__all__ = ["SIM_PROVIDERS", "SIM_SPOT", "Session", "TraceError", "builtin_trace",
+           "bursty_trace", "load_trace", "sim_config", "write_trace"]
 
 
 # The local driver boots in 1 s, which would hide what an autoscaler is for: by default
@@ -32,6 +32,10 @@ SIM_PROVIDERS = (
     Provider("cloud-hour", Decimal("0.90"), billing_increment_s=3600, boot_s=120.0),
 )
 SIM_REGION_PROVIDER = {"ap-northeast": "cloud-hour"}   # every other region: cloud-minute
+# Spot offers of the simulated providers (`voicectl simulate --spot`): price per node-hour
+# and interruptions per node-hour (the provider takes the node back; an assumption, not a
+# measurement: about one node in twenty is lost within its first hour).
+SIM_SPOT = {"cloud-minute": (Decimal("0.40"), 0.05), "cloud-hour": (Decimal("0.33"), 0.05)}
 # Built-in trace: evening peak in each region's local time (longitude / 15 h), a trough
 # at TROUGH_SHARE of the peak; lognormal sessions with mean MEAN_SESSION_S.
 REGION_PEAK_SESSIONS = {"us-west": 90, "us-east": 120, "eu-west": 110, "ap-northeast": 100}
@@ -44,6 +48,16 @@ SESSION_SIGMA = 0.9
 MAX_SESSION_S = 4 * 3600.0
 WARMUP_S = 3600.0           # the built-in day starts an hour early, unmeasured: a warm fleet
 USER_SPREAD_DEG = (2.0, 3.0)  # users scatter this much (lat, lon) around their region
+# Bursty trace (issue 11): 10-minute bursts at 4x the rate, lognormal sessions with a
+# 6-minute median capped at 3 h, Zipf model popularity, regional evening peaks.
+BURST_S = 600.0
+BURST_FACTOR = 4.0
+BURSTS_PER_REGION_DAY = 8.0
+BURSTY_MEDIAN_SESSION_S = 360.0
+BURSTY_SESSION_SIGMA = 1.0
+BURSTY_MAX_SESSION_S = 3 * 3600.0
+ZIPF_S = 1.1
+PEAK_BASE_SHARE = 0.6      # a region peaks at this share of its part of peak_sessions, bursts aside
 
 
 class TraceError(VoiceError):
@@ -157,3 +171,63 @@ def load_trace(path: Path, config: Config) -> list[Session]:
         raise TraceError(f"{path}: no sessions; expected a header and one row per session")
     sessions.sort(key=lambda s: (s.arrival_s, s.model, s.lat, s.lon))
     return sessions
+
+
+def bursty_trace(config: Config, hours: float = 24.0, seed: int = 0,
+                 peak_sessions: float = 600.0) -> list[Session]:
+    """A bursty, heavy-tailed day over the config's regions and models, deterministic per seed.
+
+    Each region's base concurrency follows its own evening peak (local time, shifted by up
+    to two hours) and share of `peak_sessions`; bursts start at random (Poisson,
+    BURSTS_PER_REGION_DAY per region) and multiply a region's arrival rate by BURST_FACTOR
+    for BURST_S. Models are picked by Zipf popularity (exponent ZIPF_S, in config order);
+    sessions are lognormal (median BURSTY_MEDIAN_SESSION_S, capped); users scatter around
+    their region. Like the built-in day it starts WARMUP_S early, unmeasured.
+    """
+    rng = np.random.default_rng(seed)
+    models = [m.name for m in config.models]
+    popularity = 1.0 / np.arange(1, len(models) + 1) ** ZIPF_S
+    popularity /= popularity.sum()
+    weights = 1.0 + rng.random(len(config.regions))
+    weights /= weights.sum()
+    mean_s = BURSTY_MEDIAN_SESSION_S * math.exp(BURSTY_SESSION_SIGMA ** 2 / 2)
+    bins = np.arange(-WARMUP_S, hours * 3600.0, 60.0)
+    out: list[Session] = []
+    for region, weight in zip(config.regions, weights, strict=True):
+        peak_h = PEAK_LOCAL_HOUR + rng.uniform(-2.0, 2.0)
+        local_h = ((bins + 30.0) / 3600.0 + region.lon / 15.0) % 24.0
+        shape = TROUGH_SHARE + (1 - TROUGH_SHARE) * (
+            1 + np.cos(2 * np.pi * (local_h - peak_h) / 24.0)) / 2
+        factor = np.ones_like(bins)
+        span = hours * 3600.0 + WARMUP_S
+        for start in rng.uniform(-WARMUP_S, hours * 3600.0,
+                                 rng.poisson(BURSTS_PER_REGION_DAY * span / 86400.0)):
+            factor[(bins >= start) & (bins < start + BURST_S)] = BURST_FACTOR
+        rate_per_min = peak_sessions * weight * PEAK_BASE_SHARE * shape * factor \
+            * 60.0 / mean_s
+        counts = rng.poisson(rate_per_min)
+        total = int(counts.sum())
+        arrivals = np.repeat(bins, counts) + rng.random(total) * 60.0
+        durations = np.minimum(rng.lognormal(math.log(BURSTY_MEDIAN_SESSION_S),
+                                             BURSTY_SESSION_SIGMA, total), BURSTY_MAX_SESSION_S)
+        picks = rng.choice(len(models), size=total, p=popularity)
+        lats = np.clip(region.lat + rng.normal(0, USER_SPREAD_DEG[0], total), -89.0, 89.0)
+        lons = region.lon + rng.normal(0, USER_SPREAD_DEG[1], total)
+        out.extend(Session(float(a), float(max(d, 1.0)), models[m], float(la), float(lo))
+                   for a, d, m, la, lo in zip(arrivals, durations, picks, lats, lons,
+                                              strict=True))
+    out.sort(key=lambda s: (s.arrival_s, s.model, s.lat, s.lon))
+    return out
+
+
+def write_trace(sessions: list[Session], path: Path) -> None:
+    """Write sessions as a trace CSV (arrival_s, duration_s, model, lat, lon) that
+    `load_trace` reads back; arrivals before 0 (the warm-up) are left out."""
+    try:
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["arrival_s", "duration_s", "model", "lat", "lon"])
+            w.writerows([f"{s.arrival_s:.3f}", f"{s.duration_s:.3f}", s.model, f"{s.lat:.4f}",
+                         f"{s.lon:.4f}"] for s in sessions if s.arrival_s >= 0)
+    except OSError as e:
+        raise TraceError(f"cannot write trace {str(path)!r}: {e}; pass a writable path") from None

@@ -15,9 +15,8 @@ from celery import Celery, shared_task
 from billing.ledger import Ledger
 from common.config import Config
 from provisioner import fleet, membership
+from provisioner.inputs import TICK_S
 from provisioner.state import State, connect
-
-TICK_S = 2.0
 
 
 def make_celery(cfg: Config) -> Celery:

@@ -268,3 +268,53 @@ def test_scaling_config_from_app_config() -> None:
     assert cfg.lead_s("west") == 102.0 and cfg.idle_grace_s == 30.0 and cfg.buffer_z == 1.0
     assert cfg.price("cloud") == Decimal("1.10")
     assert cfg.billing_increment_s_by_provider["cloud"] == 60.0
+
+
+def fast(k: PoolKey, slow: float, fast_rate: float, waiting: int = 0) -> PoolDemand:
+    return PoolDemand(k, waiting=waiting, arrival_rate_per_s=slow, mean_session_s=600.0,
+                      arrival_rate_fast_per_s=fast_rate)
+
+
+def test_a_rising_fast_average_plans_for_the_burst_at_once() -> None:
+    """The minute-scale average far above the ten-minute one: size for the burst now."""
+    calm = decide(snap(pools=(fast(key(), 0.05, 0.05),)), NOW, CFG)
+    burst = decide(snap(pools=(fast(key(), 0.05, 0.4),)), NOW, CFG)
+    lead_s = CFG.reaction_s + CFG.lead_s("west")
+    assert len(burst.boot) * 4 >= warm_buffer_slots(0, 0.4, 600.0, lead_s, CFG.buffer_z)
+    assert len(burst.boot) > len(calm.boot)
+
+
+@pytest.mark.parametrize("fast_rate", [0.0, 0.03, 0.08])
+def test_noise_or_a_falling_fast_average_changes_nothing(fast_rate: float) -> None:
+    """Within two standard errors of the slow average (a Poisson rate of 0.08/s averaged
+    over 60 s: 0.052), or below it (a burst over), the slow average alone sizes the buffer;
+    so it does after a single arrival (below)."""
+    slow_only = decide(snap(pools=(demand(key(), rate=0.05),)), NOW, CFG)
+    assert decide(snap(pools=(fast(key(), 0.05, fast_rate),)), NOW, CFG) == slow_only
+    # One user after a quiet spell: 1/600 and 1/60 per second; 2 SE at 1/60 per s = 0.024.
+    assert decide(snap(pools=(fast(key(), 1 / 600, 1 / 60),)), NOW, CFG) == decide(
+        snap(pools=(demand(key(), rate=1 / 600),)), NOW, CFG)
+
+
+def test_a_queue_sizes_its_pool_for_the_arrivals_of_a_whole_boot() -> None:
+    """Users waiting: the pooled region buffer did not hold, so the pool boots, in this one
+    decision, nodes of its own model for everyone queued plus its own arrivals until new
+    nodes are ready (not only the region's share, spread over the other models)."""
+    others = (demand(key("teto"), rate=0.1), demand(key("kaito"), rate=0.1))
+    d = decide(snap(pools=(fast(key("miku"), 0.1, 0.1, waiting=6), *others)), NOW, CFG)
+    lead_s = CFG.reaction_s + CFG.lead_s("west")
+    own = 6 + warm_buffer_slots(0, 0.1, 600.0, lead_s, CFG.buffer_z)
+    assert d.boot.count(key("miku")) * 4 >= own
+    assert d.retarget == ()
+
+
+def test_spot_offered_the_buffer_boots_on_spot_demand_on_demand() -> None:
+    spot_cfg = replace(CFG, spot_price_per_hour_by_provider={"minute": Decimal("0.40")})
+    pools = (demand(key("miku"), waiting=5), demand(key("teto"), rate=0.1))
+    d = decide(snap(pools=pools), NOW, spot_cfg)
+    assert d.boot.count(key("miku")) == 2        # five waiting users: on-demand nodes
+    assert d.spot                                # the region's buffer: spot
+    plain = decide(snap(pools=pools), NOW, CFG)
+    assert plain.spot == () and len(plain.boot) == len(d.boot) + len(d.spot)
+    assert spot_cfg.node_price(node("s", provider="minute")) == Decimal("1.10")
+    assert spot_cfg.node_price(replace(node("s"), spot=True)) == Decimal("0.40")

@@ -5,25 +5,42 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from provisioner.policy import decide, decide_reactive
+from provisioner.inputs import ASSUMED_SESSION_S, TICK_S, Arrivals
+from provisioner.policy import (
+    Decisions,
+    PoolKey,
+    ScalingConfig,
+    Snapshot,
+    decide,
+    decide_reactive,
+)
+from provisioner.simtrace import BURST_S, BURSTY_MAX_SESSION_S
 from provisioner.simulate import (
     Session,
     TraceError,
     builtin_trace,
+    bursty_trace,
     load_trace,
     main,
     run_all,
     sim_config,
     simulate,
+    spot_scaling,
+    sweep,
 )
 
 KEYS = {"gpu_hours", "lower_bound_gpu_hours", "cost_ratio", "wait_fraction", "wait_s_p50",
-        "wait_s_p95", "wait_s_p99", "sessions", "cost_usd"}
+        "wait_s_p95", "wait_s_p99", "wait_s_max", "sessions", "cost_usd",
+        "spot_interruptions", "interrupted_sessions"}
 BASELINES = {"fixed_buffer", "reactive", "static_peak"}
 
 
@@ -156,6 +173,7 @@ def test_one_user_waits_for_a_boot_and_pays_by_the_increment() -> None:
         result = simulate(one, config, decide_reactive, name="reactive").metrics()
         lead = config.provider(region.provider).boot_s + config.model_load_s
         assert result["wait_s_p50"] == pytest.approx(lead)
+        assert result["wait_s_max"] == pytest.approx(lead)
         assert result["gpu_hours"] == pytest.approx((lead + 600) / 3600, abs=1e-3)
         assert result["lower_bound_gpu_hours"] == pytest.approx(600 / 3600, abs=1e-3)
         assert result["cost_usd"] == pytest.approx(cost, abs=0.01)
@@ -182,3 +200,105 @@ def test_run_all_never_breaks_the_rules() -> None:
     assert results["policy"].stops > 0 or results["policy"].boots > 0
     policy = simulate(sessions, config, decide, name="policy", until_s=1800.0)
     assert policy.metrics() == results["policy"].metrics()     # deterministic
+
+
+def test_engine_feeds_decide_what_the_control_plane_feeds_it() -> None:
+    """The engine builds decide's inputs as fleet.snapshot does (inputs.policy_inputs): the
+    config's arrival time constant, both averages, counted in the user's home pool, the
+    assumed session length, and the control plane's 2 s tick."""
+    config = replace(sim_config(), arrival_tau_s=120.0)
+    west = next(r for r in config.regions if r.name == "us-west")
+    sessions = [Session(float(t), 900.0, "miku", west.lat + 1.0, west.lon - 1.0)
+                for t in (1.5, 2.5, 30.5)]
+    seen: list[tuple[float, Snapshot]] = []
+
+    def spy(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
+        seen.append((now, snapshot))
+        return decide_reactive(snapshot, now, cfg)
+
+    simulate(sessions, config, spy, name="spy", until_s=200.0)
+    ticks = sorted({now for now, _ in seen if now == int(now)})
+    assert ticks[:3] == [0.0, TICK_S, 2 * TICK_S]
+    expected = Arrivals()
+    for s in sessions:
+        expected = expected.counted(s.arrival_s, 120.0)
+    now, snap = next((n, s) for n, s in seen if n == 60.0)
+    demand = {d.key: d for d in snap.demand}[PoolKey("miku", "1", "us-west")]
+    slow, fast = expected.decayed(now, 120.0)
+    assert demand.arrival_rate_per_s == pytest.approx(slow)
+    assert demand.arrival_rate_fast_per_s == pytest.approx(fast)
+    assert {d.mean_session_s for d in snap.demand} == {ASSUMED_SESSION_S}
+
+
+def test_bursty_trace_bursts_heavy_tails_zipf_and_seeded() -> None:
+    config = sim_config()
+    trace = bursty_trace(config, hours=6, seed=4, peak_sessions=400)
+    assert trace == bursty_trace(config, hours=6, seed=4, peak_sessions=400)
+    assert trace != bursty_trace(config, hours=6, seed=5, peak_sessions=400)
+    durations = np.array([s.duration_s for s in trace])
+    assert 320 < np.median(durations) < 400 and durations.max() <= BURSTY_MAX_SESSION_S
+    assert durations.mean() > 1.4 * np.median(durations)          # a heavy right tail
+    counts = Counter(s.model for s in trace)
+    assert counts["miku"] > counts["teto"] > counts["kaito"] > 0   # Zipf, config order
+    arrivals = np.array([s.arrival_s for s in trace])
+    per_window = np.histogram(arrivals, bins=np.arange(0.0, 6 * 3600 + 1, BURST_S))[0]
+    assert per_window.max() > 1.6 * np.median(per_window)          # bursts stand out
+
+
+def test_spot_nodes_are_interrupted_and_their_sessions_resume() -> None:
+    config = sim_config()
+    sessions = bursty_trace(config, hours=1, seed=2, peak_sessions=200)
+    scaling, rates = spot_scaling(config, ScalingConfig.from_config(config))
+    assert rates and scaling.spot_price_per_hour_by_provider
+    often = {p: 6.0 for p in rates}          # a node lost every ten minutes, on average
+    spot = simulate(sessions, config, decide, name="spot", scaling=scaling,
+                    interruptions_per_hour=often, until_s=3600.0)
+    plain = simulate(sessions, config, decide, name="plain", until_s=3600.0)
+    assert spot.spot_boots > 0 and spot.interruptions > 0 and spot.interrupted_sessions > 0
+    assert len(spot.waits) == len(plain.waits)                      # every session served
+    assert plain.spot_boots == plain.interruptions == 0
+    assert spot.cost_usd < plain.cost_usd
+
+
+def test_sweep_draws_one_curve_per_policy(tmp_path: Path) -> None:
+    config = sim_config()
+    sessions = builtin_trace(config, hours=0.5, seed=2)
+    knobs = {"policy": ("buffer_z", (0.5, 2.2)), "fixed_buffer": ("fixed_buffer_nodes", (0, 2)),
+             "reactive": ("idle_grace_s", (0.0, 600.0))}
+    curves = sweep(sessions, config, until_s=1800.0, knobs=knobs)
+    assert set(curves) == set(knobs)
+    low, high = curves["policy"]
+    assert (low["value"], high["value"]) == (0.5, 2.2)
+    assert high["wait_fraction"] <= low["wait_fraction"] and high["gpu_hours"] >= low["gpu_hours"]
+    rows = "".join(f"{i * 7.5},{300 + i % 5 * 60},miku,us-east\n" for i in range(40))
+    trace = write(tmp_path / "t.csv", "arrival_s,duration_s,model,region\n" + rows)
+    png = tmp_path / "f.png"
+    out = json.loads(run_main(["--trace", str(trace), "--sweep", "--json", "--chart",
+                               str(png)]).splitlines()[-1])
+    assert set(out["frontier"]) == set(knobs)
+    assert all(KEYS <= set(p) and "knob" in p for pts in out["frontier"].values() for p in pts)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chart_without_matplotlib_says_how_to_install(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # as if the extra were missing
+    trace = write(tmp_path / "t.csv", "arrival_s,duration_s,model,region\n1,60,miku,us-west\n")
+    assert main(["--trace", str(trace), "--chart", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install -e '.[charts]'" in err and "--no-chart" in err
+    assert main(["--trace", str(trace), "--no-chart"]) == 0       # no chart: no matplotlib
+
+
+def test_generated_trace_written_as_csv_reads_back(tmp_path: Path) -> None:
+    config = sim_config()
+    path = tmp_path / "bursty.csv"
+    run_main(["--bursty", "--hours", "0.2", "--seed", "3", "--peak", "100", "--no-chart",
+              "--write-trace", str(path)])
+    measured = [s for s in bursty_trace(config, 0.2, 3, 100) if s.arrival_s >= 0]
+    back = load_trace(path, config)
+    assert len(back) == len(measured) > 0
+    assert back[0].model == measured[0].model
+    assert back[0].arrival_s == pytest.approx(measured[0].arrival_s, abs=1e-3)

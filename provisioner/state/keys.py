@@ -21,7 +21,8 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
                               ZSET   waiting session id -> enqueue time (resumes: 0, first)
     vc:queues                 SET    "{model}|{version}|{region}" of every queue ever used
     vc:arrivals:{model}|{version}|{region}
-                              HASH   rate (EWMA arrivals/s) t (last update)
+                              HASH   rate (EWMA arrivals/s, tau arrival_tau_s) fast (the same
+                                     with a tenth of it: sees a burst) t (last update)
     vc:lock:{user}            HASH   session fence model region node since; expires unless a
                                      lobby or the node streaming it refreshes it
     vc:fence:{user}           STRING the user's last fencing token (INCR)

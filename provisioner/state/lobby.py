@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
+from provisioner.inputs import Arrivals
 from provisioner.state.base import StateBase
 from provisioner.state.keys import (
     ASSIGNED,
@@ -122,17 +122,14 @@ class Lobby(StateBase):
         """Count an arrival in the pool's arrival-rate average (time constant tau_s)."""
         return float(self._arrive(keys=[arrivals_key(pool)], args=[now, tau_s]))
 
-    def arrival_rates(self, pools: Iterable[str], now: float, tau_s: float
-                      ) -> dict[str, float]:
+    def arrivals(self, pools: Iterable[str]) -> dict[str, Arrivals]:
+        """Each pool's arrival averages as stored (decay them with `Arrivals.decayed`)."""
         pools = list(pools)
         pipe = self.r.pipeline(transaction=False)
         for pool in pools:
-            pipe.hmget(arrivals_key(pool), "rate", "t")
-        out = {}
-        for pool, (rate, t) in zip(pools, pipe.execute(), strict=True):
-            out[pool] = (float(rate) * math.exp(-max(0.0, now - float(t)) / tau_s)
-                         if rate else 0.0)
-        return out
+            pipe.hmget(arrivals_key(pool), "rate", "fast", "t")
+        return {pool: Arrivals(float(rate or 0), float(fast or 0), float(t or 0))
+                for pool, (rate, fast, t) in zip(pools, pipe.execute(), strict=True)}
 
     def drop_expired(self, node_id: str, now: float) -> int:
         """Free the slots of tickets that were never used before they expired."""

@@ -1,8 +1,11 @@
--- Update a pool's arrival-rate EWMA (time constant tau_s).
+-- Update a pool's arrival-rate EWMAs: `rate` with time constant tau_s and `fast` with
+-- tau_s * 0.1 (policy.FAST_TAU_SHARE), so a burst shows within seconds.
 local function arrive(key, now, tau)
-  local h = redis.call('HMGET', key, 'rate', 't')
-  local rate, t = tonumber(h[1] or 0), tonumber(h[2] or now)
-  rate = rate * math.exp(-math.max(0, now - t) / tau) + 1 / tau
-  redis.call('HSET', key, 'rate', rate, 't', now)
+  local h = redis.call('HMGET', key, 'rate', 't', 'fast')
+  local rate, t, fast = tonumber(h[1] or 0), tonumber(h[2] or now), tonumber(h[3] or 0)
+  local dt = math.max(0, now - t)
+  rate = rate * math.exp(-dt / tau) + 1 / tau
+  fast = fast * math.exp(-dt / (tau * 0.1)) + 1 / (tau * 0.1)
+  redis.call('HSET', key, 'rate', rate, 't', now, 'fast', fast)
   return rate
 end

@@ -1,0 +1,351 @@
+"""The simulator's engine: the real placement and scaling code, replayed in virtual time.
+
+Simulation rules, mirroring the control plane: a user waits in the queue of their home
+pool (model, live version, `placement.home_region`); an arrival claims a slot with
+`placement.claim_order` among the regions within the latency budget of that home (as
+`placement.candidates` ranks them), and counts in the home pool's arrival averages (as
+admit.lua does); without room it waits FIFO and triggers an immediate policy evaluation
+(the fixed-buffer baseline waits for its 30 s tick instead). The policy's inputs come
+from `inputs.policy_inputs`, the function `fleet.snapshot` calls. A node turning ready,
+or a slot freed on a ready node, takes the first waiting users of its pool. Nodes take
+boot_s (provider) + load_s to turn ready, in the first of `placement.boot_regions`; a
+retargeted one load_s. A spot node may be taken back by its provider (an exponential
+time, seeded): its streams resume first in line, as the lobby's `resume` does.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from common.config import Config
+from common.errors import VoiceError
+from provisioner.inputs import Arrivals, policy_inputs
+from provisioner.placement import NodeView, boot_regions, claim_order, home_region, near_regions
+from provisioner.policy import Decisions, NodeSnap, Policy, PoolKey, ScalingConfig
+from provisioner.simmetrics import RunResult
+from provisioner.simtrace import Session
+from provisioner.states import NodeState
+
+__all__ = ["Route", "SimulationError", "Sim", "routes"]
+
+SAMPLE_S = 60.0             # chart resolution
+PROGRESS_EVERY = 16384      # events between progress callbacks
+STUCK_S = 7 * 86400.0       # users waiting this long with nothing coming: the policy is stuck
+
+_END, _READY, _ARRIVAL, _TICK, _INTERRUPT = 0, 1, 2, 3, 4   # order of simultaneous events
+
+
+class SimulationError(VoiceError):
+    """A policy broke the rules in simulation: stopped a busy node, or left users waiting."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a user may go: their home region and the regions within its budget (RTT)."""
+
+    home: str
+    rtt: dict[str, float]
+
+
+def routes(sessions: Sequence[Session], config: Config) -> list[Route]:
+    by_home: dict[str, Route] = {}
+    cache: dict[tuple[float, float], Route] = {}
+    out = []
+    for s in sessions:
+        route = cache.get((s.lat, s.lon))
+        if route is None:
+            home = home_region(config, s.lat, s.lon).name
+            route = by_home.get(home)
+            if route is None:
+                route = by_home[home] = Route(home, near_regions(config, home))
+            cache[(s.lat, s.lon)] = route
+        out.append(route)
+    return out
+
+
+@dataclass(slots=True)
+class _Node:
+    sim: Sim
+    id: str
+    key: PoolKey          # the pool of its home queue (the policy's pool)
+    region: str           # where it runs
+    provider: str
+    capacity: int
+    state: NodeState
+    requested_at: float
+    eta: float | None
+    spot: bool = False
+    sessions: set[int] = field(default_factory=set)
+    ready_at: float | None = None
+    idle_since: float | None = None
+    cached_snap: NodeSnap | None = None
+    cached_view: NodeView | None = None
+
+    def touch(self) -> None:
+        self.cached_snap = self.cached_view = None
+        self.sim.snaps = None
+
+    def snap(self) -> NodeSnap:
+        if self.cached_snap is None:
+            k = self.key
+            self.cached_snap = NodeSnap(self.id, k.model, k.version, k.region, self.provider,
+                                        self.state, len(self.sessions), self.capacity,
+                                        self.requested_at, self.ready_at, self.idle_since,
+                                        self.eta, self.spot)
+        return self.cached_snap
+
+    def view(self) -> NodeView:
+        if self.cached_view is None:
+            k = self.key
+            self.cached_view = NodeView(self.id, self.region, k.model, k.version, self.state,
+                                        len(self.sessions), self.capacity)
+        return self.cached_view
+
+
+class Sim:
+    """One run of one policy over one trace. Virtual time only; the policy sees snapshots."""
+
+    def __init__(self, sessions: Sequence[Session], routes: Sequence[Route], config: Config,
+                 scaling: ScalingConfig, policy: Policy, result: RunResult, *,
+                 tick_s: float, event_driven: bool,
+                 progress: Callable[[str, float], None] | None, until_s: float,
+                 interruptions_per_hour: Mapping[str, float], seed: int) -> None:
+        self.sessions, self.routes, self.config, self.scaling = sessions, routes, config, scaling
+        self.policy, self.result, self.tick_s = policy, result, tick_s
+        self.event_driven, self.progress, self.until = event_driven, progress, until_s
+        self.interrupt_rate, self.rng = interruptions_per_hour, random.Random(seed)
+        self.live = {m.name: m.version for m in config.models}
+        traced = {s.model for s in sessions}
+        self.pool_keys = [PoolKey(m.name, m.version, r.name)
+                          for m in config.models if m.name in traced for r in config.regions]
+        self.nodes: dict[str, _Node] = {}
+        self.placed: dict[PoolKey, dict[str, _Node]] = {k: {} for k in self.pool_keys}
+        self.queues: dict[PoolKey, deque[int]] = {k: deque() for k in self.pool_keys}
+        self.streaming = dict.fromkeys(self.pool_keys, 0)
+        self.arrivals = dict.fromkeys(self.pool_keys, Arrivals())
+        self.ends: dict[int, tuple[str, float]] = {}     # session -> (node, end time)
+        self.resumed: dict[int, float] = {}              # interrupted session -> time left
+        self.price = {p.name: float(p.price_per_hour) for p in config.providers}
+        self.spot_price = {p: float(v) for p, v in scaling.spot_price_per_hour_by_provider.items()}
+        self.increment = {p.name: float(p.billing_increment_s) for p in config.providers}
+        self.heap: list[tuple[float, int, int, str]] = []
+        self.seq = self.next_id = 0
+        self.waiting = self.ready_slots = self.total_streaming = 0
+        self.snaps: tuple[NodeSnap, ...] | None = None   # the nodes as the policy saw them
+
+    # -- events ------------------------------------------------------------------------
+    def push(self, t: float, kind: int, payload: str) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, kind, self.seq, payload))
+
+    def run(self, initial: Mapping[PoolKey, int]) -> RunResult:
+        sessions, n = self.sessions, len(self.sessions)
+        start = math.floor(min(0.0, sessions[0].arrival_s) / SAMPLE_S) * SAMPLE_S
+        for key in sorted(initial):      # a fleet that is up before the trace starts
+            for _ in range(initial[key]):
+                self.boot(key, start - self.scaling.lead_s(key.region), spot=False)
+        self.push(start, _TICK, "0")
+        ai = ended = events = 0
+        now = start
+        while ended < n:
+            if ai < n and (not self.heap or (sessions[ai].arrival_s, _ARRIVAL) < self.heap[0][:2]):
+                now = sessions[ai].arrival_s
+                self.arrive(ai, now)
+                ai += 1
+            else:
+                now, kind, _, payload = heapq.heappop(self.heap)
+                if kind == _END:
+                    node_id, _, idx = payload.partition(":")
+                    if self.ends.get(int(idx)) == (node_id, now):   # else: cut by a spot loss
+                        self.end(self.nodes[node_id], int(idx), now)
+                        ended += 1
+                elif kind == _READY:
+                    if payload in self.nodes:
+                        self.make_ready(self.nodes[payload], now)
+                elif kind == _INTERRUPT:
+                    if payload in self.nodes:
+                        self.interrupt(self.nodes[payload], now)
+                else:
+                    self.tick(int(payload), now)
+            events += 1
+            if events % PROGRESS_EVERY == 0:
+                if self.progress:
+                    self.progress(self.result.name, now)
+                if ai == n and now > sessions[-1].arrival_s + STUCK_S:
+                    raise SimulationError(f"{self.result.name}: {self.waiting} users still wait "
+                                          f"{STUCK_S / 86400:.0f} days after the last arrival; "
+                                          "the policy boots nothing for them (max nodes 0?)")
+        for node in list(self.nodes.values()):
+            self.stop(node, now)
+        return self.result
+
+    def arrive(self, idx: int, now: float) -> None:
+        s, route = self.sessions[idx], self.routes[idx]
+        version = self.live[s.model]
+        key = PoolKey(s.model, version, route.home)
+        self.arrivals[key] = self.arrivals[key].counted(now, self.config.arrival_tau_s)
+        if not self.claim(idx, key, route, now):
+            self.queues[key].append(idx)
+            self.waiting += 1
+            if self.event_driven:
+                self.evaluate(now)
+
+    def claim(self, idx: int, key: PoolKey, route: Route, now: float) -> bool:
+        views = [node.view() for region in route.rtt
+                 for node in self.placed[PoolKey(key.model, key.version, region)].values()]
+        order = claim_order(views, key.model, key.version, route.rtt)
+        if order:
+            self.start(self.nodes[order[0]], idx, now)
+        return bool(order)
+
+    def start(self, node: _Node, idx: int, now: float) -> None:
+        s = self.sessions[idx]
+        node.sessions.add(idx)
+        node.idle_since = None
+        node.touch()
+        self.streaming[node.key] += 1
+        self.total_streaming += 1
+        left = self.resumed.pop(idx, None)
+        if left is None and 0 <= s.arrival_s < self.until:
+            self.result.waits.append(now - s.arrival_s)
+        end = now + (s.duration_s if left is None else left)
+        self.ends[idx] = (node.id, end)
+        self.push(end, _END, f"{node.id}:{idx}")
+
+    def end(self, node: _Node, idx: int, now: float) -> None:
+        self.leave(node, idx, now)
+        del self.ends[idx]
+        self.serve_queue(node, now)
+
+    def leave(self, node: _Node, idx: int, now: float) -> None:
+        node.sessions.discard(idx)
+        if not node.sessions:
+            node.idle_since = now
+        node.touch()
+        self.streaming[node.key] -= 1
+        self.total_streaming -= 1
+
+    def interrupt(self, node: _Node, now: float) -> None:
+        """The provider took a spot node back: its streams resume first in their queues."""
+        self.result.interruptions += 1
+        cut = sorted(node.sessions)
+        for idx in cut:
+            self.resumed[idx] = self.ends.pop(idx)[1] - now
+            self.leave(node, idx, now)
+        self.stop(node, now)
+        self.result.interrupted_sessions += len(cut)
+        for idx in reversed(cut):   # first in line, in their old order
+            route = self.routes[idx]
+            key = PoolKey(node.key.model, node.key.version, route.home)
+            if not self.claim(idx, key, route, now):
+                self.queues[key].appendleft(idx)
+                self.waiting += 1
+        self.evaluate(now)
+
+    def make_ready(self, node: _Node, now: float) -> None:
+        node.state = NodeState.READY
+        node.ready_at = node.idle_since = now
+        node.eta = None
+        node.touch()
+        self.ready_slots += node.capacity
+        self.serve_queue(node, now)
+
+    def serve_queue(self, node: _Node, now: float) -> None:
+        queue = self.queues.get(node.key)
+        while queue and len(node.sessions) < node.capacity:
+            self.waiting -= 1
+            self.start(node, queue.popleft(), now)
+
+    # -- policy ------------------------------------------------------------------------
+    def tick(self, k: int, now: float) -> None:
+        self.evaluate(now)
+        self.push(now + self.tick_s, _TICK, str(k + 1))
+        if 0 <= now <= self.until and (k * self.tick_s) % SAMPLE_S == 0:
+            packed = sum(math.ceil(v / self.config.node_capacity) for v in self.streaming.values())
+            self.result.samples.append((now, self.total_streaming + self.waiting, self.waiting,
+                                        self.ready_slots, packed * self.config.node_capacity))
+
+    def evaluate(self, now: float) -> None:
+        waiting = {key: len(q) for key, q in self.queues.items() if q}
+        if self.snaps is None:
+            self.snaps = tuple(node.snap() for node in self.nodes.values())
+        snapshot = policy_inputs(self.snaps, self.pool_keys, waiting, self.arrivals, now,
+                                 self.config.arrival_tau_s)
+        self.apply(self.policy(snapshot, now, self.scaling), now)
+
+    def apply(self, decisions: Decisions, now: float) -> None:
+        for key in decisions.boot:
+            self.boot(key, now, spot=False)
+        for key in decisions.spot:
+            self.boot(key, now, spot=True)
+        for node_id, key in decisions.retarget:
+            node = self.nodes[node_id]
+            if node.state is not NodeState.READY or node.sessions or node.key.region != key.region:
+                raise SimulationError(f"policy retargeted {node} to {key}: not idle and ready "
+                                      "in the same region")
+            del self.placed[self.place(node)][node.id]
+            node.key, node.state, node.eta = key, NodeState.LOADING, now + self.scaling.load_s
+            self.placed.setdefault(self.place(node), {})[node.id] = node
+            node.ready_at = node.idle_since = None
+            node.touch()
+            self.ready_slots -= node.capacity
+            self.result.retargets += 1
+            self.push(node.eta, _READY, node.id)
+        for node_id in decisions.stop:
+            node = self.nodes[node_id]
+            if node.sessions or node.state is not NodeState.READY:
+                raise SimulationError(f"policy stopped {node}: it is not idle and ready")
+            self.stop(node, now)
+            self.result.stops += 1
+
+    @staticmethod
+    def place(node: _Node) -> PoolKey:
+        return PoolKey(node.key.model, node.key.version, node.region)
+
+    def boot(self, key: PoolKey, now: float, spot: bool) -> _Node:
+        """A node for `key`'s queue, in the cheapest region that may serve it (as
+        fleet.request_node places it)."""
+        where = boot_regions(self.config, key.region)
+        region = where[0] if where else self.config.region(key.region)
+        assert region is not None, "pools are built from the configured regions"
+        provider = self.config.provider(region.provider)
+        lead_s = provider.boot_s + self.scaling.load_s
+        self.next_id += 1
+        self.snaps = None
+        node = _Node(self, f"n{self.next_id:05d}", key, region.name, provider.name,
+                     self.config.node_capacity, NodeState.BOOTING, now, now + lead_s, spot)
+        self.nodes[node.id] = node
+        self.placed.setdefault(self.place(node), {})[node.id] = node
+        self.result.boots += 1
+        self.result.peak_nodes = max(self.result.peak_nodes, len(self.nodes))
+        self.push(now + lead_s, _READY, node.id)
+        if spot:
+            self.result.spot_boots += 1
+            rate = self.interrupt_rate.get(provider.name, 0.0)
+            if rate > 0:
+                self.push(now + self.rng.expovariate(rate / 3600.0), _INTERRUPT, node.id)
+        return node
+
+    def stop(self, node: _Node, now: float) -> None:
+        self.snaps = None
+        del self.nodes[node.id]
+        del self.placed[self.place(node)][node.id]
+        if node.state is NodeState.READY:
+            self.ready_slots -= node.capacity
+        life = now - node.requested_at
+        measured = max(0.0, min(now, self.until) - max(0.0, node.requested_at))
+        inc = self.increment.get(node.provider, 1.0)
+        billed = math.ceil(life / inc - 1e-9) * inc if life > 0 else 0.0
+        price = (self.spot_price.get(node.provider, 0.0) if node.spot
+                 else self.price.get(node.provider, 0.0))
+        self.result.gpu_s += measured
+        if node.spot:
+            self.result.spot_gpu_s += measured
+        if life > 0:   # the bill of a node that straddles the window: pro rata
+            self.result.billed_s += billed * measured / life
+            self.result.cost_usd += price * billed / 3600 * (measured / life)

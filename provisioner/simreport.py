@@ -1,0 +1,123 @@
+"""The simulator's output: the JSON report, the table, and the two charts.
+
+matplotlib is an optional extra (`pip install -e '.[charts]'`, part of `dev`); without it
+`chart` and `frontier_chart` raise `ChartUnavailable`, whose message says how to install it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.errors import VoiceError
+from provisioner.simmetrics import RunResult
+
+__all__ = ["ChartUnavailable", "chart", "frontier_chart", "report", "require_charts", "table"]
+
+INSTALL_CHARTS = "pip install -e '.[charts]'  (or: make .venv/.installed, which installs dev)"
+
+
+class ChartUnavailable(VoiceError):
+    """A chart was asked for but matplotlib, an optional extra, is not installed."""
+
+
+def report(results: Mapping[str, RunResult]) -> dict[str, Any]:
+    out = results["policy"].metrics()
+    out["baselines"] = {name: r.metrics() for name, r in results.items() if name != "policy"}
+    return out
+
+
+def table(results: Mapping[str, RunResult]) -> str:
+    rows = [("GPU-hours", "gpu_hours", "{:.2f}"),
+            ("lower bound GPU-hours", "lower_bound_gpu_hours", "{:.2f}"),
+            ("ratio to lower bound", "cost_ratio", "{:.3f}"),
+            ("users who waited", "wait_fraction", "{:.2%}"),
+            ("wait p50 s", "wait_s_p50", "{:.1f}"), ("wait p95 s", "wait_s_p95", "{:.1f}"),
+            ("wait p99 s", "wait_s_p99", "{:.1f}"), ("wait max s", "wait_s_max", "{:.1f}"),
+            ("billed GPU-hours", "billed_gpu_hours", "{:.2f}"),
+            ("GPU cost $", "cost_usd", "{:,.2f}"),
+            ("cost $ / lower bound $", "cost_usd_ratio", "{:.3f}"),
+            ("node boots", "boots", "{}"), ("model reloads", "retargets", "{}"),
+            ("spot boots", "spot_boots", "{}"),
+            ("spot interruptions", "spot_interruptions", "{}"),
+            ("interrupted sessions", "interrupted_sessions", "{}")]
+    metrics = {name: r.metrics() for name, r in results.items()}
+    lines = [f"{'':24}" + "".join(f"{name:>14}" for name in metrics)]
+    for label, key, fmt in rows:
+        lines.append(f"{label:24}" + "".join(
+            f"{fmt.format(m[key]) if m[key] is not None else '-':>14}" for m in metrics.values()))
+    sessions = next(iter(metrics.values()))["sessions"]
+    lines.append(f"{sessions} sessions measured")
+    return "\n".join(lines)
+
+
+def require_charts() -> None:
+    """Raise ChartUnavailable now if a chart could not be drawn later."""
+    _pyplot()
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ChartUnavailable("drawing a chart needs matplotlib, an optional extra that is "
+                               f"not installed; install it with {INSTALL_CHARTS}, "
+                               "or pass --no-chart") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def chart(results: Mapping[str, RunResult], path: Path) -> None:
+    """Demand, ready slots and waiting users over time: the policy against the fixed buffer."""
+    plt = _pyplot()
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    for name, style in (("policy", "-"), ("fixed_buffer", ":")):
+        samples = results[name].samples
+        hours = [s[0] / 3600 for s in samples]
+        if name == "policy":
+            ax.plot(hours, [s[1] for s in samples], color="black", lw=1,
+                    label="demand (streaming + waiting)")
+            ax.plot(hours, [s[4] for s in samples], color="grey", lw=1, ls="--",
+                    label="perfect packing, zero boot time (slots)")
+        ax.plot(hours, [s[3] for s in samples], ls=style, lw=1.2, label=f"{name}: ready slots")
+        low.plot(hours, [s[2] for s in samples], ls=style, lw=1, label=name)
+    ax.set_ylabel("sessions / slots")
+    ax.set_title("Demand and capacity (sampled every minute)")
+    ax.legend(loc="upper left", fontsize=8)
+    low.set_ylabel("users waiting")
+    low.set_xlabel("hours")
+    low.legend(loc="upper left", fontsize=8)
+    for axis in (ax, low):
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def frontier_chart(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path,
+                   title: str) -> None:
+    """The share of users who waited against cost, one curve per policy, one point per
+    setting of its knob (labelled): cost as GPU-hours over the lower bound (left) and as
+    billed dollars over the lower bound's (right; billing-aware stops show here)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for ax, key, label in ((axes[0], "cost_ratio", "GPU-hours / lower bound"),
+                           (axes[1], "cost_usd_ratio", "billed dollars / lower bound dollars")):
+        for name, points in curves.items():
+            pts = sorted(points, key=lambda p: p[key])
+            ax.plot([p[key] for p in pts], [100 * p["wait_fraction"] for p in pts],
+                    marker="o", lw=1.3, label=f"{name} ({pts[0]['knob']})")
+            for p in pts:
+                ax.annotate(f"{p['value']:g}", (p[key], 100 * p["wait_fraction"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("users who waited (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
