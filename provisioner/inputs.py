@@ -13,7 +13,7 @@ import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from provisioner.policy import FAST_TAU_SHARE, NodeSnap, PoolDemand, PoolKey, Snapshot
+from provisioner.policy import FAST_TAU_SHARE, NodeSnap, PoolDemand, PoolKey, Snapshot, fast_tau_s
 from provisioner.states import NodeState
 
 __all__ = ["ASSUMED_SESSION_S", "FAST_TAU_SHARE", "TICK_S", "Arrivals", "policy_inputs"]
@@ -35,13 +35,13 @@ class Arrivals:
     def counted(self, now: float, tau_s: float) -> Arrivals:
         """These averages after one more arrival at `now` (what fn_arrive.lua does)."""
         rate, fast = self.decayed(now, tau_s)
-        return Arrivals(rate + 1 / tau_s, fast + 1 / (tau_s * FAST_TAU_SHARE), now)
+        return Arrivals(rate + 1 / tau_s, fast + 1 / fast_tau_s(tau_s), now)
 
     def decayed(self, now: float, tau_s: float) -> tuple[float, float]:
         """(slow, fast) arrivals/s as of `now`, with no arrival since `at`."""
         dt = max(0.0, now - self.at)
         return (self.rate * math.exp(-dt / tau_s) if self.rate else 0.0,
-                self.fast * math.exp(-dt / (tau_s * FAST_TAU_SHARE)) if self.fast else 0.0)
+                self.fast * math.exp(-dt / fast_tau_s(tau_s)) if self.fast else 0.0)
 
 
 def policy_inputs(nodes: Iterable[NodeSnap], pools: Iterable[PoolKey],

@@ -39,6 +39,13 @@ __all__ = [
 
 
 FAST_TAU_SHARE = 0.1   # the fast arrival average's time constant: this share of the slow one
+FAST_TAU_MIN_S = 10.0  # but never shorter: users arriving in the same instant are no rate
+
+
+def fast_tau_s(tau_s: float) -> float:
+    """The fast arrival average's time constant for a slow one of `tau_s` (fn_arrive.lua
+    computes the same)."""
+    return max(tau_s * FAST_TAU_SHARE, FAST_TAU_MIN_S)
 RISE_Z = 2.0           # standard errors by which the fast average must lead to count as a rise
 
 
@@ -137,7 +144,7 @@ class ScalingConfig:
             price_per_hour_by_provider={p.name: p.price_per_hour for p in config.providers},
             region_provider={r.name: r.provider for r in config.regions},
             idle_grace_s=config.idle_grace_s,
-            fast_tau_s=config.arrival_tau_s * FAST_TAU_SHARE,
+            fast_tau_s=fast_tau_s(config.arrival_tau_s),
         )
         return replace(base, **overrides)
 

@@ -54,7 +54,7 @@ def test_many_waiting_lobbies_cost_few_redis_commands(webapp: Any) -> None:
     sockets = [Client.connect(f"{webapp.ws_url}/ws/session?user=q{i}&model=miku"
                               f"&region=us-west") for i in range(50)]
     try:
-        first = [json.loads(ws.receive(timeout=10)) for ws in sockets]
+        first = [json.loads(ws.receive(timeout=30)) for ws in sockets]
         assert {m["type"] for m in first} == {"queued"}
         time.sleep(0.5)
         before = int(r.info("stats")["total_commands_processed"])

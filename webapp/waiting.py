@@ -94,6 +94,8 @@ class WaitingRoom:
                 self.step(time.time())
             except redis.RedisError as e:   # a thread's boundary: try again next step
                 log.warning("waiting room: Redis failed: %s", e)
+            except Exception:  # a thread's boundary: one bad step must not strand waiters
+                log.exception("waiting room: step failed; trying again")
 
     def _listen(self) -> None:
         while True:
