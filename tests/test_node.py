@@ -60,23 +60,25 @@ def test_four_streams_shifted_and_fifth_refused(node: tuple[Fleet, str]) -> None
     assert len(fleet.state.live_sessions(node_id)) == 4
 
     tone = harmonic_tone(150.0, RATE, 1.0)
-    results: dict[int, float] = {}
+    outputs: dict[int, np.ndarray] = {}
 
     def run(i: int) -> None:
-        results[i] = pitch_hz(stream_tone(streams[i], tone)[RATE // 4:], RATE)
+        outputs[i] = stream_tone(streams[i], tone)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    target = 150.0 * 2 ** (4 / 12)   # miku shifts +4 semitones
-    assert len(results) == 4
-    for pitch in results.values():
-        assert abs(cents(pitch, target)) < 25
+    assert len(outputs) == 4
     for ws in streams:
         ws.send(json.dumps({"type": "stop"}))
         assert closed_code(ws)[0] == 1000
+    # Pitch after the streams stop: a cold process's first librosa call (numba compiling)
+    # may take longer than the node's 30 s idle limit.
+    target = 150.0 * 2 ** (4 / 12)   # miku shifts +4 semitones
+    for out in outputs.values():
+        assert abs(cents(pitch_hz(out[RATE // 4:], RATE), target)) < 25
     deadline = time.monotonic() + 5
     while fleet.state.live_sessions(node_id) and time.monotonic() < deadline:
         time.sleep(0.05)
