@@ -63,6 +63,17 @@ def redis_url(redis_server: str) -> str:
     return redis_server
 
 
+def wait_for(what: Any, timeout_s: float = 10.0, msg: str = "") -> Any:
+    """Poll `what` until it returns something true; its value, or AssertionError."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = what()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s: {msg}")
+
+
 def make_config(redis_url: str, **env: str) -> Config:
     base = {"REDIS_URL": redis_url, "MODEL_LOAD_SECONDS": str(LOAD_S), "TICKET_SECRET": SECRET}
     return load_config({**base, **env})
@@ -217,13 +228,7 @@ class ControlPlane(Webapp):
         return int(self.celery.send_task("billing.settle", (now,)).get(timeout=30))
 
     def wait(self, what: Any, timeout_s: float = 30.0, msg: str = "") -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            got = what()
-            if got:
-                return got
-            time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout_s} s: {msg}")
+        return wait_for(what, timeout_s, msg)
 
     def live_nodes(self, model: str | None = None) -> list[Any]:
         return [n for n in self.state.nodes() if model in (None, n.model)]

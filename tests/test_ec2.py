@@ -4,13 +4,12 @@ cloud around it: the capacity fault proxy and CloudInit running user-data as pro
 from __future__ import annotations
 
 import os
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 from libcloud.common.exceptions import BaseHTTPError
 from libcloud.compute.base import NodeDriver, NodeImage, NodeSize
 
@@ -38,16 +37,6 @@ def make(driver: NodeDriver, image: str, cluster: str, name: str, **kw: Any) -> 
                       tags={ec2.CLUSTER_TAG: cluster, ec2.POOL_TAG: "miku"},
                       client_token=kw.pop("client_token", uuid.uuid4().hex),
                       instance_type=TYPE, image=image, **kw)
-
-
-def wait_for(what: Callable[[], Any], timeout_s: float = 10.0, msg: str = "") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s: {msg}")
 
 
 def test_create_tags_user_data_and_client_token(driver: NodeDriver, image: str,
