@@ -197,7 +197,10 @@ async def _agents(base_url: str, tokens: list[str], ctl: Connection) -> None:
 
 
 def agents_main(base_url: str, tokens: list[str], ctl: Connection) -> None:
-    """The simulated machines: one process, one event loop, a socket each."""
+    """The simulated machines: one process, one event loop, a socket each, at the lowest
+    priority: they stand for machines elsewhere, so their CPU should not be taken from the
+    control plane's on this shared box (it still is, whenever a core is free of both)."""
+    os.nice(19)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, len(tokens) + 256)), hard))
     asyncio.run(_agents(base_url, tokens, ctl))
@@ -292,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=20.0, help="Poisson arrivals per second")
     p.add_argument("--warmup-s", type=float, default=6.0,
                    help="heartbeats before the with-nodes phase is measured")
-    p.add_argument("--py-spy", metavar="FILE", help="profile the webapp during the "
-                   "with-nodes phase with py-spy (if installed), collapsed stacks to FILE")
+    p.add_argument("--py-spy", metavar="FILE", help="profile the webapp during one phase "
+                   "with py-spy (if installed), collapsed stacks to FILE")
+    p.add_argument("--py-spy-phase", default="with_nodes",
+                   choices=("idle", "with_nodes", "nodes_silent"))
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -352,9 +357,18 @@ def main(argv: list[str] | None = None) -> int:
             def phase(name: str) -> tuple[list[float | None], dict[str, float], float, float]:
                 arrivals = list(np.cumsum(rng.exponential(1 / args.rate, args.users)))
                 log(f"phase {name}: {args.users} users arrive at {args.rate:g}/s ...")
+                spy = None
+                if args.py_spy and args.py_spy_phase == name:
+                    spy = procs.spawn([str(Path(sys.executable).with_name("py-spy")),
+                                       "record", "-p", str(server.pid), "-f", "raw",
+                                       "-o", args.py_spy, "-d", str(int(args.users / args.rate)),
+                                       "--nonblocking"], log=tmp / "py-spy.log")
                 a = meter.read()
                 got = users.apply(_users, (ws_url, name, arrivals))
                 b = meter.read()
+                if spy is not None:   # sampling a thousand threads can lag: stop it, it writes
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(30)
                 return got, Meter.cores(a, b), a[0], b[0]
 
             idle, cpu_idle, _, _ = phase("idle")
@@ -376,16 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(NODES_ONLY_S)
             b = meter.read()
             cpu_nodes_only, n0, n1 = Meter.cores(a, b), a[0], b[0]
-            spy = None
-            if args.py_spy:
-                spy = procs.spawn([str(Path(sys.executable).with_name("py-spy")), "record",
-                                   "-p", str(server.pid), "-f", "raw", "-o", args.py_spy,
-                                   "-d", str(int(args.users / args.rate)), "--nonblocking"],
-                                  log=tmp / "py-spy.log")
             busy, cpu_busy, t0, t1 = phase("with_nodes")
-            if spy is not None:   # sampling a thousand threads can lag: stop it, it writes
-                spy.send_signal(signal.SIGINT)
-                spy.wait(30)
             ctl.send("stop")
             beats = _recv(ctl, agents, "done", 60)
             agents.join(10)

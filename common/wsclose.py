@@ -1,4 +1,5 @@
-"""Closing a flask-sock WebSocket from the server side so browsers see the close frame.
+"""Server-side WebSocket plumbing shared by the webapp and the nodes: accepting a socket
+that one loop thread will read, and closing so browsers see the close frame.
 
 Under werkzeug's server, flask-sock writes an HTTP response onto the socket after the
 handler returns; Chrome reads it as an invalid frame, drops the last messages and reports
@@ -7,23 +8,60 @@ every close as 1006. Shutting the TCP socket down right after the close frame pr
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
-from simple_websocket import ConnectionClosed
+from simple_websocket import ConnectionClosed, Server
 
 CLOSE_LINGER_S = 0.05   # between our close frame and the end of the TCP stream (see close)
+
+
+class _NoReaderThread:
+    """simple_websocket starts a reader thread per socket; `accept`ed sockets are read by
+    one loop thread for all of them instead."""
+
+    def __init__(self, target: Callable[[], None]) -> None:
+        self.name = "no-reader"
+
+    def start(self) -> None:
+        pass
+
+
+def accept(environ: dict[str, Any], max_message_size: int) -> Server:
+    """The WebSocket handshake, without permessage-deflate (small or incompressible
+    messages, each deflated in Python both ways) and without a reader thread: the caller
+    hands `ws.sock` and `ws.ws` (the wsproto connection) to its loop thread."""
+    env = {k: v for k, v in environ.items() if k != "HTTP_SEC_WEBSOCKET_EXTENSIONS"}
+    return Server(env, max_message_size=max_message_size, thread_class=_NoReaderThread)
+
+
+def take_over(sock: socket.socket) -> socket.socket:
+    """Own the connection of a werkzeug request (to serve it from a loop thread after the
+    request ends): a socket of our own on it, while werkzeug's socket object is switched to
+    one that reads end-of-stream, so werkzeug ends the request quietly and closes only that
+    one, never the connection."""
+    mine = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+    dead, other = socket.socketpair()
+    other.close()
+    os.dup2(dead.fileno(), sock.fileno())
+    dead.close()
+    return mine
+
+
+def fit(reason: str) -> str:
+    """A close reason cut to the 123 bytes a close frame allows."""
+    raw = reason.encode()
+    return raw[:120].decode(errors="ignore") + "..." if len(raw) > 123 else reason
 
 
 def close(ws: Any, code: int = 1000, reason: str = "") -> None:
     """Send a close frame (reason cut to the 123 bytes a frame allows), then end the TCP
     stream. Safe to call twice and from another thread."""
-    raw = reason.encode()
-    if len(raw) > 123:
-        reason = raw[:120].decode(errors="ignore") + "..."
     try:
-        ws.close(code, reason)
+        ws.close(code, fit(reason))
     except (ConnectionClosed, OSError):
         pass
     # The socket is closed soon after: with the client's frames still arriving, that sends

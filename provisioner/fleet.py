@@ -18,7 +18,7 @@ from provisioner import clouds, membership
 from provisioner.catalog import live_model, live_models
 from provisioner.errors import CapacityError
 from provisioner.inputs import policy_inputs
-from provisioner.placement import boot_regions, candidates
+from provisioner.placement import boot_regions, candidates_for
 from provisioner.policy import (
     Decisions,
     NodeSnap,
@@ -47,15 +47,6 @@ class NodeEnd:
 
 
 NodeEndHook = Callable[[NodeEnd], None]
-
-
-def candidates_for(cfg: Config, model: Model, home: str, records: list[NodeRecord],
-                   now: float) -> list[str]:
-    """Nodes that may serve the queue of (model, home): alive, not retired, in placement's
-    order (see placement.candidates)."""
-    usable = [n.view() for n in records
-              if not n.retired and n.alive(now, cfg.heartbeat_timeout_s)]
-    return candidates(cfg, model.name, model.version, home, usable)
 
 
 def boot_order(state: State, cfg: Config, home: str, now: float) -> list[Region]:

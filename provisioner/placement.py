@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from common.config import Config, Region
+from common.config import Config, Model, Region
 from provisioner.states import NodeState
 
 EARTH_RADIUS_KM = 6371.0
@@ -100,6 +101,29 @@ def candidates(cfg: Config, model: str, version: str, home: str,
                      v.price_per_hour) for v in usable if v.sessions >= v.capacity]
     return (claim_order(usable, model, version, near)
             + claim_order(full, model, version, near)[:SEEN_FULL_TRIED])
+
+
+class Record(Protocol):
+    """What candidates_for reads of a node record (provisioner.state.NodeRecord)."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def retired(self) -> bool: ...
+
+    def alive(self, now: float, timeout_s: float) -> bool: ...
+
+    def view(self) -> NodeView: ...
+
+
+def candidates_for(cfg: Config, model: Model, home: str, records: Sequence[Record],
+                   now: float) -> list[str]:
+    """Nodes that may serve the queue of (model, home): alive, not retired, in placement's
+    order (see placement.candidates)."""
+    usable = [n.view() for n in records if n.model == model.name
+              and not n.retired and n.alive(now, cfg.heartbeat_timeout_s)]
+    return candidates(cfg, model.name, model.version, home, usable)
 
 
 def home_region(cfg: Config, lat: float, lon: float, only: str | None = None,

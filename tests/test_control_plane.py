@@ -14,7 +14,7 @@ from simple_websocket import Client
 from test_node import stream_tone
 
 from common.config import Config
-from provisioner.fleet import candidates_for
+from provisioner.placement import candidates_for
 from provisioner.state import Admitted, State
 from provisioner.states import NodeState
 from worker_node.quality import harmonic_tone

@@ -21,6 +21,7 @@ from flask_sock import Sock
 from billing.ledger import Ledger
 from common.config import Config
 from provisioner.catalog import live_models
+from provisioner.placement import candidates_for
 from provisioner.state import State
 from webapp import lobby, nodes_api
 from webapp.requests import BadRequest, parse_lobby, parse_since, parse_user
@@ -37,10 +38,9 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 65536}   # a node's report fits
     sock = Sock(app)
     fleet = lobby.FleetCache(state, cfg)
-    room = WaitingRoom(state, cfg, lambda: fleet.get(fresh=True), lobby.candidates_for,
+    room = WaitingRoom(state, cfg, lambda: fleet.get(fresh=True), candidates_for,
                        waiting_backstop_s)
     app.register_blueprint(nodes_api.blueprint(cfg, state, ledger))
-    nodes_api.beat_stream(sock, cfg, state)
 
     def kick() -> None:
         if state.kick_scaler():

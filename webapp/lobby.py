@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import redis
@@ -26,8 +26,15 @@ from common.config import Config, Model
 from common.tickets import Ticket, node_key, sign
 from provisioner import membership
 from provisioner.catalog import live_model, live_models
-from provisioner.placement import boot_regions, candidates, home_region, rank_regions
-from provisioner.state import Admitted, Lock, NodeRecord, State, pool_id
+from provisioner.placement import boot_regions, candidates_for, home_region, rank_regions
+from provisioner.state import (
+    Admitted,
+    Lock,
+    NodeRecord,
+    State,
+    pool_id,
+    row_record,
+)
 from webapp.requests import LobbyRequest
 from webapp.waiting import Waiter, WaitingRoom
 
@@ -39,13 +46,25 @@ WAIT_LIMIT_S = 300.0  # after this long without a node the user is told no_capac
 
 @dataclass(frozen=True)
 class FleetView:
-    records: list[NodeRecord]
+    """The fleet as last read: node rows grouped by model, made into records only for the
+    models a lobby asks about (a thousand nodes' records cost the process tens of ms)."""
+
+    rows: dict[str, list[str]]     # model -> its nodes' packed rows (State.node_rows)
     models: dict[str, Model]
     down: frozenset[str]
     constrained: dict[str, str]    # region -> why its provider refused to create nodes
+    _built: dict[str, list[NodeRecord]] = field(default_factory=dict)
+
+    def records(self, model: str) -> list[NodeRecord]:
+        """The nodes serving or loading `model`."""
+        got = self._built.get(model)
+        if got is None:   # two threads may both build it: the same list either way
+            got = self._built[model] = [row_record(r) for r in self.rows.get(model, ())]
+        return got
 
 
 STALE_LIMIT_S = 1.0   # a view older than this is read again before it is used
+READ_SHARE_INVERSE = 10   # a view is read again after at least 10x the last read's time
 
 
 class FleetCache:
@@ -63,14 +82,19 @@ class FleetCache:
         self._view: FleetView | None = None
         self._read_at = float("-inf")
         self._reading = False
+        self._read_s = 0.0
 
     def _read(self) -> FleetView:
         started = time.monotonic()
         models = {m.name: m for m in live_models(self.state, self.cfg)}
         now = time.time()
-        view = FleetView(self.state.nodes(), models, self.state.regions_down(now),
+        rows: dict[str, list[str]] = {}
+        for model, row in self.state.node_rows():
+            rows.setdefault(model, []).append(row)
+        view = FleetView(rows, models, self.state.regions_down(now),
                          self.state.constrained(now))
         self._read_at = started
+        self._read_s = time.monotonic() - started
         return view
 
     def get(self, fresh: bool = False) -> FleetView:
@@ -82,7 +106,9 @@ class FleetCache:
                     self._view = self._read()
                 return self._view
         age = time.monotonic() - self._read_at
-        if age > self.max_age_s:
+        # Reading a big fleet takes the process's time from its lobbies: read at most so
+        # often that reading takes a tenth of one core.
+        if age > max(self.max_age_s, READ_SHARE_INVERSE * self._read_s):
             with self._lock:
                 start, self._reading = not self._reading, True
             if start:
@@ -134,13 +160,13 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     session_id = _session_id(state, req)
     pool = pool_id(model.name, model.version, home.name)
     got = state.admit(req.user, session_id, model.name, model.version, home.name, now,
-                      candidates_for(cfg, model, home.name, view.records, now),
+                      candidates_for(cfg, model, home.name, view.records(model.name), now),
                       lock_ttl_s=cfg.ticket_ttl_s, takeover=req.takeover,
                       resume=req.resume is not None, tau_s=cfg.arrival_tau_s,
                       hold_s=cfg.ticket_ttl_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s)
     fence = _locked(state, cfg, req, session_id, got)
     if isinstance(got, Admitted) and got.node is not None:      # room at once
-        _ready(ws, state, cfg, req, session_id, fence, _node(state, fleet, got.node), now)
+        _ready(ws, state, cfg, req, session_id, fence, _node(state, got.node), now)
         return
     waiter = Waiter(req.user, session_id, fence, pool, model, home.name,
                     position=got.position if isinstance(got, Admitted) else 1)
@@ -159,14 +185,15 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                               "another tab or device")
             if waiter.node_id is not None:
                 _ready(ws, state, cfg, req, session_id, fence,
-                       _node(state, fleet, waiter.node_id), now)
+                       _node(state, waiter.node_id), now)
                 placed = True
                 return
             view = room.view or fleet.get()   # the room's last read: no Redis per lobby
             seen = (id(view), waiter.position, int(now))
             if seen != looked:   # the ETA moves with the clock: recompute once a second
                 looked = seen
-                eta = _eta_s(cfg, model, home.name, view.records, waiter.position, now)
+                eta = _eta_s(cfg, model, home.name, view.records(model.name), waiter.position,
+                             now)
                 note = _note(cfg, home.name, view.constrained)
                 msg = (("booting", round(eta * 2) / 2, note) if eta is not None
                        else ("queued", waiter.position, note))
@@ -194,24 +221,13 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
             state.release_lock(req.user, session_id)
 
 
-def _node(state: State, fleet: FleetCache, node_id: str) -> NodeRecord:
-    """The node a session was given: from the shared view, or read now if the view
-    predates its join (it has no URL there yet)."""
-    node = next((n for n in fleet.get().records if n.id == node_id), None)
-    if node is None or not node.url:
-        node = state.node(node_id)
+def _node(state: State, node_id: str) -> NodeRecord:
+    """The node a session was given, read now (the shared view may predate its join)."""
+    node = state.node(node_id)
     if node is None:
         raise Refused("unavailable", f"node {node_id} vanished as it was given to you; "
                       "reconnect to try again")
     return node
-
-
-def candidates_for(cfg: Config, model: Model, home: str, records: list[NodeRecord],
-                   now: float) -> list[str]:
-    """Nodes alive and not retired that may serve (model, home), in claim order."""
-    usable = [n.view() for n in records
-              if not n.retired and n.alive(now, cfg.heartbeat_timeout_s)]
-    return candidates(cfg, model.name, model.version, home, usable)
 
 
 def _note(cfg: Config, home: str, constrained: dict[str, str]) -> dict[str, str]:

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from flask_sock import ConnectionClosed, Sock
+from simple_websocket import ConnectionClosed
 
 from billing.ledger import Ledger
 from common import wsclose
@@ -20,58 +20,12 @@ from common.config import Config
 from provisioner import membership
 from provisioner.errors import JoinError
 from provisioner.state import State
-
-BEAT_IDLE_S = 60.0   # a heartbeat socket silent this long is closed (the node reconnects)
-
-
-def beat_stream(sock: Sock, cfg: Config, state: State) -> None:
-    """`WS /api/nodes/beat`: the heartbeat on one socket per node (what nodes use): each
-    text message is a report as for POST /api/nodes/heartbeat, each answer its orders. One
-    authentication per connection and no HTTP request per beat: a thousand nodes' beats
-    stay cheap for one webapp process."""
-    @sock.route("/api/nodes/beat")
-    def beat(ws):  # type: ignore[no-untyped-def]
-        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
-        try:
-            node_id = membership.authenticate(state, credential if scheme == "Bearer" else "")
-        except JoinError as e:
-            _refuse(ws, "refused", str(e), 4401)
-            return
-        while True:
-            try:
-                raw = ws.receive(timeout=BEAT_IDLE_S)
-            except ConnectionClosed:
-                return
-            if raw is None:
-                wsclose.close(ws, 1000, "no heartbeat for a minute; reconnect")
-                return
-            try:
-                data = json.loads(raw)
-                if not isinstance(data, dict):
-                    raise ValueError("a report must be a JSON object")
-                if membership.authenticate(state, credential) != node_id:   # revoked since
-                    raise JoinError(f"node {node_id}'s credential was revoked")
-                orders = membership.heartbeat(state, cfg, node_id, data, time.time())
-            except JoinError as e:
-                _refuse(ws, "refused", str(e), 4401)
-                return
-            except (ValueError, TypeError) as e:
-                _refuse(ws, "bad_request", f"malformed node report: {e}", 4400)
-                return
-            ws.send(json.dumps(membership.orders_json(orders)))
-
-
-def _refuse(ws, code: str, message: str, close: int) -> None:  # type: ignore[no-untyped-def]
-    wsclose.after_handshake()
-    try:
-        ws.send(json.dumps({"error": code, "message": message}))
-    except ConnectionClosed:
-        return
-    wsclose.close(ws, close, message)
+from webapp.beat_hub import MAX_REPORT_BYTES, BeatHub, Detached
 
 
 def blueprint(cfg: Config, state: State, ledger: Ledger | None) -> Blueprint:
     bp = Blueprint("nodes", __name__, url_prefix="/api/nodes")
+    hub = BeatHub(cfg, state)
 
     def body() -> dict[str, Any]:
         data = request.get_json(silent=True)
@@ -79,13 +33,16 @@ def blueprint(cfg: Config, state: State, ledger: Ledger | None) -> Blueprint:
             raise ValueError("the body must be a JSON object")
         return data
 
-    def node_id() -> str:
+    def credential() -> str:
         auth = request.headers.get("Authorization", "")
         scheme, _, credential = auth.partition(" ")
         if scheme != "Bearer" or not credential:
             raise JoinError("no node credential: send Authorization: Bearer CREDENTIAL (the "
                             "one the join answered)")
-        return membership.authenticate(state, credential)
+        return credential
+
+    def node_id() -> str:
+        return membership.authenticate(state, credential())
 
     @bp.errorhandler(JoinError)
     def refused(e: JoinError) -> tuple[Response, int]:
@@ -105,8 +62,32 @@ def blueprint(cfg: Config, state: State, ledger: Ledger | None) -> Blueprint:
 
     @bp.post("/heartbeat")
     def heartbeat() -> Response:
-        orders = membership.heartbeat(state, cfg, node_id(), body(), time.time())
+        cred = credential()
+        orders = membership.heartbeat(state, cfg, membership.authenticate(state, cred), cred,
+                                      body(), time.time())
         return jsonify(membership.orders_json(orders))
+
+    @bp.route("/beat", websocket=True)
+    def beat() -> Response:
+        """`WS /api/nodes/beat`: the heartbeat on one socket per node (what nodes use): each
+        text message is a report as for POST /heartbeat, each answer its orders. One
+        thread, the hub's, serves every node's socket (see webapp/beat_hub.py)."""
+        ws = wsclose.accept(request.environ, MAX_REPORT_BYTES)
+        try:
+            cred = credential()
+            beater = hub.adopt(ws, membership.authenticate(state, cred), cred)
+        except JoinError as e:
+            wsclose.after_handshake()
+            try:
+                ws.send(json.dumps({"error": "refused", "message": str(e)}))
+            except ConnectionClosed:
+                pass
+            wsclose.close(ws, 4401, str(e))
+            return Response()   # werkzeug writes it after the handler; close shut the socket
+        if beater.owned:
+            return Detached()
+        beater.done.wait()
+        return Response()
 
     @bp.post("/leave")
     def leave() -> Response:

@@ -122,12 +122,12 @@ class WaitingRoom:
         pools: dict[str, Waiter] = {}
         for w in waiters:
             pools.setdefault(w.pool, w)
-        self.view = self.read()
-        records = self.view.records
+        self.view = view = self.read()
         for pool, w in pools.items():
             if all(x.session_id in lost for x in waiters if x.pool == pool):
                 continue
-            self.state.assign(pool, self.candidates(self.cfg, w.model, w.home, records, now),
+            self.state.assign(pool, self.candidates(self.cfg, w.model, w.home,
+                                                    view.records(w.model.name), now),
                               now, self.cfg.ticket_ttl_s, self.cfg.heartbeat_timeout_s)
         got = self.state.take_assignments([w.session_id for w in waiters])
         order = self.state.queues(list(pools))

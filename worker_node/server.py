@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 
 from flask import Flask, Response, jsonify, request
-from simple_websocket import Server
 
 from common import wsclose
 from common.errors import TicketError
@@ -39,24 +38,6 @@ def _refuse(ws, code: int, reason: str) -> None:  # type: ignore[no-untyped-def]
     wsclose.close(ws, code, reason)
 
 
-class _NoReaderThread:
-    """simple_websocket starts a reader thread per socket; here the audio loop reads."""
-
-    def __init__(self, target: Callable[[], None]) -> None:
-        self.name = "audio-loop-reader"
-
-    def start(self) -> None:
-        pass
-
-
-def accept(environ: dict[str, object]) -> Server:
-    """The WebSocket handshake, without permessage-deflate (PCM barely compresses, and
-    Chromium offers it: every frame would be deflated in Python both ways) and without
-    a reader thread."""
-    env = {k: v for k, v in environ.items() if k != "HTTP_SEC_WEBSOCKET_EXTENSIONS"}
-    return Server(env, max_message_size=MAX_MESSAGE_BYTES, thread_class=_NoReaderThread)
-
-
 def create_app(node: NodeRuntime, secret: str,
                make_processor: Callable[[int], Processor] | None = None,
                on_open: Callable[[Stream], None] = lambda s: None,
@@ -75,7 +56,7 @@ def create_app(node: NodeRuntime, secret: str,
 
     @app.route("/ws", websocket=True)
     def stream() -> Response:
-        ws = accept(request.environ)
+        ws = wsclose.accept(request.environ, MAX_MESSAGE_BYTES)
         _stream(ws, node, secret, loop, on_open, on_close, admit)
         # werkzeug writes this response after the handler; wsclose shut the socket first.
         return Response()

@@ -55,6 +55,7 @@ from provisioner.state.records import (
     NodeRecord,
     Orders,
     Taken,
+    row_record,
 )
 from provisioner.state.regions import RegionHealth
 from provisioner.state.sessions import Sessions
@@ -68,6 +69,7 @@ __all__ = [
     "join_key", "lock_key", "node_key", "pool_id", "queue_key", "session_key", "slots_key",
     "usage_key", "vm_key",
     "Admitted", "Beat", "LiveModel", "Lock", "NodeRecord", "Orders", "Taken",
+    "row_record",
     "State", "connect",
 ]
 

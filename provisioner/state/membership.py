@@ -7,6 +7,8 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
+import redis
+
 from provisioner.state.base import StateBase
 from provisioner.state.keys import (
     CONSTRAINED,
@@ -71,27 +73,33 @@ class Membership(StateBase):
         self.r.hdel(node_key(node_id), "cred")
         return True
 
-    def beat(self, node_id: str, beat: Beat, now: float, lock_ttl_s: float) -> Orders | None:
-        """Record one heartbeat atomically (beat.lua); None if the node is forgotten."""
-        keys = [node_key(node_id), slots_key(node_id), USAGE_MINUTES]
-        keys += [lock_key(user) for user, _, _ in beat.streams]
-        keys += [usage_key(minute) for minute, _, _ in beat.usage]
-        keys += [lock_key(user) for user, _ in beat.closed]
-        args: list[Any] = [now, beat.state, beat.progress,
-                           "" if beat.eta_ready is None else beat.eta_ready,
-                           "" if beat.ready_at is None else beat.ready_at, lock_ttl_s,
-                           node_id, beat.serving, USAGE_KEEP_S, len(beat.streams),
-                           len(beat.usage)]
-        for _, session, fence in beat.streams:
-            args += [session, fence]
-        for minute, field, seconds in beat.usage:
-            args += [field, repr(seconds), minute]
-        args += [session for _, session in beat.closed]
-        res = self._beat(keys=keys, args=args)
-        if int(res[0]) == 0:
-            return None
-        return Orders(float(res[1]) if res[1] else None, res[2] or None, tuple(res[4:]),
-                      was=res[3])
+    def beats(self, beats: list[tuple[str, str, Beat]], now: float,
+              lock_ttl_s: float) -> list[Orders | bool]:
+        """Record heartbeats (node id, credential, report), each atomically (beat.lua), in
+        one round trip. Per beat: the node's orders if `credential` is the node's; False if
+        the node is forgotten, True if the credential is not its own."""
+        calls = [_beat_call(node_id, credential, beat, now, lock_ttl_s)
+                 for node_id, credential, beat in beats]
+
+        def run() -> list[Any]:   # EVALSHA itself: a script in a pipeline costs a round trip
+            pipe = self.r.pipeline(transaction=False)   # of SCRIPT EXISTS every time
+            for keys, args in calls:
+                pipe.evalsha(self._beat.sha, len(keys), *keys, *args)
+            return pipe.execute()
+
+        try:
+            results = run()
+        except redis.exceptions.NoScriptError:   # a new or flushed Redis: load it, once
+            self.r.script_load(self._beat.script)
+            results = run()
+        out: list[Orders | bool] = []
+        for res in results:
+            if int(res[0]) != 1:
+                out.append(int(res[0]) == -1)
+            else:
+                out.append(Orders(float(res[1]) if res[1] else None, res[2] or None,
+                                  tuple(res[4:]), was=res[3]))
+        return out
 
     def mark_constrained(self, region: str, until: float, reason: str) -> None:
         self.r.hset(CONSTRAINED, region, json.dumps({"until": until, "reason": reason}))
@@ -104,3 +112,24 @@ class Membership(StateBase):
             if float(entry["until"]) > now:
                 out[region] = str(entry["reason"])
         return out
+
+
+def _beat_call(node_id: str, credential: str, beat: Beat, now: float,
+               lock_ttl_s: float) -> tuple[list[str], list[Any]]:
+    """beat.lua's KEYS and ARGV for one report (the script's header says what they hold)."""
+    keys = [node_key(node_id), slots_key(node_id), USAGE_MINUTES]
+    keys += [lock_key(user) for user, _, _ in beat.streams]
+    keys += [usage_key(minute) for minute, _, _ in beat.usage]
+    keys += [lock_key(user) for user, _ in beat.closed]
+    args: list[Any] = [now, beat.state, beat.progress,
+                       "" if beat.eta_ready is None else beat.eta_ready,
+                       "" if beat.ready_at is None else beat.ready_at, lock_ttl_s,
+                       node_id, beat.serving, USAGE_KEEP_S, len(beat.streams),
+                       len(beat.usage)]
+    for _, session, fence in beat.streams:
+        args += [session, fence]
+    for minute, field, seconds in beat.usage:
+        args += [field, repr(seconds), minute]
+    args += [session for _, session in beat.closed]
+    args.append(digest(credential))
+    return keys, args

@@ -8,8 +8,11 @@ from typing import Any
 
 from provisioner.state.base import StateBase
 from provisioner.state.keys import NODES, flight_key, node_key, slots_key
-from provisioner.state.records import NodeRecord, _record
+from provisioner.state.records import ROW_FIELDS, NodeRecord, _record, row_record
 from provisioner.states import NodeState
+
+ROWS_PER_CALL = 100   # nodes per fleet.lua call: Redis is held ~3 ms at a time
+FLEET_ARGS = (ROW_FIELDS.index("state") + 1, ROW_FIELDS.index("model") + 1, *ROW_FIELDS)
 
 
 class Nodes(StateBase):
@@ -60,16 +63,21 @@ class Nodes(StateBase):
         return sorted(self.r.smembers(NODES))
 
     def nodes(self) -> list[NodeRecord]:
+        return [row_record(row) for _, row in self.node_rows()]
+
+    def node_rows(self) -> list[tuple[str, str]]:
+        """Every node as (model, packed row): see row_record. One script call per
+        ROWS_PER_CALL nodes: a pipeline of three commands per node cost the lobby 100 ms of
+        Python per read of a thousand nodes, and one call for all of them held Redis for
+        30 ms while everyone else's commands waited. A reader unpacks only the rows it needs."""
         ids = sorted(self.r.smembers(NODES))
-        pipe = self.r.pipeline(transaction=False)
-        for node_id in ids:
-            pipe.hgetall(node_key(node_id))
-            pipe.zcard(slots_key(node_id))
-            pipe.zcount(slots_key(node_id), "+inf", "+inf")
-        raw = pipe.execute()
-        return [_record(h, int(taken), int(live))
-                for h, taken, live in zip(raw[::3], raw[1::3], raw[2::3], strict=True)
-                if h and "state" in h]
+        rows: list[tuple[str, str]] = []
+        for at in range(0, len(ids), ROWS_PER_CALL):
+            keys = [key for node_id in ids[at:at + ROWS_PER_CALL]
+                    for key in (node_key(node_id), slots_key(node_id))]
+            raw = self._fleet(keys=keys, args=FLEET_ARGS)
+            rows += zip(raw[::2], raw[1::2], strict=True)
+        return rows
 
     def node(self, node_id: str) -> NodeRecord | None:
         pipe = self.r.pipeline(transaction=False)   # one round trip (every heartbeat reads it)

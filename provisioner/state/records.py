@@ -140,3 +140,16 @@ def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
         idle_since=_float(h, "idle_since") or None,
         home=h.get("home") or h.get("region", ""))
 
+
+
+# What a node row holds (State.node_rows): the record fields a reader of the whole fleet
+# needs, in this order, then slots taken and slots live, joined by the unit separator.
+ROW_FIELDS = ("id", "provider", "region", "model", "version", "state", "progress", "url",
+              "capacity", "started_at", "requested_at", "deadline", "last_seen",
+              "price_per_hour", "eta_ready", "drain_deadline", "retired", "semitones",
+              "ready_at", "idle_since", "home")
+
+
+def row_record(row: str) -> NodeRecord:
+    *values, taken, live = row.split("\x1f")
+    return _record(dict(zip(ROW_FIELDS, values, strict=True)), int(taken), int(live))

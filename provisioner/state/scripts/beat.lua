@@ -9,9 +9,12 @@
 -- "model:version", usage keep_s, number of streams n, number of counters m, then session
 -- and fence per live stream, "user|session:conn", seconds, minute per counter (the field
 -- becomes "user|session:conn|node|model|region" from the node's record), session per closed
--- stream. Returns {1, drain_deadline, retarget, the state before this beat, sessions whose
--- lock another session took...}.
+-- stream, and last the hash of the node's credential (checked against the record's: a
+-- revoked node's beat changes nothing). Returns {1, drain_deadline, retarget, the state
+-- before this beat, sessions whose lock another session took...}; {0} for a forgotten node,
+-- {-1} for a credential that is not the node's.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+if redis.call('HGET', KEYS[1], 'cred') ~= ARGV[#ARGV] then return {-1} end
 local n, m = tonumber(ARGV[10]), tonumber(ARGV[11])
 local flags = redis.call('HMGET', KEYS[1], 'drain_deadline', 'retarget', 'state', 'model',
                          'region')
