@@ -78,7 +78,8 @@ def test_run_serves_the_page_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> Non
            "DATABASE_URL": f"sqlite:///{tmp_path / 'b.sqlite'}"}
     env.pop("REDIS_URL", None)
     proc = subprocess.Popen(VOICECTL + ["run", "--port", str(port), "--flower-port",
-                                        str(flower)], env=env, stdout=subprocess.PIPE,
+                                        str(flower), "--data", str(tmp_path / "redis")],
+                            env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -110,6 +111,81 @@ def test_run_serves_the_page_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> Non
     time.sleep(0.5)
     gone = [c for c in children + vms if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert gone == [], [c.cmdline() for c in gone]
+
+
+def test_run_restarts_what_dies_and_redis_keeps_its_data(tmp_path: Path) -> None:
+    """kill -9 the Celery worker (and so its beat) and the embedded Redis: `voicectl run`
+    says so and starts them again; Redis comes back with its data; users still get nodes;
+    and at the end nothing of the first worker outlives the run."""
+    import redis
+    from simple_websocket import Client
+
+    port, flower = procs.free_port(), procs.free_port()
+    env = {**os.environ, "MODEL_LOAD_SECONDS": "0.3",
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'b.sqlite'}"}
+    env.pop("REDIS_URL", None)
+    proc = subprocess.Popen(VOICECTL + ["run", "--port", str(port), "--flower-port",
+                                        str(flower), "--data", str(tmp_path / "redis")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    out = proc.stdout
+
+    def until(needle: str, timeout_s: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = out.readline()
+            lines.append(line)
+            if needle in line:
+                return line
+        raise AssertionError(f"no {needle!r} from voicectl run:\n{''.join(lines)}")
+
+    def ready(user: str) -> None:
+        ws = Client.connect(f"ws://127.0.0.1:{port}/ws/session?user={user}&model=miku"
+                            "&region=us-west")
+        while True:
+            msg = json.loads(ws.receive(timeout=60))
+            if msg["type"] in ("ready", "error"):
+                break
+        assert msg["type"] == "ready", msg
+
+    def child(word: str) -> psutil.Process:
+        [found] = [c for c in psutil.Process(proc.pid).children()
+                   if word in " ".join(c.cmdline())]
+        return found
+
+    first_worker: list[psutil.Process] = []
+    try:
+        url = until("Redis ready at").rsplit(" ", 1)[1].strip()
+        until("open http://")
+        r = redis.Redis.from_url(url)
+        r.set("test:kept", "yes")
+        ready("alice")
+        worker = child(" worker ")
+        first_worker = [worker, *(c for c in worker.children(recursive=True)   # its beat
+                                  if "celery" in " ".join(c.cmdline()))]
+        assert len(first_worker) >= 2, "no beat process under the Celery worker"
+        worker.kill()
+        until("celery worker exited")
+        until("celery worker restarted")
+        time.sleep(0.5)
+        assert not [p for p in first_worker if p.is_running()
+                    and p.status() != psutil.STATUS_ZOMBIE], "the old worker's beat lives on"
+        time.sleep(1.2)   # the append-only file is synced every second
+        child("redis-server").kill()
+        until("redis exited")
+        until("redis restarted")
+        assert r.get("test:kept") == b"yes"
+        ready("bob")      # a new user gets a node: the new worker scales, Redis serves
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "".join(lines) + rest
+    time.sleep(0.5)
+    children = [p for p in first_worker if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+    assert children == []
 
 
 @pytest.mark.parametrize("args, needle", [(["kill-node", "n-nope"], "no VM"),

