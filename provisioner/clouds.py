@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import lru_cache
 
+from libcloud.common.exceptions import BaseHTTPError
+from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeLocation
 from libcloud.compute.providers import get_driver, set_driver
 
@@ -19,6 +21,10 @@ from common.config import Config, Provider, Region
 from common.errors import ConfigError
 from provisioner import ec2
 from provisioner.errors import CapacityError
+
+# What a provider's API may raise besides CapacityError: worth retrying with backoff
+# (requests' and socket errors are OSErrors).
+PROVIDER_ERRORS: tuple[type[Exception], ...] = (LibcloudError, BaseHTTPError, OSError)
 
 LOCAL = "voice-local"
 TAG_CLUSTER, TAG_POOL, TAG_NODE = ec2.CLUSTER_TAG, ec2.POOL_TAG, ec2.NODE_TAG

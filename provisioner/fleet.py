@@ -228,8 +228,12 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
     records = state.nodes()
     for rec in records:
         if not rec.alive(now, cfg.heartbeat_timeout_s):
-            stop(state, cfg, rec, now, "dead: no heartbeat", on_end)
             dead.append(rec.id)
+            try:   # one node's provider failing must not keep the others alive and billed
+                stop(state, cfg, rec, now, "dead: no heartbeat", on_end)
+            except clouds.PROVIDER_ERRORS as e:
+                log.warning("dead node %s not stopped yet (%s); the next tick retries",
+                            rec.id, e)
     for region in {r.region for r in records if r.id in dead}:
         if not any(r.region == region and r.id not in dead and r.state.serving
                    for r in records):   # nothing left serving there: an outage
@@ -245,8 +249,15 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
                 rec.sessions == 0 or now > rec.drain_deadline + cfg.heartbeat_timeout_s):
             if rec.sessions == 0 and not state.retire(rec.id, now):
                 continue
-            stop(state, cfg, rec, now, "drained", on_end)
-    sweep(state, cfg)
+            try:
+                stop(state, cfg, rec, now, "drained", on_end)
+            except clouds.PROVIDER_ERRORS as e:
+                log.warning("drained node %s not stopped yet (%s); the next tick retries",
+                            rec.id, e)
+    try:
+        sweep(state, cfg)
+    except clouds.PROVIDER_ERRORS as e:
+        log.warning("orphan sweep failed (%s); the next tick retries", e)
     return dead
 
 

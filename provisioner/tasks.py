@@ -1,22 +1,36 @@
 """Celery tasks: thin adapters around provisioner.fleet. Pass ids, never driver objects.
 
-Every task is idempotent; countdowns are seconds, far below the broker visibility timeout.
-The beat runs `tick` every couple of seconds as the backstop; events (a user who found no
-slot, a node lost) call `scale` at once.
+Every task is idempotent, so it is acknowledged late (a worker that dies mid-task leaves it
+to be delivered again) and a provider's error retries it with backoff. Countdowns are
+seconds, far below the broker visibility timeout. The beat runs `tick` every couple of
+seconds as the backstop; events (a user who found no slot, a node lost) call `scale` at
+once. The scale step holds a lease it renews while it runs; the tick's steps (reap, scale,
+settle) fail alone, so a provider's outage never stops billing.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery, shared_task
 
 from billing.ledger import Ledger
 from common.config import Config
-from provisioner import fleet, membership
+from provisioner import clouds, fleet, membership
 from provisioner.inputs import TICK_S
 from provisioner.state import State, connect
+
+log = logging.getLogger("provisioner.tasks")
+
+VISIBILITY_S = 600
+SOFT_LIMIT_S = 120
+RETRY = {"autoretry_for": clouds.PROVIDER_ERRORS, "retry_backoff": 2, "retry_backoff_max": 60,
+         "retry_jitter": True, "max_retries": 6}   # ~2 min of a provider's errors
 
 
 def make_celery(cfg: Config) -> Celery:
@@ -25,10 +39,17 @@ def make_celery(cfg: Config) -> Celery:
     app = Celery("voice", broker=cfg.redis_url, backend=cfg.redis_url,
                  include=["provisioner.tasks"])
     app.conf.update(
-        broker_transport_options={"visibility_timeout": 3600},
+        # A task a dead worker held comes back after this (tasks are idempotent; the tick
+        # is the backstop for everything but a node's provisioning).
+        broker_transport_options={"visibility_timeout": VISIBILITY_S},
         broker_connection_retry_on_startup=True,
         result_expires=600,
-        task_acks_late=False,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Enforced by prefork workers (deployments); the local run's thread pool cannot
+        # interrupt a thread, so every provider call also has its driver's own timeout.
+        task_soft_time_limit=SOFT_LIMIT_S,
+        task_time_limit=SOFT_LIMIT_S + 30,
         worker_prefetch_multiplier=1,
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -65,14 +86,14 @@ def _rt(task: Any) -> Runtime:
     return task.app.voice  # type: ignore[no-any-return]
 
 
-@shared_task(bind=True, ignore_result=True, name="provisioner.provision")
+@shared_task(bind=True, ignore_result=True, name="provisioner.provision", **RETRY)
 def provision(self: Any, node_id: str) -> None:
     rt = _rt(self)
     if fleet.provision(rt.state, rt.cfg, node_id, time.time()):
         self.app.send_task("provisioner.poll", (node_id,), countdown=fleet.POLL_S)
 
 
-@shared_task(bind=True, ignore_result=True, name="provisioner.poll")
+@shared_task(bind=True, ignore_result=True, name="provisioner.poll", **RETRY)
 def poll(self: Any, node_id: str) -> None:
     rt = _rt(self)
     outcome = fleet.poll(rt.state, rt.cfg, node_id, time.time(), rt.on_end)
@@ -82,26 +103,55 @@ def poll(self: Any, node_id: str) -> None:
         self.app.send_task("provisioner.scale")
 
 
-FLIGHT_TTL_S = 30.0   # a crashed worker's scale lock frees itself after this
+FLIGHT_TTL_S = 30.0   # a crashed worker's scale lease frees itself after this
+
+
+@contextmanager
+def lease(state: State, name: str, ttl_s: float = FLIGHT_TTL_S) -> Iterator[bool]:
+    """Hold `name` while the block runs (True), renewing it every third of `ttl_s` so a
+    slow step (a provider taking its time) keeps it; False if someone else holds it."""
+    token = state.single_flight(name, ttl_s)
+    if token is None:
+        yield False
+        return
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(ttl_s / 3):
+            if not state.renew_flight(name, token, ttl_s):
+                log.warning("lease %s lost while held; another step may run", name)
+                return
+
+    threading.Thread(target=renew, name=f"lease-{name}", daemon=True).start()
+    try:
+        yield True
+    finally:
+        done.set()
+        state.land(name, token)
+
+
+def _step(what: str, fn: Callable[[], object]) -> None:
+    """One step of the tick; its failure is logged and leaves the others to run."""
+    try:
+        fn()
+    except Exception:  # a task's boundary: the next tick retries this step
+        log.exception("tick: %s failed; the next tick retries", what)
 
 
 def _scale(task: Any, reap: bool = False) -> bool:
     """One scale step (after reaping, on the tick), never two at once: two overlapping
     snapshots would both boot nodes for the same waiting users. False if one is running."""
     rt = _rt(task)
-    token = rt.state.single_flight("scale", FLIGHT_TTL_S)
-    if token is None:
-        return False
-    try:
-        now = time.time()
+    with lease(rt.state, "scale") as held:
+        if not held:
+            return False
         if reap:
-            fleet.drain_old_versions(rt.state, rt.cfg, now)
-            fleet.reap(rt.state, rt.cfg, now, rt.on_end)
+            _step("draining old versions",
+                  lambda: fleet.drain_old_versions(rt.state, rt.cfg, time.time()))
+            _step("reaping", lambda: fleet.reap(rt.state, rt.cfg, time.time(), rt.on_end))
         fleet.scale(rt.state, rt.cfg, time.time(),
                     lambda node_id: task.app.send_task("provisioner.provision", (node_id,)),
                     rt.on_end)
-    finally:
-        rt.state.land("scale", token)
     return True
 
 
@@ -114,9 +164,10 @@ def scale(self: Any) -> None:
 
 @shared_task(bind=True, ignore_result=True, name="provisioner.tick")
 def tick(self: Any) -> None:
-    """The beat's backstop: reap the dead, drain old versions, scale, settle the bill."""
-    _scale(self, reap=True)
-    _settle(_rt(self), time.time())
+    """The beat's backstop: reap the dead, drain old versions, scale, settle the bill; each
+    step fails alone."""
+    _step("scaling", lambda: _scale(self, reap=True))
+    _step("settling", lambda: _settle(_rt(self), time.time()))
 
 
 def _settle(rt: Runtime, now: float) -> int:

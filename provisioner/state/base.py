@@ -26,3 +26,4 @@ class StateBase:
         self._land = r.register_script(scripts.LAND)
         self._beat = r.register_script(scripts.BEAT)
         self._fleet = r.register_script(scripts.FLEET)
+        self._renew = r.register_script(scripts.RENEW)

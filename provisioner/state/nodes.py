@@ -112,6 +112,10 @@ class Nodes(StateBase):
         ok = self.r.set(flight_key(name), token, nx=True, px=int(ttl_s * 1000))
         return token if ok else None
 
+    def renew_flight(self, name: str, token: str, ttl_s: float) -> bool:
+        """Extend a single_flight's lease, if it is still ours (False: it was lost)."""
+        return bool(self._renew(keys=[flight_key(name)], args=[token, int(ttl_s * 1000)]))
+
     def land(self, name: str, token: str) -> None:
         """Release a single_flight, if it is still ours."""
         self._land(keys=[flight_key(name)], args=[token])
