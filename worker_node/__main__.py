@@ -30,7 +30,7 @@ from werkzeug.serving import make_server
 
 from common.grant import Grant
 from common.tickets import verify_control
-from worker_node.agent import Agent
+from worker_node.agent import ORPHAN_AFTER_S, Agent
 from worker_node.control import ControlClient, ControlError, Refused
 from worker_node.runtime import NodeRuntime
 from worker_node.server import create_app
@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--crash-rate", type=float, default=None,
                    help="the stand-in model's crash chance per minute (default: the control "
                         "plane's CRASH_RATE)")
+    p.add_argument("--orphan-s", type=float, default=ORPHAN_AFTER_S,
+                   help="exit after this long without reaching the control plane while "
+                        f"streaming nothing (default {ORPHAN_AFTER_S:g}; streams go on)")
     return p
 
 
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     node = NodeRuntime(id=grant.node_id, model=grant.model, version=grant.version,
                        region=grant.region, provider=grant.provider, semitones=grant.semitones,
                        capacity=4, load_s=grant.model_load_s, url=url)
-    agent = Agent(node, control, grant.heartbeat_interval_s, grant.crash_rate, warm_up=warm_up)
+    agent = Agent(node, control, grant.heartbeat_interval_s, grant.crash_rate, warm_up=warm_up,
+                  orphan_s=args.orphan_s)
     hooks = {} if args.standalone else {"on_open": agent.on_open, "on_close": agent.on_close}
     app = create_app(node, grant.ticket_key, **hooks)
     control_endpoint(app, grant.ticket_key, agent)

@@ -8,7 +8,12 @@ tell live ones to resume elsewhere), a retarget (reload another model), and the 
 whose user's lock another session took (closed with 4409). Orders that cannot wait arrive
 on `/control`, signed with the node's key. A node never needs to be told anything to die
 safely: if its heartbeats stop, the control plane frees its slots and re-places its users;
-if the control plane stays unreachable, or forgot the node, the node exits by itself.
+if the control plane forgot the node, or stays unreachable while the node neither streams
+nor owes usage, the node exits by itself. Audio never needs the control plane: while it
+is away, live streams go on (up to ORPHAN_SERVING_S), and the node keeps every per-minute
+counter it has not delivered yet (the usage ledger) and reports it once a beat gets through
+again; counters are cumulative and keyed by node, session, connection and minute, so a
+report received twice changes nothing.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from worker_node.runtime import NodeRuntime, Stream
 
 log = logging.getLogger("worker_node.agent")
 
-ORPHAN_AFTER_S = 15.0   # no control plane for this long: it is gone, so exit
-REPORT_MINUTES_S = 300  # a closed minute's counter is final: re-reported this long, then not
+ORPHAN_AFTER_S = 15.0   # no control plane for this long, nothing streamed or owed: exit
+ORPHAN_SERVING_S = 3600.0   # streaming (or owing usage) without a control plane: this long
+MAX_REPORTED = 1000     # counters per beat (the control plane takes 2000); the rest next beat
+METER_LAG_S = 10.0      # a minute's counter is final this long after the minute ends
 TAKEN_OVER = "this user started streaming elsewhere; this stream was taken over"
 
 
@@ -36,8 +43,10 @@ class Agent:
     def __init__(self, node: NodeRuntime, control: ControlClient, interval_s: float,
                  crash_rate_per_min: float = 0.0, rng: random.Random | None = None,
                  warm_up: Callable[[], None] = lambda: None,
-                 exit: Callable[[int], None] = os._exit) -> None:
+                 exit: Callable[[int], None] = os._exit, orphan_s: float = ORPHAN_AFTER_S,
+                 ) -> None:
         self.node, self.control, self.interval_s = node, control, interval_s
+        self.orphan_s = orphan_s
         self.warm_up = warm_up
         self.crash_rate = crash_rate_per_min
         self.rng = rng or random.Random()
@@ -46,6 +55,10 @@ class Agent:
         self._poke = threading.Event()
         self._beating = threading.Lock()
         self._closed: list[tuple[str, str]] = []
+        # The usage ledger: counters of closed minutes already delivered (live streams'), and
+        # those of closed streams not delivered yet: (minute, user, session, conn) -> seconds.
+        self._delivered: set[tuple[int, str, str, str]] = set()
+        self._owed: dict[tuple[int, str, str, str], float] = {}
         self.leaving = False   # SIGTERM: draining to leave; orders never undrain it
         self._last_ok = time.monotonic()
 
@@ -62,22 +75,23 @@ class Agent:
                 "usage": self._usage(streams), "closed": [list(c) for c in closed]}
 
     def _usage(self, streams: list[Stream]) -> list[list[Any]]:
-        """Counters of the last few minutes: older ones are final and were reported."""
-        since = int(time.time() // 60) * 60 - REPORT_MINUTES_S
+        """Counters not delivered yet: every minute of a live stream not reported closed
+        in a beat that got through, and the closed streams' counters owed (oldest first)."""
         with self.node.lock:
-            return [[minute, s.user, s.session_id, s.conn, round(secs, 4)]
-                    for s in streams for minute, secs in s.minutes.items() if minute >= since]
+            due = [[m, s.user, s.session_id, s.conn, round(secs, 4)]
+                   for s in streams for m, secs in s.minutes.items()
+                   if (m, s.user, s.session_id, s.conn) not in self._delivered]
+            due += [[m, user, session, conn, round(secs, 4)]
+                    for (m, user, session, conn), secs in self._owed.items()]
+        due.sort(key=lambda c: c[0])
+        return due[:MAX_REPORTED]
 
-    def beat(self, extra_usage: list[Stream] | None = None) -> None:
+    def beat(self) -> None:
         """One heartbeat and its orders (serialised: on_close and the loop both beat)."""
         with self._beating:
             report = self.report()
-            if extra_usage:
-                report["usage"] += self._usage(extra_usage)
             orders = self.control.beat(report)
-            with self.node.lock:
-                sent = {tuple(c) for c in report["closed"]}
-                self._closed = [c for c in self._closed if c not in sent]
+            self._got_through(report)
         if orders.get("retarget"):
             model, version, semitones = str(orders["retarget"]).split(":")
             if self.node.retarget(model, version, float(semitones), self.warm_up, self.poke):
@@ -90,6 +104,23 @@ class Agent:
         elif not self.leaving:
             self.node.undrain()
 
+    def _got_through(self, report: dict[str, Any]) -> None:
+        """The control plane has this report: its closed streams and its counters of
+        closed minutes (final) are delivered."""
+        # Minutes closed when it was made, with a margin for frames metered late.
+        closed_before = int((time.time() - METER_LAG_S) // 60) * 60 - 60
+        with self.node.lock:
+            sent = {tuple(c) for c in report["closed"]}
+            self._closed = [c for c in self._closed if c not in sent]
+            live = {(s.session_id, s.conn) for s in self.node.streams.values()}
+            for minute, user, session, conn, _ in report["usage"]:
+                key = (minute, user, session, conn)
+                if key in self._owed:
+                    del self._owed[key]     # a closed stream's counters are final
+                elif minute <= closed_before:
+                    self._delivered.add(key)
+            self._delivered = {k for k in self._delivered if (k[2], k[3]) in live}
+
     def on_open(self, stream: Stream) -> None:
         """Tell the control plane at once: the slot is live, and a stream whose lock
         another session holds (a take-over elsewhere) is closed right away."""
@@ -98,14 +129,18 @@ class Agent:
     def on_close(self, stream: Stream, current: bool) -> None:
         """Bill the last seconds; free the slot and the user's lock before the client hears
         the close, unless a newer connection of the same session took this one's place."""
-        if current:
-            with self.node.lock:
+        with self.node.lock:
+            if current:
                 self._closed.append((stream.user, stream.session_id))
-        self._safe_beat([stream])
+            for minute, secs in stream.minutes.items():   # owed until a beat gets through
+                key = (minute, stream.user, stream.session_id, stream.conn)
+                if key not in self._delivered:
+                    self._owed[key] = round(secs, 4)
+        self._safe_beat()
 
-    def _safe_beat(self, extra_usage: list[Stream] | None = None) -> None:
+    def _safe_beat(self) -> None:
         try:
-            self.beat(extra_usage)
+            self.beat()
             self._last_ok = time.monotonic()
         except Refused:
             self._forgotten()
@@ -140,8 +175,10 @@ class Agent:
                 self._forgotten()
             except ControlError as e:  # the control plane may be briefly away; keep beating
                 log.warning("heartbeat failed: %s; retrying", e)
-                if time.monotonic() - self._last_ok > ORPHAN_AFTER_S:
-                    log.error("no control plane for %.0f s: exiting", ORPHAN_AFTER_S)
+                away = time.monotonic() - self._last_ok
+                busy = bool(self.node.streams or self._owed)   # streaming, or owing usage
+                if away > (ORPHAN_SERVING_S if busy else self.orphan_s):
+                    log.error("no control plane for %.0f s: exiting", away)
                     self.exit(0)
             if self.node.state is NodeState.DEAD:
                 log.error("the model could not load: node %s exits", self.node.id)

@@ -1,0 +1,95 @@
+"""The control plane goes away (its process killed) while a node streams: the stream goes
+on, the node keeps its usage ledger, and delivers it when the control plane is back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+from conftest import LOAD_S, SECRET, Fleet, closed_code, start_stream, wait_for
+from test_membership import ticket_for
+
+from common.config import Config
+from provisioner.state import State
+from voicectl import procs
+from worker_node.quality import harmonic_tone
+
+SERVE = """
+import sys
+from werkzeug.serving import make_server
+from billing.ledger import Ledger
+from common.config import load_config
+from provisioner.state import State, connect
+from webapp.app import create_app
+import os
+cfg = load_config(os.environ)
+make_server("127.0.0.1", int(sys.argv[1]), create_app(cfg, State(connect(cfg.redis_url)),
+            ledger=Ledger.open(cfg.database_url)), threaded=True).serve_forever()
+"""
+
+
+def control_plane(port: int, redis_url: str, tmp: Path) -> subprocess.Popen[bytes]:
+    """The webapp (node endpoints included) in its own process, so it can really die."""
+    env = {"PATH": os.environ["PATH"], "REDIS_URL": redis_url, "TICKET_SECRET": SECRET,
+           "MODEL_LOAD_SECONDS": str(LOAD_S), "DATABASE_URL": f"sqlite:///{tmp / 'b.sqlite'}"}
+    proc = procs.spawn([sys.executable, "-c", SERVE, str(port)], env=env,
+                       log=tmp / "control-plane.log")
+    wait_for(lambda: _up(port), 30, "the control plane to listen")
+    return proc
+
+
+def _up(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+def stream_for(ws, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    chunk = harmonic_tone(150.0, 16000, 0.02).astype("<i2").tobytes()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        ws.send(chunk)
+        assert len(ws.receive(timeout=5)) == len(chunk)
+        time.sleep(0.015)
+
+
+def test_streams_outlive_the_control_plane_and_usage_arrives_later(
+        cfg: Config, state: State, redis_url: str, tmp_path: Path) -> None:
+    port = procs.free_port()
+    web = control_plane(port, redis_url, tmp_path)
+    fleet = Fleet(cfg, state, tmp_path, f"http://127.0.0.1:{port}")
+    try:
+        node_id, token = fleet.enroll("miku")
+        node = fleet.join(token, node_id, "--orphan-s", "1")
+        fleet.wait_state(node_id, "ready")
+        ws = start_stream({"node_url": fleet.url(node_id), "ticket": ticket_for(node_id,
+                                                                                 node_id)})
+        stream_for(ws, 0.5)
+        procs.stop([web])                   # the control plane dies (its hub's sockets too)
+        stream_for(ws, 3.0)                 # well past --orphan-s: the stream goes on
+        ws.send(json.dumps({"type": "stop"}))
+        assert closed_code(ws)[0] == 1000
+        time.sleep(1.5)
+        assert node.poll() is None          # streaming, then owing usage: it stays
+        assert _counted(state, node_id) < 1.5   # what it streamed since is not known yet
+
+        web = control_plane(port, redis_url, tmp_path)   # back: the ledger is delivered
+        wait_for(lambda: _counted(state, node_id) >= 3.4, 20,
+                 "the node to deliver the usage streamed while the control plane was away")
+        assert _counted(state, node_id) <= 3.5 + 1.0   # each second once: no double count
+    finally:
+        procs.stop(fleet.procs)
+        procs.stop([web])
+
+
+def _counted(state: State, node_id: str) -> float:
+    """Seconds in the live usage counters of this node, over the last few minutes."""
+    now = int(time.time() // 60) * 60
+    return sum(secs for m in range(now - 300, now + 60, 60)
+               for f, secs in state.usage_counters(m).items() if f"|{node_id}|" in f)
