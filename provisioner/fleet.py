@@ -51,10 +51,9 @@ NodeEndHook = Callable[[NodeEnd], None]
 
 def candidates_for(cfg: Config, model: Model, home: str, records: list[NodeRecord],
                    now: float) -> list[str]:
-    """Nodes that may serve the queue of (model, home): alive, not retired, in placement's
-    order (see placement.candidates)."""
-    usable = [n.view() for n in records
-              if not n.retired and n.alive(now, cfg.heartbeat_timeout_s)]
+    """Nodes that may serve the queue of (model, home): alive, not retired nor reported
+    lost, in placement's order (see placement.candidates)."""
+    usable = [n.view() for n in records if n.placeable(now, cfg.heartbeat_timeout_s)]
     return candidates(cfg, model.name, model.version, home, usable)
 
 
@@ -66,7 +65,8 @@ def boot_order(state: State, cfg: Config, home: str, now: float) -> list[Region]
 def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[NodeRecord]]:
     """The policy's view (built by inputs.policy_inputs, as the simulator builds it): live
     nodes in the pool of the queue each serves (its home), idle time tracked here, and
-    demand per live pool."""
+    demand per live pool. Retired nodes, and nodes a client reported lost (their users
+    wait in the queue again), are nobody's capacity: a resuming user is demand at once."""
     records = [n for n in state.nodes() if n.alive(now, cfg.heartbeat_timeout_s)]
     nodes = [NodeSnap(id=n.id, model=n.model, version=n.version, region=n.home,
                       provider=n.provider, state=n.state, sessions=n.sessions,
@@ -80,7 +80,7 @@ def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[Node
     waiting = {keys[p]: n for p, n in state.queue_lengths().items() if p in keys}
     arrivals = {keys[p]: a for p, a in state.arrivals(pools).items()}
     snap = policy_inputs(nodes, keys.values(), waiting, arrivals, now, cfg.arrival_tau_s,
-                         retired={n.id for n in records if n.retired})
+                         retired={n.id for n in records if n.retired or n.reported_lost})
     return snap, records
 
 

@@ -131,7 +131,9 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         known = ", ".join(sorted(view.models))
         raise Refused("unknown_model", f"unknown model {req.model[:64]!r}; available: {known}")
     home = home_region(cfg, req.lat, req.lon, only=req.region, avoid=view.down)
-    session_id = _session_id(state, req)
+    session_id, lost_node = _session_id(state, req)
+    if lost_node:   # the client lost it: its slots stop counting as room, for everyone
+        state.report_lost(lost_node, now)
     pool = pool_id(model.name, model.version, home.name)
     got = state.admit(req.user, session_id, model.name, model.version, home.name, now,
                       candidates_for(cfg, model, home.name, view.records, now),
@@ -208,9 +210,9 @@ def _node(state: State, fleet: FleetCache, node_id: str) -> NodeRecord:
 
 def candidates_for(cfg: Config, model: Model, home: str, records: list[NodeRecord],
                    now: float) -> list[str]:
-    """Nodes alive and not retired that may serve (model, home), in claim order."""
-    usable = [n.view() for n in records
-              if not n.retired and n.alive(now, cfg.heartbeat_timeout_s)]
+    """Nodes alive, not retired nor reported lost that may serve (model, home), in claim
+    order."""
+    usable = [n.view() for n in records if n.placeable(now, cfg.heartbeat_timeout_s)]
     return candidates(cfg, model.name, model.version, home, usable)
 
 
@@ -232,14 +234,15 @@ def _note(cfg: Config, home: str, constrained: dict[str, str]) -> dict[str, str]
                     "within reach, which may take longer"}
 
 
-def _session_id(state: State, req: LobbyRequest) -> str:
+def _session_id(state: State, req: LobbyRequest) -> tuple[str, str | None]:
+    """A new session id, or the resumed one and the node the client lost it on."""
     if req.resume is None:
-        return f"s-{uuid.uuid4().hex[:16]}"
+        return f"s-{uuid.uuid4().hex[:16]}", None
     previous = state.session(req.resume)
     if previous.get("user") != req.user:
         raise Refused("bad_request", f"session {req.resume!r} is not a session of user "
                       f"{req.user!r}; start a new one without resume")
-    return req.resume
+    return req.resume, previous.get("node") or None
 
 
 def _locked(state: State, cfg: Config, req: LobbyRequest, session_id: str,

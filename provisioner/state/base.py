@@ -25,3 +25,4 @@ class StateBase:
         self._abandon = r.register_script(scripts.ABANDON)
         self._land = r.register_script(scripts.LAND)
         self._beat = r.register_script(scripts.BEAT)
+        self._report_lost = r.register_script(scripts.REPORT_LOST)
