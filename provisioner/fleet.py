@@ -245,10 +245,11 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
             log.warning("region %s lost all its nodes: avoided for %.0f s", region,
                         REGION_COOLOFF_S)
             state.mark_region_down(region, now + REGION_COOLOFF_S)
+            state.wake_lobbies()   # its waiting users move to the nearest healthy region
     for rec in records:
         if rec.id in dead:
             continue
-        if rec.state is NodeState.READY:
+        if rec.state is NodeState.READY and not rec.reported_lost:
             state.mark_region_up(rec.region)   # a node serves there again: recovered
         elif rec.drain_deadline is not None and (
                 rec.sessions == 0 or now > rec.drain_deadline + cfg.heartbeat_timeout_s):

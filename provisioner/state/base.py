@@ -26,3 +26,4 @@ class StateBase:
         self._land = r.register_script(scripts.LAND)
         self._beat = r.register_script(scripts.BEAT)
         self._report_lost = r.register_script(scripts.REPORT_LOST)
+        self._move_waiting = r.register_script(scripts.MOVE_WAITING)
