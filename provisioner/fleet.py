@@ -239,17 +239,15 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
         if not rec.alive(now, cfg.heartbeat_timeout_s):
             stop(state, cfg, rec, now, "dead: no heartbeat", on_end)
             dead.append(rec.id)
-    for region in {r.region for r in records if r.id in dead}:
-        if not any(r.region == region and r.id not in dead and r.state.serving
-                   for r in records):   # nothing left serving there: an outage
-            log.warning("region %s lost all its nodes: avoided for %.0f s", region,
-                        REGION_COOLOFF_S)
-            state.mark_region_down(region, now + REGION_COOLOFF_S)
-            state.wake_lobbies()   # its waiting users move to the nearest healthy region
+    for region in outages(cfg, records, dead, now):
+        log.warning("region %s lost all its nodes: avoided for %.0f s", region,
+                    REGION_COOLOFF_S)
+        state.mark_region_down(region, now + REGION_COOLOFF_S)
+        state.wake_lobbies()   # its waiting users move to the nearest healthy region
     for rec in records:
         if rec.id in dead:
             continue
-        if rec.state is NodeState.READY and not rec.reported_lost:
+        if rec.state is NodeState.READY and _answering(cfg, rec, now):
             state.mark_region_up(rec.region)   # a node serves there again: recovered
         elif rec.drain_deadline is not None and (
                 rec.sessions == 0 or now > rec.drain_deadline + cfg.heartbeat_timeout_s):
@@ -258,6 +256,26 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
             stop(state, cfg, rec, now, "drained", on_end)
     sweep(state, cfg)
     return dead
+
+
+def outages(cfg: Config, records: list[NodeRecord], dead: list[str], now: float) -> set[str]:
+    """Regions where `dead` leaves no serving node and two or more went at once: an outage.
+    One node dying alone is a crash (its users resume, a node boots there again); a region
+    whose provider is really down shows it when that boot fails (`poll`). A node that missed
+    its last beat or that a client reported lost counts as gone: the nodes of a region that
+    failed at once time out up to a beat apart, across two reaps."""
+    out = set()
+    for region in {r.region for r in records if r.id in dead}:
+        serving = [r for r in records if r.region == region and r.state.serving]
+        gone = [r for r in serving if r.id in dead or not _answering(cfg, r, now)]
+        if len(serving) >= 2 and len(gone) == len(serving):
+            out.add(region)
+    return out
+
+
+def _answering(cfg: Config, rec: NodeRecord, now: float) -> bool:
+    """Beat within the last one and a half intervals, and no client reported it lost since."""
+    return not rec.reported_lost and rec.last_seen >= now - 1.5 * cfg.heartbeat_interval_s
 
 
 def sweep(state: State, cfg: Config) -> list[str]:

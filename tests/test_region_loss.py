@@ -15,6 +15,10 @@ from typing import Any
 from conftest import ControlPlane, Fleet, Webapp, lobby, start_stream
 from simple_websocket import Client
 
+from common.config import Config
+from provisioner import fleet as fleet_ops
+from provisioner.state import State
+
 SF = "lat=37.8&lon=-122.4"   # us-west; us-east is beyond the 60 ms latency budget
 
 
@@ -91,3 +95,20 @@ def test_region_outage_moves_users_and_the_scaler_stays_out(control_plane: Contr
     status = {r["name"]: r["state"] for r in json.loads(
         urllib.request.urlopen(f"{cp.base_url}/api/regions", timeout=5).read())}
     assert status["us-west"] == "down" and status["us-east"] == "up"
+
+
+def test_nodes_lost_together_are_an_outage_one_alone_a_crash(state: State, cfg: Config) -> None:
+    """The reaper marks a region down only when two or more serving nodes went at once: a
+    single crash is replaced in place (its users, even those who named the region, get a
+    node there again) instead of sending everyone away for a minute."""
+    now = time.time()
+    for node_id, region, seen in [("w1", "us-west", now - 10), ("w2", "us-west", now - 4),
+                                  ("e1", "us-east", now - 10), ("e2", "us-east", now),
+                                  ("x1", "eu-west", now - 10)]:
+        state.heartbeat({"id": node_id, "provider": "local", "region": region,
+                         "model": "miku", "version": "1", "state": "ready", "capacity": 4,
+                         "url": "ws://127.0.0.1:1/ws"}, seen)
+    ended: list[object] = []
+    dead = fleet_ops.reap(state, cfg, now, ended.append)
+    assert sorted(dead) == ["e1", "w1", "x1"]           # w2 only missed one beat
+    assert state.regions_down(now) == {"us-west"}       # w2 fell with w1; e2 lives; x1 alone
