@@ -194,6 +194,7 @@ def poll(state: State, cfg: Config, node_id: str, now: float, on_end: NodeEndHoo
         log.warning("node %s not ready by its deadline: destroying it", node_id)
         stop(state, cfg, rec, now, "boot timeout", on_end)
         state.mark_region_down(rec.region, now + REGION_COOLOFF_S)
+        state.wake_lobbies()   # its waiting users move to the nearest healthy region
         return "gone"
     return "waiting"
 
