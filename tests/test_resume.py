@@ -44,6 +44,7 @@ def test_resume_lands_on_the_warm_spare_within_2_s(webapp: Webapp, fleet: Fleet)
     resumed += [lobby(webapp.ws_url, f"user=r{i}&{q}&resume={first[i]['session_id']}")[-1]
                 for i in (1, 2)]
     took_s = time.monotonic() - t0
+    print(f"three resumes and a newcomer placed {took_s:.2f} s after the crash")
     assert [r.get("node_id") for r in resumed] == [spare] * 3, resumed
     assert [r["session_id"] for r in resumed] == [r["session_id"] for r in first]
     assert newcomer.get("node_id") == spare, newcomer
