@@ -57,7 +57,8 @@ def boot_order(state: State, cfg: Config, home: str, now: float) -> list[Region]
 def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[NodeRecord]]:
     """The policy's view (built by inputs.policy_inputs, as the simulator builds it): live
     nodes in the pool of the queue each serves (its home), idle time tracked here, and
-    demand per live pool."""
+    demand per live pool. Retired nodes, and nodes a client reported lost (their users
+    wait in the queue again), are nobody's capacity: a resuming user is demand at once."""
     records = [n for n in state.nodes() if n.alive(now, cfg.heartbeat_timeout_s)]
     nodes = [NodeSnap(id=n.id, model=n.model, version=n.version, region=n.home,
                       provider=n.provider, state=n.state, sessions=n.sessions,
@@ -71,7 +72,7 @@ def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[Node
     waiting = {keys[p]: n for p, n in state.queue_lengths().items() if p in keys}
     arrivals = {keys[p]: a for p, a in state.arrivals(pools).items()}
     snap = policy_inputs(nodes, keys.values(), waiting, arrivals, now, cfg.arrival_tau_s,
-                         retired={n.id for n in records if n.retired})
+                         retired={n.id for n in records if n.retired or n.reported_lost})
     return snap, records
 
 
@@ -185,6 +186,7 @@ def poll(state: State, cfg: Config, node_id: str, now: float, on_end: NodeEndHoo
         log.warning("node %s not ready by its deadline: destroying it", node_id)
         stop(state, cfg, rec, now, "boot timeout", on_end)
         state.mark_region_down(rec.region, now + REGION_COOLOFF_S)
+        state.wake_lobbies()   # its waiting users move to the nearest healthy region
         return "gone"
     return "waiting"
 
@@ -234,16 +236,15 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
             except clouds.PROVIDER_ERRORS as e:
                 log.warning("dead node %s not stopped yet (%s); the next tick retries",
                             rec.id, e)
-    for region in {r.region for r in records if r.id in dead}:
-        if not any(r.region == region and r.id not in dead and r.state.serving
-                   for r in records):   # nothing left serving there: an outage
-            log.warning("region %s lost all its nodes: avoided for %.0f s", region,
-                        REGION_COOLOFF_S)
-            state.mark_region_down(region, now + REGION_COOLOFF_S)
+    for region in outages(cfg, records, dead, now):
+        log.warning("region %s lost all its nodes: avoided for %.0f s", region,
+                    REGION_COOLOFF_S)
+        state.mark_region_down(region, now + REGION_COOLOFF_S)
+        state.wake_lobbies()   # its waiting users move to the nearest healthy region
     for rec in records:
         if rec.id in dead:
             continue
-        if rec.state is NodeState.READY:
+        if rec.state is NodeState.READY and _answering(cfg, rec, now):
             state.mark_region_up(rec.region)   # a node serves there again: recovered
         elif rec.drain_deadline is not None and (
                 rec.sessions == 0 or now > rec.drain_deadline + cfg.heartbeat_timeout_s):
@@ -259,6 +260,26 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
     except clouds.PROVIDER_ERRORS as e:
         log.warning("orphan sweep failed (%s); the next tick retries", e)
     return dead
+
+
+def outages(cfg: Config, records: list[NodeRecord], dead: list[str], now: float) -> set[str]:
+    """Regions where `dead` leaves no serving node and two or more went at once: an outage.
+    One node dying alone is a crash (its users resume, a node boots there again); a region
+    whose provider is really down shows it when that boot fails (`poll`). A node that missed
+    its last beat or that a client reported lost counts as gone: the nodes of a region that
+    failed at once time out up to a beat apart, across two reaps."""
+    out = set()
+    for region in {r.region for r in records if r.id in dead}:
+        serving = [r for r in records if r.region == region and r.state.serving]
+        gone = [r for r in serving if r.id in dead or not _answering(cfg, r, now)]
+        if len(serving) >= 2 and len(gone) == len(serving):
+            out.add(region)
+    return out
+
+
+def _answering(cfg: Config, rec: NodeRecord, now: float) -> bool:
+    """Beat within the last one and a half intervals, and no client reported it lost since."""
+    return not rec.reported_lost and rec.last_seen >= now - 1.5 * cfg.heartbeat_interval_s
 
 
 def sweep(state: State, cfg: Config) -> list[str]:

@@ -284,8 +284,9 @@ def notify(cfg: Config, rec: NodeRecord, payload: Mapping[str, Any],
 
 
 def kick(cfg: Config, rec: NodeRecord, session_id: str) -> None:
-    """Close a stream now: its user took it over elsewhere."""
-    notify(cfg, rec, {"kick": [session_id]})
+    """Close a stream now (its user took it over, or resumed it, elsewhere) and heartbeat at
+    once: a live node that a resuming client reported lost is placeable again at once."""
+    notify(cfg, rec, {"kick": [session_id], "wake": True})
 
 
 def wake(cfg: Config, rec: NodeRecord) -> None:

@@ -109,20 +109,17 @@ class Record(Protocol):
     @property
     def model(self) -> str: ...
 
-    @property
-    def retired(self) -> bool: ...
-
-    def alive(self, now: float, timeout_s: float) -> bool: ...
+    def placeable(self, now: float, timeout_s: float) -> bool: ...
 
     def view(self) -> NodeView: ...
 
 
 def candidates_for(cfg: Config, model: Model, home: str, records: Sequence[Record],
                    now: float) -> list[str]:
-    """Nodes that may serve the queue of (model, home): alive, not retired, in placement's
-    order (see placement.candidates)."""
-    usable = [n.view() for n in records if n.model == model.name
-              and not n.retired and n.alive(now, cfg.heartbeat_timeout_s)]
+    """Nodes that may serve the queue of (model, home): alive, not retired nor reported
+    lost, in placement's order (see placement.candidates)."""
+    usable = [n.view() for n in records
+              if n.model == model.name and n.placeable(now, cfg.heartbeat_timeout_s)]
     return candidates(cfg, model.name, model.version, home, usable)
 
 
@@ -141,14 +138,14 @@ def boot_regions(cfg: Config, home: str, refused: frozenset[str] = frozenset(),
                  down: frozenset[str] = frozenset()) -> list[Region]:
     """Where to boot a node for `home`'s queue, best first: regions within the latency
     budget whose provider we can boot, cheapest first (price, then billing increment, then
-    boot time, then RTT). Regions whose provider refused for capacity are left out; regions
-    down (their nodes all died) come last: tried only when nothing else is within reach."""
+    boot time, then RTT). Regions whose provider refused for capacity, and regions down (an
+    outage: their nodes all died or failed to boot), are left out until they recover: none
+    may be left, and the queue's users are re-placed elsewhere or wait (the lobby)."""
     near = near_regions(cfg, home)
     fit = [r for r in cfg.regions if r.name in near and r.name not in refused
-           and cfg.provider(r.provider).bootable]
+           and r.name not in down and cfg.provider(r.provider).bootable]
 
     def cost(r: Region) -> tuple[object, ...]:
         p = cfg.provider(r.provider)
-        return (r.name in down, p.price_per_hour, p.billing_increment_s, p.boot_s,
-                near[r.name], r.name)
+        return (p.price_per_hour, p.billing_increment_s, p.boot_s, near[r.name], r.name)
     return sorted(fit, key=cost)

@@ -24,6 +24,7 @@ from billing.ledger import Ledger, day_totals
 from common.config import NAME_RE, Config, load_config
 from common.errors import VoiceError
 from provisioner import clouds, tasks
+from provisioner.fleet import REGION_COOLOFF_S
 from provisioner.state import State, connect
 from voicectl import procs
 from webapp.app import before_serving, create_app
@@ -300,7 +301,16 @@ def cmd_kill_region(args: argparse.Namespace, cfg: Config) -> int:
     state = State(connect(_redis_url(cfg)))
     ids = [n.id for n in state.nodes() if n.region == args.region]
     vm_ids = {vm["name"] for vm in state.vms()}
-    return _kill(cfg, [i for i in ids if i in vm_ids], args.json)
+    killed = [i for i in ids if i in vm_ids]
+    rc = _kill(cfg, killed, args.json)
+    # An outage, as a provider would report it: placement, waiting lobbies and the
+    # autoscaler avoid the region until the cool-off ends or a new node serves there.
+    now = time.time()
+    state.mark_region_down(args.region, now + REGION_COOLOFF_S)
+    for node_id in killed:
+        state.report_lost(node_id, now)
+    state.wake_lobbies()
+    return rc
 
 
 def cmd_byo_token(args: argparse.Namespace, cfg: Config) -> int:

@@ -3,7 +3,8 @@
 Every request takes the user's single-stream lock, joins the FIFO queue of its pool (model,
 live version, nearest region) and runs the atomic assign script; a user with room on a ready
 node is therefore placed at once, and one without sees `queued` / `booting` with a position
-and an ETA from the real boot and load progress of the node that will take them.
+and an ETA from the real boot and load progress of the node that will take them. A waiting
+user whose region goes down moves to the nearest healthy region's queue, and is told.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import redis
 from flask_sock import ConnectionClosed
 
 from common import wsclose
-from common.config import Config, Model
+from common.config import Config, Model, Region
 from common.tickets import Ticket, node_key, sign
 from provisioner import membership
 from provisioner.catalog import live_model, live_models
@@ -157,7 +158,9 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         known = ", ".join(sorted(view.models))
         raise Refused("unknown_model", f"unknown model {req.model[:64]!r}; available: {known}")
     home = home_region(cfg, req.lat, req.lon, only=req.region, avoid=view.down)
-    session_id = _session_id(state, req)
+    session_id, lost_node = _session_id(state, req)
+    if lost_node:   # the client lost it: its slots stop counting as room, for everyone
+        state.report_lost(lost_node, now)
     pool = pool_id(model.name, model.version, home.name)
     got = state.admit(req.user, session_id, model.name, model.version, home.name, now,
                       candidates_for(cfg, model, home.name, view.records(model.name), now),
@@ -166,7 +169,8 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                       hold_s=cfg.ticket_ttl_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s)
     fence = _locked(state, cfg, req, session_id, got)
     if isinstance(got, Admitted) and got.node is not None:      # room at once
-        _ready(ws, state, cfg, req, session_id, fence, _node(state, got.node), now)
+        _ready(ws, state, cfg, req, session_id, fence, _node(state, got.node), now,
+               _down_note(cfg, req, home.name, view.down))
         return
     waiter = Waiter(req.user, session_id, fence, pool, model, home.name,
                     position=got.position if isinstance(got, Admitted) else 1)
@@ -183,20 +187,26 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
             if waiter.lost:
                 raise Refused("already_streaming", "this session was taken over from "
                               "another tab or device")
+            view = room.view or fleet.get()   # the room's last read: no Redis per lobby
             if waiter.node_id is not None:
                 _ready(ws, state, cfg, req, session_id, fence,
-                       _node(state, waiter.node_id), now)
+                       _node(state, waiter.node_id), now,
+                       _down_note(cfg, req, home.name, view.down))
                 placed = True
                 return
-            view = room.view or fleet.get()   # the room's last read: no Redis per lobby
+            moved = _leave_down_region(state, cfg, req, waiter, home, view.down)
+            if moved is not home:   # wait in the nearest healthy region instead
+                home, pool, looked = moved, waiter.pool, (0, 0, 0)
+                room.poke()
+                kick_scaler()
             seen = (id(view), waiter.position, int(now))
             if seen != looked:   # the ETA moves with the clock: recompute once a second
                 looked = seen
                 eta = _eta_s(cfg, model, home.name, view.records(model.name), waiter.position,
                              now)
-                note = _note(cfg, home.name, view.constrained)
-                msg = (("booting", round(eta * 2) / 2, note) if eta is not None
-                       else ("queued", waiter.position, note))
+                note = _note(cfg, req, home.name, view)
+                msg = (("booting", round(eta * 2) / 2, home.name, note) if eta is not None
+                       else ("queued", waiter.position, home.name, note))
             if msg != last:
                 last = msg
                 if eta is not None:
@@ -230,32 +240,74 @@ def _node(state: State, node_id: str) -> NodeRecord:
     return node
 
 
-def _note(cfg: Config, home: str, constrained: dict[str, str]) -> dict[str, str]:
+def _leave_down_region(state: State, cfg: Config, req: LobbyRequest, waiter: Waiter,
+                       home: Region, down: frozenset[str]) -> Region:
+    """A waiting user whose region went down joins the queue of the nearest healthy region,
+    keeping its turn; `home` itself if the user named it, none is healthy, or a node was
+    given meanwhile."""
+    if req.region is not None or home.name not in down:
+        return home
+    to = home_region(cfg, req.lat, req.lon, avoid=down)
+    pool = pool_id(waiter.model.name, waiter.model.version, to.name)
+    if to.name in down or not state.move_waiting(waiter.session_id, waiter.pool, pool):
+        return home
+    log.info("session %s leaves down region %s for %s", waiter.session_id, home.name, to.name)
+    waiter.pool, waiter.home = pool, to.name
+    return to
+
+
+def _note(cfg: Config, req: LobbyRequest, home: str, view: FleetView) -> dict[str, str]:
+    """What a waiting user should know about regions: outages and refusals near them."""
+    notes = [n for n in (_down_note(cfg, req, home, view.down),
+                         _constrained_note(cfg, home, view.constrained)) if n]
+    return {"note": " ".join(notes)} if notes else {}
+
+
+def _down_note(cfg: Config, req: LobbyRequest, home: str, down: frozenset[str]) -> str | None:
+    """Tell the user when the region nearest them, or the one they named, is down."""
+    if req.region is not None:
+        if req.region not in down:
+            return None
+        others = [f"{r.name} ({rtt:.0f} ms)"
+                  for r, rtt in rank_regions(cfg.regions, req.lat, req.lon) if r.name not in down]
+        return (f"region {req.region} is down (an outage): you keep your place and get a node "
+                "there when it recovers" + (f"; or leave and choose another region: "
+                                            f"{', '.join(others[:3])}" if others else ""))
+    nearest = home_region(cfg, req.lat, req.lon)
+    region = cfg.region(home)
+    if nearest.name not in down or nearest.name == home or region is None:
+        return None
+    rtt = rank_regions([region], req.lat, req.lon)[0][1]
+    return (f"region {nearest.name} is down (an outage): you are placed in {home} instead, "
+            f"about {rtt:.0f} ms away")
+
+
+def _constrained_note(cfg: Config, home: str, constrained: dict[str, str]) -> str | None:
     """Tell waiting users when a provider near them refused to boot nodes."""
     region = cfg.region(home)
     if region is None or not constrained:
-        return {}
+        return None
     near = [r for r, _ in rank_regions(cfg.regions, region.lat, region.lon)
             if r.name in constrained]
     if not near:
-        return {}
+        return None
     names = ", ".join(r.name for r in near[:3])
     if not boot_regions(cfg, home, frozenset(constrained)):
-        return {"note": f"out of GPU capacity in {names}, and no other region within reach "
-                        "can boot one: you keep your place and get the first slot that frees "
-                        "up"}
-    return {"note": f"out of GPU capacity in {names}: booting in the next cheapest region "
-                    "within reach, which may take longer"}
+        return (f"out of GPU capacity in {names}, and no other region within reach can boot "
+                "one: you keep your place and get the first slot that frees up")
+    return (f"out of GPU capacity in {names}: booting in the next cheapest region within "
+            "reach, which may take longer")
 
 
-def _session_id(state: State, req: LobbyRequest) -> str:
+def _session_id(state: State, req: LobbyRequest) -> tuple[str, str | None]:
+    """A new session id, or the resumed one and the node the client lost it on."""
     if req.resume is None:
-        return f"s-{uuid.uuid4().hex[:16]}"
+        return f"s-{uuid.uuid4().hex[:16]}", None
     previous = state.session(req.resume)
     if previous.get("user") != req.user:
         raise Refused("bad_request", f"session {req.resume!r} is not a session of user "
                       f"{req.user!r}; start a new one without resume")
-    return req.resume
+    return req.resume, previous.get("node") or None
 
 
 def _locked(state: State, cfg: Config, req: LobbyRequest, session_id: str,
@@ -293,7 +345,8 @@ def _eta_s(cfg: Config, model: Model, region: str, records: list[NodeRecord], po
 
 
 def _ready(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
-           session_id: str, fence: int, node: NodeRecord, now: float) -> None:
+           session_id: str, fence: int, node: NodeRecord, now: float,
+           note: str | None = None) -> None:
     state.save_session(session_id, {"user": req.user, "model": node.model,
                                     "version": node.version, "region": node.region,
                                     "node": node.id, "fence": fence, "created_at": now},
@@ -304,7 +357,8 @@ def _ready(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-
     region = cfg.region(node.region)
     rtt = rank_regions([region], req.lat, req.lon)[0][1] if region else 0.0
     send(ws, type="ready", session_id=session_id, node_url=node.url, ticket=ticket,
-         region=node.region, node_id=node.id, rtt_ms=round(rtt, 1))
+         region=node.region, node_id=node.id, rtt_ms=round(rtt, 1),
+         **({"note": note} if note else {}))
     wsclose.close(ws, 1000, "ready")
 
 

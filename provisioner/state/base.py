@@ -27,3 +27,5 @@ class StateBase:
         self._beat = r.register_script(scripts.BEAT)
         self._fleet = r.register_script(scripts.FLEET)
         self._renew = r.register_script(scripts.RENEW)
+        self._report_lost = r.register_script(scripts.REPORT_LOST)
+        self._move_waiting = r.register_script(scripts.MOVE_WAITING)

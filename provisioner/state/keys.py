@@ -12,6 +12,8 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
                                      plane until the node heartbeats, then reported by the node.
                                      Orders the node never writes: drain_deadline (old version:
                                      no new sessions), retired (being stopped), retarget.
+                                     `lost_at`: a client reported its stream there lost (a
+                                     resume); no placement while last_seen < lost_at.
     vc:node:{id}:slots        ZSET   session id -> reservation expiry; +inf once the stream is
                                      live on the node. ZCARD = slots taken (never > capacity).
     vc:session:{sid}          HASH   user model version region node fence created_at

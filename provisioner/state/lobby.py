@@ -92,6 +92,17 @@ class Lobby(StateBase):
         return Admitted(Taken(int(res[1]), res[2] or None, res[3] or None), res[4] or None,
                         int(res[5]))
 
+    def report_lost(self, node_id: str, now: float) -> bool:
+        """A client lost its stream on this node (a resume): nobody is placed there until
+        it heartbeats after `now` (report_lost.lua). False if it beat since, or is gone."""
+        return bool(self._report_lost(keys=[node_key(node_id)], args=[now]))
+
+    def move_waiting(self, session_id: str, old_pool: str, new_pool: str) -> bool:
+        """Move a waiting session to another pool's queue, keeping its turn; False if it
+        was given a node meanwhile (or is not waiting)."""
+        return bool(self._move_waiting(keys=[queue_key(old_pool), queue_key(new_pool), QUEUES,
+                                             ASSIGNED], args=[session_id, new_pool]))
+
     def abandon(self, pool: str, session_id: str) -> None:
         """A waiting lobby left: leave the queue, give back a node it was just handed."""
         node_id = self._abandon(keys=[queue_key(pool), ASSIGNED], args=[session_id])

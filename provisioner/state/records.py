@@ -62,6 +62,7 @@ class NodeRecord:
     ready_at: float | None
     idle_since: float | None
     home: str = ""           # the region whose queue it was booted for (policy's pool)
+    lost_at: float | None = None   # a client reported its stream here lost (a resume)
 
     def view(self) -> NodeView:
         return NodeView(self.id, self.region, self.model, self.version, self.state,
@@ -72,6 +73,16 @@ class NodeRecord:
         if self.state in (NodeState.REQUESTED, NodeState.BOOTING) and self.last_seen == 0:
             return now <= self.deadline
         return self.last_seen >= now - timeout_s
+
+    @property
+    def reported_lost(self) -> bool:
+        """A client reported its stream here lost and the node has not heartbeated since:
+        no room here for anyone (fn_has_room.lua agrees), nobody's capacity to the scaler."""
+        return self.lost_at is not None and self.lost_at > self.last_seen
+
+    def placeable(self, now: float, timeout_s: float) -> bool:
+        """May be offered to the assign scripts: alive, not retired, not reported lost."""
+        return not self.retired and not self.reported_lost and self.alive(now, timeout_s)
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,7 @@ def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
         drain_deadline=float(drain) if drain else None, retired=bool(h.get("retired")),
         semitones=_float(h, "semitones"), ready_at=_float(h, "ready_at") or None,
         idle_since=_float(h, "idle_since") or None,
-        home=h.get("home") or h.get("region", ""))
+        home=h.get("home") or h.get("region", ""), lost_at=_float(h, "lost_at") or None)
 
 
 
@@ -147,7 +158,7 @@ def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
 ROW_FIELDS = ("id", "provider", "region", "model", "version", "state", "progress", "url",
               "capacity", "started_at", "requested_at", "deadline", "last_seen",
               "price_per_hour", "eta_ready", "drain_deadline", "retired", "semitones",
-              "ready_at", "idle_since", "home")
+              "ready_at", "idle_since", "home", "lost_at")
 
 
 def row_record(row: str) -> NodeRecord:

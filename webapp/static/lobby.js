@@ -62,16 +62,19 @@ export function closeLobby() {
   if (ws) ws.close(1000);
 }
 
+// What the server says about regions (an outage, a provider out of capacity).
+const note = (m) => (m.note ? ` (${m.note})` : "");
+
 function onLobbyMessage(m) {
   if (m.session_id) state.session.id = m.session_id;
   switch (m.type) {
     case "queued":
       hideBoot();
-      setStatus(`Queued: #${m.position} in line for ${ui.model.value} in ${m.region}. Waiting for a free slot…`, "busy", "queued");
+      setStatus(`Queued: #${m.position} in line for ${ui.model.value} in ${m.region}. Waiting for a free slot…${note(m)}`, "busy", "queued");
       break;
     case "booting":
       showBoot(m.eta_s);
-      setStatus(`Starting a voice node for you in ${m.region}…`, "busy", "booting");
+      setStatus(`Starting a voice node for you in ${m.region}…${note(m)}`, "busy", "booting");
       break;
     case "ready":
       clearTimeout(state.retryTimer);
