@@ -236,6 +236,7 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
             except clouds.PROVIDER_ERRORS as e:
                 log.warning("dead node %s not stopped yet (%s); the next tick retries",
                             rec.id, e)
+    down = state.regions_down_until(now)
     for region in outages(cfg, records, dead, now):
         log.warning("region %s lost all its nodes: avoided for %.0f s", region,
                     REGION_COOLOFF_S)
@@ -244,8 +245,11 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
     for rec in records:
         if rec.id in dead:
             continue
-        if rec.state is NodeState.READY and _answering(cfg, rec, now):
-            state.mark_region_up(rec.region)   # a node serves there again: recovered
+        if rec.state is NodeState.READY and _answering(cfg, rec, now) and (
+                (rec.ready_at or 0.0) > down.get(rec.region, 0.0) - REGION_COOLOFF_S):
+            # a node that turned ready since the outage serves there: recovered (one of
+            # those lost in it may beat a last time while it goes)
+            state.mark_region_up(rec.region)
         elif rec.drain_deadline is not None and (
                 rec.sessions == 0 or now > rec.drain_deadline + cfg.heartbeat_timeout_s):
             if rec.sessions == 0 and not state.retire(rec.id, now):

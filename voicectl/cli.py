@@ -302,11 +302,12 @@ def cmd_kill_region(args: argparse.Namespace, cfg: Config) -> int:
     ids = [n.id for n in state.nodes() if n.region == args.region]
     vm_ids = {vm["name"] for vm in state.vms()}
     killed = [i for i in ids if i in vm_ids]
-    rc = _kill(cfg, killed, args.json)
     # An outage, as a provider would report it: placement, waiting lobbies and the
     # autoscaler avoid the region until the cool-off ends or a new node serves there.
+    # Marked first: while its machines die, the scaler must not boot replacements there.
+    state.mark_region_down(args.region, time.time() + REGION_COOLOFF_S)
+    rc = _kill(cfg, killed, args.json)
     now = time.time()
-    state.mark_region_down(args.region, now + REGION_COOLOFF_S)
     for node_id in killed:
         state.report_lost(node_id, now)
     state.wake_lobbies()

@@ -88,6 +88,7 @@ class BeatHub:
         self._start_lock = threading.Lock()
         self._batch: list[tuple[Beater, str]] = []   # reports read, not answered yet
         self._batch_at = 0.0                         # when the first of them came
+        self._batch_wall = 0.0                       # the same, on the wall clock
 
     def adopt(self, ws: Any, node_id: str, credential: str) -> Beater:
         """Take the socket of `ws` (a simple_websocket.Server accepted without a reader
@@ -133,12 +134,13 @@ class BeatHub:
                 self._guard(b, partial(self._flush, b))
             if events & selectors.EVENT_READ and b in self.beaters:
                 if not batch:
-                    self._batch_at = time.monotonic()
+                    self._batch_at, self._batch_wall = time.monotonic(), time.time()
                 self._guard(b, partial(self._read, b, batch))
         if batch and (len(batch) >= MAX_BATCH
                       or time.monotonic() >= self._batch_at + BATCH_S):
             self._batch = []
-            self._answer([(b, text) for b, text in batch if b in self.beaters])
+            self._answer([(b, text) for b, text in batch if b in self.beaters],
+                         self._batch_wall)
         while self._added:
             self._add(self._added.popleft())
         now = time.monotonic()
@@ -204,10 +206,12 @@ class BeatHub:
             if b not in self.beaters:
                 return
 
-    def _answer(self, batch: list[tuple[Beater, str]]) -> None:
-        """Reports in, orders out (as POST /api/nodes/heartbeat), every report read in this
-        turn recorded in one Redis round trip; the beat script checks each credential, so a
-        revoked node stops at its next beat."""
+    def _answer(self, batch: list[tuple[Beater, str]], received: float) -> None:
+        """Reports in, orders out (as POST /api/nodes/heartbeat), every report of the batch
+        recorded in one Redis round trip as seen at `received` (when the first came: never
+        later than a report really arrived, so a beat sent before a node was reported lost
+        cannot clear that report); the beat script checks each credential, so a revoked
+        node stops at its next beat."""
         reports: list[tuple[Beater, dict[str, Any]]] = []
         for b, text in batch:
             try:
@@ -225,7 +229,7 @@ class BeatHub:
         try:
             got = membership.heartbeats(self.state, self.cfg,
                                         [(b.node_id, b.credential, d) for b, d in reports],
-                                        time.time())
+                                        received)
         except redis.RedisError as e:
             log.warning("%d heartbeats not recorded: %s", len(reports), e)
             for b, _ in reports:

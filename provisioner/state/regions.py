@@ -15,6 +15,11 @@ class RegionHealth(StateBase):
     def mark_region_up(self, region: str) -> None:
         self.r.hdel(REGION_DOWN, region)
 
+    def regions_down_until(self, now: float) -> dict[str, float]:
+        """Regions avoided now -> until when."""
+        return {r: float(until) for r, until in self.r.hgetall(REGION_DOWN).items()
+                if float(until) > now}
+
     def regions_down(self, now: float) -> frozenset[str]:
         return frozenset(r for r, until in self.r.hgetall(REGION_DOWN).items()
                          if float(until) > now)
