@@ -16,6 +16,7 @@ from sqlalchemy import Engine, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from billing import schema
 from billing.math import UsageCounter, aggregate, node_cost, utc
 from billing.tables import node_costs, open_db, usage_minutes
 
@@ -37,8 +38,16 @@ class Ledger:
         self.engine = engine
 
     @classmethod
-    def open(cls, url: str) -> Ledger:
-        return cls(open_db(url))
+    def open(cls, url: str, migrate: bool = True) -> Ledger:
+        """`migrate`: bring the schema to the code's revision (local runs, tests); else
+        only check it is there (deployed processes: `voicectl migrate` runs first) and
+        raise SchemaError saying so."""
+        engine = open_db(url)
+        if migrate:
+            schema.upgrade(engine)
+        else:
+            schema.check(engine)
+        return cls(engine)
 
     def _upsert(self, table: Any, rows: Sequence[dict[str, Any]], keys: Sequence[str],
                 update_cols: Sequence[str], conn: Any) -> None:

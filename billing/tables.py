@@ -1,7 +1,8 @@
 """The billing tables (SQLAlchemy Core) and the engine: SQLite by default, PostgreSQL by URL.
 
 Minutes are stored as UTC datetimes without a zone (SQLite keeps none), money as exact
-Numeric. `open_db(url)` creates the schema on first use.
+Numeric. The schema is made and versioned by Alembic (billing/schema.py, billing/migrations):
+a change here needs a new revision in billing/migrations/versions.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ node_costs = Table(
 
 
 def open_db(url: str) -> Engine:
-    """An engine for `url` with the schema created; SQLite gets WAL and a busy timeout."""
+    """An engine for `url` (the schema is billing.schema's); SQLite gets WAL and a busy
+    timeout."""
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"future": True}
     if parsed.get_backend_name() == "sqlite":
@@ -66,5 +68,4 @@ def open_db(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
-    metadata.create_all(engine)
     return engine

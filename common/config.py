@@ -79,6 +79,9 @@ class Config:
     model_load_s: float = 10.0
     crash_rate: float = 0.0
     ticket_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+    admin_token: str = field(default="", repr=False)   # operators' bearer token; "" = none
+    dev_users: bool = False         # VOICE_DEV_USERS=1: any ?user= is taken at its word
+    deployed: bool = False          # started by a deployment entry point (see load_config)
     aws_access_key_id: str = field(default="", repr=False)
     aws_secret_access_key: str = field(default="", repr=False)
     node_capacity: int = 4
@@ -190,16 +193,48 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
     for name in [m.name for m in models] + [r.name for r in regions]:
         if not NAME_RE.match(name):
             raise ConfigError(f"name {name!r} in {source} must be 1-64 of [A-Za-z0-9_.-]")
-    known_settings = {f for f in Config.__dataclass_fields__} - {"regions", "providers", "models"}
+    known_settings = {f for f in Config.__dataclass_fields__} - {"regions", "providers", "models",
+                                                                  "deployed"}
     unknown = set(settings) - known_settings
     if unknown:
         raise ConfigError(f"unknown [settings] keys {sorted(unknown)} in {source}")
     return Config(regions=regions, providers=providers, models=models, **settings)
 
 
-def load_config(environ: Mapping[str, str] | None = None) -> Config:
-    """Read VOICE_CONFIG (or the default file) and apply the environment knobs."""
+# What a deployment must be given, because its processes share it: a value made up per
+# process (a random secret, an embedded Redis, a SQLite file, 127.0.0.1) silently splits them.
+DEPLOYMENT_NEEDS = {
+    "REDIS_URL": "the Redis every webapp, worker and beat shares (redis://HOST:6379/0)",
+    "DATABASE_URL": "the billing database they share "
+                    "(postgresql+psycopg://USER:PASSWORD@HOST/DB)",
+    "TICKET_SECRET": "the HMAC secret that signs tickets and node keys, the same in every "
+                     "process (make one: python3 -c 'import secrets; "
+                     "print(secrets.token_hex(32))')",
+    "VOICE_PUBLIC_URL": "the URL nodes join and heartbeat at (https://voice.example.com)",
+}
+MIN_SECRET_CHARS = 32
+
+
+def _check_deployment(env: Mapping[str, str]) -> None:
+    missing = [k for k in DEPLOYMENT_NEEDS if not env.get(k)]
+    if missing:
+        raise ConfigError("a deployment cannot start without " + "; ".join(
+            f"{k}: {DEPLOYMENT_NEEDS[k]}" for k in missing) + ". Set "
+            f"{' and '.join(missing)} in the environment (`voicectl run` makes local ones)")
+    for key in ("TICKET_SECRET", "VOICE_ADMIN_TOKEN"):
+        if 0 < len(env.get(key, "")) < MIN_SECRET_CHARS:
+            raise ConfigError(f"{key} is {len(env[key])} characters; a deployment needs at "
+                              f"least {MIN_SECRET_CHARS} random ones")
+
+
+def load_config(environ: Mapping[str, str] | None = None, deployed: bool = False) -> Config:
+    """Read VOICE_CONFIG (or the default file) and apply the environment knobs.
+
+    `deployed`: a deployment's entry point (gunicorn's `webapp.wsgi`, the Celery worker and
+    beat) is starting, so every shared value must be given (DEPLOYMENT_NEEDS), not made up."""
     env = os.environ if environ is None else environ
+    if deployed:
+        _check_deployment(env)
     path = Path(env.get("VOICE_CONFIG") or DEFAULT_CONFIG_PATH)
     try:
         doc = tomllib.loads(path.read_text())
@@ -227,4 +262,6 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             changes[key.lower()] = env[key]
     if env.get("TICKET_SECRET"):
         changes["ticket_secret"] = env["TICKET_SECRET"]
-    return replace(cfg, **changes)
+    changes["admin_token"] = env.get("VOICE_ADMIN_TOKEN", "")
+    changes["dev_users"] = env.get("VOICE_DEV_USERS", "") == "1"
+    return replace(cfg, deployed=deployed, **changes)

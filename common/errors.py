@@ -12,3 +12,8 @@ class ConfigError(VoiceError):
 class TicketError(VoiceError):
     """A stream ticket is malformed, forged, expired or meant for another node or model."""
 
+
+
+class SchemaError(VoiceError):
+    """The billing database is not at the schema revision this code needs (run
+    `voicectl migrate`)."""

@@ -72,7 +72,8 @@ class Runtime:
     @property
     def ledger(self) -> Ledger:
         if self._ledger is None:   # lazily: a worker that never bills opens no database
-            self._ledger = Ledger.open(self.cfg.database_url)
+            # Deployed workers only check the schema: `voicectl migrate` ran before them.
+            self._ledger = Ledger.open(self.cfg.database_url, migrate=not self.cfg.deployed)
         return self._ledger
 
     def on_end(self, end: fleet.NodeEnd) -> None:

@@ -75,7 +75,8 @@ def wait_for(what: Any, timeout_s: float = 10.0, msg: str = "") -> Any:
 
 
 def make_config(redis_url: str, **env: str) -> Config:
-    base = {"REDIS_URL": redis_url, "MODEL_LOAD_SECONDS": str(LOAD_S), "TICKET_SECRET": SECRET}
+    base = {"REDIS_URL": redis_url, "MODEL_LOAD_SECONDS": str(LOAD_S), "TICKET_SECRET": SECRET,
+            "VOICE_DEV_USERS": "1"}   # tests name their users with ?user=
     return load_config({**base, **env})
 
 
@@ -95,12 +96,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'billing.sqlite'}"
     url = os.environ["TEST_DATABASE_URL"]
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, text
 
     from billing.tables import metadata
 
     engine = create_engine(url)
     metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()
     return url
 

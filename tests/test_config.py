@@ -60,3 +60,25 @@ def test_ticket_round_trip_and_refusals() -> None:
             verify(token, args[0], node=args[1], now=args[2])
     with pytest.raises(TicketError, match="malformed"):
         verify("nodot", "k", node="n1", now=0)
+
+
+DEPLOYED = {"REDIS_URL": "redis://redis:6379/0", "DATABASE_URL": "postgresql://db/voice",
+            "TICKET_SECRET": "s" * 64, "VOICE_PUBLIC_URL": "https://voice.example.com"}
+
+
+@pytest.mark.parametrize("missing", sorted(DEPLOYED))
+def test_a_deployment_names_each_missing_shared_value(missing: str) -> None:
+    env = {k: v for k, v in DEPLOYED.items() if k != missing}
+    load_config(env)                                   # a local run makes up its own
+    with pytest.raises(ConfigError, match=f"without {missing}: .*Set {missing} in the env"):
+        load_config(env, deployed=True)
+
+
+def test_a_deployment_takes_its_values_and_refuses_short_secrets() -> None:
+    cfg = load_config({**DEPLOYED, "VOICE_ADMIN_TOKEN": "a" * 40}, deployed=True)
+    assert (cfg.deployed, cfg.ticket_secret, cfg.admin_token) == (True, "s" * 64, "a" * 40)
+    assert not cfg.dev_users and load_config({"VOICE_DEV_USERS": "1"}).dev_users
+    assert load_config({}).ticket_secret != load_config({}).ticket_secret   # local: random
+    for key in ("TICKET_SECRET", "VOICE_ADMIN_TOKEN"):
+        with pytest.raises(ConfigError, match=f"{key} is 5 characters"):
+            load_config({**DEPLOYED, key: "short"}, deployed=True)

@@ -20,7 +20,9 @@ from typing import Any
 import redis
 from werkzeug.serving import make_server
 
+from billing import schema
 from billing.ledger import Ledger, day_totals
+from billing.tables import open_db
 from common.config import NAME_RE, Config, load_config
 from common.errors import VoiceError
 from provisioner import clouds, tasks
@@ -68,7 +70,10 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
                 redis_url=cfg.redis_url, public_url=cfg.public_url)
         state = State(connect(cfg.redis_url))
         state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
+        say(f"billing database: {cfg.database_url}")
+        ledger = Ledger.open(cfg.database_url)   # migrated before the worker checks it
         env = {**os.environ, "REDIS_URL": cfg.redis_url, "TICKET_SECRET": cfg.ticket_secret,
+               "DATABASE_URL": cfg.database_url,
                "MODEL_LOAD_SECONDS": str(cfg.model_load_s), "CRASH_RATE": str(cfg.crash_rate),
                "VOICE_PUBLIC_URL": cfg.public_url, "FLOWER_UNAUTHENTICATED_API": "true",
                **dev_env}
@@ -83,8 +88,6 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             celery + ["flower", f"--port={args.flower_port}", f"--address={args.host}"],
             env=env, log=logs / "flower.log"))
         app = tasks.make_celery(cfg)
-        say(f"billing database: {cfg.database_url}")
-        ledger = Ledger.open(cfg.database_url)
         server = make_server(args.host, args.port,
                              create_app(cfg, state, lambda: app.send_task("provisioner.scale"),
                                         ledger), threaded=True)
@@ -290,6 +293,15 @@ def cmd_usage(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace, cfg: Config) -> int:
+    engine = open_db(cfg.database_url)
+    before = schema.upgrade(engine)
+    where = engine.url.render_as_string(hide_password=True)
+    say(f"billing database {where}: schema {before or 'empty'} -> {schema.head()}")
+    engine.dispose()
+    return 0
+
+
 def cmd_kill_node(args: argparse.Namespace, cfg: Config) -> int:
     return _kill(cfg, [args.node_id], args.json)
 
@@ -363,6 +375,9 @@ def parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true")
     fmt.add_argument("--json", action="store_true")
     us.set_defaults(func=cmd_usage)
+    mg = sub.add_parser("migrate", help="bring the billing database (DATABASE_URL) to this "
+                        "code's schema; deployments run it before the webapp starts")
+    mg.set_defaults(func=cmd_migrate)
     sub.add_parser("simulate", help="run the autoscaler over a trace in virtual time "
                    "(see voicectl simulate --help)", add_help=False)
     kn = sub.add_parser("kill-node", help="crash one node (SIGKILL) to test recovery")

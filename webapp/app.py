@@ -8,6 +8,7 @@ scale now (a Celery task in the real stack).
 from __future__ import annotations
 
 import gc
+import hmac
 import secrets
 import time
 from collections.abc import Callable
@@ -45,6 +46,12 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
     def kick() -> None:
         if state.kick_scaler():
             kick_scaler()
+
+    def operator() -> bool:
+        """The request carries the operator token (VOICE_ADMIN_TOKEN; none: no operator)."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        return bool(cfg.admin_token) and scheme == "Bearer" and hmac.compare_digest(
+            token.encode(), cfg.admin_token.encode())
 
     @app.get("/")
     def index() -> Response:
@@ -112,6 +119,11 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
             since = parse_since(request.args.get("since"))
         except BadRequest as e:
             return jsonify({"error": "bad_request", "message": str(e)}), 400
+        if user != request.cookies.get("uid") and not (cfg.dev_users or operator()):
+            return jsonify({"error": "forbidden", "message": (
+                f"the usage of {user!r} is for that user only: ask as that user (the page's "
+                "uid cookie), or as an operator with Authorization: Bearer "
+                "$VOICE_ADMIN_TOKEN")}), 403
         if ledger is None:
             return jsonify({"error": "unavailable",
                             "message": "no billing database is configured"}), 503

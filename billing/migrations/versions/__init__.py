@@ -1,0 +1,1 @@
+"""One revision per file; the newest is the schema billing/tables.py describes."""
