@@ -72,15 +72,20 @@ def test_nodes_models_deploy(webapp: Webapp, fleet: Fleet) -> None:
     assert missing.returncode == 2 and "voicectl run" in missing.stderr
 
 
-def test_run_serves_the_page_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> None:
+def start_run(tmp_path: Path) -> tuple[int, subprocess.Popen[str]]:
+    """`voicectl run` as a user starts it (embedded Redis, SQLite), its output piped."""
     port, flower = procs.free_port(), procs.free_port()
     env = {**os.environ, "MODEL_LOAD_SECONDS": "0.3",
            "DATABASE_URL": f"sqlite:///{tmp_path / 'b.sqlite'}"}
     env.pop("REDIS_URL", None)
-    proc = subprocess.Popen(VOICECTL + ["run", "--port", str(port), "--flower-port",
-                                        str(flower), "--data", str(tmp_path / "redis")],
-                            env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return port, subprocess.Popen(VOICECTL + ["run", "--port", str(port), "--flower-port",
+                                              str(flower), "--data", str(tmp_path / "redis")],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+
+
+def test_run_serves_the_page_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> None:
+    port, proc = start_run(tmp_path)
     lines = []
     try:
         assert proc.stdout is not None
@@ -120,14 +125,7 @@ def test_run_restarts_what_dies_and_redis_keeps_its_data(tmp_path: Path) -> None
     import redis
     from simple_websocket import Client
 
-    port, flower = procs.free_port(), procs.free_port()
-    env = {**os.environ, "MODEL_LOAD_SECONDS": "0.3",
-           "DATABASE_URL": f"sqlite:///{tmp_path / 'b.sqlite'}"}
-    env.pop("REDIS_URL", None)
-    proc = subprocess.Popen(VOICECTL + ["run", "--port", str(port), "--flower-port",
-                                        str(flower), "--data", str(tmp_path / "redis")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    port, proc = start_run(tmp_path)
     lines: list[str] = []
     assert proc.stdout is not None
     out = proc.stdout
