@@ -24,6 +24,8 @@ DEFAULT_DATABASE_URL = f"sqlite:///{ROOT / 'var' / 'billing.sqlite'}"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+NODE_PORT = 8765   # a cloud node listens here (provider option node_port): open it to browsers
+
 @dataclass(frozen=True)
 class Region:
     """A place nodes run in, served by one provider (two regions may share a place)."""
@@ -190,6 +192,10 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
         if p.driver == "ec2":
             for key in ("instance_type", "image"):
                 _need(p.options, key, f"{source} [providers.{p.name}] (driver ec2)")
+        port = p.options.get("node_port", NODE_PORT)
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(f"[providers.{p.name}] node_port {port!r} in {source} must be a "
+                              "port number 0-65535 (0: any free port, for dev clouds)")
     for name in [m.name for m in models] + [r.name for r in regions]:
         if not NAME_RE.match(name):
             raise ConfigError(f"name {name!r} in {source} must be 1-64 of [A-Za-z0-9_.-]")

@@ -148,7 +148,8 @@ def provision(state: State, cfg: Config, node_id: str, now: float) -> bool:
         assert region is not None, "request_node placed it in a configured region"
         try:
             clouds.create(cfg, region, node_id,
-                          membership.user_data(cfg, token, f"{node_id} {rec.model} "
+                          membership.user_data(cfg, cfg.provider(region.provider), token,
+                                               f"{node_id} {rec.model} "
                                                f"v{rec.version} in {rec.region}"),
                           clouds.tags_for(cfg, node_id, pool_id(rec.model, rec.version,
                                                                 rec.home)))

@@ -22,7 +22,7 @@ from typing import Any
 
 import requests
 
-from common.config import NAME_RE, Config
+from common.config import NAME_RE, NODE_PORT, Config, Provider
 from common.grant import Grant
 from common.tickets import node_key, sign_control
 from provisioner.errors import JoinError
@@ -41,8 +41,13 @@ MAX_STREAMS = 64             # per heartbeat: far above any node's capacity
 NOTIFY_TIMEOUT_S = 1.0
 
 
-def user_data(cfg: Config, token: str, note: str = "") -> str:
-    """The boot script of a node VM: install the project if needed, then join."""
+def user_data(cfg: Config, provider: Provider, token: str, note: str = "") -> str:
+    """The boot script of a node VM: install the project if needed, then join. A cloud VM
+    announces its public address from the instance metadata service and the provider's
+    `node_port` (0: any free port, for several "VMs" on one dev machine); a `local` one
+    listens on loopback."""
+    where = "" if provider.driver == "local" else (
+        f" --public-url auto --port {int(provider.options.get('node_port', NODE_PORT))}")
     return "\n".join([
         "#!/bin/sh",
         f"# voice changer node{': ' + note if note else ''}",
@@ -50,7 +55,7 @@ def user_data(cfg: Config, token: str, note: str = "") -> str:
         "if ! command -v voicectl >/dev/null 2>&1; then",
         f"  python3 -m pip install --quiet '{cfg.node_package}'",
         "fi",
-        f"exec voicectl node --join {cfg.public_url} --token {token}",
+        f"exec voicectl node --join {cfg.public_url} --token {token}{where}",
         "",
     ])
 

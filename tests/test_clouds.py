@@ -41,6 +41,7 @@ instance_type = "g4dn.xlarge"
 image = "{image}"
 spot = true
 endpoint = "{endpoint}"
+node_port = 0
 
 [[regions]]
 name = "us-west"
@@ -81,7 +82,7 @@ def cp(redis_url: str, sqlite_url: str, tmp_path: Path, image: str, moto: str,
                        database_url=sqlite_url, cluster=cluster, idle_grace_s=30.0)
     with running_control_plane(cfg) as plane, \
             devcloud.CloudInit(moto, "us-west-2", log_dir=tmp_path / "vms",
-                               cluster=cluster) as init:
+                               cluster=cluster, public_ip="127.0.0.2") as init:
         yield plane, init
 
 
@@ -109,6 +110,9 @@ def test_cheapest_provider_boots_from_user_data_and_streams(
     user_data = devcloud.read_user_data(aws_driver(plane), vm.id)   # type: ignore[arg-type]
     assert user_data.startswith("#!/bin/sh\n")
     assert f"\nexec voicectl node --join {plane.base_url} --token j-" in user_data
+    assert user_data.rstrip().endswith(" --public-url auto --port 0")
+    # the address it announced is the one the instance metadata service gave, and streams
+    assert rec.url.startswith("ws://127.0.0.2:") and init.metadata.asked >= 1
     ws = start_stream(ready)
     ws.send(b"\x00\x00" * 320)
     assert len(ws.receive(timeout=5)) == 640

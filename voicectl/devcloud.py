@@ -34,7 +34,7 @@ from provisioner import ec2
 from voicectl import procs
 
 __all__ = ["MOTO_AMI", "FAKE_KEY", "start_moto", "default_image", "read_user_data",
-           "CapacityFault", "CloudInit", "minimal_env"]
+           "CapacityFault", "Metadata", "CloudInit", "minimal_env"]
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,58 @@ class CapacityFault:
         req.wfile.write(body)
 
 
+# --- instance metadata -------------------------------------------------------------------
+
+class Metadata:
+    """EC2's instance metadata service (IMDSv2: a token from PUT /latest/api/token, then
+    GET /latest/meta-data/public-ipv4 with it) on loopback, answering `public_ip` for
+    every "VM" of this machine; what `voicectl node --public-url auto` asks on a real VM.
+    A GET without a valid token is refused, as on an instance that requires IMDSv2."""
+
+    def __init__(self, public_ip: str = "127.0.0.1") -> None:
+        self.public_ip = public_ip
+        self.asked = 0             # address lookups answered so far
+        token = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        meta = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                ok = self.path == "/latest/api/token" and self.headers.get(
+                    "X-aws-ec2-metadata-token-ttl-seconds")
+                self._send(200 if ok else 400, token if ok else "bad token request")
+
+            def do_GET(self) -> None:
+                if self.headers.get("X-aws-ec2-metadata-token") != token:
+                    self._send(401, "")
+                elif self.path in ("/latest/meta-data/public-ipv4",
+                                   "/latest/meta-data/local-ipv4"):
+                    meta.asked += 1
+                    self._send(200, meta.public_ip)
+                else:
+                    self._send(404, "")
+
+            def _send(self, status: int, text: str) -> None:
+                body = text.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", procs.free_port()), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, name="metadata",
+                         daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 # --- cloud-init --------------------------------------------------------------------------
 
 POLL_S = 0.3
@@ -229,17 +281,22 @@ class CloudInit:
 
     Every `poll_s` it lists the running instances (only `cluster`'s, when given); a new one
     has its user-data read (DescribeInstanceAttribute) and run once as `sh -c USERDATA` with
-    `env` only (not our environment), its output in `log_dir/INSTANCE_ID.log`. When the
+    `env` only (not our environment) and the address of an instance metadata service that
+    gives `public_ip` (loopback: all 127/8 reaches this machine), its output in
+    `log_dir/INSTANCE_ID.log`. When the
     instance is terminated or disappears its process gets SIGTERM, then SIGKILL after
     `grace_s`. `stop()` ends all of them.
     """
 
     def __init__(self, endpoint: str, region: str, *, log_dir: Path,
                  cluster: str | None = None, env: Mapping[str, str] | None = None,
-                 poll_s: float = POLL_S, grace_s: float = GRACE_S) -> None:
+                 poll_s: float = POLL_S, grace_s: float = GRACE_S,
+                 public_ip: str = "127.0.0.1") -> None:
         self.driver = _driver(endpoint, region)
         self.cluster = cluster
-        self.env = dict(env) if env is not None else minimal_env()
+        self.metadata = Metadata(public_ip)
+        self.env = {**(dict(env) if env is not None else minimal_env()),
+                    "VOICE_METADATA_URL": self.metadata.url}
         self.log_dir = log_dir
         self.poll_s = poll_s
         self.grace_s = grace_s
@@ -262,6 +319,7 @@ class CloudInit:
             left = list(self._procs.values())
             self._procs.clear()
         procs.stop(left, timeout_s=self.grace_s)
+        self.metadata.close()
 
     def running(self) -> dict[str, int]:
         """instance id -> pid of each user-data process still running."""

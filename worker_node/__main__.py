@@ -1,6 +1,6 @@
 """Run one worker node.
 
-    voicectl node --join URL --token T [--public-url ws://HOST:PORT] [--host H] [--port P]
+    voicectl node --join URL --token T [--public-url ws://HOST:PORT | auto] [--port P]
     python -m worker_node --standalone --model miku --semitones 4 --ticket-key K
 
 Joined, the node gets its id, model and ticket key from the control plane and heartbeats
@@ -17,6 +17,7 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -28,10 +29,12 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.serving import make_server
 
+from common.config import NODE_PORT
 from common.grant import Grant
 from common.tickets import verify_control
 from worker_node.agent import ORPHAN_AFTER_S, Agent
 from worker_node.control import ControlClient, ControlError, Refused
+from worker_node.metadata import DEFAULT_METADATA_URL, MetadataError, public_address
 from worker_node.runtime import NodeRuntime
 from worker_node.server import create_app
 from worker_node.shifter import warm_up
@@ -46,7 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--join", metavar="URL", help="the control plane (VOICE_PUBLIC_URL)")
     p.add_argument("--token", help="one-time join token (user-data, or voicectl byo-token)")
     p.add_argument("--public-url", help="where browsers reach this node, ws://HOST:PORT or "
-                   "wss://HOST:PORT (default: ws://HOST:PORT of --host/--port)")
+                   "wss://HOST:PORT, or `auto`: this VM's public address from the cloud's "
+                   "instance metadata service (VOICE_METADATA_URL) and --port "
+                   f"(default {NODE_PORT}) (default: ws://HOST:PORT of --host/--port)")
     p.add_argument("--host", default=None, help="listen address (default 127.0.0.1, or "
                    "0.0.0.0 with --public-url)")
     p.add_argument("--port", type=int, default=None,
@@ -76,8 +81,16 @@ def _listen(args: argparse.Namespace) -> tuple[str, int, str]:
     """Host, port and public URL (the port is chosen now, so the URL can be announced)."""
     scheme = "wss" if args.cert else "ws"
     public = (args.public_url or "").rstrip("/")
+    if public == "auto":
+        port = NODE_PORT if args.port is None else args.port
+        if not port:
+            with socket.socket() as s:
+                s.bind(("0.0.0.0", 0))
+                port = int(s.getsockname()[1])
+        address = public_address(os.environ.get("VOICE_METADATA_URL", DEFAULT_METADATA_URL))
+        public = f"{scheme}://{address}:{port}"
     host = args.host or ("0.0.0.0" if public else "127.0.0.1")
-    port = args.port
+    port = args.port or None     # 0: a free one, or the one `auto` chose
     if port is None and public:
         port = int(public.split("://", 1)[1].split("/", 1)[0].rpartition(":")[2] or 0)
     if not port:
@@ -128,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.cert) != bool(args.key):
         print("voicectl node: --cert and --key go together (PEM files)", file=sys.stderr)
         return 2
-    host, port, url = _listen(args)
+    try:
+        host, port, url = _listen(args)
+    except MetadataError as e:
+        print(f"voicectl node: --public-url auto: {e}", file=sys.stderr)
+        return 2
     control = ControlClient(args.join or "")
     if args.standalone:
         grant = Grant(args.node_id or f"n-{uuid.uuid4().hex[:10]}", "", args.ticket_key or "",
