@@ -115,11 +115,18 @@ def test_no_deflate_heap_frozen_audio_thread_raised(
     assert gc.get_freeze_count() > 0
     assert sys.getswitchinterval() == audio_loop.SWITCH_INTERVAL_S
     loop = shifting[1]
-    if loop.priority_raised:   # with CAP_SYS_NICE: the audio thread, and only it, raised
-        assert loop.thread_id is not None
+    assert loop.thread_id is not None      # with CAP_SYS_NICE: the audio thread, only it, raised
+    if loop.scheduling.startswith("SCHED_RR"):
+        assert os.sched_getscheduler(loop.thread_id) == os.SCHED_RR
+        assert os.sched_getparam(loop.thread_id).sched_priority == \
+            audio_loop.AUDIO_THREAD_RT_PRIORITY
+        assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
+    elif loop.scheduling.startswith("nice"):
         assert os.getpriority(os.PRIO_PROCESS, loop.thread_id) == audio_loop.AUDIO_THREAD_NICE
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != \
             audio_loop.AUDIO_THREAD_NICE
+    else:
+        assert loop.scheduling == "normal"
     ws.send(json.dumps({"type": "stop"}))
     assert closed_code(ws)[0] == 1000
 
