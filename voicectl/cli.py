@@ -92,6 +92,9 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
                              create_app(cfg, state, lambda: app.send_task("provisioner.scale"),
                                         ledger), threaded=True)
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+        # Ctrl-C stops everything even when we were started in the background (`make run &`),
+        # where the shell leaves SIGINT ignored and Python then keeps it ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         RUN_FILE.write_text(json.dumps({"redis_url": cfg.redis_url,
                                         "url": f"http://{args.host}:{args.port}"}))
         threading.Thread(target=_report_fleet, args=(state,), daemon=True).start()
