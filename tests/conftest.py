@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from voicectl import procs
 from webapp.app import create_app
 
 SECRET = "test-secret-" + uuid.uuid4().hex
+HEARTBEAT_S = 1.0
 logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no line per heartbeat
 LOAD_S = 0.3
 
@@ -77,7 +79,9 @@ def wait_for(what: Any, timeout_s: float = 10.0, msg: str = "") -> Any:
 def make_config(redis_url: str, **env: str) -> Config:
     base = {"REDIS_URL": redis_url, "MODEL_LOAD_SECONDS": str(LOAD_S), "TICKET_SECRET": SECRET,
             "VOICE_DEV_USERS": "1"}   # tests name their users with ?user=
-    return load_config({**base, **env})
+    # a short heartbeat (3 s to declare a node dead, not 6): tests that wait out a crash
+    # wait half as long; the real default stays 2 s
+    return load_config({**base, **env}).with_overrides(heartbeat_interval_s=HEARTBEAT_S)
 
 
 def fleet_config(redis_url: str, tmp: Path, toml: str, **overrides: Any) -> Config:
@@ -165,6 +169,8 @@ class Fleet:
         """`voicectl node --join` as a child process with nothing of our environment."""
         cmd = [sys.executable, "-m", "worker_node", "--join", self.control_url,
                "--token", token, *extra]
+        if "--drain-s" not in extra:   # teardown leaves streams open: no 30 s drain to wait out
+            cmd += ["--drain-s", "0.5"]
         cmd += ["--load-s", str(LOAD_S if load_s is None else load_s)]
         if crash_rate is not None:
             cmd += ["--crash-rate", str(crash_rate)]
@@ -279,10 +285,12 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
         finally:
             stop.set()
             server.shutdown()
-    for region in clouds.machine_regions(cfg):
-        if cfg.provider(region.provider).driver == "local":
-            for vm in clouds.list_ours(cfg, region):
-                clouds.destroy(cfg, region, vm)
+    # every VM at once: each one's shutdown grace runs beside the others'
+    doomed = [(region, vm) for region in clouds.machine_regions(cfg)
+              if cfg.provider(region.provider).driver == "local"
+              for vm in clouds.list_ours(cfg, region)]
+    with ThreadPoolExecutor(max_workers=max(1, len(doomed))) as pool:
+        list(pool.map(lambda rv: clouds.destroy(cfg, *rv), doomed))
     ledger.engine.dispose()
 
 

@@ -104,7 +104,8 @@ def test_nodes_lost_together_are_an_outage_one_alone_a_crash(state: State, cfg: 
     single crash is replaced in place (its users, even those who named the region, get a
     node there again) instead of sending everyone away for a minute."""
     now = time.time()
-    for node_id, region, seen in [("w1", "us-west", now - 10), ("w2", "us-west", now - 4),
+    missed_one = now - 2 * cfg.heartbeat_interval_s    # alive: under the 3-beat timeout
+    for node_id, region, seen in [("w1", "us-west", now - 10), ("w2", "us-west", missed_one),
                                   ("e1", "us-east", now - 10), ("e2", "us-east", now),
                                   ("x1", "eu-west", now - 10)]:
         state.heartbeat({"id": node_id, "provider": "local", "region": region,

@@ -98,14 +98,18 @@ class WaitingRoom:
                 log.exception("waiting room: step failed; trying again")
 
     def _listen(self) -> None:
+        pause_s = 1.0
         while True:
             try:
                 sub = self.state.lobby_wake_subscription()
                 for _ in sub.listen():   # type: ignore[attr-defined]
+                    pause_s = 1.0
                     self.poke()
             except redis.RedisError as e:   # a thread's boundary: resubscribe
-                log.warning("waiting room: wake-ups lost (%s); resubscribing", e)
-                time.sleep(1.0)
+                log.warning("waiting room: wake-ups lost (%s); resubscribing in %.0f s",
+                            e, pause_s)
+                time.sleep(pause_s)     # the backstop step still runs meanwhile
+                pause_s = min(2 * pause_s, 30.0)
 
     def step(self, now: float) -> None:
         with self._lock:
