@@ -40,6 +40,15 @@ def aggregate(counters: Iterable[UsageCounter]) -> dict[RowKey, float]:
     return {k: round(min(60.0, v), 3) for k, v in rows.items()}
 
 
+def parse_counter(minute_s: int, field: str, seconds: float) -> UsageCounter | None:
+    """A live-state counter ("user|session|node|model|region"); None if malformed."""
+    parts = field.split("|")
+    if len(parts) != 5 or not all(parts):
+        return None
+    user, session, node, model, region = parts
+    return UsageCounter(minute_s, user, session, node, model, region, seconds)
+
+
 def minute_start(t: float) -> int:
     return int(t // 60) * 60
 
@@ -47,6 +56,11 @@ def minute_start(t: float) -> int:
 def utc(t: float) -> datetime:
     """Naive UTC datetime (what both SQLite and PostgreSQL store here)."""
     return datetime.fromtimestamp(t, UTC).replace(tzinfo=None)
+
+
+def epoch(t: datetime) -> float:
+    """Unix seconds of a naive UTC datetime (as utc() made it)."""
+    return t.replace(tzinfo=UTC).timestamp()
 
 
 def node_cost(started_s: float, stopped_s: float, price_per_hour: Decimal,

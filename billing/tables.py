@@ -48,6 +48,22 @@ node_costs = Table(
     Column("cost", Numeric(14, 6), nullable=True),                    # exact dollars
 )
 
+# The counters usage_minutes is the sum of: cumulative seconds per session connection, node
+# and minute, as nodes reported them. Settling merges a counter by its maximum and sets each
+# touched usage_minutes row to the sum of its counters, so a minute is never billed from
+# part of its counters (a report arriving after the live state forgot the minute).
+usage_counters = Table(
+    "usage_counters", metadata,
+    Column("user_id", String(64), nullable=False),
+    Column("minute", DateTime(timezone=False), nullable=False),   # UTC, start of the minute
+    Column("model", String(64), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("node_id", String(64), nullable=False),
+    Column("session", String(96), nullable=False),                # "session:connection"
+    Column("seconds", Float, nullable=False),
+    PrimaryKeyConstraint("user_id", "minute", "model", "region", "node_id", "session"),
+)
+
 
 def open_db(url: str) -> Engine:
     """An engine for `url` (the schema is billing.schema's); SQLite gets WAL and a busy

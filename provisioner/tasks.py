@@ -178,5 +178,6 @@ def _settle(rt: Runtime, now: float) -> int:
 
 @shared_task(bind=True, name="billing.settle")
 def settle(self: Any, now: float | None = None) -> int:
-    """Settle closed minutes into usage_minutes; `now` may be given (tests, back-fills)."""
+    """Settle every unsettled minute started before `now` into usage_minutes; `now` may be
+    given (tests, back-fills). Returns usage rows written."""
     return _settle(_rt(self), time.time() if now is None else now)

@@ -1,5 +1,6 @@
 """The control plane goes away (its process killed) while a node streams: the stream goes
-on, the node keeps its usage ledger, and delivers it when the control plane is back."""
+on, the node keeps its usage ledger, and delivers it when the control plane is back; it is
+billed however late it is settled."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import requests
 from conftest import LOAD_S, SECRET, Fleet, closed_code, start_stream, wait_for
 from test_membership import ticket_for
 
+from billing.ledger import Ledger
 from common.config import Config
 from provisioner.state import State
 from voicectl import procs
@@ -83,6 +85,13 @@ def test_streams_outlive_the_control_plane_and_usage_arrives_later(
         wait_for(lambda: _counted(state, node_id) >= 3.4, 20,
                  "the node to deliver the usage streamed while the control plane was away")
         assert _counted(state, node_id) <= 3.5 + 1.0   # each second once: no double count
+
+        # Settled three hours on (the control plane came back that late): still billed.
+        ledger = Ledger.open(f"sqlite:///{tmp_path / 'b.sqlite'}")
+        ledger.settle_from(state, time.time() + 3 * 3600)
+        billed = sum(r.seconds for r in ledger.usage("alice"))
+        ledger.engine.dispose()
+        assert 3.4 <= billed <= 4.5, billed
     finally:
         procs.stop(fleet.procs)
         procs.stop([web])
