@@ -8,13 +8,13 @@ these twice changes nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Engine, bindparam, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -26,6 +26,7 @@ from billing.math import (
     node_cost,
     parse_counter,
     utc,
+    vanished,
 )
 from billing.tables import node_costs, open_db, usage_counters, usage_minutes
 
@@ -34,6 +35,7 @@ log = logging.getLogger("billing")
 SETTLE_BATCH_MINUTES = 60    # dirty minutes per transaction
 SETTLE_MAX_MINUTES = 1440    # per settle call, oldest first: a backlog drains a day per tick
 ROWS_PER_STATEMENT = 500     # SQLite caps a statement's parameters
+LAST_SEEN_STEP_S = 30.0      # node_costs.last_seen_at moves on when this much behind
 SETTLE_LOCK_KEY = 0x766F6365   # PostgreSQL: one settle transaction at a time (advisory lock)
 
 
@@ -148,15 +150,32 @@ class Ledger:
                     for r in conn.execute(q)]
 
     # --- the GPU bill --------------------------------------------------------------------
-    def open_nodes(self, nodes: Iterable[dict[str, Any]]) -> None:
-        """A row per node from its request on (stopped_at NULL); existing rows are kept."""
+    def open_nodes(self, nodes: Iterable[Mapping[str, Any]]) -> None:
+        """A row per node from its request on (stopped_at NULL); existing rows are kept, and
+        their last_seen_at moves on once the node's last heartbeat is LAST_SEEN_STEP_S newer
+        (a write per node every half minute, not per tick)."""
+        nodes = list(nodes)
         rows = [{"node_id": n["id"], "provider": n["provider"], "region": n["region"],
                  "model": n["model"], "started_at": utc(n["started_s"]), "stopped_at": None,
-                 "price_per_hour": Decimal(n["price_per_hour"]), "cost": None} for n in nodes]
+                 "price_per_hour": Decimal(n["price_per_hour"]), "cost": None,
+                 "last_seen_at": utc(n["last_seen_s"]) if n.get("last_seen_s") else None}
+                for n in nodes]
+        seen = {str(n["id"]): float(n["last_seen_s"]) for n in nodes if n.get("last_seen_s")}
         with self.engine.begin() as conn:
             self._upsert(node_costs, rows, ["node_id"], [], conn)
+            if not seen:
+                return
+            stale = [{"b_id": node_id, "b_seen": utc(seen[node_id])}
+                     for node_id, at in self._open_bills(conn)
+                     if node_id in seen and (at is None or at < seen[node_id] - LAST_SEEN_STEP_S)]
+            if stale:
+                conn.execute(update(node_costs)
+                             .where(node_costs.c.node_id == bindparam("b_id"),
+                                    node_costs.c.stopped_at.is_(None))
+                             .values(last_seen_at=bindparam("b_seen")), stale)
 
-    def close_node(self, node: dict[str, Any], stopped_s: float, increment_s: int) -> Decimal:
+    def close_node(self, node: Mapping[str, Any], stopped_s: float, increment_s: int
+                   ) -> Decimal:
         """Stop a node's meter (once: a second close keeps the first stop time)."""
         self.open_nodes([node])
         cost = node_cost(node["started_s"], stopped_s, Decimal(node["price_per_hour"]),
@@ -167,6 +186,43 @@ class Ledger:
                                 node_costs.c.stopped_at.is_(None))
                          .values(stopped_at=utc(stopped_s), cost=cost))
         return cost
+
+    def open_bills(self) -> list[tuple[str, float | None]]:
+        """(node id, last heartbeat on record) of every node whose meter still runs."""
+        with self.engine.connect() as conn:
+            return self._open_bills(conn)
+
+    @staticmethod
+    def _open_bills(conn: Any) -> list[tuple[str, float | None]]:
+        q = select(node_costs.c.node_id, node_costs.c.last_seen_at).where(
+            node_costs.c.stopped_at.is_(None))
+        return [(r.node_id, epoch(r.last_seen_at) if r.last_seen_at else None)
+                for r in conn.execute(q)]
+
+    def close_vanished(self, open_bills: Iterable[tuple[str, float | None]], fleet: Set[str],
+                       now: float, increment_of: Callable[[str], int]) -> dict[str, float]:
+        """Stop the meters of `open_bills` (read before `fleet`) whose node the fleet no
+        longer knows: the live state was lost (a Redis flush, a restart without its data),
+        so nobody will stop them. Each stops at the node's last heartbeat on record, else
+        now (see billing.math.vanished and docs/faults.md). Returns node id -> stop time."""
+        stops = vanished(open_bills, fleet, now)
+        if not stops:
+            return {}
+        with self.engine.begin() as conn:
+            rows = list(conn.execute(select(node_costs).where(
+                node_costs.c.node_id.in_(sorted(stops)), node_costs.c.stopped_at.is_(None))))
+            for r in rows:
+                started = epoch(r.started_at)
+                stop = max(started, stops[r.node_id])
+                conn.execute(update(node_costs)
+                             .where(node_costs.c.node_id == r.node_id,
+                                    node_costs.c.stopped_at.is_(None))
+                             .values(stopped_at=utc(stop),
+                                     cost=node_cost(started, stop, Decimal(r.price_per_hour),
+                                                    increment_of(r.provider))))
+                log.warning("node %s vanished from the live state with its meter running: "
+                            "its bill stops at %s", r.node_id, utc(stop).isoformat())
+        return {r.node_id: max(epoch(r.started_at), stops[r.node_id]) for r in rows}
 
     def node_costs(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

@@ -7,7 +7,7 @@ latest counters, so settling twice, or again after a late report, never counts t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
@@ -47,6 +47,15 @@ def parse_counter(minute_s: int, field: str, seconds: float) -> UsageCounter | N
         return None
     user, session, node, model, region = parts
     return UsageCounter(minute_s, user, session, node, model, region, seconds)
+
+
+def vanished(open_bills: Iterable[tuple[str, float | None]], fleet: Set[str],
+             now: float) -> dict[str, float]:
+    """When the meter stops for each open bill (node id, last heartbeat on record) whose
+    node the fleet no longer knows (the live state was lost): at its last heartbeat on
+    record, else now (it never beat, or vanished before the first record of one)."""
+    return {node_id: (seen if seen is not None else now)
+            for node_id, seen in open_bills if node_id not in fleet}
 
 
 def minute_start(t: float) -> int:

@@ -46,6 +46,9 @@ node_costs = Table(
     Column("stopped_at", DateTime(timezone=False), nullable=True),    # NULL while running
     Column("price_per_hour", Numeric(12, 6), nullable=False),
     Column("cost", Numeric(14, 6), nullable=True),                    # exact dollars
+    # UTC, the node's last heartbeat as the settle step saw it (refreshed every
+    # LAST_SEEN_STEP_S): where a bill stops when the node vanished with the live state
+    Column("last_seen_at", DateTime(timezone=False), nullable=True),
 )
 
 # The counters usage_minutes is the sum of: cumulative seconds per session connection, node

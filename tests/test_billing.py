@@ -18,7 +18,7 @@ from simple_websocket import Client
 from test_lobby import get
 
 from billing.ledger import Ledger
-from billing.math import UsageCounter, aggregate, node_cost, parse_counter
+from billing.math import UsageCounter, aggregate, node_cost, parse_counter, vanished
 
 RATE = 16000
 FRAME = 320   # 20 ms
@@ -89,11 +89,14 @@ def test_usage_of_a_resumed_session_on_two_nodes_adds_up() -> None:
     assert rows == {("u", 60, "miku", "r"): 55.0, ("u", 120, "miku", "r"): 60.0}
 
 
-def test_counters_are_parsed_or_refused() -> None:
+def test_counters_and_vanished_nodes_are_pure_math() -> None:
     assert parse_counter(60, "u|s:c|n|miku|r", 5.0) == UsageCounter(60, "u", "s:c", "n",
                                                                      "miku", "r", 5.0)
     assert parse_counter(60, "u|s|n|miku", 5.0) is None
     assert parse_counter(60, "u||n|miku|r", 5.0) is None
+    bills = [("live", 100.0), ("gone", 90.0), ("never-seen", None)]
+    assert vanished(bills, {"live"}, now=200.0) == {"gone": 90.0, "never-seen": 200.0}
+    assert vanished(bills, {"live", "gone", "never-seen"}, now=200.0) == {}
 
 
 def test_node_cost_is_exact() -> None:
