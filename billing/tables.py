@@ -64,7 +64,8 @@ usage_counters = Table(
     Column("node_id", String(64), nullable=False),
     Column("session", String(96), nullable=False),                # "session:connection"
     Column("seconds", Float, nullable=False),
-    PrimaryKeyConstraint("user_id", "minute", "model", "region", "node_id", "session"),
+    # minute first: settling reads every counter of the minutes it touches
+    PrimaryKeyConstraint("minute", "user_id", "model", "region", "node_id", "session"),
 )
 
 

@@ -26,7 +26,7 @@ def upgrade() -> None:
         sa.Column("node_id", sa.String(length=64), nullable=False),
         sa.Column("session", sa.String(length=96), nullable=False),
         sa.Column("seconds", sa.Float(), nullable=False),
-        sa.PrimaryKeyConstraint("user_id", "minute", "model", "region", "node_id", "session"),
+        sa.PrimaryKeyConstraint("minute", "user_id", "model", "region", "node_id", "session"),
     )
 
 
