@@ -7,7 +7,7 @@ latest counters, so settling twice, or again after a late report, never counts t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
@@ -40,6 +40,24 @@ def aggregate(counters: Iterable[UsageCounter]) -> dict[RowKey, float]:
     return {k: round(min(60.0, v), 3) for k, v in rows.items()}
 
 
+def parse_counter(minute_s: int, field: str, seconds: float) -> UsageCounter | None:
+    """A live-state counter ("user|session|node|model|region"); None if malformed."""
+    parts = field.split("|")
+    if len(parts) != 5 or not all(parts):
+        return None
+    user, session, node, model, region = parts
+    return UsageCounter(minute_s, user, session, node, model, region, seconds)
+
+
+def vanished(open_bills: Iterable[tuple[str, float | None]], fleet: Set[str],
+             now: float) -> dict[str, float]:
+    """When the meter stops for each open bill (node id, last heartbeat on record) whose
+    node the fleet no longer knows (the live state was lost): at its last heartbeat on
+    record, else now (it never beat, or vanished before the first record of one)."""
+    return {node_id: (seen if seen is not None else now)
+            for node_id, seen in open_bills if node_id not in fleet}
+
+
 def minute_start(t: float) -> int:
     return int(t // 60) * 60
 
@@ -47,6 +65,11 @@ def minute_start(t: float) -> int:
 def utc(t: float) -> datetime:
     """Naive UTC datetime (what both SQLite and PostgreSQL store here)."""
     return datetime.fromtimestamp(t, UTC).replace(tzinfo=None)
+
+
+def epoch(t: datetime) -> float:
+    """Unix seconds of a naive UTC datetime (as utc() made it)."""
+    return t.replace(tzinfo=UTC).timestamp()
 
 
 def node_cost(started_s: float, stopped_s: float, price_per_hour: Decimal,

@@ -46,6 +46,26 @@ node_costs = Table(
     Column("stopped_at", DateTime(timezone=False), nullable=True),    # NULL while running
     Column("price_per_hour", Numeric(12, 6), nullable=False),
     Column("cost", Numeric(14, 6), nullable=True),                    # exact dollars
+    # UTC, the node's last heartbeat as the settle step saw it (refreshed every
+    # LAST_SEEN_STEP_S): where a bill stops when the node vanished with the live state
+    Column("last_seen_at", DateTime(timezone=False), nullable=True),
+)
+
+# The counters usage_minutes is the sum of: cumulative seconds per session connection, node
+# and minute, as nodes reported them. Settling merges a counter by its maximum and sets each
+# touched usage_minutes row to the sum of its counters, so a minute is never billed from
+# part of its counters (a report arriving after the live state forgot the minute).
+usage_counters = Table(
+    "usage_counters", metadata,
+    Column("user_id", String(64), nullable=False),
+    Column("minute", DateTime(timezone=False), nullable=False),   # UTC, start of the minute
+    Column("model", String(64), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("node_id", String(64), nullable=False),
+    Column("session", String(96), nullable=False),                # "session:connection"
+    Column("seconds", Float, nullable=False),
+    # minute first: settling reads every counter of the minutes it touches
+    PrimaryKeyConstraint("minute", "user_id", "model", "region", "node_id", "session"),
 )
 
 

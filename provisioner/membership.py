@@ -241,7 +241,8 @@ def orders_json(orders: Orders) -> dict[str, Any]:
 def bill_row(rec: NodeRecord) -> dict[str, object]:
     """What the GPU bill records of a node: the configured price, never a node's word."""
     return {"id": rec.id, "provider": rec.provider, "region": rec.region, "model": rec.model,
-            "started_s": rec.requested_at or rec.started_at, "price_per_hour": rec.price_per_hour}
+            "started_s": rec.requested_at or rec.started_at, "price_per_hour": rec.price_per_hour,
+            "last_seen_s": rec.last_seen or None}
 
 
 def increment_s(cfg: Config, provider: str) -> int:

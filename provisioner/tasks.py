@@ -5,7 +5,7 @@ to be delivered again) and a provider's error retries it with backoff. Countdown
 seconds, far below the broker visibility timeout. The beat runs `tick` every couple of
 seconds as the backstop; events (a user who found no slot, a node lost) call `scale` at
 once. The scale step holds a lease it renews while it runs; the tick's steps (reap, scale,
-settle) fail alone, so a provider's outage never stops billing.
+settle usage, keep the GPU bill) fail alone, so a provider's outage never stops billing.
 """
 
 from __future__ import annotations
@@ -165,18 +165,32 @@ def scale(self: Any) -> None:
 
 @shared_task(bind=True, ignore_result=True, name="provisioner.tick")
 def tick(self: Any) -> None:
-    """The beat's backstop: reap the dead, drain old versions, scale, settle the bill; each
-    step fails alone."""
+    """The beat's backstop: reap the dead, drain old versions, scale, settle the usage, keep
+    the GPU bill; each step fails alone."""
+    rt = _rt(self)
     _step("scaling", lambda: _scale(self, reap=True))
-    _step("settling", lambda: _settle(_rt(self), time.time()))
+    _step("settling usage", lambda: _settle(rt, time.time()))
+    _step("keeping the GPU bill", lambda: _bill_nodes(rt, time.time()))
 
 
 def _settle(rt: Runtime, now: float) -> int:
-    rt.ledger.open_nodes(membership.bill_row(n) for n in rt.state.nodes())
     return rt.ledger.settle_from(rt.state, now)
+
+
+def _bill_nodes(rt: Runtime, now: float) -> dict[str, float]:
+    """Open a bill for every node in the fleet (noting its last heartbeat), and stop the
+    meters of nodes that vanished with the live state (nothing else would stop them)."""
+    rt.ledger.open_nodes(membership.bill_row(n) for n in rt.state.nodes())
+    bills = rt.ledger.open_bills()      # the bills first, then the fleet: a node that joins
+    fleet_ids = set(rt.state.node_ids())   # between the two reads is in neither
+    return rt.ledger.close_vanished(bills, fleet_ids, now,
+                                    lambda provider: membership.increment_s(rt.cfg, provider))
 
 
 @shared_task(bind=True, name="billing.settle")
 def settle(self: Any, now: float | None = None) -> int:
-    """Settle closed minutes into usage_minutes; `now` may be given (tests, back-fills)."""
-    return _settle(_rt(self), time.time() if now is None else now)
+    """Settle every unsettled minute started before `now` into usage_minutes, and keep the
+    GPU bill; `now` may be given (tests, back-fills). Returns usage rows written."""
+    rt = _rt(self)
+    _bill_nodes(rt, time.time())
+    return _settle(rt, time.time() if now is None else now)

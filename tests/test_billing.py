@@ -18,7 +18,7 @@ from simple_websocket import Client
 from test_lobby import get
 
 from billing.ledger import Ledger
-from billing.math import UsageCounter, aggregate, node_cost
+from billing.math import UsageCounter, aggregate, node_cost, parse_counter, vanished
 
 RATE = 16000
 FRAME = 320   # 20 ms
@@ -73,7 +73,7 @@ def test_settling_twice_and_late_reports_never_double_count(state, db_url: str) 
     now = minute + 200
     assert ledger.settle_from(state, now) == 2
     first = ledger.usage("u1")
-    assert ledger.settle_from(state, now) == 2
+    assert ledger.settle_from(state, now) == 0              # nothing new: nothing settled
     assert ledger.usage("u1") == first
     assert [r.seconds for r in first] == [10.0, 20.0]
     state.report_usage([(minute + 60, field, 25.0)])       # a late report for a closed minute
@@ -87,6 +87,16 @@ def test_usage_of_a_resumed_session_on_two_nodes_adds_up() -> None:
                       UsageCounter(60, "u", "s", "b", "miku", "r", 25.0),
                       UsageCounter(120, "u", "s", "b", "miku", "r", 60.0)])
     assert rows == {("u", 60, "miku", "r"): 55.0, ("u", 120, "miku", "r"): 60.0}
+
+
+def test_counters_and_vanished_nodes_are_pure_math() -> None:
+    assert parse_counter(60, "u|s:c|n|miku|r", 5.0) == UsageCounter(60, "u", "s:c", "n",
+                                                                     "miku", "r", 5.0)
+    assert parse_counter(60, "u|s|n|miku", 5.0) is None
+    assert parse_counter(60, "u||n|miku|r", 5.0) is None
+    bills = [("live", 100.0), ("gone", 90.0), ("never-seen", None)]
+    assert vanished(bills, {"live"}, now=200.0) == {"gone": 90.0, "never-seen": 200.0}
+    assert vanished(bills, {"live", "gone", "never-seen"}, now=200.0) == {}
 
 
 def test_node_cost_is_exact() -> None:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Fleet, Webapp
+from conftest import Fleet, Webapp, closed_code, lobby, start_stream, wait_for
+from simple_websocket import Client
+from test_outage import stream_audio
 
 from billing.ledger import Ledger
 from voicectl import procs
@@ -72,9 +74,9 @@ def test_nodes_models_deploy(webapp: Webapp, fleet: Fleet) -> None:
     assert missing.returncode == 2 and "voicectl run" in missing.stderr
 
 
-def start_run(tmp_path: Path) -> tuple[int, subprocess.Popen[str]]:
+def start_run(tmp_path: Path, port: int | None = None) -> tuple[int, subprocess.Popen[str]]:
     """`voicectl run` as a user starts it (embedded Redis, SQLite), its output piped."""
-    port, flower = procs.free_port(), procs.free_port()
+    port, flower = port or procs.free_port(), procs.free_port()
     env = {**os.environ, "MODEL_LOAD_SECONDS": "0.3",
            "DATABASE_URL": f"sqlite:///{tmp_path / 'b.sqlite'}"}
     env.pop("REDIS_URL", None)
@@ -191,3 +193,54 @@ def test_run_restarts_what_dies_and_redis_keeps_its_data(tmp_path: Path) -> None
 def test_kill_commands_say_what_is_wrong(redis_url: str, args: list[str], needle: str) -> None:
     bad = run(*args, env={"REDIS_URL": redis_url})
     assert bad.returncode == 2 and needle in bad.stderr
+
+
+def test_whole_stack_sigkilled_and_restarted_streams_on_resumes_and_bills(
+        tmp_path: Path) -> None:
+    """kill -9 `voicectl run` mid-stream (its Redis, worker and beat die with it; the node's
+    machine does not) and start it again: the stream goes on throughout, the node re-joins
+    the fleet, the session can still be resumed, and what is billed is within 2 s of what
+    was streamed."""
+    def up(proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "open http://" in line:
+                return
+        raise AssertionError("voicectl run never served")
+
+    port, run = start_run(tmp_path)
+    node_pids: list[int] = []
+    try:
+        up(run)
+        ready = lobby(f"ws://127.0.0.1:{port}", "user=ks&model=miku&region=us-west")[-1]
+        assert ready["type"] == "ready", ready
+        node_pids = [p.pid for p in psutil.process_iter(["cmdline"])
+                     if ready["node_id"] in " ".join(p.info["cmdline"] or [])]
+        ws = start_stream(ready)
+        streamed = stream_audio(ws, 2.0)
+        run.kill()                            # the whole stack, without a word
+        run.wait()
+        streamed += stream_audio(ws, 2.0)     # the node streams on alone
+        port, run = start_run(tmp_path, port)
+        up(run)
+        streamed += stream_audio(ws, 2.0)
+        ws.send(json.dumps({"type": "stop"}))
+        assert closed_code(ws)[0] == 1000
+        ledger = Ledger.open(f"sqlite:///{tmp_path / 'b.sqlite'}")
+        billed = wait_for(lambda: (s := sum(r.seconds for r in ledger.usage("ks"))) >= (
+            streamed - 2.0) and s, 30, "the stream's seconds to be settled")
+        time.sleep(3)                         # a last settle: nothing is counted twice
+        billed = sum(r.seconds for r in ledger.usage("ks"))
+        ledger.engine.dispose()
+        print(f"streamed {streamed:.2f} s, billed {billed:.2f} s")
+        assert abs(billed - streamed) <= 2.0, (billed, streamed)
+        again = lobby(f"ws://127.0.0.1:{port}",
+                      f"user=ks&model=miku&region=us-west&resume={ready['session_id']}")[-1]
+        assert again["type"] == "ready" and again["session_id"] == ready["session_id"], again
+        Client.connect(f"{again['node_url']}?ticket={again['ticket']}").close()
+    finally:
+        run.send_signal(signal.SIGINT)
+        run.communicate(timeout=60)
+        for pid in node_pids:                 # in case the second run never adopted it
+            if psutil.pid_exists(pid):
+                psutil.Process(pid).kill()

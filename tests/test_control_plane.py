@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 
-from conftest import ControlPlane, closed_code, lobby, start_stream
+from conftest import (
+    ControlPlane,
+    Webapp,
+    closed_code,
+    control_plane_config,
+    lobby,
+    running_control_plane,
+    start_stream,
+)
 from simple_websocket import Client
 from test_node import stream_tone
 
@@ -188,17 +195,43 @@ def test_crashed_node_is_reaped_and_user_resumes(control_plane: ControlPlane) ->
     assert again[-1]["session_id"] == first["session_id"]
 
 
-def test_scale_up_is_event_driven(control_plane: ControlPlane) -> None:
-    cp = control_plane
-    ws = Client.connect(f"{cp.ws_url}/ws/session?user=f1&model=kaito&region=ap-northeast")
-    t0 = time.monotonic()
-    cp.wait(lambda: cp.live_nodes("kaito"), 5, "no node requested")
-    assert time.monotonic() - t0 < 5
-    ws.close()
+def test_scale_up_is_event_driven(redis_url: str, sqlite_url: str) -> None:
+    """The beat's tick is an hour away, so only the lobby's kick can boot a node in time."""
+    cfg = control_plane_config(redis_url, database_url=sqlite_url)
+    with running_control_plane(cfg, tick_s=3600) as cp:
+        ws = Client.connect(f"{cp.ws_url}/ws/session?user=f1&model=kaito&region=ap-northeast")
+        cp.wait(lambda: cp.live_nodes("kaito"), 5, "no node requested: the kick scaled nothing")
+        ws.close()
 
 
-def test_unique_session_ids() -> None:
-    assert len({uuid.uuid4().hex[:16] for _ in range(1000)}) == 1000
+def test_concurrent_lobbies_get_their_own_sessions(webapp: Webapp) -> None:
+    """Thirty users open the lobby at once (no node, nothing scales: all wait): each gets a
+    session of its own, and each session its own place in the one queue."""
+    users = [f"q{i}" for i in range(30)]
+    first: dict[str, dict] = {}
+    opened = threading.Barrier(len(users))
+    answered, counted = threading.Barrier(len(users) + 1), threading.Event()
+
+    def open_lobby(user: str) -> None:
+        opened.wait()
+        ws = Client.connect(f"{webapp.ws_url}/ws/session?user={user}&model=miku"
+                            "&region=us-west")
+        first[user] = json.loads(ws.receive(timeout=10))
+        answered.wait(20)
+        counted.wait(20)    # everyone still waits while the queue is counted
+        ws.close()
+
+    threads = [threading.Thread(target=open_lobby, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    answered.wait(20)
+    waiting = webapp.state.queue_lengths()
+    counted.set()
+    for t in threads:
+        t.join(30)
+    assert {m["type"] for m in first.values()} == {"queued"}, first
+    assert len({m["session_id"] for m in first.values()}) == len(users)
+    assert waiting == {"miku|1|us-west": len(users)}
 
 
 def test_idle_node_of_another_model_is_retargeted_not_booted(cp_slow_grace: ControlPlane

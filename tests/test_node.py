@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SECRET, Fleet, closed_code
+from conftest import SECRET, Fleet, closed_code, wait_for
 from simple_websocket import Client
 
 from common.tickets import Ticket, node_key, sign
@@ -178,6 +178,9 @@ def test_healthz_reports_load_progress(fleet: Fleet) -> None:
 
 
 def test_crash_rate_one_kills_the_node_within_a_beat(fleet: Fleet) -> None:
-    fleet.start("miku", wait=False, crash_rate=1.0)
+    node_id = fleet.start("miku", wait=False, crash_rate=1.0)
     proc = fleet.procs[-1]
+    wait_for(lambda: (rec := fleet.state.node(node_id)) and rec.url, 20, "node never joined")
+    joined = time.monotonic()
     assert proc.wait(timeout=20) == 70     # the simulated GPU crash exit code
+    assert time.monotonic() - joined <= fleet.cfg.heartbeat_interval_s + 1.0   # its 1st beat

@@ -12,9 +12,10 @@ import threading
 from datetime import datetime
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, insert, inspect
+from sqlalchemy import Engine, create_engine, insert, inspect, text
 
 from billing import schema
 from billing.ledger import Ledger
@@ -43,7 +44,9 @@ def test_migrated_schema_equals_the_models(db_url: str) -> None:
 
 def test_a_create_all_database_is_adopted_with_its_rows(db_url: str) -> None:
     engine = create_engine(db_url)
-    metadata.create_all(engine)                      # what Ledger.open did before migrations
+    with engine.begin() as conn:                     # what Ledger.open's create_all made
+        command.upgrade(schema._alembic(conn), schema.BASELINE)   # before migrations:
+        conn.execute(text("DROP TABLE alembic_version"))          # that schema, unversioned
     row = {"user_id": "old", "minute": datetime(2026, 11, 1, 12, 0), "model": "miku",
            "region": "us-west", "seconds": 42.0}
     with engine.begin() as conn:

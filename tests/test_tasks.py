@@ -1,15 +1,19 @@
 """The Celery tasks as production runs them: a lease renewed while a slow step holds it, and
-a tick whose failing step (a provider's outage) never stops reaping or billing."""
+a tick whose failing step (a provider's outage) never stops reaping or billing, and the bills
+of nodes that vanished with the live state closed."""
 
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 from pathlib import Path
 
-from conftest import fleet_config
+from conftest import fleet_config, make_config
 from test_clouds import CONFIG
 
 from billing.ledger import Ledger
+from billing.math import epoch, node_cost
+from provisioner import membership
 from provisioner.state import State
 from provisioner.tasks import lease, make_celery
 
@@ -44,3 +48,40 @@ def test_a_providers_outage_stops_neither_reaping_nor_billing(redis_url: str, st
     ledger = Ledger.open(cfg.database_url)
     assert [r.seconds for r in ledger.usage("u1")] == [42.0]   # settled
     ledger.engine.dispose()
+
+
+def test_the_bills_of_nodes_that_vanished_with_the_live_state_are_closed(
+        redis_url: str, db_url: str, state: State) -> None:
+    """Redis lost two node records (a flush, a restart without its data): nothing would stop
+    their meters. The tick stops one at its last heartbeat on record, the other (never
+    seen) at the tick; a live node's meter runs on. SQLite, and PostgreSQL if configured."""
+    cfg = make_config(redis_url, DATABASE_URL=db_url)
+    app = make_celery(cfg)
+    now = time.time()
+    for node_id, seen in (("n-live", now), ("n-gone", now - 4.0), ("n-booting", 0.0)):
+        state.add_node({"id": node_id, "home": "us-west", "region": "us-west",
+                        "provider": "local", "model": "miku", "version": "1", "semitones": 4,
+                        "state": "booting" if not seen else "ready", "requested_at": now - 600,
+                        "started_at": now - 600, "deadline": now + 600, "capacity": 4,
+                        "price_per_hour": "3.60", **({"last_seen": seen} if seen else {})})
+    app.tasks["provisioner.tick"].apply().get()
+    ledger = Ledger.open(cfg.database_url)
+    assert {r["node_id"]: r["stopped_at"] for r in ledger.node_costs()} == {
+        "n-live": None, "n-gone": None, "n-booting": None}
+    state.forget_node("n-gone")                       # vanished, bill open
+    state.forget_node("n-booting")
+    before = time.time()
+    app.tasks["provisioner.tick"].apply().get()
+    bills = {r["node_id"]: r for r in ledger.node_costs()}
+    assert bills["n-live"]["stopped_at"] is None
+    gone = bills["n-gone"]
+    assert gone["stopped_at"] is not None and bills["n-booting"]["stopped_at"] is not None
+    assert abs(epoch(gone["stopped_at"]) - (now - 4.0)) < 0.01      # its last heartbeat
+    assert gone["cost"] == node_cost(now - 600, now - 4.0, Decimal("3.60"),
+                                     membership.increment_s(cfg, "local"))
+    assert before <= epoch(bills["n-booting"]["stopped_at"]) <= time.time()   # never seen
+    app.tasks["provisioner.tick"].apply().get()                     # closed once
+    assert {r["node_id"]: r["stopped_at"] for r in ledger.node_costs()} == {
+        k: v["stopped_at"] for k, v in bills.items()}
+    ledger.engine.dispose()
+    app.voice.ledger.engine.dispose()   # type: ignore[attr-defined]

@@ -23,8 +23,8 @@ from provisioner.state.keys import (
     QUEUES,
     REGION_DOWN,
     SCALE_KICK,
+    USAGE_DIRTY,
     USAGE_KEEP_S,
-    USAGE_MINUTES,
     VMS,
     arrivals_key,
     cred_hash_key,
@@ -64,7 +64,7 @@ from provisioner.state.vms import LocalVMs
 
 __all__ = [
     "ASSIGNED", "CONSTRAINED", "MODELS", "NODES", "PREFIX", "QUEUES", "REGION_DOWN",
-    "SCALE_KICK", "USAGE_KEEP_S", "USAGE_MINUTES", "VMS",
+    "SCALE_KICK", "USAGE_DIRTY", "USAGE_KEEP_S", "VMS",
     "arrivals_key", "cred_hash_key", "cred_key", "digest", "fence_key", "flight_key",
     "join_key", "lock_key", "node_key", "pool_id", "queue_key", "session_key", "slots_key",
     "usage_key", "vm_key",

@@ -20,6 +20,7 @@ class StateBase:
         self._retire = r.register_script(scripts.RETIRE)
         self._deploy = r.register_script(scripts.DEPLOY)
         self._report_usage = r.register_script(scripts.REPORT_USAGE)
+        self._settle_usage = r.register_script(scripts.SETTLE_USAGE)
         self._admit = r.register_script(scripts.ADMIT)
         self._sync_live = r.register_script(scripts.SYNC_LIVE)
         self._abandon = r.register_script(scripts.ABANDON)

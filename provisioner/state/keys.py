@@ -38,8 +38,12 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
     vc:region-down            HASH   region -> unix time until which placement avoids it (its
                                      nodes all died or failed to boot)
     vc:usage:{minute_s}       HASH   "{user}|{session}|{node}|{model}|{region}" -> cumulative
-                                     seconds streamed in that UTC minute (only ever grows)
-    vc:usage-minutes          ZSET   minute_s -> minute_s of every usage hash not yet expired
+                                     seconds streamed in that UTC minute (only ever grows).
+                                     No expiry while the minute is dirty; USAGE_KEEP_S once
+                                     settled (a later report recreates it: settling merges)
+    vc:usage-dirty            ZSET   minute_s -> minute_s of every usage hash with counters
+                                     not settled yet: written by the same script as the
+                                     counter, removed only by the settle step that billed it
     vc:join:{sha256(token)}   STRING one-time join token -> JSON {"node": id} (a node we
                                      booted) or {"byo": region, "model": name}; expires
     vc:cred:{sha256(cred)}    STRING a joined node's credential -> node id (revoked: deleted;
@@ -64,10 +68,10 @@ MODELS = PREFIX + "models"
 VMS = PREFIX + "vms"
 REGION_DOWN = PREFIX + "region-down"
 SCALE_KICK = PREFIX + "scale-kick"
-USAGE_MINUTES = PREFIX + "usage-minutes"
+USAGE_DIRTY = PREFIX + "usage-dirty"
 CONSTRAINED = PREFIX + "constrained"
 LOBBY_WAKE = PREFIX + "lobby-wake"   # PUBSUB: room may have appeared; waiting lobbies look now
-USAGE_KEEP_S = 3600     # usage counters stay this long, so late reports can be re-settled
+USAGE_KEEP_S = 3600     # a settled minute's counters stay this long (to read; billing has them)
 
 
 def node_key(node_id: str) -> str:

@@ -13,8 +13,7 @@ from provisioner.state.base import StateBase
 from provisioner.state.keys import (
     CONSTRAINED,
     NODES,
-    USAGE_KEEP_S,
-    USAGE_MINUTES,
+    USAGE_DIRTY,
     cred_hash_key,
     cred_key,
     digest,
@@ -117,15 +116,14 @@ class Membership(StateBase):
 def _beat_call(node_id: str, credential: str, beat: Beat, now: float,
                lock_ttl_s: float) -> tuple[list[str], list[Any]]:
     """beat.lua's KEYS and ARGV for one report (the script's header says what they hold)."""
-    keys = [node_key(node_id), slots_key(node_id), USAGE_MINUTES]
+    keys = [node_key(node_id), slots_key(node_id), USAGE_DIRTY]
     keys += [lock_key(user) for user, _, _ in beat.streams]
     keys += [usage_key(minute) for minute, _, _ in beat.usage]
     keys += [lock_key(user) for user, _ in beat.closed]
     args: list[Any] = [now, beat.state, beat.progress,
                        "" if beat.eta_ready is None else beat.eta_ready,
                        "" if beat.ready_at is None else beat.ready_at, lock_ttl_s,
-                       node_id, beat.serving, USAGE_KEEP_S, len(beat.streams),
-                       len(beat.usage)]
+                       node_id, beat.serving, len(beat.streams), len(beat.usage)]
     for _, session, fence in beat.streams:
         args += [session, fence]
     for minute, field, seconds in beat.usage:
