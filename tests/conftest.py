@@ -29,6 +29,7 @@ from voicectl import procs
 from webapp.app import create_app
 
 SECRET = "test-secret-" + uuid.uuid4().hex
+USER_SECRET = "test-user-secret-" + uuid.uuid4().hex   # signs uid cookies and user tokens
 logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no line per heartbeat
 LOAD_S = 0.3
 
@@ -76,6 +77,7 @@ def wait_for(what: Any, timeout_s: float = 10.0, msg: str = "") -> Any:
 
 def make_config(redis_url: str, **env: str) -> Config:
     base = {"REDIS_URL": redis_url, "MODEL_LOAD_SECONDS": str(LOAD_S), "TICKET_SECRET": SECRET,
+            "USER_TOKEN_SECRET": USER_SECRET,
             "VOICE_DEV_USERS": "1"}   # tests name their users with ?user=
     return load_config({**base, **env})
 
@@ -319,9 +321,10 @@ def closed_code(ws: Client, timeout_s: float = 5.0) -> tuple[int, str]:
     raise AssertionError("server did not close the socket")
 
 
-def lobby(ws_url: str, query: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+def lobby(ws_url: str, query: str, timeout_s: float = 30.0,
+          headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Open the lobby, collect messages until ready or error; returns them all."""
-    ws = Client.connect(f"{ws_url}/ws/session?{query}")
+    ws = Client.connect(f"{ws_url}/ws/session?{query}", headers=headers)
     out: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout_s
     try:
