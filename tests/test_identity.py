@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import Fleet, Webapp, closed_code, lobby, serve, start_stream
+from simple_websocket import Client
 from test_node import stream_tone
 
 from billing.ledger import Ledger
@@ -35,6 +36,8 @@ from common.identity import (
     read_token,
     sign_cookie,
 )
+from provisioner import fleet as fleet_adapter
+from provisioner.policy import decide
 from provisioner.state import State
 from voicectl import procs
 from voicectl.cli import local_user_secret
@@ -271,3 +274,38 @@ def test_take_over_only_by_the_same_user(site: Webapp, nodes: Fleet) -> None:
     second = lobby(site.ws_url, f"token={token_for('alice', site)}&{q}&takeover=1")[-1]
     assert second["type"] == "ready" and site.state.lock_holder("alice") == second["session_id"]
     assert closed_code(old)[0] == 4409
+
+
+def test_anonymous_users_wait_for_free_slots_and_boot_nothing(site: Webapp,
+                                                              nodes: Fleet) -> None:
+    pool = "teto|1|us-west"
+    anon = Client.connect(f"{site.ws_url}/ws/session?model=teto&region=us-west",
+                          headers=as_cookie("u-anon", site))
+    queued = json.loads(anon.receive(timeout=5))
+    assert queued["type"] == "queued" and "eta_s" not in queued            # nothing boots
+    assert "no capacity is booted for anonymous users" in queued["note"]
+    login = Client.connect(f"{site.ws_url}/ws/session?model=teto&region=us-west"
+                           f"&token={token_for('bob', site)}")
+    theirs = json.loads(login.receive(timeout=5))
+    assert theirs["type"] == "queued" and theirs["eta_s"] > 0 and "note" not in theirs
+    assert site.state.waiting()[pool] == (2, 1)        # both wait; bob's wait is demand
+
+    def boots(now: float) -> list[str]:
+        snap, _ = fleet_adapter.snapshot(site.state, site.config, now)
+        decisions = decide(snap, now, fleet_adapter.scaling_config(site.config))
+        return [k.region for k in decisions.boot if k.model == "teto"]
+
+    rate = site.state.arrivals([pool])[pool].rate * site.config.arrival_tau_s
+    assert rate == pytest.approx(1.0, rel=0.01)        # bob's arrival counts, not anon's
+    assert boots(time.time()) == ["us-west"]
+    login.close()
+    deadline = time.monotonic() + 5
+    while site.state.waiting()[pool] != (1, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert site.state.waiting()[pool] == (1, 0)
+    assert boots(time.time()) == []                    # anon waits; nothing boots for it
+    node = nodes.start("teto")                         # a slot frees up: anon takes it
+    while (msg := json.loads(anon.receive(timeout=10)))["type"] != "ready":
+        assert msg["type"] in ("queued", "booting"), msg
+    assert msg["node_id"] == node
+    anon.close()
