@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     url, redis_proc = procs.start_redis()
     port, flower = procs.free_port(), procs.free_port()
     env = {**os.environ, "REDIS_URL": url, "MODEL_LOAD_SECONDS": str(args.load_s),
+           "VOICE_DEV_USERS": "1",   # users named with ?user=
            "VOICE_CONFIG": str(ROOT / "common" / "multicloud.toml"),
            "VOICE_EC2_ENDPOINT": endpoint, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing",

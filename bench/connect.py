@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     config = var / "bench-connect.toml"   # the default fleet and a region that never boots
     config.write_text((procs.ROOT / "common" / "default.toml").read_text() + WAIT_REGION)
     env = {**os.environ, "REDIS_URL": url, "MODEL_LOAD_SECONDS": str(args.load_s),
+           "VOICE_DEV_USERS": "1",   # users named with ?user=
            "VOICE_CONFIG": str(config), "DATABASE_URL": "sqlite:///" + str(var / "bench.sqlite")}
     log(f"starting the real stack: voicectl run on port {port} (Redis {url}) ...")
     stack = procs.spawn([sys.executable, "-m", "voicectl", "run", "--port", str(port),

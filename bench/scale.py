@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     port = procs.free_port()
     base_url, ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
     env = {**os.environ, "REDIS_URL": url, "MODEL_LOAD_SECONDS": "0.2",
+           "VOICE_DEV_USERS": "1",   # users named with ?user=
            "TICKET_SECRET": "bench-" + uuid.uuid4().hex, "VOICE_PUBLIC_URL": base_url,
            "DATABASE_URL": f"sqlite:///{tmp / 'billing.sqlite'}"}
     cfg = load_config(env)

@@ -81,8 +81,13 @@ class Config:
     model_load_s: float = 10.0
     crash_rate: float = 0.0
     ticket_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+    # Signs the page's uid cookies and user tokens (USER_TOKEN_SECRET); local: random.
+    user_token_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
     admin_token: str = field(default="", repr=False)   # operators' bearer token; "" = none
     dev_users: bool = False         # VOICE_DEV_USERS=1: any ?user= is taken at its word
+    # Waiting users with only the page's cookie (anonymous) count as demand the autoscaler
+    # boots nodes for; off (deploy.toml): they get free capacity only. Token users always do.
+    anonymous_demand_scales: bool = True
     deployed: bool = False          # started by a deployment entry point (see load_config)
     aws_access_key_id: str = field(default="", repr=False)
     aws_secret_access_key: str = field(default="", repr=False)
@@ -204,6 +209,9 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
     unknown = set(settings) - known_settings
     if unknown:
         raise ConfigError(f"unknown [settings] keys {sorted(unknown)} in {source}")
+    flag = settings.get("anonymous_demand_scales", True)
+    if not isinstance(flag, bool):
+        raise ConfigError(f"anonymous_demand_scales = {flag!r} in {source} must be true or false")
     return Config(regions=regions, providers=providers, models=models, **settings)
 
 
@@ -216,6 +224,8 @@ DEPLOYMENT_NEEDS = {
     "TICKET_SECRET": "the HMAC secret that signs tickets and node keys, the same in every "
                      "process (make one: python3 -c 'import secrets; "
                      "print(secrets.token_hex(32))')",
+    "USER_TOKEN_SECRET": "the secret that signs the page's uid cookies and user tokens, "
+                         "the same in every process (make one like TICKET_SECRET)",
     "VOICE_PUBLIC_URL": "the URL nodes join and heartbeat at (https://voice.example.com)",
 }
 MIN_SECRET_CHARS = 32
@@ -227,7 +237,7 @@ def _check_deployment(env: Mapping[str, str]) -> None:
         raise ConfigError("a deployment cannot start without " + "; ".join(
             f"{k}: {DEPLOYMENT_NEEDS[k]}" for k in missing) + ". Set "
             f"{' and '.join(missing)} in the environment (`voicectl run` makes local ones)")
-    for key in ("TICKET_SECRET", "VOICE_ADMIN_TOKEN"):
+    for key in ("TICKET_SECRET", "USER_TOKEN_SECRET", "VOICE_ADMIN_TOKEN"):
         if 0 < len(env.get(key, "")) < MIN_SECRET_CHARS:
             raise ConfigError(f"{key} is {len(env[key])} characters; a deployment needs at "
                               f"least {MIN_SECRET_CHARS} random ones")
@@ -268,6 +278,8 @@ def load_config(environ: Mapping[str, str] | None = None, deployed: bool = False
             changes[key.lower()] = env[key]
     if env.get("TICKET_SECRET"):
         changes["ticket_secret"] = env["TICKET_SECRET"]
+    if env.get("USER_TOKEN_SECRET"):
+        changes["user_token_secret"] = env["USER_TOKEN_SECRET"]
     changes["admin_token"] = env.get("VOICE_ADMIN_TOKEN", "")
     changes["dev_users"] = env.get("VOICE_DEV_USERS", "") == "1"
     return replace(cfg, deployed=deployed, **changes)

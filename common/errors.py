@@ -13,6 +13,10 @@ class TicketError(VoiceError):
     """A stream ticket is malformed, forged, expired or meant for another node or model."""
 
 
+class IdentityError(VoiceError):
+    """A request's user cannot be trusted: no user, a forged or edited cookie, a bad or
+    expired user token, or `?user=` without dev users. The message says how to authenticate."""
+
 
 class SchemaError(VoiceError):
     """The billing database is not at the schema revision this code needs (run

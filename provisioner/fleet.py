@@ -69,7 +69,8 @@ def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[Node
     pools = [pool_id(m.name, m.version, r.name) for m in live_models(state, cfg)
              for r in cfg.regions]
     keys = {p: PoolKey(*p.split("|")) for p in pools}
-    waiting = {keys[p]: n for p, n in state.queue_lengths().items() if p in keys}
+    # anonymous users' waits count only where their demand scales (admit.lua, waiting.lua)
+    waiting = {keys[p]: n for p, (_, n) in state.waiting().items() if p in keys}
     arrivals = {keys[p]: a for p, a in state.arrivals(pools).items()}
     snap = policy_inputs(nodes, keys.values(), waiting, arrivals, now, cfg.arrival_tau_s,
                          retired={n.id for n in records if n.retired or n.reported_lost})

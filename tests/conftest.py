@@ -31,6 +31,7 @@ from webapp.app import create_app
 
 SECRET = "test-secret-" + uuid.uuid4().hex
 HEARTBEAT_S = 1.0
+USER_SECRET = "test-user-secret-" + uuid.uuid4().hex   # signs uid cookies and user tokens
 logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no line per heartbeat
 LOAD_S = 0.3
 
@@ -78,6 +79,7 @@ def wait_for(what: Any, timeout_s: float = 10.0, msg: str = "") -> Any:
 
 def make_config(redis_url: str, **env: str) -> Config:
     base = {"REDIS_URL": redis_url, "MODEL_LOAD_SECONDS": str(LOAD_S), "TICKET_SECRET": SECRET,
+            "USER_TOKEN_SECRET": USER_SECRET,
             "VOICE_DEV_USERS": "1"}   # tests name their users with ?user=
     # a short heartbeat (3 s to declare a node dead, not 6): tests that wait out a crash
     # wait half as long; the real default stays 2 s
@@ -327,9 +329,10 @@ def closed_code(ws: Client, timeout_s: float = 5.0) -> tuple[int, str]:
     raise AssertionError("server did not close the socket")
 
 
-def lobby(ws_url: str, query: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+def lobby(ws_url: str, query: str, timeout_s: float = 30.0,
+          headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Open the lobby, collect messages until ready or error; returns them all."""
-    ws = Client.connect(f"{ws_url}/ws/session?{query}")
+    ws = Client.connect(f"{ws_url}/ws/session?{query}", headers=headers)
     out: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout_s
     try:

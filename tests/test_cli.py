@@ -77,7 +77,7 @@ def test_nodes_models_deploy(webapp: Webapp, fleet: Fleet) -> None:
 def start_run(tmp_path: Path, port: int | None = None) -> tuple[int, subprocess.Popen[str]]:
     """`voicectl run` as a user starts it (embedded Redis, SQLite), its output piped."""
     port, flower = port or procs.free_port(), procs.free_port()
-    env = {**os.environ, "MODEL_LOAD_SECONDS": "0.3",
+    env = {**os.environ, "MODEL_LOAD_SECONDS": "0.3", "VOICE_DEV_USERS": "1",
            "DATABASE_URL": f"sqlite:///{tmp_path / 'b.sqlite'}"}
     env.pop("REDIS_URL", None)
     return port, subprocess.Popen(VOICECTL + ["run", "--port", str(port), "--flower-port",

@@ -63,7 +63,8 @@ def test_ticket_round_trip_and_refusals() -> None:
 
 
 DEPLOYED = {"REDIS_URL": "redis://redis:6379/0", "DATABASE_URL": "postgresql://db/voice",
-            "TICKET_SECRET": "s" * 64, "VOICE_PUBLIC_URL": "https://voice.example.com"}
+            "TICKET_SECRET": "s" * 64, "USER_TOKEN_SECRET": "u" * 64,
+            "VOICE_PUBLIC_URL": "https://voice.example.com"}
 
 
 @pytest.mark.parametrize("missing", sorted(DEPLOYED))
@@ -79,6 +80,6 @@ def test_a_deployment_takes_its_values_and_refuses_short_secrets() -> None:
     assert (cfg.deployed, cfg.ticket_secret, cfg.admin_token) == (True, "s" * 64, "a" * 40)
     assert not cfg.dev_users and load_config({"VOICE_DEV_USERS": "1"}).dev_users
     assert load_config({}).ticket_secret != load_config({}).ticket_secret   # local: random
-    for key in ("TICKET_SECRET", "VOICE_ADMIN_TOKEN"):
+    for key in ("TICKET_SECRET", "USER_TOKEN_SECRET", "VOICE_ADMIN_TOKEN"):
         with pytest.raises(ConfigError, match=f"{key} is 5 characters"):
             load_config({**DEPLOYED, key: "short"}, deployed=True)

@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import SECRET, serve, wait_for
+from conftest import SECRET, USER_SECRET, serve, wait_for
 from test_lobby import get
 
 from billing.ledger import Ledger
 from common.config import Config
+from common.identity import sign_cookie
 from provisioner.state import State
 from voicectl import procs
 from webapp.app import create_app
@@ -35,7 +36,7 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 OURS = {name: svc for name, svc in COMPOSE["services"].items() if "build" in svc}
 # What an operator puts in .env (see .env.example).
 DOTENV = {"POSTGRES_PASSWORD": "pw", "TICKET_SECRET": SECRET, "FLOWER_BASIC_AUTH": "ops:s3cret",
-          "VOICE_PUBLIC_URL": "http://127.0.0.1:8000"}
+          "USER_TOKEN_SECRET": USER_SECRET, "VOICE_PUBLIC_URL": "http://127.0.0.1:8000"}
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:
@@ -106,7 +107,8 @@ def docker_compose(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_compose_validates_and_names_each_missing_secret() -> None:
     ok = docker_compose(DOTENV)
     assert ok.returncode == 0, ok.stderr
-    for key in ("TICKET_SECRET", "FLOWER_BASIC_AUTH", "POSTGRES_PASSWORD", "VOICE_PUBLIC_URL"):
+    for key in ("TICKET_SECRET", "USER_TOKEN_SECRET", "FLOWER_BASIC_AUTH", "POSTGRES_PASSWORD",
+                "VOICE_PUBLIC_URL"):
         bad = docker_compose({k: v for k, v in DOTENV.items() if k != key})
         assert bad.returncode != 0 and f"set {key}" in bad.stderr, (key, bad.stderr)
 
@@ -124,12 +126,14 @@ CELERY = [str(BIN / "celery"), "-A", "provisioner.worker", "worker", "--pool", "
     (GUNICORN, "TICKET_SECRET", "secrets.token_hex"),
     (GUNICORN, "REDIS_URL", "the Redis every webapp"),     # no embedded Redis when deployed
     (GUNICORN, "DATABASE_URL", "the billing database"),
+    (GUNICORN, "USER_TOKEN_SECRET", "signs the page's uid cookies and user tokens"),
     (CELERY, "TICKET_SECRET", "the same in every process"),
 ])
 def test_deployed_processes_refuse_to_start_without_what_they_share(
         cmd: list[str], missing: str, needle: str, redis_url: str, tmp_path: Path) -> None:
     env = {"REDIS_URL": redis_url, "DATABASE_URL": f"sqlite:///{tmp_path / 'b.sqlite'}",
-           "TICKET_SECRET": SECRET, "VOICE_PUBLIC_URL": "http://127.0.0.1:8000"}
+           "TICKET_SECRET": SECRET, "USER_TOKEN_SECRET": USER_SECRET,
+           "VOICE_PUBLIC_URL": "http://127.0.0.1:8000"}
     del env[missing]
     gunicorn_bind = ["--bind", f"127.0.0.1:{procs.free_port()}"] if "gunicorn" in cmd[0] else []
     out = start(cmd + gunicorn_bind, env, tmp_path)
@@ -140,14 +144,16 @@ def test_deployed_processes_refuse_to_start_without_what_they_share(
 def test_webapp_refuses_a_database_voicectl_migrate_has_not_prepared(redis_url: str,
                                                                       tmp_path: Path) -> None:
     env = {"REDIS_URL": redis_url, "DATABASE_URL": f"sqlite:///{tmp_path / 'b.sqlite'}",
-           "TICKET_SECRET": SECRET, "VOICE_PUBLIC_URL": "http://127.0.0.1:8000"}
+           "TICKET_SECRET": SECRET, "USER_TOKEN_SECRET": USER_SECRET,
+           "VOICE_PUBLIC_URL": "http://127.0.0.1:8000"}
     out = start(GUNICORN + ["--bind", f"127.0.0.1:{procs.free_port()}"], env, tmp_path)
     assert out.returncode != 0 and "run `voicectl migrate`" in out.stdout + out.stderr
 
 
 def test_short_secrets_are_refused(tmp_path: Path) -> None:
     out = start(CELERY, {"REDIS_URL": "redis://127.0.0.1:1/0", "DATABASE_URL": "sqlite://",
-                         "TICKET_SECRET": "changeme", "VOICE_PUBLIC_URL": "http://x"}, tmp_path)
+                         "TICKET_SECRET": "changeme", "USER_TOKEN_SECRET": USER_SECRET,
+                         "VOICE_PUBLIC_URL": "http://x"}, tmp_path)
     assert out.returncode != 0 and "TICKET_SECRET is 8 characters" in out.stdout + out.stderr
 
 
@@ -196,9 +202,10 @@ def test_usage_of_another_user_needs_the_operator_token(cfg: Config, state: Stat
 
         code, body = usage("bob")
         assert code == 403 and "VOICE_ADMIN_TOKEN" in body and "'bob'" in body
-        assert usage("bob", cookie="eve")[0] == 403
+        assert usage("bob", cookie=sign_cookie("eve", cfg.user_token_secret))[0] == 403
+        assert usage("bob", cookie="bob")[0] == 403              # an unsigned cookie: nobody
         assert usage("bob", auth="Bearer wrong")[0] == 403
-        assert usage("bob", cookie="bob")[0] == 200              # one's own usage
+        assert usage("bob", cookie=sign_cookie("bob", cfg.user_token_secret))[0] == 200
         assert usage("bob", auth=f"Bearer {token}")[0] == 200    # the operator's
         assert get(f"http://{host}/api/usage")[0] == 400         # nobody at all
     finally:

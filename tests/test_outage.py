@@ -38,7 +38,8 @@ make_server("127.0.0.1", int(sys.argv[1]), create_app(cfg, State(connect(cfg.red
 def control_plane(port: int, redis_url: str, tmp: Path) -> subprocess.Popen[bytes]:
     """The webapp (node endpoints included) in its own process, so it can really die."""
     env = {"PATH": os.environ["PATH"], "REDIS_URL": redis_url, "TICKET_SECRET": SECRET,
-           "MODEL_LOAD_SECONDS": str(LOAD_S), "DATABASE_URL": f"sqlite:///{tmp / 'b.sqlite'}"}
+           "MODEL_LOAD_SECONDS": str(LOAD_S), "VOICE_DEV_USERS": "1",
+           "DATABASE_URL": f"sqlite:///{tmp / 'b.sqlite'}"}
     proc = procs.spawn([sys.executable, "-c", SERVE, str(port)], env=env,
                        log=tmp / "control-plane.log")
     wait_for(lambda: _up(port), 30, "the control plane to listen")

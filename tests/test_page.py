@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import urllib.request
 import wave
@@ -307,6 +308,7 @@ def test_minutes_used_today_are_shown(stack, browser: Browser) -> None:
     from billing.ledger import Ledger
 
     page = open_page(browser, stack.base_url)
+    expect(page.locator("#uid")).to_have_text(re.compile(r"^u-[0-9a-f]{16}$"))  # the server's
     uid = page.inner_text("#uid")
     minute = int(time.time() // 86400) * 86400          # 00:00 UTC today: always "today"
     stack.state.report_usage([(minute, f"{uid}|s1|n1|miku|us-west", 60.0),
@@ -339,3 +341,37 @@ def test_cold_start_shows_queue_and_boot_progress_then_streams(control_plane,
     expect(page.locator("#boot")).to_be_hidden()
     page.click("#stop")
     page.context.close()
+
+
+def test_page_names_its_user_without_dev_users(stack, browser: Browser) -> None:
+    """As deployed (no ?user=): the page streams as the server's cookie user, and as the
+    user of a token an integration put in its URL, whose usage it shows."""
+    import time
+
+    from conftest import serve
+
+    from billing.ledger import Ledger
+    from common.identity import mint_token
+    from webapp.app import create_app
+
+    cfg = stack.config.with_overrides(dev_users=False)
+    host, server = serve(create_app(cfg, stack.state, ledger=Ledger.open(cfg.database_url)))
+    token = mint_token("carol", cfg.user_token_secret, now=time.time(), ttl_s=600)
+    model = pick_model(cfg.models)
+    region = node_region(stack.base_url, model.name)
+    try:
+        for query, user in (("", re.compile(r"^u-[0-9a-f]{16}$")), (f"?token={token}", "carol")):
+            page = browser.new_context().new_page()
+            page.goto(f"http://{host}/{query}")
+            expect(page.locator("#uid")).to_have_text(user)
+            page.select_option("#model", model.name)
+            page.select_option("#region", region)
+            page.click("#start")
+            expect(page.locator("body")).to_have_attribute("data-state", "streaming",
+                                                           timeout=15_000)
+            uid = page.inner_text("#uid")
+            assert stack.state.lock_holder(uid), uid
+            page.click("#stop")
+            page.context.close()
+    finally:
+        server.shutdown()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LOAD_S, SECRET, lobby, start_stream, wait_for
+from conftest import LOAD_S, SECRET, USER_SECRET, lobby, start_stream, wait_for
 
 from billing.ledger import Ledger
 from common.config import Config, load_config
@@ -66,6 +66,7 @@ def deployment(redis_url: str, tmp_path: Path) -> Iterator[tuple[Config, list[st
     ports = [procs.free_port(), procs.free_port()]
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "REDIS_URL": redis_url,
            "DATABASE_URL": f"sqlite:///{tmp_path / 'billing.sqlite'}", "TICKET_SECRET": SECRET,
+           "USER_TOKEN_SECRET": USER_SECRET,
            "VOICE_PUBLIC_URL": f"http://127.0.0.1:{ports[0]}", "VOICE_DEV_USERS": "1",
            "VOICE_CONFIG": str(tmp_path / "voice.toml"), "MODEL_LOAD_SECONDS": str(LOAD_S)}
     cfg = load_config(env)

@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -25,6 +26,7 @@ from billing.ledger import Ledger, day_totals
 from billing.tables import open_db
 from common.config import NAME_RE, Config, load_config
 from common.errors import VoiceError
+from common.identity import mint_token
 from provisioner import clouds, tasks
 from provisioner.fleet import REGION_COOLOFF_S
 from provisioner.state import State, connect
@@ -38,6 +40,28 @@ def say(msg: str) -> None:
 
 
 RUN_FILE = procs.ROOT / "var" / "run.json"
+USER_SECRET_FILE = procs.ROOT / "var" / "user-token-secret"
+
+
+def local_user_secret(path: Path = USER_SECRET_FILE) -> str:
+    """The local stack's USER_TOKEN_SECRET, made once and kept in `path` (mode 0600): page
+    cookies outlive a restart, and `voicectl user-token` in another terminal mints tokens
+    the running stack accepts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def _with_user_secret(cfg: Config) -> Config:
+    """USER_TOKEN_SECRET from the environment, else the local stack's own."""
+    if os.environ.get("USER_TOKEN_SECRET"):
+        return cfg
+    return cfg.with_overrides(user_token_secret=local_user_secret())
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
@@ -63,6 +87,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         assert cfg.redis_url is not None
         if cfg.public_url == Config.public_url:   # VOICE_PUBLIC_URL unset: nodes join us here
             cfg = cfg.with_overrides(public_url=f"http://{args.host}:{args.port}")
+        cfg = _with_user_secret(cfg)
         dev_env: dict[str, str] = {}
         if args.moto:
             dev_env = _start_moto(cfg, infra, clouds_init, logs)
@@ -73,6 +98,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         say(f"billing database: {cfg.database_url}")
         ledger = Ledger.open(cfg.database_url)   # migrated before the worker checks it
         env = {**os.environ, "REDIS_URL": cfg.redis_url, "TICKET_SECRET": cfg.ticket_secret,
+               "USER_TOKEN_SECRET": cfg.user_token_secret,
                "DATABASE_URL": cfg.database_url,
                "MODEL_LOAD_SECONDS": str(cfg.model_load_s), "CRASH_RATE": str(cfg.crash_rate),
                "VOICE_PUBLIC_URL": cfg.public_url, "FLOWER_UNAUTHENTICATED_API": "true",
@@ -344,6 +370,22 @@ def cmd_byo_token(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_user_token(args: argparse.Namespace, cfg: Config) -> int:
+    cfg = _with_user_secret(cfg)
+    now = time.time()
+    token = mint_token(args.user, cfg.user_token_secret, now=now, ttl_s=args.ttl)
+    url = cfg.public_url if cfg.public_url != Config.public_url else _default_url()
+    if args.json:
+        print(json.dumps({"user": args.user, "token": token, "expires_at": now + args.ttl}))
+    else:
+        print(token)
+        signed = ("USER_TOKEN_SECRET" if os.environ.get("USER_TOKEN_SECRET")
+                  else f"the local stack's secret ({USER_SECRET_FILE})")
+        say(f"user {args.user}, valid {args.ttl:.0f} s, signed with {signed}: open "
+            f"{url}/?token={token} or pass token=... to /ws/session and /api/usage")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="voicectl", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -399,6 +441,12 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--ttl", type=float, default=3600.0, help="seconds the token stays valid")
     bt.add_argument("--json", action="store_true")
     bt.set_defaults(func=cmd_byo_token)
+    ut = sub.add_parser("user-token", help="a signed, expiring token for one user (?token=), "
+                        "signed with USER_TOKEN_SECRET (local runs: var/user-token-secret)")
+    ut.add_argument("user", help="the user id: 1-64 of A-Z a-z 0-9 _ . -")
+    ut.add_argument("--ttl", type=float, default=3600.0, help="seconds the token stays valid")
+    ut.add_argument("--json", action="store_true")
+    ut.set_defaults(func=cmd_user_token)
     return p
 
 

@@ -21,14 +21,17 @@ from flask_sock import Sock
 
 from billing.ledger import Ledger
 from common.config import Config
+from common.errors import IdentityError
+from common.identity import COOKIE, HOW_TO, read_cookie, sign_cookie
 from provisioner.catalog import live_models
 from provisioner.placement import candidates_for
 from provisioner.state import State
 from webapp import lobby, nodes_api
-from webapp.requests import BadRequest, parse_lobby, parse_since, parse_user
+from webapp.requests import USER_RE, BadRequest, parse_lobby, parse_since, parse_user
 from webapp.waiting import BACKSTOP_S, WaitingRoom
 
 STATIC = Path(__file__).with_name("static")
+COOKIE_MAX_AGE_S = 365 * 86400
 
 
 def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lambda: None,
@@ -55,11 +58,27 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
 
     @app.get("/")
     def index() -> Response:
+        """The page; a browser without a uid cookie this server signed gets a new one (an
+        id chosen here: the page itself never names its user)."""
         resp = send_from_directory(STATIC, "index.html", max_age=0)
-        if not request.cookies.get("uid"):
-            resp.set_cookie("uid", f"u-{secrets.token_hex(8)}", max_age=365 * 86400,
-                            samesite="Lax")
+        try:
+            read_cookie(request.cookies.get(COOKIE, ""), cfg.user_token_secret)
+        except IdentityError:
+            resp.set_cookie(COOKIE, sign_cookie(f"u-{secrets.token_hex(8)}",
+                                                cfg.user_token_secret),
+                            max_age=COOKIE_MAX_AGE_S, samesite="Lax", httponly=True,
+                            secure=request.is_secure)
         return resp
+
+    @app.get("/api/me")
+    def me() -> tuple[Response, int]:
+        """Who this request is: what the page shows as its user."""
+        try:
+            who = parse_user(request.args, request.cookies, cfg)
+        except BadRequest as e:
+            return jsonify({"error": "bad_request", "message": str(e)}), 400
+        return jsonify({"user": who.user, "via": who.via.value,
+                        "authenticated": who.authenticated}), 200
 
     @app.get("/api/models")
     def models() -> Response:
@@ -114,16 +133,29 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
 
     @app.get("/api/usage")
     def usage() -> tuple[Response, int]:
+        """The caller's usage; `?user=U` names whose (another's: operators, dev users)."""
+        named = request.args.get("user") or None
         try:
-            user = parse_user(request.args, {})
             since = parse_since(request.args.get("since"))
+            if named is not None and not USER_RE.match(named):
+                raise BadRequest(f"user={named[:80]!r} is not a user id: use 1-64 characters "
+                                 "of A-Z a-z 0-9 _ . -")
         except BadRequest as e:
             return jsonify({"error": "bad_request", "message": str(e)}), 400
-        if user != request.cookies.get("uid") and not (cfg.dev_users or operator()):
-            return jsonify({"error": "forbidden", "message": (
-                f"the usage of {user!r} is for that user only: ask as that user (the page's "
-                "uid cookie), or as an operator with Authorization: Bearer "
-                "$VOICE_ADMIN_TOKEN")}), 403
+        if named is not None and (cfg.dev_users or operator()):
+            user = named
+        else:
+            try:
+                user = parse_user(request.args, request.cookies, cfg, named=False).user
+            except BadRequest as e:
+                if named is None:
+                    return jsonify({"error": "bad_request", "message": str(e)}), 400
+                user = ""   # nobody, asking for someone's usage
+            if named not in (None, user):
+                return jsonify({"error": "forbidden", "message": (
+                    f"the usage of {named!r} is for that user only: ask as that user "
+                    f"({HOW_TO}), or as an operator with Authorization: Bearer "
+                    "$VOICE_ADMIN_TOKEN")}), 403
         if ledger is None:
             return jsonify({"error": "unavailable",
                             "message": "no billing database is configured"}), 503

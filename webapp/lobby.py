@@ -152,6 +152,8 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
          kick_scaler: Callable[[], None], fleet: FleetCache, room: WaitingRoom) -> None:
     now = time.time()
     started = now
+    if not req.scales:   # nothing boots for this user: no reason to wake the autoscaler
+        kick_scaler = _no_kick
     view = fleet.get()
     model = live_model(state, cfg, req.model)   # one read: a deploy counts at once
     if model is None:
@@ -166,7 +168,8 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                       candidates_for(cfg, model, home.name, view.records(model.name), now),
                       lock_ttl_s=cfg.ticket_ttl_s, takeover=req.takeover,
                       resume=req.resume is not None, tau_s=cfg.arrival_tau_s,
-                      hold_s=cfg.ticket_ttl_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s)
+                      hold_s=cfg.ticket_ttl_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
+                      scales=req.scales)
     fence = _locked(state, cfg, req, session_id, got)
     if isinstance(got, Admitted) and got.node is not None:      # room at once
         _ready(ws, state, cfg, req, session_id, fence, _node(state, got.node), now,
@@ -212,10 +215,10 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                 if eta is not None:
                     send(ws, type="booting", session_id=session_id, region=home.name,
                          eta_s=round(eta, 1), position=waiter.position, **note)
-                else:
+                else:   # no ETA where nothing boots for the user: a slot must free up
+                    boot = round(cfg.provider(home.provider).boot_s + cfg.model_load_s, 1)
                     send(ws, type="queued", session_id=session_id, region=home.name,
-                         position=waiter.position,
-                         eta_s=round(cfg.provider(home.provider).boot_s + cfg.model_load_s, 1),
+                         position=waiter.position, **({"eta_s": boot} if req.scales else {}),
                          **note)
             if now - started > WAIT_LIMIT_S:
                 raise Refused("no_capacity", f"no node became free within {WAIT_LIMIT_S:.0f} s;"
@@ -257,10 +260,21 @@ def _leave_down_region(state: State, cfg: Config, req: LobbyRequest, waiter: Wai
 
 
 def _note(cfg: Config, req: LobbyRequest, home: str, view: FleetView) -> dict[str, str]:
-    """What a waiting user should know about regions: outages and refusals near them."""
+    """What a waiting user should know: outages and refusals near them, and whether
+    capacity boots for them at all."""
     notes = [n for n in (_down_note(cfg, req, home, view.down),
-                         _constrained_note(cfg, home, view.constrained)) if n]
+                         _constrained_note(cfg, home, view.constrained),
+                         None if req.scales else ANONYMOUS_NOTE) if n]
     return {"note": " ".join(notes)} if notes else {}
+
+
+ANONYMOUS_NOTE = ("no capacity is booted for anonymous users: you keep your place and get "
+                  "the first slot that frees up; sign in (open the page through your login, "
+                  "or pass ?token= from your login system) to have a node started for you")
+
+
+def _no_kick() -> None:
+    pass
 
 
 def _down_note(cfg: Config, req: LobbyRequest, home: str, down: frozenset[str]) -> str | None:

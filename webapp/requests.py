@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from common.config import Config
+from common.errors import IdentityError
+from common.identity import COOKIE, Identity, identify
 
 USER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -29,17 +32,20 @@ class LobbyRequest:
     region: str | None        # the user named a region: only that one is considered
     resume: str | None
     takeover: bool
+    scales: bool = True       # waiting counts as demand the autoscaler boots nodes for
 
 
-def parse_user(args: Mapping[str, str], cookies: Mapping[str, str]) -> str:
-    user = args.get("user") or cookies.get("uid")
-    if not user:
-        raise BadRequest("no user id: pass ?user=ID (1-64 of A-Z a-z 0-9 _ . -) or load the "
-                         "page once so it sets the uid cookie")
-    if not USER_RE.match(user):
-        raise BadRequest(f"user id {user[:80]!r} is invalid: use 1-64 characters of "
-                         "A-Z a-z 0-9 _ . -")
-    return user
+def parse_user(args: Mapping[str, str], cookies: Mapping[str, str], cfg: Config,
+               now: float | None = None, *, named: bool = True) -> Identity:
+    """Who the request is (common.identity.identify): `?token=`, the uid cookie, or `?user=`
+    when `named` (where `?user=` names someone else, /api/usage, pass False). `now`: the
+    wall clock unless given."""
+    try:
+        return identify(token=args.get("token") or None, cookie=cookies.get(COOKIE) or None,
+                        named=(args.get("user") or None) if named else None, cfg=cfg,
+                        now=time.time() if now is None else now)
+    except IdentityError as e:
+        raise BadRequest(str(e)) from None
 
 
 def _coord(args: Mapping[str, str], key: str, limit: float) -> float:
@@ -54,8 +60,8 @@ def _coord(args: Mapping[str, str], key: str, limit: float) -> float:
 
 
 def parse_lobby(args: Mapping[str, str], cookies: Mapping[str, str],
-                cfg: Config) -> LobbyRequest:
-    user = parse_user(args, cookies)
+                cfg: Config, now: float | None = None) -> LobbyRequest:
+    who = parse_user(args, cookies, cfg, now)
     name = args.get("model", "")
     if not name:
         raise BadRequest(f"no model: pass ?model=NAME, one of {[m.name for m in cfg.models]}")
@@ -76,7 +82,8 @@ def parse_lobby(args: Mapping[str, str], cookies: Mapping[str, str],
     if resume is not None and not USER_RE.match(resume):
         raise BadRequest(f"resume={resume[:64]!r} is not a session id")
     takeover = args.get("takeover", "") in ("1", "true", "yes")
-    return LobbyRequest(user, name, lat, lon, region_name, resume, takeover)
+    return LobbyRequest(who.user, name, lat, lon, region_name, resume, takeover,
+                        scales=who.scales(cfg))
 
 
 def parse_since(raw: str | None) -> datetime | None:

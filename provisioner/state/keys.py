@@ -22,6 +22,10 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
     vc:queue:{model}|{version}|{region}
                               ZSET   waiting session id -> enqueue time (resumes: 0, first)
     vc:queues                 SET    "{model}|{version}|{region}" of every queue ever used
+    vc:unscaled               ZSET   waiting session id -> when it was queued, for sessions
+                                     whose demand the autoscaler does not count (anonymous
+                                     users when `anonymous_demand_scales` is off); a mark
+                                     outlives its wait, it is dropped after UNSCALED_KEEP_S
     vc:arrivals:{model}|{version}|{region}
                               HASH   rate (EWMA arrivals/s, tau arrival_tau_s) fast (the same
                                      with a tenth of it: sees a burst) t (last update)
@@ -64,6 +68,7 @@ PREFIX = "vc:"
 NODES = PREFIX + "nodes"
 ASSIGNED = PREFIX + "assigned"
 QUEUES = PREFIX + "queues"
+UNSCALED = PREFIX + "unscaled"
 MODELS = PREFIX + "models"
 VMS = PREFIX + "vms"
 REGION_DOWN = PREFIX + "region-down"
@@ -72,6 +77,7 @@ USAGE_DIRTY = PREFIX + "usage-dirty"
 CONSTRAINED = PREFIX + "constrained"
 LOBBY_WAKE = PREFIX + "lobby-wake"   # PUBSUB: room may have appeared; waiting lobbies look now
 USAGE_KEEP_S = 3600     # a settled minute's counters stay this long (to read; billing has them)
+UNSCALED_KEEP_S = 3600  # far beyond a lobby's longest wait (webapp.lobby.WAIT_LIMIT_S)
 
 
 def node_key(node_id: str) -> str:

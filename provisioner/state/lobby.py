@@ -11,6 +11,8 @@ from provisioner.state.keys import (
     LOBBY_WAKE,
     QUEUES,
     SCALE_KICK,
+    UNSCALED,
+    UNSCALED_KEEP_S,
     arrivals_key,
     fence_key,
     lock_key,
@@ -77,16 +79,20 @@ class Lobby(StateBase):
 
     def admit(self, user: str, session_id: str, model: str, version: str, region: str,
               now: float, candidates: Sequence[str], *, lock_ttl_s: float, takeover: bool,
-              resume: bool, tau_s: float, hold_s: float, heartbeat_timeout_s: float
-              ) -> Admitted | Lock:
-        """A lobby request in one atomic step: lock, arrival, queue, assign (admit.lua)."""
+              resume: bool, tau_s: float, hold_s: float, heartbeat_timeout_s: float,
+              scales: bool = True) -> Admitted | Lock:
+        """A lobby request in one atomic step: lock, arrival, queue, assign (admit.lua).
+
+        `scales` False: the user is served from free capacity only; neither the arrival nor
+        the wait counts as demand for the autoscaler (`waiting`)."""
         pool = pool_id(model, version, region)
         keys = [lock_key(user), fence_key(user), arrivals_key(pool), queue_key(pool), QUEUES,
-                ASSIGNED]
+                ASSIGNED, UNSCALED]
         keys += [k for node_id in candidates for k in (node_key(node_id), slots_key(node_id))]
         res = self._admit(keys=keys, args=[session_id, model, region, now, lock_ttl_s,
                                            int(takeover), tau_s, int(resume), pool,
-                                           now + hold_s, heartbeat_timeout_s, *candidates])
+                                           now + hold_s, heartbeat_timeout_s, int(scales),
+                                           UNSCALED_KEEP_S, *candidates])
         if int(res[0]) == 0:
             return Lock(session=res[1], model=res[2], region=res[3], since=float(res[4] or 0))
         return Admitted(Taken(int(res[1]), res[2] or None, res[3] or None), res[4] or None,
@@ -106,6 +112,7 @@ class Lobby(StateBase):
     def abandon(self, pool: str, session_id: str) -> None:
         """A waiting lobby left: leave the queue, give back a node it was just handed."""
         node_id = self._abandon(keys=[queue_key(pool), ASSIGNED], args=[session_id])
+        self.r.zrem(UNSCALED, session_id)
         if node_id:
             self.r.zrem(slots_key(node_id), session_id)   # a reservation, never yet live
             self.wake_lobbies()
@@ -128,6 +135,12 @@ class Lobby(StateBase):
         for pool in pools:
             pipe.zcard(queue_key(pool))
         return dict(zip(pools, (int(n) for n in pipe.execute()), strict=True))
+
+    def waiting(self) -> dict[str, tuple[int, int]]:
+        """Per pool: (sessions waiting, those that count as demand for the autoscaler)."""
+        pools = sorted(self.r.smembers(QUEUES))
+        got = self._waiting(keys=[UNSCALED, *(queue_key(p) for p in pools)])
+        return {p: (int(got[2 * i]), int(got[2 * i + 1])) for i, p in enumerate(pools)}
 
     def arrive(self, pool: str, now: float, tau_s: float) -> float:
         """Count an arrival in the pool's arrival-rate average (time constant tau_s)."""

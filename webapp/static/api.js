@@ -1,14 +1,27 @@
 // Identity and the JSON API: the user's id, voices, regions and minutes used today.
+// The server names the user: the uid cookie it set when it served this page (HttpOnly,
+// signed), or a user token an integration put in the page's URL (?token=T), passed on.
 import { state } from "./state.js";
 import { setButtons, setStatus, ui } from "./ui.js";
 
-export function userId() {
-  const m = document.cookie.match(/(?:^|;\s*)uid=([^;]+)/);
-  if (m) return decodeURIComponent(m[1]);
-  const bytes = crypto.getRandomValues(new Uint8Array(8));
-  const id = "u-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-  document.cookie = `uid=${id}; path=/; max-age=31536000; SameSite=Lax`;
-  return id;
+export const userToken = new URLSearchParams(location.search).get("token");
+
+// `path` with the page's user token, if it has one.
+export function withToken(path) {
+  if (!userToken) return path;
+  return `${path}${path.includes("?") ? "&" : "?"}token=${encodeURIComponent(userToken)}`;
+}
+
+export async function loadIdentity() {
+  try {
+    const r = await fetch(withToken("/api/me"), { cache: "no-store" });
+    const me = await r.json();
+    if (!r.ok) throw new Error(me.message || `HTTP ${r.status}`);
+    state.uid = me.user;
+    ui.uid.textContent = me.user;
+  } catch (err) {
+    ui.uid.textContent = `unknown (${err.message})`;
+  }
 }
 
 async function getJson(path) {
@@ -45,7 +58,7 @@ export async function loadRegions() {
 
 export async function refreshUsage() {
   try {
-    const u = await getJson(`/api/usage?user=${encodeURIComponent(state.uid)}`);
+    const u = await getJson(withToken("/api/usage"));
     const today = new Date().toISOString().slice(0, 10);
     const secs = Array.isArray(u.minutes)
       ? u.minutes.filter((m) => m.minute.startsWith(today)).reduce((a, m) => a + m.seconds, 0)

@@ -4,18 +4,17 @@
 // Protocol: see docs/protocol.md. ES modules, no build step:
 //   state.js   the one state object and the tunables
 //   ui.js      elements, status, buttons, boot bar, scopes, latency read-out
-//   api.js     identity and the JSON API (voices, regions, minutes used)
+//   api.js     identity (the server's) and the JSON API (voices, regions, minutes used)
 //   audio.js   the audio graph (capture and playback worklets)
 //   lobby.js   the lobby socket;  node.js  the node socket, frames and resuming
 //   latency.js every term of the mouth-to-ear latency, measured
 //   session.js Start / Stop / failure
 import { state } from "./state.js";
-import { loadModels, loadRegions, refreshUsage, userId } from "./api.js";
+import { loadIdentity, loadModels, loadRegions, refreshUsage } from "./api.js";
 import { start, stop } from "./session.js";
 import { draw, ui } from "./ui.js";
 
-state.uid = userId();
-ui.uid.textContent = state.uid;
+loadIdentity();
 ui.start.addEventListener("click", () => start(false));
 ui.stop.addEventListener("click", stop);
 ui.takeover.addEventListener("click", () => start(true));

@@ -1,5 +1,6 @@
 // The lobby socket (/ws/session): queued -> booting -> ready, or an error.
 import { state } from "./state.js";
+import { userToken } from "./api.js";
 import { fail } from "./session.js";
 import { connectNode, nodeLost } from "./node.js";
 import { hideBoot, setStatus, showBoot, ui } from "./ui.js";
@@ -11,7 +12,9 @@ function guessLocation() {
 }
 
 function lobbyUrl({ takeover, resume }) {
-  const q = new URLSearchParams({ user: state.uid, model: ui.model.value });
+  // Who the user is: the uid cookie (sent with the socket), or the page's ?token=.
+  const q = new URLSearchParams({ model: ui.model.value });
+  if (userToken) q.set("token", userToken);
   if (ui.region.value) q.set("region", ui.region.value);
   else {
     const loc = guessLocation();
