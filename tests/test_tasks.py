@@ -58,7 +58,8 @@ def test_the_bills_of_nodes_that_vanished_with_the_live_state_are_closed(
     cfg = make_config(redis_url, DATABASE_URL=db_url)
     app = make_celery(cfg)
     now = time.time()
-    for node_id, seen in (("n-live", now), ("n-gone", now - 4.0), ("n-booting", 0.0)):
+    last = now - 2 * cfg.heartbeat_interval_s      # missed one beat: alive, not reaped
+    for node_id, seen in (("n-live", now), ("n-gone", last), ("n-booting", 0.0)):
         state.add_node({"id": node_id, "home": "us-west", "region": "us-west",
                         "provider": "local", "model": "miku", "version": "1", "semitones": 4,
                         "state": "booting" if not seen else "ready", "requested_at": now - 600,
@@ -76,8 +77,8 @@ def test_the_bills_of_nodes_that_vanished_with_the_live_state_are_closed(
     assert bills["n-live"]["stopped_at"] is None
     gone = bills["n-gone"]
     assert gone["stopped_at"] is not None and bills["n-booting"]["stopped_at"] is not None
-    assert abs(epoch(gone["stopped_at"]) - (now - 4.0)) < 0.01      # its last heartbeat
-    assert gone["cost"] == node_cost(now - 600, now - 4.0, Decimal("3.60"),
+    assert abs(epoch(gone["stopped_at"]) - last) < 0.01            # its last heartbeat
+    assert gone["cost"] == node_cost(now - 600, last, Decimal("3.60"),
                                      membership.increment_s(cfg, "local"))
     assert before <= epoch(bills["n-booting"]["stopped_at"]) <= time.time()   # never seen
     app.tasks["provisioner.tick"].apply().get()                     # closed once
