@@ -20,15 +20,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import SECRET, USER_SECRET, serve, wait_for
-from test_lobby import get
+from conftest import SECRET, USER_SECRET, wait_for
 
 from billing.ledger import Ledger
-from common.config import Config
-from common.identity import sign_cookie
-from provisioner.state import State
 from voicectl import procs
-from webapp.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -181,35 +176,6 @@ def test_flower_as_compose_runs_it_needs_its_credentials(redis_url: str, tmp_pat
         assert status(DOTENV["FLOWER_BASIC_AUTH"]) == 200
     finally:
         procs.stop([proc])
-
-
-def test_usage_of_another_user_needs_the_operator_token(cfg: Config, state: State) -> None:
-    token = "op-" + "x" * 40
-    host, server = serve(create_app(cfg.with_overrides(dev_users=False, admin_token=token),
-                                    state, ledger=Ledger.open(cfg.database_url)))
-    try:
-        def usage(user: str, cookie: str = "", auth: str = "") -> tuple[int, Any]:
-            req = urllib.request.Request(f"http://{host}/api/usage?user={user}")
-            if cookie:
-                req.add_header("Cookie", f"uid={cookie}")
-            if auth:
-                req.add_header("Authorization", auth)
-            try:
-                with urllib.request.urlopen(req, timeout=5) as r:
-                    return r.status, None
-            except urllib.error.HTTPError as e:
-                return e.code, e.read().decode()
-
-        code, body = usage("bob")
-        assert code == 403 and "VOICE_ADMIN_TOKEN" in body and "'bob'" in body
-        assert usage("bob", cookie=sign_cookie("eve", cfg.user_token_secret))[0] == 403
-        assert usage("bob", cookie="bob")[0] == 403              # an unsigned cookie: nobody
-        assert usage("bob", auth="Bearer wrong")[0] == 403
-        assert usage("bob", cookie=sign_cookie("bob", cfg.user_token_secret))[0] == 200
-        assert usage("bob", auth=f"Bearer {token}")[0] == 200    # the operator's
-        assert get(f"http://{host}/api/usage")[0] == 400         # nobody at all
-    finally:
-        server.shutdown()
 
 
 def test_the_package_carries_migrations_scripts_and_configs(tmp_path: Path) -> None:

@@ -246,6 +246,7 @@ def test_usage_answers_for_the_caller_and_others_only_to_operators(site: Webapp)
         code, body, _ = http(url + query, cookie=cookie)
         assert code == 403 and body["error"] == "forbidden", (query, body)
         assert "VOICE_ADMIN_TOKEN" in body["message"] and HOW in body["message"]
+    assert http(url + "?user=bob", auth="Bearer wrong")[0] == 403
     assert http(url + "?user=bob", auth=f"Bearer {ADMIN}")[:2] == (
         200, {"user": "bob", "seconds": 0, "minutes": []})
     code, body, _ = http(url, cookie="u-me")
