@@ -20,11 +20,12 @@ Figures:
 - `crashes`: node processes that died without being retired first (CRASH_RATE, kill-node,
   kill-region), seen by polling each VM's pid every 0.05 s; `crash_causes` splits them.
 - `detect_s_max`: crash to the first sign in Redis that the control plane knows: a
-  client's resume reported the node lost, or the reaper marked it dead or removed it.
+  client's resume reported the node lost, or the reaper marked it dead or removed it
+  (`detected_by` counts which; `detect_s_max_reaper` is the worst the reaper alone did).
 - `sessions_affected`: sessions whose stream dropped at least once; `drops` counts drops.
 - `resumed_fraction`, `resume_s_p50`, `resume_s_p95`: drops followed by audio flowing
   again in the same session, and the seconds from the client seeing the drop to the first
-  answered frame after it.
+  answered frame after it; `resumed_within_2s_fraction` of all drops.
 - `lost_sessions`: sessions whose resume was refused (the client had to start a new one),
   plus drops still not resumed 60 s after they happened when the run ended.
 - `invariant_violations`: distinct breaches seen by the checker (every 0.25 s, reading
@@ -34,7 +35,8 @@ Figures:
   that stopped (`leaked_locks`, `leaked_slots`). `violations` lists the first ten.
 - `billing_error_s_max`: per client, |seconds billed (usage_minutes, as `voicectl usage`
   reads it, once settlement stopped changing) - seconds streamed (frames the node
-  answered, 20 ms each)|, the worst client.
+  answered, 20 ms each)|, the worst client; `billing_error_s_per_drop_max` divides each
+  client's by the drops it went through (the tolerance is per crash).
 - `orphans`: processes of the run (every descendant of `voicectl run` seen during it, every
   node VM, anything naming its ports) still alive after `voicectl run` stopped.
 """
@@ -151,7 +153,7 @@ async def _client(i: int, ws_url: str, tag: str, end_at: float) -> dict[str, Any
             query += f"&resume={session}"
         try:
             msg = await asyncio.wait_for(_lobby(ws_url, query), max(1.0, end_at - time.time()))
-        except (TimeoutError, OSError, websockets.WebSocketException) as e:
+        except (TimeoutError, OSError, ValueError, websockets.WebSocketException) as e:
             c["errors"][f"lobby {type(e).__name__}"] += 1
             await asyncio.sleep(0.5)
             continue
@@ -163,6 +165,9 @@ async def _client(i: int, ws_url: str, tag: str, end_at: float) -> dict[str, Any
                 session = None
             await asyncio.sleep(0.5)
             continue
+        if session is not None and msg["session_id"] != session:   # resumed as another: lost
+            log(f"client {i}: resume of {session} answered with session {msg['session_id']}")
+            c["refused_resumes"] += 1
         if session is None or msg["session_id"] != session:
             session = msg["session_id"]
             c["sessions"].append(session)
@@ -171,7 +176,7 @@ async def _client(i: int, ws_url: str, tag: str, end_at: float) -> dict[str, Any
             drop["t_ready"] = time.time()
         try:
             why = await _stream(msg, c, end_at)
-        except (TimeoutError, OSError, websockets.WebSocketException) as e:
+        except (TimeoutError, OSError, ValueError, websockets.WebSocketException) as e:
             why = f"{type(e).__name__}: {e}"[:80]
         if why == "end":
             break
@@ -265,30 +270,39 @@ class Stack:
         return (out.stdout + out.stderr).strip()
 
     def stop(self) -> list[str]:
-        """Stop `voicectl run` as Ctrl-C would; the processes of the run still alive."""
+        """Stop `voicectl run` as Ctrl-C would; the processes of the run it left alive
+        (which we then kill, by pid, not to leave them on a shared machine)."""
         self.record()
         self.proc.send_signal(2)   # SIGINT
         try:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
-            log("voicectl run did not stop within 60 s; killing its group")
-        procs.stop([self.proc], timeout_s=1)
+            log("voicectl run did not stop within 60 s")
         time.sleep(1.0)
-        self._done.set()
-        left = []
-        for pid, (created, cmd) in self.seen.items():
+        left: list[psutil.Process] = []
+        for pid, (created, _) in self.seen.items():
             try:
                 p = psutil.Process(pid)
                 if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                    left.append(f"{pid} {cmd}")
+                    left.append(p)
             except psutil.Error:
                 pass
-        ports = (f"127.0.0.1:{self.port}", f"--port {self.redis_url.split(':')[-1].split('/')[0]}")
+        redis_port = self.redis_url.rsplit(":", 1)[1].split("/")[0]
+        marks = (f"127.0.0.1:{self.port}", f"127.0.0.1:{redis_port}", f"--port {redis_port}")
         for p in psutil.process_iter(["pid", "cmdline"]):
             cmd = " ".join(p.info["cmdline"] or [])
-            if p.info["pid"] not in self.seen and any(w in cmd for w in ports):
-                left.append(f"{p.info['pid']} {cmd[:120]}")
-        return left
+            if p.info["pid"] not in self.seen and any(m in cmd for m in marks):
+                left.append(p)
+        found = []
+        for p in left:
+            try:
+                found.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+                p.kill()
+            except psutil.Error:
+                pass
+        procs.stop([self.proc], timeout_s=1)
+        self._done.set()
+        return found
 
 
 class Watch:
@@ -351,6 +365,7 @@ class Watch:
                 rec = self.state.node(node_id)
                 if rec is None or rec.state == NodeState.DEAD or rec.reported_lost:
                     d["detected"] = now
+                    d["by"] = "client" if rec is not None and rec.reported_lost else "reaper"
 
     def _check(self, now: float) -> None:
         st = self.state
@@ -369,7 +384,10 @@ class Watch:
                 continue
             for sid in st.live_sessions(rec.id):
                 if sid not in self.session_user:
-                    self.session_user[sid] = st.session(sid).get("user", "?")
+                    user = st.session(sid).get("user")
+                    if user is None:
+                        continue      # its record expired: whose it is cannot be told
+                    self.session_user[sid] = user
                 live_of.setdefault(self.session_user[sid], set()).add(sid)
         for user, sids in live_of.items():
             if len(sids) > 1:
@@ -456,8 +474,11 @@ def figures(clients: list[dict[str, Any]], watch: Watch, billed: dict[str, float
     waiting = [d for d in drops if not d["t_streaming"] and d not in stale]
     crashes = {k: d for k, d in watch.deaths.items() if d["cause"] != "stopped"}
     detect = [d["detected"] - d["t"] for d in crashes.values() if d["detected"]]
+    reaped = [d["detected"] - d["t"] for d in crashes.values() if d.get("by") == "reaper"]
     streamed = {c["user"]: c["answered"] * FRAME_S for c in clients}
     errors = [abs(billed.get(u, 0.0) - s) for u, s in streamed.items()]
+    per_drop = [abs(billed.get(c["user"], 0.0) - streamed[c["user"]]) / max(1, len(c["drops"]))
+                for c in clients]
     violations = list(watch.violations.values())
     violations += [{"kind": k, "key": u} for k, us in leaks.items() for u in us]
     return {
@@ -466,11 +487,15 @@ def figures(clients: list[dict[str, Any]], watch: Watch, billed: dict[str, float
         "crash_causes": dict(Counter(d["cause"] for d in crashes.values())),
         "crashes_undetected": len(crashes) - len(detect),
         "detect_s_max": round(max(detect), 3) if detect else None,
+        "detected_by": dict(Counter(d.get("by") for d in crashes.values() if d["detected"])),
+        "detect_s_max_reaper": round(max(reaped), 3) if reaped else None,
         "drops": len(drops),
         "sessions_affected": len({(d["session"]) for d in drops}),
         "resumed_fraction": round(len(resumed) / len(drops), 4) if drops else 1.0,
         "resume_s_p50": pct(resumed, 50), "resume_s_p95": pct(resumed, 95),
         "resume_s_max": round(max(resumed), 3) if resumed else None,
+        "resumed_within_2s_fraction": (round(sum(r <= 2.0 for r in resumed) / len(drops), 4)
+                                       if drops else 1.0),
         "lost_sessions": sum(c["refused_resumes"] for c in clients) + len(stale),
         "resumes_refused": sum(c["refused_resumes"] for c in clients),
         "unresumed_at_end": len(waiting),
@@ -481,6 +506,7 @@ def figures(clients: list[dict[str, Any]], watch: Watch, billed: dict[str, float
         "streamed_s_total": round(sum(streamed.values()), 2),
         "billed_s_total": round(sum(billed.values()), 2),
         "billing_error_s_max": round(max(errors), 3) if errors else None,
+        "billing_error_s_per_drop_max": round(max(per_drop), 3) if per_drop else None,
         "orphans": len(orphans), "orphan_processes": orphans[:10],
         "clients_stopped_clean": sum(c["stopped_clean"] for c in clients),
         "client_errors": dict(sum((Counter(c["errors"]) for c in clients), Counter())),
