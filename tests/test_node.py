@@ -11,8 +11,13 @@ import pytest
 from conftest import SECRET, Fleet, closed_code, wait_for
 from simple_websocket import Client
 
+from common.states import NodeState
 from common.tickets import Ticket, node_key, sign
+from voicectl import procs
+from worker_node.agent import Agent
+from worker_node.control import ControlClient
 from worker_node.quality import cents, harmonic_tone, pitch_hz
+from worker_node.runtime import NodeRuntime
 
 RATE = 48000
 FRAME = 960  # 20 ms
@@ -184,3 +189,37 @@ def test_crash_rate_one_kills_the_node_within_a_beat(fleet: Fleet) -> None:
     joined = time.monotonic()
     assert proc.wait(timeout=20) == 70     # the simulated GPU crash exit code
     assert time.monotonic() - joined <= fleet.cfg.heartbeat_interval_s + 1.0   # its 1st beat
+
+
+class _Draws:
+    """The same draw every time: whether a pass crashes depends on its chance alone."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def test_crash_chance_follows_the_clock_not_the_passes() -> None:
+    """CRASH_RATE is a chance per minute: a node passing its loop often (loading, orders)
+    must not die more often. Each pass is charged the time it really took: 40 passes in
+    0.4 s survive a draw of 0.01 (0.87 s of a 50%/min chance reaches it); a pass that waited
+    the whole 1 s interval does not."""
+    exits: list[int] = []
+    node = NodeRuntime(id="n-crash", model="miku", version="1", region="us-west",
+                       provider="local", semitones=0.0, capacity=4, load_s=0.0,
+                       state=NodeState.READY)
+    agent = Agent(node, ControlClient(f"http://127.0.0.1:{procs.free_port()}"), 1.0,
+                  crash_rate_per_min=0.5, rng=_Draws(0.01),  # type: ignore[arg-type]
+                  exit=exits.append)
+    agent.start()
+    try:
+        for _ in range(40):
+            agent.poke()
+            time.sleep(0.01)
+        assert exits == []
+        wait_for(lambda: exits, 5, "a pass of a whole interval never crashed")
+        assert exits[0] == 70
+    finally:
+        agent.stop()

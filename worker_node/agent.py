@@ -167,6 +167,7 @@ class Agent:
 
     def run(self) -> None:
         """Beat until stopped; faster while loading so the lobby's ETA stays fresh."""
+        checked = time.monotonic()
         while not self._stop.is_set():
             try:
                 self.beat()
@@ -184,7 +185,9 @@ class Agent:
                 log.error("the model could not load: node %s exits", self.node.id)
                 self.exit(71)
             loading = self.node.state is NodeState.LOADING
-            self.maybe_crash(self.interval_s)
+            now = time.monotonic()   # passes come faster than the interval (loading, orders)
+            self.maybe_crash(now - checked)
+            checked = now
             self._poke.wait(min(self.interval_s, 0.5) if loading else self.interval_s)
             self._poke.clear()
 
