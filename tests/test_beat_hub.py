@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import requests
-from conftest import Fleet, closed_code
+from conftest import Fleet, closed_code, wait_for
 from simple_websocket import Client
 
 REPORT = {"state": "ready", "progress": 1.0, "serving": "miku:1", "streams": [], "usage": []}
@@ -112,11 +112,14 @@ def test_a_node_that_drops_its_socket_may_reconnect_at_once(fleet: Fleet) -> Non
     ws = beat_socket(fleet, cred)
     assert "error" not in beat(ws)
     ws.sock.close()                      # dropped without a close frame (a crashed machine)
+    # seen at once: nobody is placed there until it beats again
+    wait_for(lambda: (r := fleet.state.node(node_id)) and r.reported_lost, 5,
+             "a dropped heartbeat socket was not taken as a loss")
     keeper = beat_socket(fleet, other)
     assert "error" not in beat(keeper)   # the hub goes on serving everyone else
     again = beat_socket(fleet, cred)
     assert "error" not in beat(again)
     rec = fleet.state.node(node_id)
-    assert rec is not None and rec.state.value == "ready"
+    assert rec is not None and rec.state.value == "ready" and not rec.reported_lost
     again.close()
     keeper.close()

@@ -171,7 +171,7 @@ class BeatHub:
         try:
             step()
         except OSError:   # the node went away mid-send or mid-read
-            self._end(b, None)
+            self._dropped(b)
         except Exception as e:  # process boundary: this node's beat failed, not the hub
             log.exception("heartbeat socket of node %s failed", b.node_id)
             self._end(b, (1011, f"heartbeat failed: {e}; reconnect"))
@@ -179,7 +179,7 @@ class BeatHub:
     def _read(self, b: Beater, batch: list[tuple[Beater, str]]) -> None:
         data = b.sock.recv(RECV_BYTES)
         if not data:
-            self._end(b, None)
+            self._dropped(b)
             return
         wsc = b.wsc
         wsc.receive_data(data)
@@ -205,6 +205,19 @@ class BeatHub:
                 self._send(b, wsc.send(event.response()))
             if b not in self.beaters:
                 return
+
+    def _dropped(self, b: Beater) -> None:
+        """The socket closed without a close frame: the node's process died (its kernel
+        closed the socket) or its network went. Nobody is placed there until it beats again
+        (as when a client reports its stream lost), so a crash is seen at once, not after
+        three missed beats; a node that only lost its connection reconnects and beats."""
+        if b in self.beaters:
+            try:
+                self.state.report_lost(b.node_id, time.time())
+            except redis.RedisError as e:   # the reaper still sees the silence
+                log.warning("node %s dropped its heartbeat socket; not recorded: %s",
+                            b.node_id, e)
+        self._end(b, None)
 
     def _answer(self, batch: list[tuple[Beater, str]], received: float) -> None:
         """Reports in, orders out (as POST /api/nodes/heartbeat), every report of the batch
