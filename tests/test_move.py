@@ -10,14 +10,19 @@ the gap of the old way (wait for the node's 4503, then resume).
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from typing import Any
 
+import pytest
 from conftest import ControlPlane, lobby, start_stream
 from playwright.sync_api import Browser, Page, expect
 from test_page import browser, open_page, pw, tone_wav, wait_until  # noqa: F401  fixtures
 
-from worker_node.runtime import MOVE_NOTICE_S
+from common.states import NodeState
+from worker_node.agent import Agent
+from worker_node.runtime import MIN_MOVE_S, MOVE_NOTICE_S, NodeRuntime, Stream
 
 AFTER_SWITCH_S = 0.25   # the crossfade ended: what follows is the jitter buffer as ever
 WARM_S = 5.0   # a v2 node is booted for another user before the v1 node says "move"
@@ -113,3 +118,97 @@ def test_break_before_make_leaves_a_gap(control_plane: ControlPlane,
     assert after["playback"]["longestGapMs"] > 10 * FRAME_MS, after
     page.click("#stop")
     page.context.close()
+
+
+# ---- the parts, one by one -------------------------------------------------------------
+
+
+def _runtime() -> NodeRuntime:
+    node = NodeRuntime("n-old", "teto", "1", "us-west", "local", 7.0, 4, 0.0)
+    node.state = NodeState.READY
+    return node
+
+
+def _stream(node: NodeRuntime, session: str, said: list[str],
+            kicked: list[tuple[int, str]]) -> Stream:
+    s = Stream(session, "carol", 1, kick=lambda code, why: kicked.append((code, session)),
+               notify=said.append)
+    assert node.open(s) is None
+    return s
+
+
+@pytest.mark.parametrize(("told_s_before", "closes_s_after_notice"), [
+    (MOVE_NOTICE_S + 5, MOVE_NOTICE_S),        # a long drain limit: told 10 s ahead
+    (1.0, MIN_MOVE_S),                         # learnt late: MIN_MOVE_S all the same
+])
+def test_a_draining_node_tells_streams_to_move_before_it_closes_them(
+        told_s_before: float, closes_s_after_notice: float) -> None:
+    node, said, kicked = _runtime(), [], []
+    _stream(node, "s-1", said, kicked)
+    deadline = 1000.0
+    node.drain(deadline, deadline - told_s_before)
+    if told_s_before > MOVE_NOTICE_S:
+        assert said == [] and node.state is NodeState.DRAINING   # too early to tell
+        node.drain(deadline, deadline - MOVE_NOTICE_S)
+    notice_at = deadline - min(told_s_before, MOVE_NOTICE_S)
+    [move] = [json.loads(m) for m in said]
+    assert move["type"] == "move" and move["reason"] == "drain"
+    assert move["close_in_ms"] == round(1000 * closes_s_after_notice)
+    assert node.moving("s-1")
+    node.drain(deadline, notice_at + closes_s_after_notice - 0.1)
+    assert kicked == [] and len(said) == 1                # told once, still streaming
+    node.drain(deadline, notice_at + closes_s_after_notice)
+    assert kicked == [(4503, "s-1")]                      # not moved in time: resume
+
+
+class _Orders:
+    """The control plane's answer to a beat, as a node's ControlClient returns it."""
+
+    def __init__(self, orders: dict[str, Any]) -> None:
+        self.orders = orders
+
+    def beat(self, report: dict[str, Any]) -> dict[str, Any]:
+        return self.orders
+
+
+def test_a_moving_stream_is_not_cut_when_its_new_connection_takes_the_lock() -> None:
+    """The lobby's resume gives the moving session a newer fence, so the old node hears
+    that its stream's lock is gone ("lost"): a stream told to move plays on until the page
+    stops it (or its move deadline); any other stream is taken over (4409) as before."""
+    node, said, kicked = _runtime(), [], []
+    _stream(node, "s-moving", said, kicked)
+    node.drain(time.time() + 1.0, time.time())
+    _stream_after_drain = Stream("s-other", "dave", 1,
+                                 kick=lambda code, why: kicked.append((code, "s-other")))
+    with node.lock:   # opened before the drain (a draining node admits nobody new)
+        node.streams["s-other"] = _stream_after_drain
+    agent = Agent(node, _Orders({"lost": ["s-moving", "s-other"], "drain_deadline": None,
+                                 "retarget": None}), 1.0)   # type: ignore[arg-type]
+    agent.beat()
+    assert kicked == [(4409, "s-other")]
+
+
+def test_the_old_connections_close_keeps_the_lock_of_the_new_one(fleet) -> None:  # noqa: ANN001
+    """The old node reports the moved stream closed after the new node took its lock: the
+    user's lock stays (it names the new node), so nobody else can take it meanwhile."""
+    import requests
+
+    def post(path: str, body: object, cred: str = "") -> dict[str, Any]:
+        r = requests.post(f"{fleet.control_url}/api/nodes/{path}", json=body, timeout=10,
+                          headers={"Authorization": f"Bearer {cred}"} if cred else {})
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    creds = {}
+    for name in ("old", "new"):
+        node_id, token = fleet.enroll("miku", node_id=f"n-{name}-{uuid.uuid4().hex[:6]}")
+        creds[name] = post("join", {"token": token, "url": "ws://127.0.0.1:1/ws"})["credential"]
+    beat = {"state": "ready", "progress": 1.0, "serving": "miku:1", "usage": [], "closed": []}
+    assert post("heartbeat", {**beat, "streams": [["carol", "s-1", 1, "c1"]]},
+                creds["old"])["lost"] == []
+    assert post("heartbeat", {**beat, "streams": [["carol", "s-1", 2, "c2"]]},
+                creds["new"])["lost"] == []                      # the move's new connection
+    assert post("heartbeat", {**beat, "streams": [["carol", "s-1", 1, "c1"]]},
+                creds["old"])["lost"] == ["s-1"]                 # the old one is told
+    post("heartbeat", {**beat, "streams": [], "closed": [["carol", "s-1"]]}, creds["old"])
+    assert fleet.state.lock_holder("carol") == "s-1"
