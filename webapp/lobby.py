@@ -24,6 +24,7 @@ from flask_sock import ConnectionClosed
 
 from common import wsclose
 from common.config import Config, Model, Region
+from common.states import NodeState
 from common.tickets import Ticket, node_key, sign
 from provisioner import membership
 from provisioner.catalog import live_model, live_models
@@ -161,7 +162,8 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         raise Refused("unknown_model", f"unknown model {req.model[:64]!r}; available: {known}")
     home = home_region(cfg, req.lat, req.lon, only=req.region, avoid=view.down)
     session_id, lost_node = _session_id(state, req)
-    if lost_node:   # the client lost it: its slots stop counting as room, for everyone
+    moving = _planned_move(state, lost_node)
+    if lost_node and not moving:   # the client lost it: its slots stop counting as room
         state.report_lost(lost_node, now)
     pool = pool_id(model.name, model.version, home.name)
     got = state.admit(req.user, session_id, model.name, model.version, home.name, now,
@@ -170,7 +172,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                       resume=req.resume is not None, tau_s=cfg.arrival_tau_s,
                       hold_s=cfg.ticket_ttl_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
                       scales=req.scales)
-    fence = _locked(state, cfg, req, session_id, got)
+    fence = _locked(state, cfg, req, session_id, got, moving)
     if isinstance(got, Admitted) and got.node is not None:      # room at once
         _ready(ws, state, cfg, req, session_id, fence, _node(state, got.node), now,
                _down_note(cfg, req, home.name, view.down))
@@ -324,8 +326,19 @@ def _session_id(state: State, req: LobbyRequest) -> tuple[str, str | None]:
     return req.resume, previous.get("node") or None
 
 
+def _planned_move(state: State, node_id: str | None) -> bool:
+    """A resume from a draining node is a planned move (the node told the page to move):
+    the node is alive and its stream plays on until the page has the new one playing
+    (make-before-break), so it is neither reported lost nor cut."""
+    if not node_id:
+        return False
+    rec = state.node(node_id)
+    return rec is not None and (rec.drain_deadline is not None
+                                or rec.state is NodeState.DRAINING)
+
+
 def _locked(state: State, cfg: Config, req: LobbyRequest, session_id: str,
-            got: Admitted | Lock) -> int:
+            got: Admitted | Lock, moving: bool = False) -> int:
     """The fencing token; a refusal says where the user's stream is and what to do."""
     if isinstance(got, Lock):
         since = datetime.fromtimestamp(got.since, UTC).strftime("%H:%M:%S UTC")
@@ -334,7 +347,8 @@ def _locked(state: State, cfg: Config, req: LobbyRequest, session_id: str,
                       f"since {since} (session {got.session}); stop that stream first, or "
                       "take it over from here (reconnect with takeover=1)")
     taken = got.lock
-    if taken.previous_session and taken.previous_node:
+    if taken.previous_session and taken.previous_node and not (
+            moving and taken.previous_session == session_id):
         # A take-over, or a resume of a session whose old connection still streams: the
         # old stream closes now (its node would find its fence stale within a beat anyway).
         rec = state.node(taken.previous_node)

@@ -196,13 +196,15 @@ def _drain_and_leave(node: NodeRuntime, agent: Agent, control: ControlClient, se
     """SIGTERM: take no new streams, let live ones finish, move the rest, leave, stop."""
     deadline = time.time() + drain_s
     agent.leaving = True
-    node.drain(deadline, time.time())
+    node.drain(deadline, time.time(), min_move_s=0)
     if node.streams:
         log.info("SIGTERM: draining %d stream(s) for up to %.0f s", len(node.streams), drain_s)
     agent.poke()
     while node.streams and time.time() < deadline:
+        node.drain(deadline, time.time(), min_move_s=0)   # tells streams to move in time
         time.sleep(0.1)
-    node.drain(deadline, max(time.time(), deadline))   # at the deadline: resume elsewhere
+    # at the deadline: the rest resume elsewhere
+    node.drain(deadline, max(time.time(), deadline), min_move_s=0)
     time.sleep(0.2)
     if not standalone:
         agent.stop()

@@ -98,7 +98,8 @@ class Agent:
                 log.info("retargeted to %s v%s: loading", model, version)
                 self.poke()
         for sid in orders.get("lost") or []:
-            self.node.kick(str(sid), 4409, TAKEN_OVER)
+            if not self.node.moving(str(sid)):   # a moving stream's lock went ahead to its
+                self.node.kick(str(sid), 4409, TAKEN_OVER)   # new connection: not a take-over
         if orders.get("drain_deadline"):
             self.node.drain(float(orders["drain_deadline"]), time.time())
         elif not self.leaving:

@@ -17,6 +17,7 @@ it catches up), and metering skips a turn rather than wait for the heartbeat's l
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -102,6 +103,10 @@ class Conn:
         its request thread, which settles it and closes with `code`."""
         self.loop.post(("kick", self, (code, reason)))
 
+    def notify(self, text: str) -> None:
+        """Send this stream a text message from any thread (a planned move's notice)."""
+        self.loop.post(("text", self, text))
+
 
 class AudioLoop:
     """The node's audio thread. `serve(conn, stream)` blocks the calling request thread
@@ -185,6 +190,8 @@ class AudioLoop:
                 self._add(conn)
             elif what == "kick":
                 self._kick(conn, arg)
+            elif what == "text" and conn in self.conns:
+                self._guard(conn, functools.partial(self._send_text, text=arg))
         now = self.clock()
         for conn in [c for c in self.conns if c.deadline <= now]:
             self._guard(conn, self._expire)

@@ -5,6 +5,7 @@ Thread-safe; one instance per worker_node process. It knows nothing of Redis or 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -13,6 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.states import NodeState
+
+# A planned move (drain deadline) is make-before-break: each live stream is told to move
+# (text {"type": "move"}) MOVE_NOTICE_S before the deadline, so the page can open its new
+# stream first and stop this one itself; a stream still here at the deadline is closed with
+# 4503. A node that learns of a deadline late (a drain limit under MOVE_NOTICE_S, or beats
+# that did not get through) still gives its streams MIN_MOVE_S after the notice: the
+# control plane stops a draining node only a heartbeat timeout (3 beats) past its deadline.
+MOVE_NOTICE_S = 10.0
+MIN_MOVE_S = 2.0
+MOVED = "this model version was replaced; resume through the lobby to continue on the new version"
 
 
 @dataclass
@@ -23,6 +34,8 @@ class Stream:
     seconds: float = 0.0          # cumulative audio seconds processed
     minutes: dict[int, float] = field(default_factory=dict)  # UTC minute -> seconds in it
     kick: Callable[[int, str], None] | None = None   # closes the socket from another thread
+    notify: Callable[[str], None] | None = None      # sends it a text message from another thread
+    move_by: float | None = None  # told to move: closed (4503) at this time (epoch s) if still here
     # One usage counter per connection: a session resumed on the same node in the same
     # minute starts a fresh counter instead of being hidden under the old one's maximum.
     conn: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
@@ -90,16 +103,37 @@ class NodeRuntime:
             if self.state is NodeState.DRAINING:
                 self.state = NodeState.READY
 
-    def drain(self, deadline: float, now: float) -> None:
-        """Take no new streams; at the deadline tell the live ones to resume elsewhere."""
+    def drain(self, deadline: float, now: float, min_move_s: float = MIN_MOVE_S) -> None:
+        """Take no new streams; from MOVE_NOTICE_S before the deadline tell each live stream
+        to move (make-before-break), and close those still here when their time is up: at
+        the deadline, but not sooner than `min_move_s` after they were told."""
+        told: list[tuple[Stream, float]] = []
         with self.lock:
             self.drain_deadline = deadline
             if self.state is NodeState.READY:
                 self.state = NodeState.DRAINING
-            late = list(self.streams) if now >= deadline else []
+            if now >= deadline - MOVE_NOTICE_S:
+                for s in self.streams.values():
+                    if s.move_by is None:
+                        s.move_by = max(deadline, now + min_move_s)
+                        told.append((s, s.move_by - now))
+            late = [sid for sid, s in self.streams.items()
+                    if s.move_by is not None and now >= s.move_by]
+        for s, left_s in told:
+            if s.notify is not None:
+                s.notify(json.dumps({"type": "move", "reason": "drain",
+                                     "message": "this node is draining: a new version serves "
+                                                "your voice; moving you there",
+                                     "close_in_ms": round(1000 * left_s)}))
         for sid in late:
-            self.kick(sid, 4503, "this model version was replaced; resume through the lobby "
-                                 "to continue on the new version")
+            self.kick(sid, 4503, MOVED)
+
+    def moving(self, session_id: str) -> bool:
+        """This stream was told to move: its session's newer connection elsewhere does not
+        cut it (the page stops it once the new one plays, or it closes at `move_by`)."""
+        with self.lock:
+            stream = self.streams.get(session_id)
+            return stream is not None and stream.move_by is not None
 
     def kick(self, session_id: str, code: int, reason: str) -> None:
         """Close one stream from outside its thread."""

@@ -75,7 +75,8 @@ def _stream(ws, node: NodeRuntime, secret: str,  # type: ignore[no-untyped-def]
         _refuse(ws, 4401, str(e))
         return
     conn = loop.connection(ws)
-    entry = Stream(ticket.session, ticket.user, ticket.fence, kick=conn.kick)
+    entry = Stream(ticket.session, ticket.user, ticket.fence, kick=conn.kick,
+                   notify=conn.notify)
     refused = _take_over(node, entry)
     if refused:
         _refuse(ws, 4401, refused)

@@ -4,7 +4,8 @@ import { config } from "./state.js";
 
 // onFrame(buf, frameEnd, meanFillMs): a captured frame, the context time of its last
 // sample and the mean time its samples waited in the capture worklet.
-// onReport(report): the playback worklet's ~10 Hz report (mean depth, underruns).
+// onReport(report): the playback worklet's ~10 Hz report (mean depth, underruns), or
+// {switched: true} when a planned move's crossfade is over.
 export async function openAudio(onFrame, onReport) {
   // Create the context inside the click so autoplay rules allow it to run. latencyHint 0
   // asks for the smallest output buffer the device allows; headless Chromium's fake
@@ -35,7 +36,7 @@ export async function openAudio(onFrame, onReport) {
   const playback = new AudioWorkletNode(ctx, "playback", {
     numberOfInputs: 0, outputChannelCount: [1],
     processorOptions: { targetMs: config.JITTER_TARGET_MS, maxMs: config.JITTER_MAX_MS,
-      floorMs: config.JITTER_FLOOR_MS },
+      floorMs: config.JITTER_FLOOR_MS, fadeMs: config.FADE_MS },
   });
   // 512 samples (~11 ms) per scope trace: the drawing stays cheap on the main thread,
   // which also carries every frame to and from the node.

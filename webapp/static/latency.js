@@ -63,6 +63,7 @@ export function answerReceived(samples, at) {
 }
 
 export function playbackReport(report) {
+  state.playback = report;
   if (!state.latency) return;
   state.latency.bufferMs = report.meanBufferedMs;
   state.latency.underruns = report.underruns;

@@ -72,12 +72,18 @@ function onLobbyMessage(m) {
   if (m.session_id) state.session.id = m.session_id;
   switch (m.type) {
     case "queued":
+    case "booting":
+      if (state.moveFrom) { // still playing on the old node: say so, keep streaming
+        setStatus(`Streaming on node ${state.moveFrom.nodeId} while a node of the new version ${m.type === "queued" ? "frees up" : "starts"} in ${m.region}…`, "ok", "streaming");
+        break;
+      }
+      if (m.type === "booting") {
+        showBoot(m.eta_s);
+        setStatus(`Starting a voice node for you in ${m.region}…${note(m)}`, "busy", "booting");
+        break;
+      }
       hideBoot();
       setStatus(`Queued: #${m.position} in line for ${ui.model.value} in ${m.region}. Waiting for a free slot…${note(m)}`, "busy", "queued");
-      break;
-    case "booting":
-      showBoot(m.eta_s);
-      setStatus(`Starting a voice node for you in ${m.region}…${note(m)}`, "busy", "booting");
       break;
     case "ready":
       clearTimeout(state.retryTimer);

@@ -1,58 +1,154 @@
 // The node socket ({node_url}?ticket=T): start -> started -> PCM frames both ways ->
 // stop; losing the node resumes the session through the lobby, with backoff.
+// A planned move (the node sends {"type": "move"}: its version is being replaced) is
+// make-before-break: the page resumes through the lobby while the old stream plays on,
+// streams the microphone to both nodes, crossfades playback once the new node answers,
+// then stops the old stream.
 import { config, state } from "./state.js";
-import { answerReceived, frameSent, resetLatency } from "./latency.js";
+import { answerReceived, frameSent, playbackReport, resetLatency } from "./latency.js";
 import { openLobby } from "./lobby.js";
 import { fail } from "./session.js";
 import { setStatus, ui } from "./ui.js";
 
 export function connectNode(m) {
-  closeNode(false); // a new "ready" while streaming means: switch nodes
+  const moving = state.moveFrom !== null && state.moveFrom.readyState === WebSocket.OPEN;
+  if (moving) {
+    const extra = state.node; // a second "ready" during the move: drop the first new one
+    if (extra && extra !== state.moveFrom) {
+      extra.onopen = extra.onmessage = extra.onclose = null;
+      extra.close(1000);
+    }
+  } else {
+    closeNode(false); // a new "ready" while streaming means: switch nodes
+  }
   state.session.region = m.region;
   state.session.nodeId = m.node_id;
   state.lastNodeError = "";
   const ws = new WebSocket(`${m.node_url}?ticket=${encodeURIComponent(m.ticket)}`);
   ws.binaryType = "arraybuffer";
+  ws.nodeId = m.node_id;
+  ws.started = false; // answered "started": frames may go to it
   state.node = ws;
-  setStatus(`Connecting to node ${m.node_id} in ${m.region}…`, "busy", "connecting");
+  if (moving) {
+    setStatus(`${ui.status.textContent.replace(/ \(moving.*$/, "")} (moving to node ${m.node_id} in ${m.region}…)`, "ok", "streaming");
+  } else {
+    setStatus(`Connecting to node ${m.node_id} in ${m.region}…`, "busy", "connecting");
+  }
   ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: state.audio.ctx.sampleRate }));
   ws.onmessage = (e) => {
-    if (typeof e.data !== "string") return onNodeAudio(e.data);
+    if (typeof e.data !== "string") return onNodeAudio(ws, e.data);
     const msg = JSON.parse(e.data);
-    if (msg.type === "started") onStarted(msg);
+    if (msg.type === "started") onStarted(ws, msg);
+    else if (msg.type === "move") onMove(ws, msg);
     else if (msg.type === "error") state.lastNodeError = msg.message || msg.code || "";
   };
   ws.onclose = (e) => onNodeClose(ws, e.code);
 }
 
-function onStarted(m) {
+function onStarted(ws, m) {
+  ws.started = true;
   state.streaming = true;
   state.startedAt = performance.now();
   resetLatency(m.latency_ms);
-  state.audio.playback.port.postMessage("reset");
-  setStatus(`Streaming ${m.model || ui.model.value} on node ${state.session.nodeId} in ${state.session.region}.`, "ok", "streaming");
+  const moving = state.moveFrom !== null;
+  // During a move the old stream keeps playing: the new one fills a second buffer.
+  const warmUp = Math.round(((m.latency_ms || 0) * state.audio.ctx.sampleRate) / 1000);
+  state.audio.playback.port.postMessage(moving ? { nextSkip: warmUp } : "reset");
+  const what = moving ? "Moving to" : "Streaming";
+  setStatus(`${what} ${m.model || ui.model.value} on node ${state.session.nodeId} in ${state.session.region}.`, "ok", "streaming");
+}
+
+// The node is being drained (a new version replaces it): get the new stream first.
+function onMove(ws, m) {
+  if (ws !== state.node || state.moveFrom !== null || !state.active) return;
+  console.info(`node ${ws.nodeId} asks to move (${m.reason}); closing in ${m.close_in_ms} ms`);
+  if (!config.MAKE_BEFORE_BREAK) return; // wait for the close, then resume
+  state.moveFrom = ws;
+  state.moveStart = performance.now();
+  state.moveNoticeAt = state.audio.ctx.currentTime;
+  setStatus(`${ui.status.textContent} (moving: ${m.message || "the node is draining"})`, "ok", "streaming");
+  openLobby({ resume: state.session.id, moving: true });
+}
+
+// The playback worklet's report, or its word that a move's crossfade is over.
+export function onPlayback(report) {
+  if (report && report.switched) finishMove(report.at);
+  else playbackReport(report);
+}
+
+function finishMove(at) {
+  const old = state.moveFrom;
+  state.moveFrom = null;
+  if (!old) return;
+  // noticeAt, at: context times of the node's "move" and of the end of the crossfade
+  state.moves.push({ from: old.nodeId, to: state.node && state.node.nodeId,
+    ms: performance.now() - state.moveStart, noticeAt: state.moveNoticeAt, at });
+  stopSocket(old);
+  if (state.node && state.node.started) {
+    setStatus(`Streaming ${ui.model.value} on node ${state.session.nodeId} in ${state.session.region} (moved from ${old.nodeId}).`, "ok", "streaming");
+  }
 }
 
 // A captured frame from the capture worklet; `frameEnd` is its last sample's context
-// time, `meanFillMs` how long its samples waited in the worklet on average.
+// time, `meanFillMs` how long its samples waited in the worklet on average. During a
+// move it goes to both nodes.
 export function sendFrame(buf, frameEnd, meanFillMs) {
+  if (!state.streaming) return;
+  const old = state.moveFrom;
+  if (old && old !== state.node && canSend(old)) old.send(buf);
   const ws = state.node;
-  if (!state.streaming || !ws || ws.readyState !== WebSocket.OPEN) return;
-  if (ws.bufferedAmount > config.MAX_UNSENT_BYTES) return; // congested: drop, never queue
+  if (!ws || !canSend(ws)) return;
   ws.send(buf);
   frameSent(buf.byteLength >> 1, frameEnd, meanFillMs, state.audio.ctx);
 }
 
-function onNodeAudio(buf) {
+// Open, started, and not congested (drop, never queue).
+function canSend(ws) {
+  return ws.started && ws.readyState === WebSocket.OPEN && ws.bufferedAmount <= config.MAX_UNSENT_BYTES;
+}
+
+function onNodeAudio(ws, buf) {
   if (!state.audio) return;
-  answerReceived(buf.byteLength >> 1, performance.now());
+  if (ws === state.node) {
+    answerReceived(buf.byteLength >> 1, performance.now());
+    if (state.moveFrom !== null && state.moveFrom !== ws) {
+      state.audio.playback.port.postMessage({ next: buf }, [buf]);
+      return;
+    }
+  } else if (ws !== state.moveFrom) {
+    return; // a socket we left
+  }
   state.audio.playback.port.postMessage(buf, [buf]);
 }
 
 function onNodeClose(ws, code) {
+  if (ws === state.moveFrom && ws !== state.node) {
+    state.moveFrom = null; // the old node closed first (its deadline): the new one plays
+    if (state.audio) state.audio.playback.port.postMessage("next-now");
+    return;
+  }
   if (state.node !== ws) return; // an old node we left on purpose
   console.info(`node socket closed with code ${code}`);
+  if (ws === state.moveFrom && state.lobby) {
+    // Closed before the new node was ready: the move's lobby is still on it.
+    state.moveFrom = state.node = null;
+    state.streaming = false;
+    setStatus("Moving to a new node…", "busy", "reconnecting");
+    return;
+  }
+  const old = state.moveFrom;
+  if (old && old !== ws && old.readyState === WebSocket.OPEN) {
+    // The move's new stream failed: keep playing the old one (its node closes it at its
+    // deadline, and the page then resumes as after any lost node).
+    state.moveFrom = null;
+    state.node = old;
+    state.session.nodeId = old.nodeId;
+    state.streaming = true;
+    state.audio.playback.port.postMessage("drop-next");
+    return;
+  }
   state.node = null;
+  state.moveFrom = null;
   state.streaming = false;
   if (!state.active) return;
   if (code === 4409) {
@@ -85,20 +181,34 @@ export function nodeLost(why, what = "Node lost") {
     config.RETRY_BASE_MS * 2 ** (state.retries - 1));
 }
 
+// Ask a node to flush and close (1000); force-close after 1 s. Resolves once closed.
+function stopSocket(ws) {
+  ws.onopen = ws.onmessage = null;
+  if (ws.readyState !== WebSocket.OPEN) {
+    ws.onclose = null;
+    ws.close(1000);
+    return Promise.resolve();
+  }
+  ws.send(JSON.stringify({ type: "stop" }));
+  return new Promise((resolve) => {
+    ws.onclose = resolve;
+    setTimeout(() => { ws.close(1000); resolve(); }, 1000);
+  });
+}
+
 // sendStop: ask the node to flush and close (1000); force-close after 1 s.
+// A move's old stream, if any, is stopped too.
 export function closeNode(sendStop) {
+  const old = state.moveFrom;
+  state.moveFrom = null;
+  if (old && old !== state.node) stopSocket(old);
   const ws = state.node;
   state.node = null;
   if (!ws) return;
-  ws.onopen = ws.onmessage = null;
-  if (sendStop && ws.readyState === WebSocket.OPEN) {
-    ws.send(JSON.stringify({ type: "stop" }));
-    state.nodeClosing = new Promise((resolve) => {
-      ws.onclose = resolve;
-      setTimeout(() => { ws.close(1000); resolve(); }, 1000);
-    });
+  if (sendStop) {
+    state.nodeClosing = stopSocket(ws);
   } else {
-    ws.onclose = null;
+    ws.onopen = ws.onmessage = ws.onclose = null;
     ws.close(1000);
   }
 }

@@ -7,9 +7,59 @@
 // - Audio that arrives in a burst after a stall would otherwise stay queued for good
 //   (frames come in as fast as they play): when the buffer never fell below floorMs
 //   during a whole report period, the excess above floorMs is dropped.
-// Every ~100 ms it posts {meanBufferedMs, bufferedMs, underruns, dropped} for the latency
-// read-out: meanBufferedMs is the depth averaged over every render quantum since the last
-// report, which is the mean time a sample waits here (a FIFO's mean delay is its mean depth).
+// A planned move (make-before-break): {nextSkip: n} opens a second buffer for the new
+// node's answers ({next: ArrayBuffer}), skipping their first n samples (the model's
+// latency: the warm-up silence of a fresh stream); once it holds targetMs the output crossfades from the old
+// buffer to the new one over fadeMs, the new one becomes the buffer, and the processor
+// posts {switched: true} (the page then stops the old stream). "drop-next" abandons it,
+// "next-now" switches at once (the old stream closed first).
+// Every ~100 ms it posts {meanBufferedMs, bufferedMs, underruns, dropped, longestGapMs,
+// gapMs} for the latency read-out: meanBufferedMs is the depth averaged over every render
+// quantum since the last report, which is the mean time a sample waits here (a FIFO's mean
+// delay is its mean depth). longestGapMs is the longest run of silent output (|x| < 1e-4:
+// underruns and silence the node sent) since playback first started or the last
+// "gap-reset" (longestGapEnd: the context time it ended); gapMs the current run; gaps the
+// last silences of GAP_LOGGED samples or more, with the context time each ended.
+const SILENT = 1e-4;
+const GAP_LOGGED = 128; // silences this long (samples) or longer are listed with their end
+
+class Ring {
+  constructor(samples) {
+    this.buf = new Float32Array(samples);
+    this.read = 0;
+    this.size = 0;
+    this.dropped = 0;
+  }
+
+  push(data) {
+    const view = new DataView(data);
+    const n = data.byteLength >> 1;
+    const len = this.buf.length;
+    for (let i = 0; i < n; i++) {
+      if (this.size === len) this.skip(1);
+      this.buf[(this.read + this.size) % len] = view.getInt16(i * 2, true) / 32768;
+      this.size++;
+    }
+  }
+
+  pop() {
+    const x = this.buf[this.read];
+    this.read = (this.read + 1) % this.buf.length;
+    this.size--;
+    return x;
+  }
+
+  skip(n) {
+    this.read = (this.read + n) % this.buf.length;
+    this.size -= n;
+    this.dropped += n;
+  }
+
+  clear() {
+    this.size = 0;
+  }
+}
+
 class PlaybackProcessor extends AudioWorkletProcessor {
   constructor(options) {
     super();
@@ -17,77 +67,144 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     this.target = Math.round((sampleRate * o.targetMs) / 1000);
     this.cap = Math.round((sampleRate * o.maxMs) / 1000);
     this.floor = Math.round((sampleRate * o.floorMs) / 1000);
+    this.fadeLen = Math.max(1, Math.round((sampleRate * (o.fadeMs || 30)) / 1000));
     this.minDepth = Infinity; // lowest depth this report period, while playing
-    this.ring = new Float32Array(sampleRate); // 1 s: far above cap + one frame
-    this.read = 0;
-    this.size = 0;
+    this.ring = new Ring(sampleRate); // 1 s: far above cap + one frame
+    this.next = null; // the new node's buffer during a move
+    this.nextSkip = 0; // samples of the new node's answers still to skip
+    this.fade = -1; // samples into the crossfade; -1: none
     this.playing = false;
     this.underruns = 0;
-    this.dropped = 0;
+    this.droppedBefore = 0; // dropped by buffers replaced in moves
     this.sinceReport = 0;
     this.depthSum = 0; // sum over quanta of the depth (samples) at the start of each
     this.quanta = 0;
-    this.port.onmessage = (e) => this.push(e.data);
+    this.gap = 0; // silent output samples in a row
+    this.longestGap = 0;
+    this.longestGapEnd = 0; // context time at its end
+    this.gaps = []; // the last 50 silences of GAP_LOGGED or more: {ms, end (context time)}
+    this.measuring = false; // from the first playback on
+    this.port.onmessage = (e) => this.message(e.data);
   }
 
-  push(data) {
+  message(data) {
     if (data === "reset") {
-      this.size = 0;
+      this.ring.clear();
       this.playing = false;
-      return;
+    } else if (data && data.nextSkip !== undefined) {
+      this.next = new Ring(sampleRate);
+      this.nextSkip = data.nextSkip; // the new model's warm-up: silence, not the voice
+      this.fade = -1;
+    } else if (data === "next-now" && this.next) { // the old stream is gone: no fade
+      this.droppedBefore += this.ring.dropped;
+      this.ring = this.next;
+      this.next = null;
+      this.fade = -1;
+      this.playing = false; // restarts at the target depth
+    } else if (data === "drop-next") {
+      this.next = null;
+      this.fade = -1;
+    } else if (data === "gap-reset") {
+      this.gap = this.longestGap = 0;
+      this.gaps = [];
+    } else if (data instanceof ArrayBuffer) {
+      this.ring.push(data);
+      if (this.ring.size > this.cap) this.ring.skip(this.ring.size - this.target);
+    } else if (data && data.next instanceof ArrayBuffer && this.next) {
+      const skip = Math.min(this.nextSkip, data.next.byteLength >> 1);
+      this.nextSkip -= skip;
+      if (skip * 2 === data.next.byteLength) return;
+      this.next.push(skip ? data.next.slice(skip * 2) : data.next);
+      if (this.next.size > this.cap) this.next.skip(this.next.size - this.target);
     }
-    const view = new DataView(data);
-    const n = data.byteLength >> 1;
-    const len = this.ring.length;
-    for (let i = 0; i < n; i++) {
-      if (this.size === len) this.skip(1);
-      this.ring[(this.read + this.size) % len] = view.getInt16(i * 2, true) / 32768;
-      this.size++;
-    }
-    if (this.size > this.cap) this.skip(this.size - this.target);
-  }
-
-  skip(n) {
-    this.read = (this.read + n) % this.ring.length;
-    this.size -= n;
-    this.dropped += n;
   }
 
   process(inputs, outputs) {
     const out = outputs[0][0];
-    this.depthSum += this.size;
+    this.depthSum += this.ring.size;
     this.quanta++;
-    if (this.playing) this.minDepth = Math.min(this.minDepth, this.size);
-    if (!this.playing && this.size >= this.target) this.playing = true;
+    if (this.playing) this.minDepth = Math.min(this.minDepth, this.ring.size);
+    if (!this.playing && this.ring.size >= this.target) this.playing = true;
+    if (this.next && this.fade < 0 && this.next.size >= this.target) this.fade = 0;
     let i = 0;
-    if (this.playing) {
-      const len = this.ring.length;
-      for (; i < out.length && this.size > 0; i++) {
-        out[i] = this.ring[this.read];
-        this.read = (this.read + 1) % len;
-        this.size--;
-      }
+    if (this.fade >= 0) {
+      i = this.crossfade(out);
+    } else if (this.playing) {
+      for (; i < out.length && this.ring.size > 0; i++) out[i] = this.ring.pop();
       if (i < out.length) {
         this.playing = false;
         this.underruns++;
       }
     }
     out.fill(0, i);
+    this.measure(out);
     this.sinceReport += out.length;
-    if (this.sinceReport >= sampleRate / 10) {
-      if (this.playing && this.minDepth !== Infinity && this.minDepth > this.floor) {
-        this.skip(this.minDepth - this.floor); // a standing excess: latency for nothing
-      }
-      this.minDepth = Infinity;
-      this.port.postMessage({
-        meanBufferedMs: (this.depthSum * 1000) / this.quanta / sampleRate,
-        bufferedMs: (this.size * 1000) / sampleRate,
-        underruns: this.underruns,
-        dropped: this.dropped,
-      });
-      this.sinceReport = this.depthSum = this.quanta = 0;
-    }
+    if (this.sinceReport >= sampleRate / 10) this.report();
     return true;
+  }
+
+  // Old buffer fading out, new one fading in (equal-gain: both carry the same voice);
+  // either may run dry meanwhile (the old node may close), the other carries on.
+  crossfade(out) {
+    let i = 0;
+    for (; i < out.length && this.fade < this.fadeLen; i++, this.fade++) {
+      const g = this.fade / this.fadeLen;
+      const a = this.ring.size > 0 ? this.ring.pop() : 0;
+      const b = this.next.size > 0 ? this.next.pop() : 0;
+      out[i] = a * (1 - g) + b * g;
+    }
+    if (this.fade >= this.fadeLen) {
+      this.droppedBefore += this.ring.dropped;
+      this.ring = this.next;
+      this.next = null;
+      this.fade = -1;
+      this.playing = true;
+      this.minDepth = Infinity;
+      this.port.postMessage({ switched: true, at: currentTime });
+      for (; i < out.length && this.ring.size > 0; i++) out[i] = this.ring.pop();
+      if (i < out.length) {
+        this.playing = false;
+        this.underruns++;
+      }
+    }
+    return i;
+  }
+
+  measure(out) {
+    if (this.playing) this.measuring = true;
+    if (!this.measuring) return;
+    for (let i = 0; i < out.length; i++) {
+      if (Math.abs(out[i]) < SILENT) {
+        if (++this.gap > this.longestGap) {
+          this.longestGap = this.gap;
+          this.longestGapEnd = currentTime + (i + 1) / sampleRate;
+        }
+      } else {
+        if (this.gap >= GAP_LOGGED) {
+          this.gaps.push({ ms: (this.gap * 1000) / sampleRate, end: currentTime + i / sampleRate });
+          if (this.gaps.length > 50) this.gaps.shift();
+        }
+        this.gap = 0;
+      }
+    }
+  }
+
+  report() {
+    if (this.playing && this.fade < 0 && this.minDepth !== Infinity && this.minDepth > this.floor) {
+      this.ring.skip(this.minDepth - this.floor); // a standing excess: latency for nothing
+    }
+    this.minDepth = Infinity;
+    this.port.postMessage({
+      meanBufferedMs: (this.depthSum * 1000) / this.quanta / sampleRate,
+      bufferedMs: (this.ring.size * 1000) / sampleRate,
+      underruns: this.underruns,
+      dropped: this.droppedBefore + this.ring.dropped,
+      longestGapMs: (this.longestGap * 1000) / sampleRate,
+      longestGapEnd: this.longestGapEnd,
+      gaps: this.gaps.slice(),
+      gapMs: (this.gap * 1000) / sampleRate,
+    });
+    this.sinceReport = this.depthSum = this.quanta = 0;
   }
 }
 

@@ -2,9 +2,8 @@
 import { state } from "./state.js";
 import { refreshUsage } from "./api.js";
 import { closeAudio, micMessage, openAudio } from "./audio.js";
-import { playbackReport } from "./latency.js";
 import { closeLobby, openLobby } from "./lobby.js";
-import { closeNode, sendFrame } from "./node.js";
+import { closeNode, onPlayback, sendFrame } from "./node.js";
 import { hideBoot, setButtons, setStatus, ui } from "./ui.js";
 
 export async function start(takeover = false) {
@@ -19,7 +18,7 @@ export async function start(takeover = false) {
   setStatus("Asking for the microphone…", "busy", "connecting");
   let opened;
   try {
-    opened = await openAudio(sendFrame, playbackReport);
+    opened = await openAudio(sendFrame, onPlayback);
   } catch (err) {
     if (mine === state.attempt && state.active) fail(micMessage(err));
     return;

@@ -13,6 +13,11 @@ export const config = {
   RETRY_BASE_MS: 1000,
   STABLE_MS: 10000, // streaming this long on a node resets the retry count
   MAX_UNSENT_BYTES: 96000, // ~1 s at 48 kHz: skip frames rather than queue latency
+  // A planned move (the node says "move"): open the new stream first, crossfade over
+  // FADE_MS once it answers, then stop the old one. Off: wait for the old node to close
+  // the stream, then resume (a gap of a second or more; tests use it as the baseline).
+  MAKE_BEFORE_BREAK: true,
+  FADE_MS: 30,
 };
 
 export const state = {
@@ -23,6 +28,11 @@ export const state = {
   audio: null, // {ctx, stream, capture, playback, inAnalyser, outAnalyser, inputLatencyS}
   lobby: null, // current lobby WebSocket
   node: null, // current node WebSocket
+  moveFrom: null, // during a planned move: the old node's WebSocket, still playing
+  moveStart: 0, // performance.now() of the move's notice
+  moveNoticeAt: 0, // the same in context time
+  moves: [], // planned moves done: {from, to, ms, noticeAt, at} (see node.js finishMove)
+  playback: null, // the playback worklet's last report (buffer, underruns, longest gap)
   nodeClosing: Promise.resolve(), // resolves once a stopped node socket has closed
   streaming: false, // node answered "started"
   session: { id: null, region: null, nodeId: null },
@@ -36,3 +46,4 @@ export const state = {
 };
 
 window.voiceState = state;
+window.voiceConfig = config;

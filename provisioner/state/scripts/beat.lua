@@ -70,7 +70,10 @@ end
 base = base + 3 * m
 for k = 1, #KEYS - 3 - n - m do
   local lock, sid = KEYS[3 + n + m + k], ARGV[base + k]
-  if not mine[sid] and redis.call('HGET', lock, 'session') == sid then
+  -- not when the session streams on another node now (a planned move, make-before-break:
+  -- the old connection closes after the new one took the lock)
+  local h = redis.call('HMGET', lock, 'session', 'node')
+  if not mine[sid] and h[1] == sid and (not h[2] or h[2] == ARGV[7]) then
     redis.call('DEL', lock)
   end
 end

@@ -1,0 +1,214 @@
+"""Planned moves without a gap (issue 10, item 6): a real browser streams through the real
+page to a real node; deploying a new version drains that node, which tells the page to move;
+the page opens the new stream before it stops the old one and crossfades.
+
+The measure is the playback worklet's own: the longest run of silent output samples
+(|x| < 1e-4, underruns included) while it plays the fake microphone's continuous tone. The
+baseline test turns make-before-break off in the page and shows the same measure catching
+the gap of the old way (wait for the node's 4503, then resume).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import pytest
+from conftest import ControlPlane, lobby, start_stream
+from playwright.sync_api import Browser, Page, expect
+from test_page import browser, open_page, pw, tone_wav, wait_until  # noqa: F401  fixtures
+
+from common.states import NodeState
+from worker_node.agent import Agent
+from worker_node.runtime import MIN_MOVE_S, MOVE_NOTICE_S, NodeRuntime, Stream
+
+AFTER_SWITCH_S = 0.25   # the crossfade ended: what follows is the jitter buffer as ever
+WARM_S = 5.0   # a v2 node is booted for another user before the v1 node says "move"
+FRAME_MS = 20.0   # "no gap longer than one frame" (the page sends 10 ms frames: stricter still)
+
+
+def _state(page: Page) -> dict[str, Any]:
+    return dict(page.evaluate("""() => { const s = window.voiceState;
+        return {session: s.session.id, node: s.session.nodeId, moves: s.moves,
+                moving: s.moveFrom !== null, playback: s.playback,
+                status: document.getElementById("status").textContent}; }"""))
+
+
+def _stream_then_deploy(cp: ControlPlane, browser: Browser,  # noqa: F811
+                        make_before_break: bool, held: list[Any]) -> tuple[Page, dict[str, Any]]:
+    """Stream teto v1 for a while, reset the gap measure, deploy teto v2 (the v1 node
+    drains at once), and wait until the session streams on a v2 node."""
+    page = open_page(browser, cp.base_url)
+    page.evaluate(f"() => {{ window.voiceConfig.MAKE_BEFORE_BREAK = "
+                  f"{'true' if make_before_break else 'false'}; }}")
+    page.select_option("#model", "teto")
+    page.select_option("#region", "us-west")
+    page.click("#start")
+    expect(page.locator("body")).to_have_attribute("data-state", "streaming", timeout=30_000)
+    page.wait_for_timeout(1500)   # playing steadily
+    before = _state(page)
+    page.evaluate("() => window.voiceState.audio.playback.port.postMessage('gap-reset')")
+    # The v1 node tells its streams to move MOVE_NOTICE_S before its deadline. With
+    # make-before-break off, the page waits for the node to cut the stream: a short drain
+    # limit then keeps the test short.
+    limit_s = MOVE_NOTICE_S + WARM_S if make_before_break else 1.0
+    deployed = time.time()
+    cp.state.deploy("teto", "2", 7.0, deployed + limit_s)
+    if make_before_break:
+        # A v2 node up (another user streams there) before the notice: booting a node
+        # process beside the browser on this 2-core machine makes the jitter buffer run dry
+        # for up to ~20 ms whether or not anything moves; in production it boots elsewhere.
+        ready = lobby(cp.ws_url, "user=warm-v2&model=teto&region=us-west")[-1]
+        held.append(start_stream(ready))
+        print(f"\nv2 node {ready['node_id']} streaming {time.time() - deployed:.1f} s after "
+              f"the deploy; the notice comes {limit_s - MOVE_NOTICE_S:.1f} s after it")
+
+    def on_v2() -> bool:
+        s = _state(page)
+        rec = cp.state.node(s["node"]) if s["node"] else None
+        return (rec is not None and rec.version == "2" and not s["moving"]
+                and page.get_attribute("body", "data-state") == "streaming")
+
+    wait_until(page, on_v2, "the session to stream on a v2 node", polls=300)
+    page.wait_for_timeout(1000)   # a second on the new node, and a fresh worklet report
+    after = _state(page)
+    after["now"] = page.evaluate("() => window.voiceState.audio.ctx.currentTime")
+    assert after["session"] == before["session"], (before, after)   # the same session
+    assert after["node"] != before["node"]
+    return page, {"before": before, "after": after}
+
+
+def test_planned_move_has_no_gap(control_plane: ControlPlane,
+                                 browser: Browser) -> None:  # noqa: F811
+    page, seen = _stream_then_deploy(control_plane, browser, make_before_break=True, held=[])
+    before, after = seen["before"], seen["after"]
+    assert len(after["moves"]) == 1, after   # made before broken: the page switched itself
+    move = after["moves"][0]
+    assert (move["from"], move["to"]) == (before["node"], after["node"]), move
+    # Across the move: from the node's notice until shortly after the crossfade ended.
+    # The jitter buffer (20 ms target) also runs dry now and then without any move, when
+    # the shared 2-core machine stalls the browser or a node (seen up to ~45 ms): such a
+    # stall may fall inside the move's window too, so the bound is one frame, or the worst
+    # silence of the same run outside the move if a stall made that longer.
+    gaps = after["playback"]["gaps"]
+    start, end = move["noticeAt"], move["at"] + AFTER_SWITCH_S
+    inside = [start <= g["end"] and g["end"] - g["ms"] / 1000 <= end for g in gaps]
+    across = [g["ms"] for g, i in zip(gaps, inside, strict=True) if i]
+    elsewhere = [g["ms"] for g, i in zip(gaps, inside, strict=True) if not i]
+    print(f"\nplanned move {move['from']} -> {move['to']}: notice to switch "
+          f"{move['ms']:.0f} ms; longest silence across it {max(across, default=0):.1f} ms "
+          f"(silences >= 2.7 ms: {across}); elsewhere in the same run: {elsewhere}")
+    print("silences (ms, s from the switch):",
+          [(round(g["ms"], 1), round(g["end"] - move["at"], 2)) for g in gaps])
+    assert max(across, default=0.0) <= max([FRAME_MS, *elsewhere]), (across, gaps, move)
+    page.click("#stop")
+    page.context.close()
+
+
+def test_break_before_make_leaves_a_gap(control_plane: ControlPlane,
+                                        browser: Browser) -> None:  # noqa: F811
+    """The baseline: with make-before-break off, the same move leaves a gap the measure
+    sees (the node cuts the stream at its move deadline and the page resumes after it)."""
+    page, seen = _stream_then_deploy(control_plane, browser, make_before_break=False, held=[])
+    after = seen["after"]
+    print(f"\nbreak-before-make: longest silence {after['playback']['longestGapMs']:.1f} ms")
+    assert after["moves"] == [], after
+    assert after["playback"]["longestGapMs"] > 10 * FRAME_MS, after
+    page.click("#stop")
+    page.context.close()
+
+
+# ---- the parts, one by one -------------------------------------------------------------
+
+
+def _runtime() -> NodeRuntime:
+    node = NodeRuntime("n-old", "teto", "1", "us-west", "local", 7.0, 4, 0.0)
+    node.state = NodeState.READY
+    return node
+
+
+def _stream(node: NodeRuntime, session: str, said: list[str],
+            kicked: list[tuple[int, str]]) -> Stream:
+    s = Stream(session, "carol", 1, kick=lambda code, why: kicked.append((code, session)),
+               notify=said.append)
+    assert node.open(s) is None
+    return s
+
+
+@pytest.mark.parametrize(("told_s_before", "closes_s_after_notice"), [
+    (MOVE_NOTICE_S + 5, MOVE_NOTICE_S),        # a long drain limit: told 10 s ahead
+    (1.0, MIN_MOVE_S),                         # learnt late: MIN_MOVE_S all the same
+])
+def test_a_draining_node_tells_streams_to_move_before_it_closes_them(
+        told_s_before: float, closes_s_after_notice: float) -> None:
+    node, said, kicked = _runtime(), [], []
+    _stream(node, "s-1", said, kicked)
+    deadline = 1000.0
+    node.drain(deadline, deadline - told_s_before)
+    if told_s_before > MOVE_NOTICE_S:
+        assert said == [] and node.state is NodeState.DRAINING   # too early to tell
+        node.drain(deadline, deadline - MOVE_NOTICE_S)
+    notice_at = deadline - min(told_s_before, MOVE_NOTICE_S)
+    [move] = [json.loads(m) for m in said]
+    assert move["type"] == "move" and move["reason"] == "drain"
+    assert move["close_in_ms"] == round(1000 * closes_s_after_notice)
+    assert node.moving("s-1")
+    node.drain(deadline, notice_at + closes_s_after_notice - 0.1)
+    assert kicked == [] and len(said) == 1                # told once, still streaming
+    node.drain(deadline, notice_at + closes_s_after_notice)
+    assert kicked == [(4503, "s-1")]                      # not moved in time: resume
+
+
+class _Orders:
+    """The control plane's answer to a beat, as a node's ControlClient returns it."""
+
+    def __init__(self, orders: dict[str, Any]) -> None:
+        self.orders = orders
+
+    def beat(self, report: dict[str, Any]) -> dict[str, Any]:
+        return self.orders
+
+
+def test_a_moving_stream_is_not_cut_when_its_new_connection_takes_the_lock() -> None:
+    """The lobby's resume gives the moving session a newer fence, so the old node hears
+    that its stream's lock is gone ("lost"): a stream told to move plays on until the page
+    stops it (or its move deadline); any other stream is taken over (4409) as before."""
+    node, said, kicked = _runtime(), [], []
+    _stream(node, "s-moving", said, kicked)
+    node.drain(time.time() + 1.0, time.time())
+    _stream_after_drain = Stream("s-other", "dave", 1,
+                                 kick=lambda code, why: kicked.append((code, "s-other")))
+    with node.lock:   # opened before the drain (a draining node admits nobody new)
+        node.streams["s-other"] = _stream_after_drain
+    agent = Agent(node, _Orders({"lost": ["s-moving", "s-other"], "drain_deadline": None,
+                                 "retarget": None}), 1.0)   # type: ignore[arg-type]
+    agent.beat()
+    assert kicked == [(4409, "s-other")]
+
+
+def test_the_old_connections_close_keeps_the_lock_of_the_new_one(fleet) -> None:  # noqa: ANN001
+    """The old node reports the moved stream closed after the new node took its lock: the
+    user's lock stays (it names the new node), so nobody else can take it meanwhile."""
+    import requests
+
+    def post(path: str, body: object, cred: str = "") -> dict[str, Any]:
+        r = requests.post(f"{fleet.control_url}/api/nodes/{path}", json=body, timeout=10,
+                          headers={"Authorization": f"Bearer {cred}"} if cred else {})
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    creds = {}
+    for name in ("old", "new"):
+        node_id, token = fleet.enroll("miku", node_id=f"n-{name}-{uuid.uuid4().hex[:6]}")
+        creds[name] = post("join", {"token": token, "url": "ws://127.0.0.1:1/ws"})["credential"]
+    beat = {"state": "ready", "progress": 1.0, "serving": "miku:1", "usage": [], "closed": []}
+    assert post("heartbeat", {**beat, "streams": [["carol", "s-1", 1, "c1"]]},
+                creds["old"])["lost"] == []
+    assert post("heartbeat", {**beat, "streams": [["carol", "s-1", 2, "c2"]]},
+                creds["new"])["lost"] == []                      # the move's new connection
+    assert post("heartbeat", {**beat, "streams": [["carol", "s-1", 1, "c1"]]},
+                creds["old"])["lost"] == ["s-1"]                 # the old one is told
+    post("heartbeat", {**beat, "streams": [], "closed": [["carol", "s-1"]]}, creds["old"])
+    assert fleet.state.lock_holder("carol") == "s-1"
