@@ -5,6 +5,7 @@ touching other nodes' sockets."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 
 import pytest
@@ -111,7 +112,9 @@ def test_a_node_that_drops_its_socket_may_reconnect_at_once(fleet: Fleet) -> Non
     (node_id, cred), (_, other) = joined(fleet, 2)
     ws = beat_socket(fleet, cred)
     assert "error" not in beat(ws)
-    ws.sock.close()                      # dropped without a close frame (a crashed machine)
+    ws.sock.shutdown(socket.SHUT_RDWR)   # dropped without a close frame: a crashed process
+    ws.sock.close()                      # (its kernel closes the socket; close() alone may
+                                         # wait for the client's own reader thread)
     # seen at once: nobody is placed there until it beats again
     wait_for(lambda: (r := fleet.state.node(node_id)) and r.reported_lost, 5,
              "a dropped heartbeat socket was not taken as a loss")
