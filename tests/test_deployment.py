@@ -145,6 +145,24 @@ def test_webapp_refuses_a_database_voicectl_migrate_has_not_prepared(redis_url: 
     assert out.returncode != 0 and "run `voicectl migrate`" in out.stdout + out.stderr
 
 
+def test_the_webapp_loads_no_task_code_and_no_cloud_driver(redis_url: str,
+                                                          tmp_path: Path) -> None:
+    """The webapp places users and sends the scaler its kick by name; creating machines is
+    the worker's. Its process (as gunicorn loads it) holds no libcloud and no task code."""
+    db = f"sqlite:///{tmp_path / 'b.sqlite'}"
+    Ledger.open(db).engine.dispose()                    # migrated, as `voicectl migrate` does
+    env = {"PATH": os.environ["PATH"], "REDIS_URL": redis_url, "DATABASE_URL": db,
+           "TICKET_SECRET": SECRET, "USER_TOKEN_SECRET": USER_SECRET,
+           "VOICE_PUBLIC_URL": "http://127.0.0.1:8000"}
+    probe = ("import sys, webapp.wsgi; print(sorted(m for m in sys.modules if m.split('.')[0] "
+             "== 'libcloud' or m in ('provisioner.tasks', 'provisioner.fleet', "
+             "'provisioner.clouds')))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_short_secrets_are_refused(tmp_path: Path) -> None:
     out = start(CELERY, {"REDIS_URL": "redis://127.0.0.1:1/0", "DATABASE_URL": "sqlite://",
                          "TICKET_SECRET": "changeme", "USER_TOKEN_SECRET": USER_SECRET,

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 
+from celery import Celery
+
 from billing.ledger import Ledger
 from common.config import load_config
 from common.errors import VoiceError
 from provisioner.state import State, connect
-from provisioner.tasks import make_celery
 from webapp.app import before_serving, create_app
 
 log = logging.getLogger("webapp.wsgi")
@@ -31,6 +32,7 @@ except VoiceError as e:
     raise
 state = State(connect(cfg.redis_url or ""))   # load_config(deployed=True) required it
 state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
-celery = make_celery(cfg)
+# only sends the scaler's kick by name: the webapp loads no task code, no cloud driver
+celery = Celery("voice", broker=cfg.redis_url)
 app = create_app(cfg, state, lambda: celery.send_task("provisioner.scale"), ledger)
 before_serving()
