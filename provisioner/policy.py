@@ -115,7 +115,10 @@ class ScalingConfig:
     region_provider: Mapping[str, str] = field(default_factory=dict)
     min_nodes_by_model: Mapping[str, int] = field(default_factory=dict)  # per pool
     max_nodes_by_model: Mapping[str, int] = field(default_factory=dict)  # per pool
-    default_max_nodes: int = 50
+    # A runaway guard per pool, not a plan: a provider's quota is a region's max_nodes. At 50
+    # (200 slots) the guard bound below the bursty day's busiest pools (up to 249 sessions),
+    # and their users waited for slots nobody would boot.
+    default_max_nodes: int = 250
     idle_grace_s: float = 60.0
     # An idle node stops only when at most this much of its paid increment is left, so a
     # provider billing whole hours gets its hour's worth (60 s increments: any time).

@@ -141,6 +141,13 @@ def test_max_nodes_caps_boots() -> None:
     assert d.boot == (key(),)
 
 
+def test_the_default_cap_leaves_room_for_a_busy_pool() -> None:
+    """The default cap per pool is a runaway guard, not a plan: the bursty day's busiest
+    pools peak near 250 sessions, so 240 users waiting boot a node for every four."""
+    d = decide(snap(pools=(demand(key(), waiting=240),)), NOW, CFG)
+    assert len(d.boot) == 60
+
+
 def test_never_stops_a_node_with_sessions() -> None:
     cfg = replace(CFG, max_nodes_by_model={"miku": 1})       # over the maximum, even
     busy = [node(f"n{i}", sessions=1) for i in range(5)]
