@@ -126,7 +126,9 @@ class ScalingConfig:
     # Warm buffer: z-score of the net arrivals while new capacity gets ready. 2.2 kept
     # waits under 2 % of users in the simulator's diurnal day (see docs of simulate).
     buffer_z: float = 2.2
-    reaction_s: float = 5.0            # how late the policy may notice: its tick period
+    # How late the policy may notice: the beat's tick (inputs.TICK_S); a lobby that finds no
+    # slot asks for a step at once.
+    reaction_s: float = 2.0
     stop_margin_slots: int = 2         # hysteresis: free slots beyond the buffer kept up
     default_boot_s: float = 60.0       # for a provider missing from boot_s_by_provider
     fixed_buffer_nodes: int = 1        # decide_fixed_buffer: free nodes' worth of slots
