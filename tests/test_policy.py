@@ -315,6 +315,19 @@ def test_a_queue_sizes_its_pool_for_the_arrivals_of_a_whole_boot() -> None:
     assert d.retarget == ()
 
 
+def test_a_region_billing_whole_hours_keeps_a_smaller_buffer() -> None:
+    """A buffer node that goes unused costs its reaction, boot, load and grace (165 s here)
+    where billing is by the minute, but a whole hour where it is by the hour: its odds of
+    being used must be 3600/165 times better there, so z 2.2 becomes 0.72 and the same
+    arrivals keep fewer free slots (west and east boot equally fast here)."""
+    assert CFG.lead_s("west") == CFG.lead_s("east")
+    assert CFG.buffer_z_at("west") == CFG.buffer_z
+    assert CFG.buffer_z_at("east") == pytest.approx(0.72, abs=0.01)
+    west = decide(snap(pools=(demand(key(region="west"), rate=0.3),)), NOW, CFG)
+    east = decide(snap(pools=(demand(key(region="east"), rate=0.3),)), NOW, CFG)
+    assert (len(west.boot), len(east.boot)) == (11, 9)   # ceil(31.5 + z * sqrt(31.5)) / 4
+
+
 def test_spot_offered_the_buffer_boots_on_spot_demand_on_demand() -> None:
     spot_cfg = replace(CFG, spot_price_per_hour_by_provider={"minute": Decimal("0.40")})
     pools = (demand(key("miku"), waiting=5), demand(key("teto"), rate=0.1))
