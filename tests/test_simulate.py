@@ -23,8 +23,10 @@ from provisioner.policy import (
     decide,
     decide_reactive,
 )
+from provisioner.simreport import undominated
 from provisioner.simtrace import BURST_S, BURSTY_MAX_SESSION_S
 from provisioner.simulate import (
+    SWEEP,
     Session,
     TraceError,
     builtin_trace,
@@ -275,9 +277,31 @@ def test_sweep_draws_one_curve_per_policy(tmp_path: Path) -> None:
     png = tmp_path / "f.png"
     out = json.loads(run_main(["--trace", str(trace), "--sweep", "--json", "--chart",
                                str(png)]).splitlines()[-1])
-    assert set(out["frontier"]) == set(knobs)
+    assert set(out["frontier"]) == set(SWEEP)
     assert all(KEYS <= set(p) and "knob" in p for pts in out["frontier"].values() for p in pts)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lean_curve_is_the_policy_stopping_idle_nodes_at_once() -> None:
+    """policy_lean runs the policy with its CURVES knobs (no idle grace, no margin, blind to
+    paid time): at the same buffer_z it stops more nodes and holds fewer GPU-hours."""
+    config = sim_config()
+    sessions = builtin_trace(config, hours=0.5, seed=2)
+    knobs = {"policy": ("buffer_z", (2.2,)), "policy_lean": ("buffer_z", (2.2,))}
+    curves = sweep(sessions, config, until_s=1800.0, knobs=knobs)
+    (aware,), (lean,) = curves["policy"], curves["policy_lean"]
+    assert lean["stops"] > aware["stops"] and lean["gpu_hours"] < aware["gpu_hours"]
+
+
+def test_undominated_points_are_those_no_setting_of_ours_nor_a_mix_beats() -> None:
+    def point(value: float, cost: float, waited: float) -> dict[str, float]:
+        return {"value": value, "cost_ratio": cost, "wait_fraction": waited}
+    curves = {"ours": [point(0, 1.2, 0.2), point(1, 1.4, 0.0)],
+              "theirs": [point(0, 1.1, 0.3),     # cheaper than any setting of ours
+                         point(1, 1.3, 0.2),     # half of each of ours: 1.3, 10 % waited
+                         point(2, 1.3, 0.05),    # ... not 5 %
+                         point(3, 1.5, 0.0)]}    # ours at 1.4: nobody waits
+    assert undominated(curves, ["ours"]) == [("theirs", 0.0), ("theirs", 2.0)]
 
 
 def test_chart_without_matplotlib_says_how_to_install(tmp_path: Path,
