@@ -8,12 +8,14 @@ import json
 import sys
 from collections import Counter
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from common.config import Config, Model, Provider, Region
 from provisioner.inputs import ASSUMED_SESSION_S, TICK_S, Arrivals
 from provisioner.policy import (
     Decisions,
@@ -22,6 +24,7 @@ from provisioner.policy import (
     Snapshot,
     decide,
     decide_reactive,
+    static_fleet,
 )
 from provisioner.simreport import undominated
 from provisioner.simtrace import BURST_S, BURSTY_MAX_SESSION_S
@@ -191,6 +194,25 @@ def test_users_fill_a_ready_node_then_queue_for_the_next() -> None:
     assert result.boots == 2
     assert result.waits[:5] == [pytest.approx(100.0)] * 5
     assert result.waits[5:] == [0.0, 0.0, 0.0]
+
+
+def test_a_waiting_user_takes_a_slot_freed_in_a_region_within_the_budget() -> None:
+    """Two regions 110 km apart (7 ms): a user of the first waits while the only node, in
+    the second, is full, and takes its slot as soon as a session there ends (as the lobby's
+    waiting room offers every node within the budget), not only once a node of its own home
+    is up; a static fleet boots none for it."""
+    config = Config(regions=(Region("a", "cloud", 37.8, -122.4),
+                             Region("b", "cloud", 38.5, -121.5)),
+                    providers=(Provider("cloud", Decimal("1.10"), billing_increment_s=60,
+                                        boot_s=90.0),),
+                    models=(Model("miku", "1", 4.0),))
+    b_users = [Session(float(i), 50.0 if i == 0 else 500.0, "miku", 38.5, -121.5)
+               for i in range(4)]
+    a_user = Session(10.0, 60.0, "miku", 37.8, -122.4)
+    fleet = {PoolKey("miku", "1", "b"): 1}
+    result = simulate([*b_users, a_user], config, static_fleet(fleet), name="static",
+                      initial=fleet)
+    assert result.waits == [0.0, 0.0, 0.0, 0.0, pytest.approx(40.0)]
 
 
 def test_run_all_never_breaks_the_rules() -> None:
