@@ -426,10 +426,12 @@ def decide(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
 
     Each pool keeps free slots for the arrivals of one reload (`load_s`); each region keeps
     free slots, on idle nodes of any model, for the arrivals of all its pools during one
-    boot (`warm_buffer_slots`). Arrival rates are the minute-scale average while it is
-    significantly above the ten-minute one (a burst), else the ten-minute one. A pool
-    with users waiting plans its own buffer for a whole boot: one decision books nodes for
-    everyone queued plus the arrivals until they are ready. A pool short of room takes
+    boot (`warm_buffer_slots`), both at the region's z-score (`ScalingConfig.buffer_z_at`:
+    lower where a provider bills long increments). Arrival rates are the minute-scale
+    average while it is significantly above the ten-minute one (a burst), else the
+    ten-minute one. A pool with users waiting plans its own buffer for a whole boot: one
+    decision books nodes for everyone queued plus the arrivals until they are ready. A
+    pool short of room takes
     idle nodes of other pools of its region by reloading them (faster than booting a VM),
     then boots the rest; where spot nodes are offered, the region's buffer boots on spot. An
     idle node stops only after `idle_grace_s` empty and near the end of its paid billing
