@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from statistics import NormalDist
 from typing import Any
 
 from common.config import Config
@@ -115,15 +116,21 @@ class ScalingConfig:
     region_provider: Mapping[str, str] = field(default_factory=dict)
     min_nodes_by_model: Mapping[str, int] = field(default_factory=dict)  # per pool
     max_nodes_by_model: Mapping[str, int] = field(default_factory=dict)  # per pool
-    default_max_nodes: int = 50
+    # A runaway guard per pool, not a plan: a provider's quota is a region's max_nodes. At 50
+    # (200 slots) the guard bound below the bursty day's busiest pools (up to 249 sessions),
+    # and their users waited for slots nobody would boot.
+    default_max_nodes: int = 250
     idle_grace_s: float = 60.0
     # An idle node stops only when at most this much of its paid increment is left, so a
     # provider billing whole hours gets its hour's worth (60 s increments: any time).
     stop_window_s: float = 60.0
-    # Warm buffer: z-score of the net arrivals while new capacity gets ready. 2.2 kept
+    # Warm buffer: z-score of the net arrivals while new capacity gets ready, where a buffer
+    # node that goes unused costs about its lead time and grace (see `buffer_z_at`). 2.2 kept
     # waits under 2 % of users in the simulator's diurnal day (see docs of simulate).
     buffer_z: float = 2.2
-    reaction_s: float = 5.0            # how late the policy may notice: its tick period
+    # How late the policy may notice: the beat's tick (inputs.TICK_S); a lobby that finds no
+    # slot asks for a step at once.
+    reaction_s: float = 2.0
     stop_margin_slots: int = 2         # hysteresis: free slots beyond the buffer kept up
     default_boot_s: float = 60.0       # for a provider missing from boot_s_by_provider
     fixed_buffer_nodes: int = 1        # decide_fixed_buffer: free nodes' worth of slots
@@ -150,6 +157,26 @@ class ScalingConfig:
 
     def boot_s(self, provider: str) -> float:
         return self.boot_s_by_provider.get(provider, self.default_boot_s)
+
+    def buffer_z_at(self, region: str) -> float:
+        """The warm buffer's z-score in `region`: `buffer_z`, or lower where the provider
+        bills a node for longer than a buffer node that goes unused would otherwise cost
+        (its reaction, boot, load and idle grace).
+
+        A newsvendor's rule: a buffer node is worth booting while the odds that it is used
+        beat its cost against the value of a user who does not wait. `buffer_z` fixes that
+        service level for the short cost; a node billed `k` times as long (a whole hour
+        against about three minutes) keeps odds `k` times lower: 2.2 becomes 0.8.
+        """
+        short_s = self.reaction_s + self.lead_s(region) + self.idle_grace_s
+        billed_s = self.billing_increment_s_by_provider.get(
+            self.region_provider.get(region, ""), 0.0)
+        if billed_s <= short_s or short_s <= 0:
+            return self.buffer_z
+        normal = NormalDist()
+        level = min(max(normal.cdf(self.buffer_z), 1e-12), 1 - 1e-12)
+        odds = level / (1 - level) * short_s / billed_s
+        return normal.inv_cdf(min(max(odds / (1 + odds), 1e-12), 1 - 1e-12))
 
     def lead_s(self, region: str) -> float:
         """Seconds from asking for a new node in `region` to its first free slot."""
@@ -221,7 +248,7 @@ def _skellam_slots(arrivals: float, ends: float, z: float) -> int:
     return max(0, math.ceil(arrivals - ends + z * math.sqrt(arrivals + ends) - 1e-9))
 
 
-BufferFn = Callable[[int, float, float, float], int]   # streaming, rate, mean_s, lead_s
+BufferFn = Callable[[int, float, float, float, float], int]  # streaming, rate, mean_s, lead_s, z
 
 
 @dataclass(slots=True)
@@ -234,6 +261,7 @@ class _Pool:
     count: int = 0     # nodes kept, as the plan goes
     slots: int = 0     # their slots
     soon: int = 0      # the slots of those ready within the pool's lead time
+    rate: float = 0.0  # arrivals/s to plan for (`_plan_rates`)
 
     @property
     def waiting(self) -> int:
@@ -243,11 +271,10 @@ class _Pool:
     def free(self) -> int:
         return self.slots - self.streaming - self.waiting
 
-    def buffer(self, fn: BufferFn, lead_s: float, fast_tau_s: float) -> int:
+    def buffer(self, fn: BufferFn, lead_s: float, z: float) -> int:
         if self.demand is None:
             return 0   # not live: no buffer, no minimum
-        return fn(self.streaming, self.demand.rate_per_s(fast_tau_s), self.demand.mean_session_s,
-                  lead_s)
+        return fn(self.streaming, self.rate, self.demand.mean_session_s, lead_s, z)
 
     def keep(self, capacity: int, nodes: int = 1, soon: bool = True) -> None:
         self.count += nodes
@@ -274,9 +301,17 @@ def _pools(snapshot: Snapshot) -> dict[PoolKey, _Pool]:
     return {pool.key: pool for pool in pools.values()}
 
 
+def _plan_rates(members: list[_Pool], fast_tau_s: float) -> None:
+    """Set each live pool's planning rate (`PoolDemand.rate_per_s`)."""
+    for p in members:
+        if p.demand:
+            p.rate = p.demand.rate_per_s(fast_tau_s)
+
+
 def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferFn,
           may_stop: Callable[[NodeSnap], bool], pooled: bool, margin: int = 0,
-          queue_lead: bool = False) -> Decisions:
+          queue_lead: bool = False, z_at: Callable[[str], float] | None = None
+          ) -> Decisions:
     """Size every pool to demand + buffer; reuse, keep or stop the idle nodes left over.
 
     Unpooled, each pool keeps the buffer for a new node's full lead time. Pooled, a pool
@@ -288,6 +323,7 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
     With `queue_lead`, a pool with users waiting sizes its buffer for a boot's lead time:
     its queue shows that the region's buffer did not hold, and the arrivals of the next
     boot would otherwise wait a whole boot each (one decision answers the burst).
+    `z_at(region)` is the buffer's z-score there (default `cfg.buffer_z`).
     """
     pools = _pools(snapshot)
     fast_tau = cfg.fast_tau_s
@@ -308,13 +344,15 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
     moves: list[tuple[str, PoolKey]] = []
     for region in sorted(by_region):
         members = by_region[region]
+        z = z_at(region) if z_at else cfg.buffer_z
+        _plan_rates(members, fast_tau)
         reload_faster = pooled and cfg.load_s < cfg.lead_s(region)
         boot_lead = cfg.reaction_s + cfg.lead_s(region)
         lead = cfg.reaction_s + cfg.load_s if reload_faster else boot_lead
         for pool in members:
             ident, key = _ident(pool.key), pool.key
             own_lead = boot_lead if queue_lead and pool.waiting else lead
-            want[ident] = pool.streaming + pool.waiting + pool.buffer(buffer, own_lead, fast_tau)
+            want[ident] = pool.streaming + pool.waiting + pool.buffer(buffer, own_lead, z)
             lo, hi = (cfg.min_nodes(key.model) if pool.demand else 0), cfg.max_nodes(key.model)
             # Unpooled, every coming node counts; pooled, only those ready within a reload.
             ready_slots = sum(n.capacity for n in pool.ready)
@@ -351,9 +389,9 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
 
         live = [p for p in members if p.demand]
         lead = boot_lead
-        arrivals = sum(p.demand.rate_per_s(fast_tau) for p in live if p.demand) * lead
+        arrivals = sum(p.rate for p in live) * lead
         ends = sum(_ends(p.streaming, p.demand.mean_session_s, lead) for p in live if p.demand)
-        need = _skellam_slots(arrivals, ends, cfg.buffer_z) - sum(p.free for p in live)
+        need = _skellam_slots(arrivals, ends, z) - sum(p.free for p in live)
         region_spare.sort(key=stop_order)
         owner = {_ident(p.key): p for p in members}
         while need > 0 and region_spare:             # keep the cheapest, least stoppable
@@ -364,7 +402,7 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
             room = [p for p in live if p.count < cfg.max_nodes(p.key.model)]
             if not room:
                 break
-            pool = max(room, key=lambda p: (p.buffer(buffer, lead, fast_tau) - p.free, p.key.model))
+            pool = max(room, key=lambda p: (p.buffer(buffer, lead, z) - p.free, p.key.model))
             (spot if cfg.spot_offered(region) else boot).append(pool.key)
             pool.keep(cfg.capacity, soon=False)
             need -= cfg.capacity
@@ -388,25 +426,24 @@ def decide(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
 
     Each pool keeps free slots for the arrivals of one reload (`load_s`); each region keeps
     free slots, on idle nodes of any model, for the arrivals of all its pools during one
-    boot (`warm_buffer_slots`). Arrival rates are the minute-scale average while it is
-    significantly above the ten-minute one (a burst), else the ten-minute one. A pool
-    with users waiting plans its own buffer for a whole boot: one decision books nodes for
-    everyone queued plus the arrivals until they are ready. A pool short of room takes
+    boot (`warm_buffer_slots`), both at the region's z-score (`ScalingConfig.buffer_z_at`:
+    lower where a provider bills long increments). Arrival rates are the minute-scale
+    average while it is significantly above the ten-minute one (a burst), else the
+    ten-minute one. A pool with users waiting plans its own buffer for a whole boot: one
+    decision books nodes for everyone queued plus the arrivals until they are ready. A
+    pool short of room takes
     idle nodes of other pools of its region by reloading them (faster than booting a VM),
     then boots the rest; where spot nodes are offered, the region's buffer boots on spot. An
     idle node stops only after `idle_grace_s` empty and near the end of its paid billing
     increment, when its pool and region keep their buffers without it; the most
     expensive first.
     """
-    def buffer(streaming: int, rate: float, mean_s: float, lead_s: float) -> int:
-        return warm_buffer_slots(streaming, rate, mean_s, lead_s, cfg.buffer_z)
-
     def may_stop(node: NodeSnap) -> bool:
         return (_idle_for(node, now) >= cfg.idle_grace_s
                 and cfg.paid_left_s(node, now) <= cfg.stop_window_s)
 
-    return _plan(snapshot, now, cfg, buffer=buffer, may_stop=may_stop, pooled=True,
-                 margin=cfg.stop_margin_slots, queue_lead=True)
+    return _plan(snapshot, now, cfg, buffer=warm_buffer_slots, may_stop=may_stop, pooled=True,
+                 margin=cfg.stop_margin_slots, queue_lead=True, z_at=cfg.buffer_z_at)
 
 
 def decide_fixed_buffer(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:

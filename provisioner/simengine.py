@@ -7,7 +7,9 @@ pool (model, live version, `placement.home_region`); an arrival claims a slot wi
 admit.lua does); without room it waits FIFO and triggers an immediate policy evaluation
 (the fixed-buffer baseline waits for its 30 s tick instead). The policy's inputs come
 from `inputs.policy_inputs`, the function `fleet.snapshot` calls. A node turning ready,
-or a slot freed on a ready node, takes the first waiting users of its pool. Nodes take
+or a slot freed on a ready node, takes the first waiting users of its pool, then those of
+the other homes whose latency budget reaches its region, nearest first (the lobby's
+waiting room offers every waiting user the nodes within its budget). Nodes take
 boot_s (provider) + load_s to turn ready, in the first of `placement.boot_regions`; a
 retargeted one load_s. A spot node may be taken back by its provider (an exponential
 time, seeded): its streams resume first in line, as the lobby's `resume` does.
@@ -127,6 +129,13 @@ class Sim:
         self.placed: dict[PoolKey, dict[str, _Node]] = {k: {} for k in self.pool_keys}
         self.queues: dict[PoolKey, deque[int]] = {k: deque() for k in self.pool_keys}
         self.streaming = dict.fromkeys(self.pool_keys, 0)
+        # region -> the other homes whose users it may serve (within their budget), nearest first
+        near: dict[str, list[tuple[float, str]]] = {}
+        for home in config.regions:
+            for region, rtt in near_regions(config, home.name).items():
+                if region != home.name:
+                    near.setdefault(region, []).append((rtt, home.name))
+        self.homes_near = {region: [h for _, h in sorted(homes)] for region, homes in near.items()}
         self.arrivals = dict.fromkeys(self.pool_keys, Arrivals())
         self.ends: dict[int, tuple[str, float]] = {}     # session -> (node, end time)
         self.resumed: dict[int, float] = {}              # interrupted session -> time left
@@ -256,10 +265,14 @@ class Sim:
         self.serve_queue(node, now)
 
     def serve_queue(self, node: _Node, now: float) -> None:
-        queue = self.queues.get(node.key)
-        while queue and len(node.sessions) < node.capacity:
-            self.waiting -= 1
-            self.start(node, queue.popleft(), now)
+        k = node.key
+        for home in (k.region, *self.homes_near.get(node.region, ())):
+            queue = self.queues.get(k if home == k.region else PoolKey(k.model, k.version, home))
+            while queue and len(node.sessions) < node.capacity:
+                self.waiting -= 1
+                self.start(node, queue.popleft(), now)
+            if len(node.sessions) >= node.capacity:
+                return
 
     # -- policy ------------------------------------------------------------------------
     def tick(self, k: int, now: float) -> None:

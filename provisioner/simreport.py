@@ -6,6 +6,7 @@ matplotlib is an optional extra (`pip install -e '.[charts]'`, part of `dev`); w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ from typing import Any
 from common.errors import VoiceError
 from provisioner.simmetrics import RunResult
 
-__all__ = ["ChartUnavailable", "chart", "frontier_chart", "report", "require_charts", "table"]
+__all__ = ["ChartUnavailable", "chart", "frontier_chart", "report", "require_charts", "table",
+           "undominated"]
 
 INSTALL_CHARTS = "pip install -e '.[charts]'  (or: make .venv/.installed, which installs dev)"
 
@@ -50,6 +52,27 @@ def table(results: Mapping[str, RunResult]) -> str:
     sessions = next(iter(metrics.values()))["sessions"]
     lines.append(f"{sessions} sessions measured")
     return "\n".join(lines)
+
+
+def undominated(curves: Mapping[str, Sequence[Mapping[str, Any]]], ours: Sequence[str],
+                cost: str = "cost_ratio") -> list[tuple[str, float]]:
+    """The points of the other curves (name, knob value) where `ours` do not dominate: no
+    setting of ours, and no point between two settings of one of ours adjacent in cost
+    (running each for part of the time reaches it), costs at most as much (`cost`) with at
+    most as many users waiting."""
+    def best_wait(at: float) -> float:
+        best = math.inf
+        for name in ours:
+            points = sorted(curves.get(name, ()), key=lambda p: float(p[cost]))
+            best = min([best, *(p["wait_fraction"] for p in points if p[cost] <= at)])
+            for a, b in zip(points, points[1:], strict=False):
+                if a[cost] <= at < b[cost]:
+                    share = (at - a[cost]) / (b[cost] - a[cost])
+                    best = min(best, a["wait_fraction"]
+                               + share * (b["wait_fraction"] - a["wait_fraction"]))
+        return best
+    return [(name, float(p["value"])) for name, points in curves.items() if name not in ours
+            for p in points if best_wait(float(p[cost])) > p["wait_fraction"]]
 
 
 def require_charts() -> None:

@@ -35,7 +35,14 @@ from provisioner.policy import (
 )
 from provisioner.simengine import Route, Sim, SimulationError, routes
 from provisioner.simmetrics import RunResult, lower_bound_usd, perfect_packing
-from provisioner.simreport import chart, frontier_chart, report, require_charts, table
+from provisioner.simreport import (
+    chart,
+    frontier_chart,
+    report,
+    require_charts,
+    table,
+    undominated,
+)
 from provisioner.simtrace import (
     SIM_SPOT,
     Session,
@@ -52,12 +59,22 @@ __all__ = ["RunResult", "Session", "SimulationError", "TraceError", "builtin_tra
 
 FIXED_TICK_S = 30.0         # Agones' fleet autoscaler sync period
 STATIC_TICK_S = 60.0
-# --sweep: each scaling policy over its main knob (ScalingConfig field, values).
+# --sweep: each curve over its main knob (ScalingConfig field, values).
 SWEEP: dict[str, tuple[str, tuple[float, ...]]] = {
-    "policy": ("buffer_z", (-2.0, -1.0, 0.0, 1.0, 2.2, 3.0)),
+    "policy": ("buffer_z", (-2.0, -1.0, 0.0, 1.0, 1.6, 2.2, 3.0, 4.0, 6.0, 9.0)),
+    "policy_lean": ("buffer_z", (-3.0, -1.0, 0.0, 1.0, 2.2)),
     "fixed_buffer": ("fixed_buffer_nodes", (0, 1, 2, 3, 5, 8)),
     "reactive": ("idle_grace_s", (0.0, 60.0, 300.0, 900.0, 1800.0, 3600.0)),
 }
+# Curves that are a policy with other knobs set for the whole curve. policy_lean is ours at
+# its GPU-hour end: idle nodes stop at once (no grace, no margin) even inside a paid hour,
+# which no buffer_z reaches (at its cheapest the policy keeps paid-for idle nodes: free in
+# dollars, counted in GPU-hours).
+CURVES: dict[str, tuple[str, dict[str, float]]] = {
+    "policy_lean": ("policy", {"idle_grace_s": 0.0, "stop_margin_slots": 0,
+                               "stop_window_s": 3600.0}),
+}
+OURS = ("policy", "policy_lean")   # the curves that must dominate the baselines'
 POLICIES: dict[str, tuple[Policy, float, bool]] = {   # policy, tick, event-driven
     "policy": (decide, TICK_S, True),
     "fixed_buffer": (decide_fixed_buffer, FIXED_TICK_S, False),
@@ -128,15 +145,18 @@ def sweep(sessions: Sequence[Session], config: Config, *, until_s: float | None 
           progress: Callable[[str, float], None] | None = None,
           knobs: Mapping[str, tuple[str, tuple[float, ...]]] | None = None
           ) -> dict[str, list[dict[str, Any]]]:
-    """Each scaling policy over the values of its main knob (`knobs`, default SWEEP), on
-    one trace: the points of its cost/wait curve (knob, value and the run's metrics)."""
+    """Each curve (a scaling policy, with CURVES' fixed knobs) over the values of its main
+    knob (`knobs`, default SWEEP), on one trace: the points of its cost/wait curve (knob,
+    value and the run's metrics)."""
     scaling = ScalingConfig.from_config(config)
     routes_ = routes(sessions, config)
     curves: dict[str, list[dict[str, Any]]] = {}
     for name, (knob, values) in (knobs or SWEEP).items():
-        policy, tick, eager = POLICIES[name]
+        base, fixed = CURVES.get(name, (name, {}))
+        policy, tick, eager = POLICIES[base]
         for value in values:
-            knobbed = replace(scaling, **{knob: type(getattr(scaling, knob))(value)})
+            knobbed = replace(scaling, **{k: type(getattr(scaling, k))(v)
+                                          for k, v in {**fixed, knob: value}.items()})
             run = simulate(sessions, config, policy, name=f"{name} {knob}={value:g}",
                            scaling=knobbed, tick_s=tick, event_driven=eager,
                            progress=progress, routes_=routes_, until_s=until_s)
@@ -202,12 +222,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep:
             curves = sweep(sessions, config, until_s=until_s, progress=progress)
             if not args.no_chart:
-                frontier_chart(curves, path,
-                               f"Cost against waits ({len(sessions)} sessions in the trace)")
+                what = (f"trace {args.trace}" if args.trace else
+                        f"{'bursty' if args.bursty else 'built-in diurnal'} day, --seed "
+                        f"{args.seed}, {args.hours:g} h")
+                frontier_chart(curves, path, f"Cost against waits ({what}, "
+                                             f"{len(sessions)} sessions)")
             out: dict[str, Any] = {"frontier": curves}
             text = "\n".join(f"{name:14} {p['knob']}={p['value']:<6g} cost {p['cost_ratio']:.3f}"
-                             f"  waited {p['wait_fraction']:.2%}  max {p['wait_s_max']:.0f} s"
+                             f" (${p['cost_usd_ratio']:.3f})  waited {p['wait_fraction']:.2%}"
+                             f"  max {p['wait_s_max']:.0f} s"
                              for name, pts in curves.items() for p in pts)
+            for key, label in (("cost_ratio", "GPU-hours"), ("cost_usd_ratio", "dollars")):
+                gaps = undominated(curves, OURS, key)
+                text += (f"\nin {label}, not dominated by {' or '.join(OURS)}: "
+                         + (", ".join(f"{n} {v:g}" for n, v in gaps) or "none"))
         else:
             results = run_all(sessions, config, until_s=until_s, progress=progress,
                               spot=args.spot, seed=args.seed)

@@ -141,6 +141,13 @@ def test_max_nodes_caps_boots() -> None:
     assert d.boot == (key(),)
 
 
+def test_the_default_cap_leaves_room_for_a_busy_pool() -> None:
+    """The default cap per pool is a runaway guard, not a plan: the bursty day's busiest
+    pools peak near 250 sessions, so 240 users waiting boot a node for every four."""
+    d = decide(snap(pools=(demand(key(), waiting=240),)), NOW, CFG)
+    assert len(d.boot) == 60
+
+
 def test_never_stops_a_node_with_sessions() -> None:
     cfg = replace(CFG, max_nodes_by_model={"miku": 1})       # over the maximum, even
     busy = [node(f"n{i}", sessions=1) for i in range(5)]
@@ -306,6 +313,19 @@ def test_a_queue_sizes_its_pool_for_the_arrivals_of_a_whole_boot() -> None:
     own = 6 + warm_buffer_slots(0, 0.1, 600.0, lead_s, CFG.buffer_z)
     assert d.boot.count(key("miku")) * 4 >= own
     assert d.retarget == ()
+
+
+def test_a_region_billing_whole_hours_keeps_a_smaller_buffer() -> None:
+    """A buffer node that goes unused costs its reaction, boot, load and grace (165 s here)
+    where billing is by the minute, but a whole hour where it is by the hour: its odds of
+    being used must be 3600/165 times better there, so z 2.2 becomes 0.72 and the same
+    arrivals keep fewer free slots (west and east boot equally fast here)."""
+    assert CFG.lead_s("west") == CFG.lead_s("east")
+    assert CFG.buffer_z_at("west") == CFG.buffer_z
+    assert CFG.buffer_z_at("east") == pytest.approx(0.72, abs=0.01)
+    west = decide(snap(pools=(demand(key(region="west"), rate=0.3),)), NOW, CFG)
+    east = decide(snap(pools=(demand(key(region="east"), rate=0.3),)), NOW, CFG)
+    assert (len(west.boot), len(east.boot)) == (11, 9)   # ceil(31.5 + z * sqrt(31.5)) / 4
 
 
 def test_spot_offered_the_buffer_boots_on_spot_demand_on_demand() -> None:

@@ -8,12 +8,14 @@ import json
 import sys
 from collections import Counter
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from common.config import Config, Model, Provider, Region
 from provisioner.inputs import ASSUMED_SESSION_S, TICK_S, Arrivals
 from provisioner.policy import (
     Decisions,
@@ -22,9 +24,12 @@ from provisioner.policy import (
     Snapshot,
     decide,
     decide_reactive,
+    static_fleet,
 )
+from provisioner.simreport import undominated
 from provisioner.simtrace import BURST_S, BURSTY_MAX_SESSION_S
 from provisioner.simulate import (
+    SWEEP,
     Session,
     TraceError,
     builtin_trace,
@@ -191,6 +196,25 @@ def test_users_fill_a_ready_node_then_queue_for_the_next() -> None:
     assert result.waits[5:] == [0.0, 0.0, 0.0]
 
 
+def test_a_waiting_user_takes_a_slot_freed_in_a_region_within_the_budget() -> None:
+    """Two regions 110 km apart (7 ms): a user of the first waits while the only node, in
+    the second, is full, and takes its slot as soon as a session there ends (as the lobby's
+    waiting room offers every node within the budget), not only once a node of its own home
+    is up; a static fleet boots none for it."""
+    config = Config(regions=(Region("a", "cloud", 37.8, -122.4),
+                             Region("b", "cloud", 38.5, -121.5)),
+                    providers=(Provider("cloud", Decimal("1.10"), billing_increment_s=60,
+                                        boot_s=90.0),),
+                    models=(Model("miku", "1", 4.0),))
+    b_users = [Session(float(i), 50.0 if i == 0 else 500.0, "miku", 38.5, -121.5)
+               for i in range(4)]
+    a_user = Session(10.0, 60.0, "miku", 37.8, -122.4)
+    fleet = {PoolKey("miku", "1", "b"): 1}
+    result = simulate([*b_users, a_user], config, static_fleet(fleet), name="static",
+                      initial=fleet)
+    assert result.waits == [0.0, 0.0, 0.0, 0.0, pytest.approx(40.0)]
+
+
 def test_run_all_never_breaks_the_rules() -> None:
     """Every policy stops only idle ready nodes (the engine raises otherwise)."""
     config = sim_config()
@@ -275,9 +299,31 @@ def test_sweep_draws_one_curve_per_policy(tmp_path: Path) -> None:
     png = tmp_path / "f.png"
     out = json.loads(run_main(["--trace", str(trace), "--sweep", "--json", "--chart",
                                str(png)]).splitlines()[-1])
-    assert set(out["frontier"]) == set(knobs)
+    assert set(out["frontier"]) == set(SWEEP)
     assert all(KEYS <= set(p) and "knob" in p for pts in out["frontier"].values() for p in pts)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lean_curve_is_the_policy_stopping_idle_nodes_at_once() -> None:
+    """policy_lean runs the policy with its CURVES knobs (no idle grace, no margin, blind to
+    paid time): at the same buffer_z it stops more nodes and holds fewer GPU-hours."""
+    config = sim_config()
+    sessions = builtin_trace(config, hours=0.5, seed=2)
+    knobs = {"policy": ("buffer_z", (2.2,)), "policy_lean": ("buffer_z", (2.2,))}
+    curves = sweep(sessions, config, until_s=1800.0, knobs=knobs)
+    (aware,), (lean,) = curves["policy"], curves["policy_lean"]
+    assert lean["stops"] > aware["stops"] and lean["gpu_hours"] < aware["gpu_hours"]
+
+
+def test_undominated_points_are_those_no_setting_of_ours_nor_a_mix_beats() -> None:
+    def point(value: float, cost: float, waited: float) -> dict[str, float]:
+        return {"value": value, "cost_ratio": cost, "wait_fraction": waited}
+    curves = {"ours": [point(0, 1.2, 0.2), point(1, 1.4, 0.0)],
+              "theirs": [point(0, 1.1, 0.3),     # cheaper than any setting of ours
+                         point(1, 1.3, 0.2),     # half of each of ours: 1.3, 10 % waited
+                         point(2, 1.3, 0.05),    # ... not 5 %
+                         point(3, 1.5, 0.0)]}    # ours at 1.4: nobody waits
+    assert undominated(curves, ["ours"]) == [("theirs", 0.0), ("theirs", 2.0)]
 
 
 def test_chart_without_matplotlib_says_how_to_install(tmp_path: Path,
