@@ -100,11 +100,20 @@ def test_assign_hands_out_in_order_and_never_overfills(state: State) -> None:
     assert state.position(pool, "s08") == 1 and state.position(pool, "s11") == 4
 
 
-def test_waiting_user_sees_queued_then_booting_then_ready(control_plane: ControlPlane) -> None:
+def test_waiting_user_sees_queued_then_booting_then_ready(redis_url: str,
+                                                          sqlite_url: str) -> None:
+    # A load longer than the waiting room's backstop step: the boot is there to be seen
+    # (with 0.3 s, a node could be ready before the room's next look: queued, then ready).
+    cfg = control_plane_config(redis_url, database_url=sqlite_url, model_load_s=1.5)
+    with running_control_plane(cfg) as control_plane:
+        _queued_booting_ready(control_plane)
+
+
+def _queued_booting_ready(control_plane: ControlPlane) -> None:
     msgs = lobby(control_plane.ws_url, "user=w1&model=teto&region=eu-west")
     kinds = [m["type"] for m in msgs]
     assert kinds[0] == "queued" and msgs[0]["position"] == 1, msgs
-    assert "booting" in kinds and kinds[-1] == "ready", kinds
+    assert "booting" in kinds and kinds[-1] == "ready", msgs
     booting = [m for m in msgs if m["type"] == "booting"]
     assert all(0 <= m["eta_s"] <= 5 for m in booting)
     ready = msgs[-1]
