@@ -6,6 +6,7 @@ result down; tests build `Config` directly or with `load_config(environ={...})`.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -97,6 +98,15 @@ class Config:
     cluster: str = "voice"          # tags every VM we make; we touch no VM without it
     join_token_ttl_s: float = 3600.0  # a cloud node's one-time join token lives this long
     constrained_cooloff_s: float = 120.0  # a pool refused for capacity is avoided this long
+    # The lobby's front door (docs/architecture.md, "Limits at the front door"): lobby
+    # attempts per user and per client address, in bursts of at most N refilled evenly over
+    # the window (0: no limit); lobby sockets one client may hold open in one webapp process.
+    lobby_attempts_per_user: int = 20
+    lobby_attempts_per_client: int = 60
+    lobby_attempts_window_s: float = 60.0
+    lobby_sockets_per_client: int = 32
+    trusted_proxies: int = 0        # proxies whose X-Forwarded-For entry to believe (0: none)
+    lobby_limit_exempt: tuple[str, ...] = ()   # addresses or networks no limit applies to
 
     @property
     def heartbeat_timeout_s(self) -> float:
@@ -198,7 +208,40 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
     unknown = set(settings) - known_settings
     if unknown:
         raise ConfigError(f"unknown [settings] keys {sorted(unknown)} in {source}")
+    settings = {**settings, **_front_door(settings, source)}
     return Config(regions=regions, providers=providers, models=models, **settings)
+
+
+def _front_door(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The front door's settings, checked: a typo in an exempt network must not start a
+    webapp that limits nobody, or everybody."""
+    out: dict[str, Any] = {}
+    for key in ("lobby_attempts_per_user", "lobby_attempts_per_client",
+                "lobby_sockets_per_client", "trusted_proxies"):
+        if key in settings:
+            value = settings[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{key} = {value!r} in {source} must be a whole number "
+                                  "0 or more (0: no limit / no proxy)")
+    window = settings.get("lobby_attempts_window_s", 60.0)
+    if isinstance(window, bool) or not isinstance(window, int | float) or window <= 0:
+        raise ConfigError(f"lobby_attempts_window_s = {window!r} in {source} must be a "
+                          "number of seconds above 0")
+    exempt = settings.get("lobby_limit_exempt", ())
+    if not isinstance(exempt, list | tuple):
+        raise ConfigError(f"lobby_limit_exempt = {exempt!r} in {source} must be a list of "
+                          'addresses or networks, such as ["127.0.0.1", "10.0.0.0/8"]')
+    for net in exempt:
+        try:
+            ipaddress.ip_network(str(net), strict=False)
+        except ValueError:
+            raise ConfigError(f"lobby_limit_exempt entry {net!r} in {source} is not an IP "
+                              'address or network such as "127.0.0.1" or "10.0.0.0/8"') from None
+    if "lobby_attempts_window_s" in settings:
+        out["lobby_attempts_window_s"] = float(window)
+    if "lobby_limit_exempt" in settings:
+        out["lobby_limit_exempt"] = tuple(str(net) for net in exempt)
+    return out
 
 
 # What a deployment must be given, because its processes share it: a value made up per

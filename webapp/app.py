@@ -25,6 +25,7 @@ from provisioner.catalog import live_models
 from provisioner.placement import candidates_for
 from provisioner.state import State
 from webapp import lobby, nodes_api
+from webapp.frontdoor import FrontDoor, RateLimited
 from webapp.requests import BadRequest, parse_lobby, parse_since, parse_user
 from webapp.waiting import BACKSTOP_S, WaitingRoom
 
@@ -42,6 +43,7 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
     room = WaitingRoom(state, cfg, lambda: fleet.get(fresh=True), candidates_for,
                        waiting_backstop_s)
     app.register_blueprint(nodes_api.blueprint(cfg, state, ledger))
+    door = FrontDoor(cfg, state)
 
     def kick() -> None:
         if state.kick_scaler():
@@ -135,12 +137,20 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
 
     @sock.route("/ws/session")
     def session(ws):  # type: ignore[no-untyped-def]
+        client = door.client(request.environ)
         try:
-            req = parse_lobby(request.args, request.cookies, cfg)
-        except BadRequest as e:
+            with door.socket(client):   # a client's open lobbies are capped (RateLimited)
+                try:
+                    req = parse_lobby(request.args, request.cookies, cfg)
+                except BadRequest as e:
+                    lobby.error(ws, e.code, str(e))
+                    return
+                door.attempt(req.user, client, time.time())   # per user and per client
+                lobby.run(ws, state, cfg, req, kick, fleet, room)
+        except RateLimited as e:
+            lobby.error(ws, e.code, str(e), retry_after_s=e.retry_after_s)
+        except lobby.Refused as e:
             lobby.error(ws, e.code, str(e))
-            return
-        lobby.run(ws, state, cfg, req, kick, fleet, room)
 
     return app
 

@@ -29,3 +29,4 @@ class StateBase:
         self._renew = r.register_script(scripts.RENEW)
         self._report_lost = r.register_script(scripts.REPORT_LOST)
         self._move_waiting = r.register_script(scripts.MOVE_WAITING)
+        self._attempt = r.register_script(scripts.ATTEMPT)

@@ -26,6 +26,25 @@ class Beat:
 
 
 @dataclass(frozen=True)
+class Limit:
+    """At most `capacity` lobby attempts at once for `who` (a user id, or a client address),
+    refilled evenly over `window_s`."""
+
+    kind: str          # "user" or "client"
+    who: str
+    capacity: int
+    window_s: float
+
+
+@dataclass(frozen=True)
+class Throttled:
+    """An attempt refused by `limit`; it allows one again in `retry_after_s`."""
+
+    limit: Limit
+    retry_after_s: float
+
+
+@dataclass(frozen=True)
 class Orders:
     """The control plane's answer to a heartbeat."""
 

@@ -1,0 +1,27 @@
+"""Token buckets of lobby attempts: per user and per client, taken together atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from provisioner.state.base import StateBase
+from provisioner.state.keys import attempts_key
+from provisioner.state.records import Limit, Throttled
+
+
+class Attempts(StateBase):
+    """State's verbs on lobby attempt limits (a mixin)."""
+
+    def take_attempt(self, limits: Sequence[Limit], now: float) -> Throttled | None:
+        """One attempt against every limit at once: None when each gave a token; else the
+        limit that refused (no bucket is touched then) and when it gives one again."""
+        if not limits:
+            return None
+        args: list[Any] = [repr(now)]
+        for limit in limits:
+            args += [limit.capacity, repr(limit.capacity / limit.window_s)]
+        got = self._attempt(keys=[attempts_key(x.kind, x.who) for x in limits], args=args)
+        if int(got[0]) == 1:
+            return None
+        return Throttled(limits[int(got[1]) - 1], float(got[2]))

@@ -1,0 +1,165 @@
+"""The lobby's front door: who a client is, attempt limits per user and per client (token
+buckets in the real Redis), the cap on a client's open lobby sockets, and the errors that
+say which limit and when to retry, against a real webapp."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import serve
+from simple_websocket import Client
+
+from billing.ledger import Ledger
+from common.config import DEFAULT_CONFIG_PATH, Config, load_config
+from common.errors import ConfigError
+from provisioner.state import Limit, State
+from webapp.app import create_app
+from webapp.frontdoor import FrontDoor, client_of
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("environ, proxies, address, key", [
+    ({"REMOTE_ADDR": "203.0.113.7"}, 0, "203.0.113.7", "203.0.113.7"),
+    # Without trusted proxies a forwarded header is the client's own claim: ignored.
+    ({"REMOTE_ADDR": "203.0.113.7", "HTTP_X_FORWARDED_FOR": "1.2.3.4"}, 0,
+     "203.0.113.7", "203.0.113.7"),
+    # One proxy: the entry it appended (the last); what the client wrote before it is not.
+    ({"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "6.6.6.6, 198.51.100.9"}, 1,
+     "198.51.100.9", "198.51.100.9"),
+    ({"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "198.51.100.9, 10.0.0.1"}, 2,
+     "198.51.100.9", "198.51.100.9"),
+    # Came past the proxies (no header) or a proxy wrote nonsense: the peer counts.
+    ({"REMOTE_ADDR": "10.0.0.2"}, 1, "10.0.0.2", "10.0.0.2"),
+    ({"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "unknown"}, 1, "10.0.0.2", "10.0.0.2"),
+    # IPv6 counts per /64; an IPv4-mapped address is the IPv4 one.
+    ({"REMOTE_ADDR": "2001:db8:1:2:aaaa::1"}, 0, "2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ({"REMOTE_ADDR": "::ffff:192.0.2.1"}, 0, "192.0.2.1", "192.0.2.1"),
+    ({"REMOTE_ADDR": ""}, 0, "unknown", "unknown"),
+])
+def test_client_of(environ: dict[str, str], proxies: int, address: str, key: str) -> None:
+    got = client_of(environ, proxies)
+    assert (got.address, got.key) == (address, key)
+
+
+def test_config_front_door(tmp_path: Path) -> None:
+    local = load_config({})
+    assert local.lobby_limit_exempt == ("127.0.0.1", "::1")   # tests, benchmarks, voicectl run
+    deploy = load_config({"VOICE_CONFIG": str(ROOT / "common" / "deploy.toml")})
+    assert deploy.lobby_limit_exempt == () and deploy.lobby_attempts_per_user > 0
+    assert Config.lobby_limit_exempt == ()   # a config file that says nothing exempts nobody
+    text = DEFAULT_CONFIG_PATH.read_text()
+    for old, bad, needle in [
+            ('lobby_limit_exempt = ["127.0.0.1", "::1"]',
+             'lobby_limit_exempt = ["127.0.0.1", "localhost"]', "'localhost'"),
+            ("lobby_sockets_per_client = 32", "lobby_sockets_per_client = -1",
+             "lobby_sockets_per_client = -1")]:
+        path = tmp_path / "voice.toml"
+        assert old in text
+        path.write_text(text.replace(old, bad))
+        with pytest.raises(ConfigError, match=needle):
+            load_config({"VOICE_CONFIG": str(path)})
+
+
+def test_token_buckets_take_from_all_or_none(state: State) -> None:
+    user, client = Limit("user", "alice", 3, 60.0), Limit("client", "192.0.2.1", 5, 60.0)
+    for _ in range(3):
+        assert state.take_attempt([user, client], now=1000.0) is None
+    got = state.take_attempt([user, client], now=1000.0)
+    assert got is not None and got.limit == user and got.retry_after_s == pytest.approx(20.0)
+    # The refused attempt took nothing from the client's bucket: bob still gets two.
+    bob = Limit("user", "bob", 3, 60.0)
+    assert state.take_attempt([bob, client], now=1000.0) is None
+    assert state.take_attempt([bob, client], now=1000.0) is None
+    got = state.take_attempt([bob, client], now=1000.0)
+    assert got is not None and got.limit == client
+    # Refilled evenly: one attempt every 20 s for alice.
+    assert state.take_attempt([user], now=1019.0) is not None
+    assert state.take_attempt([user], now=1020.0) is None
+    assert state.take_attempt([], now=1020.0) is None
+
+
+@pytest.fixture
+def strict(cfg: Config, state: State) -> Iterator[tuple[str, FrontDoor]]:
+    """The webapp with small limits and nobody exempt; clients told apart by the
+    X-Forwarded-For entry of one trusted proxy (every test client is 127.0.0.1)."""
+    cfg = cfg.with_overrides(lobby_attempts_per_user=3, lobby_attempts_per_client=5,
+                             lobby_sockets_per_client=2, trusted_proxies=1,
+                             lobby_limit_exempt=())
+    host, server = serve(create_app(cfg, state, ledger=Ledger.open(cfg.database_url)))
+    yield f"ws://{host}", FrontDoor(cfg, state)
+    server.shutdown()
+
+
+def open_lobby(ws_url: str, query: str, client: str) -> Client:
+    return Client.connect(f"{ws_url}/ws/session?{query}",
+                          headers={"X-Forwarded-For": client})
+
+
+def first(ws: Client) -> dict[str, object]:
+    raw = ws.receive(timeout=5)
+    assert raw is not None, "the lobby said nothing"
+    return dict(json.loads(raw))
+
+
+def test_attempts_per_user_and_per_client(strict: tuple[str, FrontDoor]) -> None:
+    ws_url, _ = strict
+    query = "user=alice&model=miku&region=us-west"   # no node: each attempt queues
+    for _ in range(3):
+        ws = open_lobby(ws_url, query, "198.51.100.1")
+        assert first(ws)["type"] == "queued"
+        ws.close()
+    refused = first(open_lobby(ws_url, query, "198.51.100.2"))   # another address: same user
+    assert (refused["type"], refused["code"]) == ("error", "rate_limited"), refused
+    assert "user alice: at most 3 per 60 s; try again in" in str(refused["message"])
+    assert 0 < float(refused["retry_after_s"]) <= 20.0          # type: ignore[arg-type]
+    # The client 198.51.100.1 spent 3 of its 5: two more users get in, the third does not.
+    for user in ("bob", "carol"):
+        ws = open_lobby(ws_url, f"user={user}&model=miku&region=us-west", "198.51.100.1")
+        assert first(ws)["type"] == "queued"
+        ws.close()
+    refused = first(open_lobby(ws_url, "user=dave&model=miku&region=us-west", "198.51.100.1"))
+    assert refused["code"] == "rate_limited"
+    assert "client 198.51.100.1: at most 5 per 60 s" in str(refused["message"])
+    # Everyone else is served as before.
+    ws = open_lobby(ws_url, "user=erin&model=miku&region=us-west", "198.51.100.3")
+    assert first(ws)["type"] == "queued"
+    ws.close()
+
+
+def test_open_lobby_sockets_per_client(strict: tuple[str, FrontDoor]) -> None:
+    ws_url, _ = strict
+    held = [open_lobby(ws_url, f"user=w{i}&model=miku&region=us-west", "198.51.100.7")
+            for i in range(2)]
+    for ws in held:
+        assert first(ws)["type"] == "queued"
+    refused = first(open_lobby(ws_url, "user=w2&model=miku&region=us-west", "198.51.100.7"))
+    assert refused["code"] == "rate_limited", refused
+    assert "has 2 lobby sockets open already" in str(refused["message"])
+    other = open_lobby(ws_url, "user=w3&model=miku&region=us-west", "198.51.100.8")
+    assert first(other)["type"] == "queued"                      # another client: served
+    other.close()
+    held[0].close()
+    for _ in range(50):   # the server notices the close within a poll (0.25 s)
+        ws = open_lobby(ws_url, "user=w5&model=miku&region=us-west", "198.51.100.7")
+        msg = first(ws)
+        ws.close()
+        if msg["type"] == "queued":
+            break
+    else:
+        raise AssertionError("a closed lobby socket still counted")
+    held[1].close()
+
+
+def test_a_lobby_that_is_sent_messages_refuses(strict: tuple[str, FrontDoor]) -> None:
+    ws_url, _ = strict
+    ws = open_lobby(ws_url, "user=flood&model=miku&region=us-west", "198.51.100.9")
+    assert first(ws)["type"] == "queued"
+    for _ in range(100):
+        ws.send("x" * 1000)
+    msg = first(ws)
+    assert (msg["code"], msg["type"]) == ("bad_request", "error")
+    assert "takes no messages" in str(msg["message"])
