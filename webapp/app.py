@@ -55,6 +55,17 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
         return bool(cfg.admin_token) and scheme == "Bearer" and hmac.compare_digest(
             token.encode(), cfg.admin_token.encode())
 
+    @app.before_request
+    def utf8_query() -> tuple[Response, int] | None:
+        """Browsers percent-encode every byte outside ASCII; a raw one that is not UTF-8 makes
+        werkzeug raise as a view reads the query, so it is refused before any view runs."""
+        try:
+            request.query_string.decode()
+        except UnicodeDecodeError:
+            return jsonify({"error": "bad_request", "message": "the query string is not "
+                            "UTF-8: percent-encode it (%XX)"}), 400
+        return None
+
     @app.get("/")
     def index() -> Response:
         resp = send_from_directory(STATIC, "index.html", max_age=0)
