@@ -107,6 +107,10 @@ class Config:
     lobby_sockets_per_client: int = 32
     trusted_proxies: int = 0        # proxies whose X-Forwarded-For entry to believe (0: none)
     lobby_limit_exempt: tuple[str, ...] = ()   # addresses or networks no limit applies to
+    # New connections per client address, in bursts refilled at per_s (0: no limit); only
+    # `voicectl run`'s own server counts them (webapp/serving.py).
+    client_connections_burst: int = 100
+    client_connections_per_s: float = 20.0
 
     @property
     def heartbeat_timeout_s(self) -> float:
@@ -217,16 +221,18 @@ def _front_door(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
     webapp that limits nobody, or everybody."""
     out: dict[str, Any] = {}
     for key in ("lobby_attempts_per_user", "lobby_attempts_per_client",
-                "lobby_sockets_per_client", "trusted_proxies"):
+                "lobby_sockets_per_client", "trusted_proxies", "client_connections_burst"):
         if key in settings:
             value = settings[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{key} = {value!r} in {source} must be a whole number "
                                   "0 or more (0: no limit / no proxy)")
-    window = settings.get("lobby_attempts_window_s", 60.0)
-    if isinstance(window, bool) or not isinstance(window, int | float) or window <= 0:
-        raise ConfigError(f"lobby_attempts_window_s = {window!r} in {source} must be a "
-                          "number of seconds above 0")
+    for key in ("lobby_attempts_window_s", "client_connections_per_s"):
+        value = settings.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{key} = {value!r} in {source} must be a number above 0")
+        if key in settings:
+            out[key] = float(value)
     exempt = settings.get("lobby_limit_exempt", ())
     if not isinstance(exempt, list | tuple):
         raise ConfigError(f"lobby_limit_exempt = {exempt!r} in {source} must be a list of "
@@ -237,8 +243,6 @@ def _front_door(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
         except ValueError:
             raise ConfigError(f"lobby_limit_exempt entry {net!r} in {source} is not an IP "
                               'address or network such as "127.0.0.1" or "10.0.0.0/8"') from None
-    if "lobby_attempts_window_s" in settings:
-        out["lobby_attempts_window_s"] = float(window)
     if "lobby_limit_exempt" in settings:
         out["lobby_limit_exempt"] = tuple(str(net) for net in exempt)
     return out

@@ -5,12 +5,15 @@ say which limit and when to retry, against a real webapp."""
 from __future__ import annotations
 
 import json
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import serve
-from simple_websocket import Client
+from simple_websocket import Client, ConnectionClosed, ConnectionError
 
 from billing.ledger import Ledger
 from common.config import DEFAULT_CONFIG_PATH, Config, load_config
@@ -64,21 +67,29 @@ def test_config_front_door(tmp_path: Path) -> None:
             load_config({"VOICE_CONFIG": str(path)})
 
 
-def test_token_buckets_take_from_all_or_none(state: State) -> None:
-    user, client = Limit("user", "alice", 3, 60.0), Limit("client", "192.0.2.1", 5, 60.0)
+def test_token_buckets(state: State) -> None:
+    client = Limit("client", "192.0.2.1", 6, 60.0, always=True)
+    alice, bob = Limit("user", "alice", 3, 60.0), Limit("user", "bob", 3, 60.0)
     for _ in range(3):
-        assert state.take_attempt([user, client], now=1000.0) is None
-    got = state.take_attempt([user, client], now=1000.0)
-    assert got is not None and got.limit == user and got.retry_after_s == pytest.approx(20.0)
-    # The refused attempt took nothing from the client's bucket: bob still gets two.
-    bob = Limit("user", "bob", 3, 60.0)
-    assert state.take_attempt([bob, client], now=1000.0) is None
-    assert state.take_attempt([bob, client], now=1000.0) is None
-    got = state.take_attempt([bob, client], now=1000.0)
-    assert got is not None and got.limit == client
+        assert state.take_attempt([client, alice], now=1000.0) is None
+    got = state.take_attempt([client, alice], now=1000.0)
+    assert got is not None and got.limit == alice and got.retry_after_s == pytest.approx(20.0)
+    # The client paid for the refused attempt too (always): 2 of its 6 are left.
+    assert state.take_attempt([client, bob], now=1000.0) is None
+    assert state.take_attempt([client, bob], now=1000.0) is None
+    got = state.take_attempt([client, bob], now=1000.0)
+    assert got is not None and got.limit == client and got.retry_after_s == pytest.approx(10.0)
+    # Refused by the client: bob's bucket was not touched (one left), nor by a refusal of a
+    # bucket marked otherwise.
+    assert state.take_attempt([bob], now=1000.0) is None
+    carol = Limit("user", "carol", 1, 60.0)
+    assert state.take_attempt([carol, Limit("client", "x", 1, 60.0)], now=1000.0) is None
+    assert state.take_attempt([Limit("user", "dave", 1, 60.0), Limit("client", "x", 1, 60.0)],
+                              now=1000.0) is not None
+    assert state.take_attempt([Limit("user", "dave", 1, 60.0)], now=1000.0) is None
     # Refilled evenly: one attempt every 20 s for alice.
-    assert state.take_attempt([user], now=1019.0) is not None
-    assert state.take_attempt([user], now=1020.0) is None
+    assert state.take_attempt([alice], now=1019.0) is not None
+    assert state.take_attempt([alice], now=1020.0) is None
     assert state.take_attempt([], now=1020.0) is None
 
 
@@ -87,7 +98,7 @@ def strict(cfg: Config, state: State) -> Iterator[tuple[str, FrontDoor]]:
     """The webapp with small limits and nobody exempt; clients told apart by the
     X-Forwarded-For entry of one trusted proxy (every test client is 127.0.0.1)."""
     cfg = cfg.with_overrides(lobby_attempts_per_user=3, lobby_attempts_per_client=5,
-                             lobby_sockets_per_client=2, trusted_proxies=1,
+                             lobby_sockets_per_client=3, trusted_proxies=1,
                              lobby_limit_exempt=())
     host, server = serve(create_app(cfg, state, ledger=Ledger.open(cfg.database_url)))
     yield f"ws://{host}", FrontDoor(cfg, state)
@@ -99,8 +110,15 @@ def open_lobby(ws_url: str, query: str, client: str) -> Client:
                           headers={"X-Forwarded-For": client})
 
 
+def shut(ws: Client) -> None:
+    try:
+        ws.close()
+    except (ConnectionClosed, OSError):
+        pass   # the server closed first
+
+
 def first(ws: Client) -> dict[str, object]:
-    raw = ws.receive(timeout=5)
+    raw = ws.receive(timeout=15)
     assert raw is not None, "the lobby said nothing"
     return dict(json.loads(raw))
 
@@ -130,28 +148,69 @@ def test_attempts_per_user_and_per_client(strict: tuple[str, FrontDoor]) -> None
     ws.close()
 
 
+def get(url: str, client: str) -> tuple[int, dict[str, object], dict[str, str]]:
+    req = urllib.request.Request(url, headers={"X-Forwarded-For": client})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
 def test_open_lobby_sockets_per_client(strict: tuple[str, FrontDoor]) -> None:
     ws_url, _ = strict
     held = [open_lobby(ws_url, f"user=w{i}&model=miku&region=us-west", "198.51.100.7")
-            for i in range(2)]
+            for i in range(3)]
     for ws in held:
         assert first(ws)["type"] == "queued"
-    refused = first(open_lobby(ws_url, "user=w2&model=miku&region=us-west", "198.51.100.7"))
-    assert refused["code"] == "rate_limited", refused
-    assert "has 2 lobby sockets open already" in str(refused["message"])
+    # The fourth is refused before the WebSocket handshake: HTTP 429, saying why.
+    with pytest.raises(ConnectionError, match="429"):
+        open_lobby(ws_url, "user=w2&model=miku&region=us-west", "198.51.100.7")
+    base = ws_url.replace("ws://", "http://")
+    status, body, headers = get(f"{base}/ws/session?user=w2&model=miku&region=us-west",
+                                "198.51.100.7")
+    assert (status, body["error"]) == (429, "rate_limited"), body
+    assert "has 3 lobby sockets open already" in str(body["message"])
+    assert int(headers["Retry-After"]) >= 1
     other = open_lobby(ws_url, "user=w3&model=miku&region=us-west", "198.51.100.8")
     assert first(other)["type"] == "queued"                      # another client: served
     other.close()
     held[0].close()
     for _ in range(50):   # the server notices the close within a poll (0.25 s)
-        ws = open_lobby(ws_url, "user=w5&model=miku&region=us-west", "198.51.100.7")
-        msg = first(ws)
+        try:
+            ws = open_lobby(ws_url, "user=w5&model=miku&region=us-west", "198.51.100.7")
+        except ConnectionError:
+            continue
+        assert first(ws)["type"] == "queued"
         ws.close()
-        if msg["type"] == "queued":
-            break
+        break
     else:
         raise AssertionError("a closed lobby socket still counted")
-    held[1].close()
+    for ws in held[1:]:
+        ws.close()
+
+
+def test_refused_clients_are_refused_before_the_handshake(
+        strict: tuple[str, FrontDoor]) -> None:
+    """After its first rate_limited lobby error a client is answered 429 until its retry
+    time, without a handshake; a bad request spends an attempt; a query far longer than any
+    lobby's is not parsed (414)."""
+    ws_url, _ = strict
+    base = ws_url.replace("ws://", "http://")
+    for i in range(5):   # bad requests spend the client's 5
+        ws = open_lobby(ws_url, f"user=b{i}&model=miku&region=mars", "198.51.100.20")
+        assert first(ws)["code"] == "bad_request"
+        shut(ws)
+        time.sleep(0.1)   # a refused socket lingers 50 ms after its close frame (wsclose)
+    refused = first(open_lobby(ws_url, "user=b9&model=miku&region=us-west", "198.51.100.20"))
+    assert refused["code"] == "rate_limited" and "client 198.51.100.20" in str(refused["message"])
+    status, body, headers = get(f"{base}/ws/session?user=b9&model=miku&region=us-west",
+                                "198.51.100.20")
+    assert (status, body["error"]) == (429, "rate_limited")
+    assert "client 198.51.100.20: at most 5 per 60 s; try again in" in str(body["message"])
+    assert float(body["retry_after_s"]) > 0 and int(headers["Retry-After"]) >= 1  # type: ignore[arg-type]
+    status, body, _ = get(f"{base}/ws/session?user={'x' * 3000}&model=miku", "198.51.100.21")
+    assert (status, body["error"]) == (414, "bad_request") and "3016 bytes" in str(body["message"])
 
 
 def test_a_lobby_that_is_sent_messages_refuses(strict: tuple[str, FrontDoor]) -> None:

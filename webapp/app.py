@@ -146,6 +146,16 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
             "minutes": [{"minute": r.minute.strftime("%Y-%m-%dT%H:%M:00Z"), "model": r.model,
                          "region": r.region, "seconds": r.seconds} for r in rows]}), 200
 
+    @app.errorhandler(ConnectionError)
+    def dropped(e: ConnectionError) -> tuple[str, int]:
+        """The client left mid-request, such as a lobby dropped during its handshake: no
+        one to answer, and no traceback in the log per dropped socket."""
+        return "", 400
+
+    @app.before_request
+    def front_door() -> Response | None:   # cheap refusals, before the WebSocket handshake
+        return door.early(request) if request.path == "/ws/session" else None
+
     @sock.route("/ws/session")
     def session(ws):  # type: ignore[no-untyped-def]
         client = door.client(request.environ)
@@ -154,6 +164,7 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
                 try:
                     req = parse_lobby(request.args, request.cookies, cfg)
                 except BadRequest as e:
+                    door.bad_request(client, time.time())   # spends the client's attempts
                     lobby.error(ws, e.code, str(e))
                     return
                 door.attempt(req.user, client, time.time())   # per user and per client

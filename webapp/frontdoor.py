@@ -9,27 +9,44 @@ count per /64, what one host or home gets. Attempt limits are token buckets in R
 by every webapp process: one script takes a token from the user's and the client's bucket,
 or from neither. The cap on open lobby sockets protects this process's threads, so this
 process counts it. Addresses in `lobby_limit_exempt` are never limited.
+
+Refusals cost little: the first one a client gets is a lobby error (`rate_limited`, with
+the limit and `retry_after_s`); until that time is up, its lobby requests are answered
+before the WebSocket handshake with HTTP 429 and Retry-After, without Redis, and queries far
+longer than any lobby's with 414. Under werkzeug (`voicectl run`, a thread per connection)
+a 429 or 414 waits out part of the retry time first (HOLD_MAX_S at most), in its own
+thread: a client that reconnects at once cannot loop faster than that. A bad request spends
+one of the client's attempts.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import math
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from flask import Request, Response, jsonify
 
 from common.config import Config
 from provisioner.state import Limit, State, Throttled
 from webapp.lobby import Refused
 
+log = logging.getLogger("webapp.frontdoor")
+
 # A client at its socket cap is told to retry after this long: lobbies close as soon as
 # their users are placed, within seconds when nodes have room.
 SOCKET_RETRY_S = 5.0
 IPV6_PREFIX = 64
+MAX_QUERY_BYTES = 2048   # a lobby's query is a hundred bytes or so; a longer one is not parsed
+HOLD_MAX_S = 2.0         # the most a 429 waits under werkzeug before it is sent
+MAX_REMEMBERED = 10_000  # refused clients remembered in this process; past it, expired go
 
 
 class RateLimited(Refused):
@@ -90,6 +107,8 @@ class FrontDoor:
         self._exempt = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.lobby_limit_exempt)
         self._open: dict[str, int] = {}   # client key -> lobby sockets open in this process
         self._lock = threading.Lock()
+        self._refused: dict[str, Throttled] = {}   # client key -> its last refusal
+        self._refused_until: dict[str, float] = {}  # client key -> then (monotonic) + retry
 
     def client(self, environ: Mapping[str, Any]) -> Client:
         got = client_of(environ, self.cfg.trusted_proxies)
@@ -127,12 +146,15 @@ class FrontDoor:
                     del self._open[client.key]
 
     def limits(self, user: str, client: Client) -> list[Limit]:
-        """The limits an attempt of `user` from `client` counts against."""
+        """The limits an attempt of `user` from `client` counts against: the client's
+        first, spent by every attempt (a client flooding as one user runs out too), then
+        the user's, spent by those let through."""
         if client.exempt:
             return []
         window = self.cfg.lobby_attempts_window_s
-        limits = [Limit("user", user, self.cfg.lobby_attempts_per_user, window),
-                  Limit("client", client.key, self.cfg.lobby_attempts_per_client, window)]
+        limits = [Limit("client", client.key, self.cfg.lobby_attempts_per_client, window,
+                        always=True),
+                  Limit("user", user, self.cfg.lobby_attempts_per_user, window)]
         return [x for x in limits if x.capacity > 0]
 
     def attempt(self, user: str, client: Client, now: float) -> None:
@@ -143,7 +165,69 @@ class FrontDoor:
             raise Refused("unavailable", "the control plane cannot reach its state store "
                           f"right now ({e}); try again in a few seconds") from None
         if got is not None:
+            self._remember(client, got)
             raise RateLimited(refusal(got), got.retry_after_s)
+
+    def bad_request(self, client: Client, now: float) -> None:
+        """Count a bad request against the client's attempts (its refusal says why: this
+        only makes a stream of them cheap to refuse)."""
+        limits = self.limits("", client)[:1] if self.cfg.lobby_attempts_per_client else []
+        try:
+            got = self.state.take_attempt(limits, now)
+        except redis.RedisError as e:
+            log.warning("a bad lobby request from %s not counted: %s", client.key, e)
+            return
+        if got is not None:
+            self._remember(client, got)
+
+    def _remember(self, client: Client, got: Throttled) -> None:
+        if got.limit.kind != "client":
+            return
+        with self._lock:
+            if len(self._refused_until) >= MAX_REMEMBERED:
+                now = time.monotonic()
+                for key in [k for k, t in self._refused_until.items() if t <= now]:
+                    del self._refused_until[key], self._refused[key]
+            self._refused[client.key] = got
+            self._refused_until[client.key] = time.monotonic() + got.retry_after_s
+
+    def early(self, request: Request) -> Response | None:
+        """The answer to a lobby request that is refused before its WebSocket handshake
+        (see the module's docstring), or None to serve it."""
+        size = len(request.environ.get("QUERY_STRING") or "")
+        if size > MAX_QUERY_BYTES:   # no browser sends one: held like a 429 (below)
+            if "werkzeug.socket" in request.environ:
+                time.sleep(HOLD_MAX_S)
+            return _http_error(414, "bad_request", f"the query is {size} bytes; a lobby "
+                               f"query takes at most {MAX_QUERY_BYTES} (user, model, region "
+                               "or lat and lon, resume, takeover)")
+        client = self.client(request.environ)
+        if client.exempt:
+            return None
+        wait = self._refused_until.get(client.key, 0.0) - time.monotonic()
+        cap = self.cfg.lobby_sockets_per_client
+        if wait > 0:
+            got = self._refused.get(client.key)
+            message = refusal(Throttled(got.limit, wait)) if got else "too many lobby attempts"
+        elif cap and self._open.get(client.key, 0) >= cap:
+            wait = SOCKET_RETRY_S
+            message = (f"{client.key} has {cap} lobby sockets open already, the most one "
+                       f"client may; close one and try again in {SOCKET_RETRY_S:.0f} s")
+        else:
+            return None
+        if "werkzeug.socket" in request.environ:   # a thread per connection: it may wait
+            time.sleep(min(wait, HOLD_MAX_S))
+            wait = max(0.1, wait - HOLD_MAX_S)
+        resp = _http_error(429, "rate_limited", message, retry_after_s=round(wait, 1))
+        resp.headers["Retry-After"] = str(math.ceil(wait))
+        return resp
+
+
+def _http_error(status: int, code: str, message: str, **fields: object) -> Response:
+    resp = jsonify({"error": code, "message": message, **fields})
+    resp.status_code = status
+    resp.headers["Connection"] = "close"
+    return resp
 
 
 def refusal(got: Throttled) -> str:

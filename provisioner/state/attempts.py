@@ -14,13 +14,14 @@ class Attempts(StateBase):
     """State's verbs on lobby attempt limits (a mixin)."""
 
     def take_attempt(self, limits: Sequence[Limit], now: float) -> Throttled | None:
-        """One attempt against every limit at once: None when each gave a token; else the
-        limit that refused (no bucket is touched then) and when it gives one again."""
+        """One attempt against every limit at once, in order: None when each gave a token;
+        else the first limit that refused and when it gives one again (of the limits before
+        it, only those marked `always` gave a token)."""
         if not limits:
             return None
         args: list[Any] = [repr(now)]
         for limit in limits:
-            args += [limit.capacity, repr(limit.capacity / limit.window_s)]
+            args += [limit.capacity, repr(limit.capacity / limit.window_s), int(limit.always)]
         got = self._attempt(keys=[attempts_key(x.kind, x.who) for x in limits], args=args)
         if int(got[0]) == 1:
             return None

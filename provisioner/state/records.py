@@ -28,12 +28,14 @@ class Beat:
 @dataclass(frozen=True)
 class Limit:
     """At most `capacity` lobby attempts at once for `who` (a user id, or a client address),
-    refilled evenly over `window_s`."""
+    refilled evenly over `window_s`; `always`: an attempt spends a token here even when a
+    later limit refuses it."""
 
     kind: str          # "user" or "client"
     who: str
     capacity: int
     window_s: float
+    always: bool = False
 
 
 @dataclass(frozen=True)
