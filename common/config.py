@@ -99,11 +99,12 @@ class Config:
     join_token_ttl_s: float = 3600.0  # a cloud node's one-time join token lives this long
     constrained_cooloff_s: float = 120.0  # a pool refused for capacity is avoided this long
     # The lobby's front door (docs/architecture.md, "Limits at the front door"): lobby
-    # attempts per user and per client address, in bursts of at most N refilled evenly over
-    # the window (0: no limit); lobby sockets one client may hold open in one webapp process.
+    # attempts per user and per client address per window, refilled evenly, at most `burst`
+    # at once (0: no limit); lobby sockets one client may hold open in one webapp process.
     lobby_attempts_per_user: int = 20
     lobby_attempts_per_client: int = 60
     lobby_attempts_window_s: float = 60.0
+    lobby_attempts_burst: int = 10   # at once, of either (0: the whole window's)
     lobby_sockets_per_client: int = 32
     trusted_proxies: int = 0        # proxies whose X-Forwarded-For entry to believe (0: none)
     lobby_limit_exempt: tuple[str, ...] = ()   # addresses or networks no limit applies to
@@ -220,7 +221,7 @@ def _front_door(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
     """The front door's settings, checked: a typo in an exempt network must not start a
     webapp that limits nobody, or everybody."""
     out: dict[str, Any] = {}
-    for key in ("lobby_attempts_per_user", "lobby_attempts_per_client",
+    for key in ("lobby_attempts_per_user", "lobby_attempts_per_client", "lobby_attempts_burst",
                 "lobby_sockets_per_client", "trusted_proxies", "client_connections_burst"):
         if key in settings:
             value = settings[key]

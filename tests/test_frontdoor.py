@@ -87,6 +87,12 @@ def test_token_buckets(state: State) -> None:
     assert state.take_attempt([Limit("user", "dave", 1, 60.0), Limit("client", "x", 1, 60.0)],
                               now=1000.0) is not None
     assert state.take_attempt([Limit("user", "dave", 1, 60.0)], now=1000.0) is None
+    # A burst below the window's count: 2 at once, then one a second (60 a minute).
+    eve = Limit("user", "eve", 60, 60.0, burst=2)
+    assert [state.take_attempt([eve], now=1000.0) for _ in range(2)] == [None, None]
+    got = state.take_attempt([eve], now=1000.0)
+    assert got is not None and got.retry_after_s == pytest.approx(1.0)
+    assert state.take_attempt([eve], now=1001.0) is None
     # Refilled evenly: one attempt every 20 s for alice.
     assert state.take_attempt([alice], now=1019.0) is not None
     assert state.take_attempt([alice], now=1020.0) is None

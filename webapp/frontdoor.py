@@ -151,11 +151,11 @@ class FrontDoor:
         the user's, spent by those let through."""
         if client.exempt:
             return []
-        window = self.cfg.lobby_attempts_window_s
+        window, burst = self.cfg.lobby_attempts_window_s, self.cfg.lobby_attempts_burst
         limits = [Limit("client", client.key, self.cfg.lobby_attempts_per_client, window,
-                        always=True),
-                  Limit("user", user, self.cfg.lobby_attempts_per_user, window)]
-        return [x for x in limits if x.capacity > 0]
+                        burst, always=True),
+                  Limit("user", user, self.cfg.lobby_attempts_per_user, window, burst)]
+        return [x for x in limits if x.per_window > 0]
 
     def attempt(self, user: str, client: Client, now: float) -> None:
         """Count one lobby attempt; RateLimited (nothing counted) when a limit is spent."""
@@ -234,5 +234,6 @@ def refusal(got: Throttled) -> str:
     """What a throttled client is told: the limit, whose it is, and when to retry."""
     limit = got.limit
     whose = f"user {limit.who}" if limit.kind == "user" else f"client {limit.who}"
-    return (f"too many lobby attempts by {whose}: at most {limit.capacity} per "
-            f"{limit.window_s:g} s; try again in {max(0.1, got.retry_after_s):.1f} s")
+    burst = f", {limit.capacity} at once" if limit.capacity < limit.per_window else ""
+    return (f"too many lobby attempts by {whose}: at most {limit.per_window} per "
+            f"{limit.window_s:g} s{burst}; try again in {max(0.1, got.retry_after_s):.1f} s")

@@ -21,7 +21,8 @@ class Attempts(StateBase):
             return None
         args: list[Any] = [repr(now)]
         for limit in limits:
-            args += [limit.capacity, repr(limit.capacity / limit.window_s), int(limit.always)]
+            args += [limit.capacity, repr(limit.per_window / limit.window_s),
+                     int(limit.always)]
         got = self._attempt(keys=[attempts_key(x.kind, x.who) for x in limits], args=args)
         if int(got[0]) == 1:
             return None

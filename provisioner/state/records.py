@@ -27,15 +27,21 @@ class Beat:
 
 @dataclass(frozen=True)
 class Limit:
-    """At most `capacity` lobby attempts at once for `who` (a user id, or a client address),
-    refilled evenly over `window_s`; `always`: an attempt spends a token here even when a
-    later limit refuses it."""
+    """At most `per_window` lobby attempts per `window_s` for `who` (a user id, or a client
+    address), refilled evenly, at most `burst` of them at once (0: `per_window`); `always`:
+    an attempt spends a token here even when a later limit refuses it."""
 
     kind: str          # "user" or "client"
     who: str
-    capacity: int
+    per_window: int
     window_s: float
+    burst: int = 0
     always: bool = False
+
+    @property
+    def capacity(self) -> int:
+        """The most tokens its bucket holds."""
+        return min(self.burst, self.per_window) if self.burst else self.per_window
 
 
 @dataclass(frozen=True)
