@@ -159,6 +159,7 @@ class RealStack:
     redis_url: str
     state: State
     cfg: Config
+    redis_proc: Any = None
 
     @property
     def ws_url(self) -> str:
@@ -191,7 +192,7 @@ def real_stack(name: str, load_s: float = 10.0, extra_config: str = "",
                 raise RuntimeError(f"voicectl run did not start; see {logfile}")
             time.sleep(0.1)
         time.sleep(2.0)   # the Celery worker connects
-        yield RealStack(stack, port, url, State(connect(url)), load_config(env))
+        yield RealStack(stack, port, url, State(connect(url)), load_config(env), redis_proc)
     finally:
         procs.stop([stack], timeout_s=30)
         procs.stop([redis_proc])

@@ -255,9 +255,26 @@ def ms(values: list[float], q: float) -> float:
     return round(1000 * float(np.percentile(values, q)), 2)
 
 
-def phase(name: str, port: int, ws_url: str, pool: Any, probes: int, users: int
-          ) -> dict[str, Any]:
-    """/healthz probes and `users` lobbies spread over the same time."""
+def cpu_seconds(stack: Any) -> dict[str, float]:
+    """CPU seconds so far of the webapp (the `voicectl run` process), of the Celery worker
+    and Flower it started, and of Redis."""
+    def used(p: psutil.Process) -> float:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(t.user + t.system)
+
+    web = psutil.Process(stack.proc.pid)
+    return {"webapp": used(web), "celery": sum(used(c) for c in web.children(recursive=True)),
+            "redis": used(psutil.Process(stack.redis_proc.pid)), "t": time.monotonic()}
+
+
+def phase(name: str, stack: Any, pool: Any, probes: int, users: int) -> dict[str, Any]:
+    """/healthz probes and `users` lobbies spread over the same time; the CPU each part of
+    the stack used meanwhile."""
+    port, ws_url = stack.port, stack.ws_url
+    before = cpu_seconds(stack)
     window = probes * PROBE_EVERY_S
     arrivals = [window * i / users for i in range(users)]
     sources = [f"127.0.3.{1 + i}" for i in range(users)]
@@ -267,11 +284,15 @@ def phase(name: str, port: int, ws_url: str, pool: Any, probes: int, users: int
     slowest = sorted(range(len(healthz)), key=lambda i: -healthz[i])[:5]
     log(f"{name}: slowest probes (ms @ s into the phase): " + ", ".join(
         f"{1000 * healthz[i]:.0f} @ {i * PROBE_EVERY_S:.1f}" for i in slowest))
+    after = cpu_seconds(stack)
     placed = [t for t in placing.get(timeout=120) if t is not None]
     return {f"healthz_ms_p50_{name}": ms(healthz, 50), f"healthz_ms_p99_{name}": ms(healthz, 99),
             f"healthz_ms_max_{name}": ms(healthz, 100),
             f"lobby_ms_p99_{name}": ms(placed, 99) if placed else None,
-            f"lobbies_placed_{name}": len(placed)}
+            f"lobbies_placed_{name}": len(placed),
+            **{f"{part}_cpu_cores_{name}": round((after[part] - before[part])
+                                                 / (after["t"] - before["t"]), 2)
+               for part in ("webapp", "celery", "redis")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             ready_nodes(stack.state, nodes, region="bench-home"), ctx.Pool(1) as pool:
         pool.apply(_placed, (stack.ws_url, "warmup", [0.0], ["127.0.3.250"]))
         free(stack.state, nodes, "warmup", 1)
-        figures.update(phase("idle", stack.port, stack.ws_url, pool, args.probes, args.users))
+        figures.update(phase("idle", stack, pool, args.probes, args.users))
         free(stack.state, nodes, "idle", args.users)
         stop, out = ctx.Event(), ctx.Queue()
         hostile = ctx.Process(target=_hostile, args=(stack.port, args.sockets, stop, out,
@@ -300,10 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         webapp, attacker = psutil.Process(stack.proc.pid), psutil.Process(hostile.pid)
         try:
             time.sleep(RAMP_S)
-            cpu0, t0, hcpu0 = webapp.cpu_times(), time.monotonic(), attacker.cpu_times()
-            figures.update(phase("hostile", stack.port, stack.ws_url, pool, args.probes,
-                                 args.users))
-            cpu1, t1, hcpu1 = webapp.cpu_times(), time.monotonic(), attacker.cpu_times()
+            t0, hcpu0 = time.monotonic(), attacker.cpu_times()
+            figures.update(phase("hostile", stack, pool, args.probes, args.users))
+            t1, hcpu1 = time.monotonic(), attacker.cpu_times()
             figures["webapp_threads_hostile"] = webapp.num_threads()
             figures["hostile_client_cpu_cores"] = round(
                 (hcpu1.user + hcpu1.system - hcpu0.user - hcpu0.system) / (t1 - t0), 2)
@@ -318,8 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     figures["ratio"] = round(figures["healthz_ms_p99_hostile"] / figures["healthz_ms_p99_idle"], 2)
     figures["lobbies_tried_during"] = args.users
     figures["lobbies_placed_during"] = figures.pop("lobbies_placed_hostile")
-    figures["webapp_cpu_cores_hostile"] = round(
-        (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0), 2)
     figures.update({f"hostile_{k}": v for k, v in sorted(stats.items())})
     report(figures, args.json)
     return 0

@@ -111,7 +111,7 @@ class Config:
     # New connections per client address, in bursts refilled at per_s (0: no limit); only
     # `voicectl run`'s own server counts them (webapp/serving.py).
     client_connections_burst: int = 100
-    client_connections_per_s: float = 20.0
+    client_connections_per_s: float = 10.0
 
     @property
     def heartbeat_timeout_s(self) -> float:

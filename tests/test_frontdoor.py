@@ -74,28 +74,34 @@ def test_token_buckets(state: State) -> None:
         assert state.take_attempt([client, alice], now=1000.0) is None
     got = state.take_attempt([client, alice], now=1000.0)
     assert got is not None and got.limit == alice and got.retry_after_s == pytest.approx(20.0)
-    # The client paid for the refused attempt too (always): 2 of its 6 are left.
-    assert state.take_attempt([client, bob], now=1000.0) is None
+    # The client paid for the refused attempt too (always): 2 of its 6 are left. The attempt
+    # that takes its last is let through, saying when it has one again.
     assert state.take_attempt([client, bob], now=1000.0) is None
     got = state.take_attempt([client, bob], now=1000.0)
+    assert got is not None and got.let_through and got.limit == client
+    assert got.retry_after_s == pytest.approx(10.0)
+    got = state.take_attempt([client, bob], now=1000.0)
+    assert got is not None and not got.let_through
     assert got is not None and got.limit == client and got.retry_after_s == pytest.approx(10.0)
-    # Refused by the client: bob's bucket was not touched (one left), nor by a refusal of a
-    # bucket marked otherwise.
-    assert state.take_attempt([bob], now=1000.0) is None
-    carol = Limit("user", "carol", 1, 60.0)
-    assert state.take_attempt([carol, Limit("client", "x", 1, 60.0)], now=1000.0) is None
-    assert state.take_attempt([Limit("user", "dave", 1, 60.0), Limit("client", "x", 1, 60.0)],
-                              now=1000.0) is not None
-    assert state.take_attempt([Limit("user", "dave", 1, 60.0)], now=1000.0) is None
+    # Refused by the client: bob's bucket was not touched (his last one is left), nor by a
+    # refusal of a bucket marked otherwise.
+    assert state.take_attempt([bob], now=1000.0).let_through   # type: ignore[union-attr]
+    carol, dave = Limit("user", "carol", 1, 60.0), Limit("user", "dave", 1, 60.0)
+    x = Limit("client", "x", 1, 60.0)      # not `always`
+    assert state.take_attempt([carol, x], now=1000.0).let_through   # type: ignore[union-attr]
+    got = state.take_attempt([dave, x], now=1000.0)
+    assert got is not None and got.limit == x and not got.let_through
+    assert state.take_attempt([dave], now=1000.0).let_through   # type: ignore[union-attr]
     # A burst below the window's count: 2 at once, then one a second (60 a minute).
     eve = Limit("user", "eve", 60, 60.0, burst=2)
-    assert [state.take_attempt([eve], now=1000.0) for _ in range(2)] == [None, None]
+    assert state.take_attempt([eve], now=1000.0) is None
+    assert state.take_attempt([eve], now=1000.0).let_through   # type: ignore[union-attr]
     got = state.take_attempt([eve], now=1000.0)
-    assert got is not None and got.retry_after_s == pytest.approx(1.0)
-    assert state.take_attempt([eve], now=1001.0) is None
+    assert got is not None and not got.let_through and got.retry_after_s == pytest.approx(1.0)
+    assert state.take_attempt([eve], now=1001.0).let_through   # type: ignore[union-attr]
     # Refilled evenly: one attempt every 20 s for alice.
-    assert state.take_attempt([alice], now=1019.0) is not None
-    assert state.take_attempt([alice], now=1020.0) is None
+    assert not state.take_attempt([alice], now=1019.0).let_through   # type: ignore[union-attr]
+    assert state.take_attempt([alice], now=1020.0).let_through   # type: ignore[union-attr]
     assert state.take_attempt([], now=1020.0) is None
 
 

@@ -11,11 +11,12 @@ or from neither. The cap on open lobby sockets protects this process's threads, 
 process counts it. Addresses in `lobby_limit_exempt` are never limited.
 
 Refusals cost little: the first one a client gets is a lobby error (`rate_limited`, with
-the limit and `retry_after_s`); until that time is up, its lobby requests are answered
-before the WebSocket handshake with HTTP 429 and Retry-After, without Redis, and queries far
-longer than any lobby's with 414. Under werkzeug (`voicectl run`, a thread per connection)
-a 429 or 414 waits out part of the retry time first (HOLD_MAX_S at most), in its own
-thread: a client that reconnects at once cannot loop faster than that. A bad request spends
+the limit and `retry_after_s`); until that time is up (a little longer, at random, so
+clients refused together come back apart), its lobby requests are answered before the
+WebSocket handshake with HTTP 429 and Retry-After, without Redis, and queries far longer
+than any lobby's with 414. Under werkzeug (`voicectl run`, a thread per connection)
+a 429 or 414 waits out part of the retry time first (1-2 s), in its own thread: a client
+that reconnects at once cannot loop faster than that. A bad request spends
 one of the client's attempts.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -46,7 +48,9 @@ SOCKET_RETRY_S = 5.0
 IPV6_PREFIX = 64
 MAX_QUERY_BYTES = 2048   # a lobby's query is a hundred bytes or so; a longer one is not parsed
 HOLD_MAX_S = 2.0         # the most a 429 waits under werkzeug before it is sent
+HOLD_MIN_S = 1.0         # and the least, even when the client may retry sooner
 MAX_REMEMBERED = 10_000  # refused clients remembered in this process; past it, expired go
+RETRY_SPREAD = 0.25      # a refused client waits up to this share longer (see _remember)
 
 
 class RateLimited(Refused):
@@ -109,6 +113,7 @@ class FrontDoor:
         self._lock = threading.Lock()
         self._refused: dict[str, Throttled] = {}   # client key -> its last refusal
         self._refused_until: dict[str, float] = {}  # client key -> then (monotonic) + retry
+        self._told: set[str] = set()   # of those, told why over the lobby protocol already
 
     def client(self, environ: Mapping[str, Any]) -> Client:
         got = client_of(environ, self.cfg.trusted_proxies)
@@ -165,8 +170,9 @@ class FrontDoor:
             raise Refused("unavailable", "the control plane cannot reach its state store "
                           f"right now ({e}); try again in a few seconds") from None
         if got is not None:
-            self._remember(client, got)
-            raise RateLimited(refusal(got), got.retry_after_s)
+            got = self._remember(client, got)
+            if not got.let_through:
+                raise RateLimited(refusal(got), got.retry_after_s)
 
     def bad_request(self, client: Client, now: float) -> None:
         """Count a bad request against the client's attempts (its refusal says why: this
@@ -180,16 +186,27 @@ class FrontDoor:
         if got is not None:
             self._remember(client, got)
 
-    def _remember(self, client: Client, got: Throttled) -> None:
+    def _remember(self, client: Client, got: Throttled) -> Throttled:
+        """A client out of attempts is refused here, cheaply, until it has one again: a
+        little longer, at random (up to RETRY_SPREAD more), so clients refused in one
+        instant do not all come back in one. Returns `got` with the retry time it keeps."""
         if got.limit.kind != "client":
-            return
+            return got
+        got = Throttled(got.limit, got.retry_after_s * random.uniform(1.0, 1 + RETRY_SPREAD),
+                        got.let_through)
         with self._lock:
             if len(self._refused_until) >= MAX_REMEMBERED:
                 now = time.monotonic()
                 for key in [k for k, t in self._refused_until.items() if t <= now]:
                     del self._refused_until[key], self._refused[key]
+                    self._told.discard(key)
             self._refused[client.key] = got
             self._refused_until[client.key] = time.monotonic() + got.retry_after_s
+            if got.let_through:   # its next attempt is refused over the lobby protocol
+                self._told.discard(client.key)
+            else:
+                self._told.add(client.key)
+        return got
 
     def early(self, request: Request) -> Response | None:
         """The answer to a lobby request that is refused before its WebSocket handshake
@@ -197,7 +214,7 @@ class FrontDoor:
         size = len(request.environ.get("QUERY_STRING") or "")
         if size > MAX_QUERY_BYTES:   # no browser sends one: held like a 429 (below)
             if "werkzeug.socket" in request.environ:
-                time.sleep(HOLD_MAX_S)
+                time.sleep(_held(HOLD_MAX_S))
             return _http_error(414, "bad_request", f"the query is {size} bytes; a lobby "
                                f"query takes at most {MAX_QUERY_BYTES} (user, model, region "
                                "or lat and lon, resume, takeover)")
@@ -206,9 +223,16 @@ class FrontDoor:
             return None
         wait = self._refused_until.get(client.key, 0.0) - time.monotonic()
         cap = self.cfg.lobby_sockets_per_client
+        if wait > 0 and client.key not in self._told:
+            with self._lock:   # one of its requests goes on, to hear why over the lobby
+                tell = client.key not in self._told
+                self._told.add(client.key)
+            if tell:
+                return None
         if wait > 0:
             got = self._refused.get(client.key)
-            message = refusal(Throttled(got.limit, wait)) if got else "too many lobby attempts"
+            message = (refusal(Throttled(got.limit, wait)) if got
+                       else "too many lobby attempts")
         elif cap and self._open.get(client.key, 0) >= cap:
             wait = SOCKET_RETRY_S
             message = (f"{client.key} has {cap} lobby sockets open already, the most one "
@@ -216,11 +240,19 @@ class FrontDoor:
         else:
             return None
         if "werkzeug.socket" in request.environ:   # a thread per connection: it may wait
-            time.sleep(min(wait, HOLD_MAX_S))
-            wait = max(0.1, wait - HOLD_MAX_S)
+            held = _held(min(max(wait, HOLD_MIN_S), HOLD_MAX_S))
+            time.sleep(held)
+            wait = max(0.1, wait - held)
         resp = _http_error(429, "rate_limited", message, retry_after_s=round(wait, 1))
         resp.headers["Retry-After"] = str(math.ceil(wait))
         return resp
+
+
+def _held(wait_s: float) -> float:
+    """How long a refusal waits: between half and all of `wait_s`, at random, so clients
+    refused in one instant do not all come back in one instant (each wave of them took the
+    process's CPU for 50-100 ms, and every request then waited)."""
+    return wait_s * random.uniform(0.5, 1.0)
 
 
 def _http_error(status: int, code: str, message: str, **fields: object) -> Response:

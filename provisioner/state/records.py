@@ -46,10 +46,12 @@ class Limit:
 
 @dataclass(frozen=True)
 class Throttled:
-    """An attempt refused by `limit`; it allows one again in `retry_after_s`."""
+    """An attempt refused by `limit`, which allows one again in `retry_after_s`; or, when
+    `let_through`, one that took the last token `limit` had until then."""
 
     limit: Limit
     retry_after_s: float
+    let_through: bool = False
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@
 -- full (it expires once it would have refilled).
 -- KEYS: the buckets (vc:attempts:...). ARGV: now, then capacity, per_s and always (1 or 0)
 -- for each key.
--- Returns {1}, or {0, the empty bucket's index (1-based), seconds until a token (a string)}.
+-- Returns {0, the empty bucket's index (1-based), seconds until it has a token (a string)}
+-- when refused; when let through {1}, or {1, 1, seconds until the first bucket has a token
+-- again} when that attempt took its last.
 local now = tonumber(ARGV[1])
 local levels = {}
 local refused = nil
@@ -30,4 +32,10 @@ for i, level in ipairs(levels) do
     redis.call('EXPIRE', KEYS[i], math.ceil(capacity / per_s) + 1)
   end
 end
-return refused or {1}
+if refused then
+  return refused
+end
+if levels[1] and levels[1] - 1 < 1 then
+  return {1, 1, tostring((2 - levels[1]) / tonumber(ARGV[3]))}
+end
+return {1}
