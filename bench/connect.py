@@ -36,6 +36,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,7 @@ import numpy as np
 import websockets
 from simple_websocket import Client
 
-from common.config import load_config
+from common.config import Config, load_config
 from provisioner.state import State, connect, slots_key
 from voicectl import procs
 
@@ -74,12 +77,15 @@ def lobby(ws_url: str, query: str) -> tuple[float, list[dict[str, Any]]]:
             return elapsed, msgs
 
 
-async def _open(ws_url: str, query: str, at: float, t_start: float) -> float:
-    """One user: wait until `at` seconds after `t_start`, open the lobby, read to `ready`."""
+async def _open(ws_url: str, query: str, at: float, t_start: float,
+                source: str | None = None) -> float:
+    """One user: wait until `at` seconds after `t_start`, open the lobby (from the address
+    `source`, a loopback one of its own), read to `ready`."""
     await asyncio.sleep(max(0.0, t_start + at - time.perf_counter()))
     t0 = time.perf_counter()
     async with websockets.connect(f"{ws_url}/ws/session?{query}", compression=None,
-                                  open_timeout=60, close_timeout=1) as ws:
+                                  open_timeout=60, close_timeout=1,
+                                  local_addr=(source, 0) if source else None) as ws:
         async for raw in ws:
             msg = json.loads(raw)
             if msg["type"] == "ready":
@@ -89,14 +95,16 @@ async def _open(ws_url: str, query: str, at: float, t_start: float) -> float:
     raise RuntimeError(f"lobby closed without ready for {query}")
 
 
-def _users(ws_url: str, tag: str, arrivals: list[float]) -> tuple[list[float], float]:
+def _users(ws_url: str, tag: str, arrivals: list[float],
+           sources: list[str] | None = None) -> tuple[list[float], float]:
     """In a separate process (the users are browsers elsewhere, not in the server's GIL),
-    one asyncio task per user, each opening its lobby at its arrival time; latencies and
-    admissions per second over the whole round."""
+    one asyncio task per user, each opening its lobby at its arrival time (from
+    `sources[i]`, else 127.0.0.1); latencies and admissions per second over the round."""
     async def all_users() -> list[float]:
         t_start = time.perf_counter() + 0.05
         return await asyncio.gather(*(
-            _open(ws_url, f"user={tag}-{i}&model=miku&region=us-west", at, t_start)
+            _open(ws_url, f"user={tag}-{i}&model=miku&region=us-west", at, t_start,
+                  sources[i] if sources else None)
             for i, at in enumerate(arrivals)))
 
     t0 = time.perf_counter()
@@ -109,61 +117,123 @@ def _percentiles(latencies: list[float]) -> tuple[float, float]:
     return round(1000 * float(p50), 2), round(1000 * float(p99), 2)
 
 
+@contextmanager
+def ready_nodes(state: State, nodes: list[str], region: str = "us-west",
+                model: str = "miku") -> Iterator[None]:
+    """Ready nodes of `model` in `region` (4 slots each) as the lobby sees them: their
+    heartbeats written here, twice a second, and forgotten after the block."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            for node_id in nodes:
+                state.heartbeat({"id": node_id, "provider": "local", "region": region,
+                                 "model": model, "version": "1", "state": "ready",
+                                 "capacity": 4, "url": "ws://127.0.0.1:9/ws"}, time.time())
+            stop.wait(0.5)
+
+    threading.Thread(target=beat, daemon=True).start()
+    time.sleep(0.3)
+    try:
+        yield
+    finally:
+        stop.set()
+        for node_id in nodes:
+            state.forget_node(node_id)
+
+
+def free(state: State, nodes: list[str], tag: str, users: int) -> None:
+    """Free every slot of `nodes` and the locks of users `{tag}-0..`, for the next round."""
+    for node_id in nodes:
+        state.r.delete(slots_key(node_id))
+    for i in range(users):
+        state.release_lock(f"{tag}-{i}", state.lock_holder(f"{tag}-{i}") or "")
+
+
+@dataclass
+class RealStack:
+    """`voicectl run` in its own processes on a Redis of ours (see `real_stack`)."""
+
+    proc: Any
+    port: int
+    redis_url: str
+    state: State
+    cfg: Config
+    redis_proc: Any = None
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+
+@contextmanager
+def real_stack(name: str, load_s: float = 10.0, extra_config: str = "",
+               env: dict[str, str] | None = None) -> Iterator[RealStack]:
+    """The real stack as users meet it: `voicectl run` (webapp, Celery worker with beat,
+    Flower) on the default fleet plus `extra_config`, on a Redis of ours; its log in
+    var/logs/bench-NAME.log."""
+    url, redis_proc = procs.start_redis()
+    port, flower = procs.free_port(), procs.free_port()
+    var = procs.ROOT / "var"
+    var.mkdir(exist_ok=True)
+    config = var / f"bench-{name}.toml"
+    config.write_text((procs.ROOT / "common" / "default.toml").read_text() + extra_config)
+    env = {**os.environ, "REDIS_URL": url, "MODEL_LOAD_SECONDS": str(load_s),
+           "VOICE_CONFIG": str(config), "DATABASE_URL": "sqlite:///" + str(var / "bench.sqlite"),
+           "VOICE_DEV_USERS": "1", **(env or {})}   # users named by ?user=, as in tests
+    logfile = procs.ROOT / "var" / "logs" / f"bench-{name}.log"
+    log(f"starting the real stack: voicectl run on port {port} (Redis {url}) ...")
+    stack = procs.spawn([sys.executable, "-m", "voicectl", "run", "--port", str(port),
+                         "--flower-port", str(flower)], env=env, log=logfile)
+    try:
+        deadline = time.monotonic() + 60
+        while procs.port_free("127.0.0.1", port):   # until the webapp listens
+            if time.monotonic() > deadline or stack.poll() is not None:
+                raise RuntimeError(f"voicectl run did not start; see {logfile}")
+            time.sleep(0.1)
+        time.sleep(2.0)   # the Celery worker connects
+        yield RealStack(stack, port, url, State(connect(url)), load_config(env), redis_proc)
+    finally:
+        procs.stop([stack], timeout_s=30)
+        procs.stop([redis_proc])
+
+
 def warm(state: State, ws_url: str, rounds: int, users: int, rate: float) -> dict[str, Any]:
     """`users` users on ready nodes with exactly enough room, two ways: arriving as a Poisson
     process at `rate` per second and keeping their sessions (so the last ones are admitted
     while the others hold theirs: `users` concurrent users), and all opening the lobby in
     the same instant (a stress beyond any real arrival process)."""
     nodes = [f"warm-{i}" for i in range(math.ceil(users / 4))]
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.is_set():
-            for node_id in nodes:
-                state.heartbeat({"id": node_id, "provider": "local", "region": "us-west",
-                                 "model": "miku", "version": "1", "state": "ready",
-                                 "capacity": 4, "url": "ws://127.0.0.1:9/ws"}, time.time())
-            stop.wait(0.5)
 
     def reset(tag: str) -> None:
-        for node_id in nodes:                      # free every slot for the next round
-            state.r.delete(slots_key(node_id))
-        for i in range(users):
-            state.release_lock(f"{tag}-{i}", state.lock_holder(f"{tag}-{i}") or "")
+        free(state, nodes, tag, users)
 
-    threading.Thread(target=beat, daemon=True).start()
-    time.sleep(0.3)
     rng = np.random.default_rng(7)
     out: dict[str, Any] = {}
-    try:
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            pool.apply(_users, (ws_url, "warmup", [0.0]))   # imports, first connection
-            reset("warmup")
-            for mode in ("poisson", "burst"):
-                latencies: list[float] = []
-                rates = []
-                for r in range(rounds):
-                    if mode == "poisson":
-                        arrivals = list(np.cumsum(rng.exponential(1 / rate, users)))
-                        what = f"arrive as a Poisson process at {rate:g}/s and stay"
-                    else:
-                        arrivals, what = [0.0] * users, "open the lobby in the same instant"
-                    log(f"warm {mode} round {r + 1}/{rounds}: {users} users {what} ...")
-                    got, per_s = pool.apply(_users, (ws_url, f"{mode}{r}", arrivals))
-                    latencies += got
-                    rates.append(per_s)
-                    reset(f"{mode}{r}")
-                p50, p99 = _percentiles(latencies)
+    with ready_nodes(state, nodes), multiprocessing.get_context("spawn").Pool(1) as pool:
+        pool.apply(_users, (ws_url, "warmup", [0.0]))   # imports, first connection
+        reset("warmup")
+        for mode in ("poisson", "burst"):
+            latencies: list[float] = []
+            rates = []
+            for r in range(rounds):
                 if mode == "poisson":
-                    out.update(warm_connect_ms_p50=p50, warm_connect_ms_p99=p99,
-                               warm_connect_ms_max=round(1000 * max(latencies), 2))
+                    arrivals = list(np.cumsum(rng.exponential(1 / rate, users)))
+                    what = f"arrive as a Poisson process at {rate:g}/s and stay"
                 else:
-                    out.update(warm_burst_ms_p50=p50, warm_burst_ms_p99=p99,
-                               admissions_per_s=round(float(np.median(rates)), 1))
-    finally:
-        stop.set()
-        for node_id in nodes:
-            state.forget_node(node_id)
+                    arrivals, what = [0.0] * users, "open the lobby in the same instant"
+                log(f"warm {mode} round {r + 1}/{rounds}: {users} users {what} ...")
+                got, per_s = pool.apply(_users, (ws_url, f"{mode}{r}", arrivals))
+                latencies += got
+                rates.append(per_s)
+                reset(f"{mode}{r}")
+            p50, p99 = _percentiles(latencies)
+            if mode == "poisson":
+                out.update(warm_connect_ms_p50=p50, warm_connect_ms_p99=p99,
+                           warm_connect_ms_max=round(1000 * max(latencies), 2))
+            else:
+                out.update(warm_burst_ms_p50=p50, warm_burst_ms_p99=p99,
+                           admissions_per_s=round(float(np.median(rates)), 1))
     out.update(warm_users=users, warm_arrivals_per_s=rate, warm_rounds=rounds)
     return out
 
@@ -278,36 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--waiting", type=int, default=200, help="lobbies waiting for a node")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    url, redis_proc = procs.start_redis()
-    port, flower = procs.free_port(), procs.free_port()
-    var = procs.ROOT / "var"
-    var.mkdir(exist_ok=True)
-    config = var / "bench-connect.toml"   # the default fleet and a region that never boots
-    config.write_text((procs.ROOT / "common" / "default.toml").read_text() + WAIT_REGION)
-    env = {**os.environ, "REDIS_URL": url, "MODEL_LOAD_SECONDS": str(args.load_s),
-           "VOICE_DEV_USERS": "1",   # users named with ?user=
-           "VOICE_CONFIG": str(config), "DATABASE_URL": "sqlite:///" + str(var / "bench.sqlite")}
-    log(f"starting the real stack: voicectl run on port {port} (Redis {url}) ...")
-    stack = procs.spawn([sys.executable, "-m", "voicectl", "run", "--port", str(port),
-                         "--flower-port", str(flower)], env=env,
-                        log=procs.ROOT / "var" / "logs" / "bench-connect.log")
-    state = State(connect(url))
-    cfg = load_config(env)
     figures: dict[str, Any] = {}
-    try:
-        deadline = time.monotonic() + 60
-        while procs.port_free("127.0.0.1", port):   # until the webapp listens
-            if time.monotonic() > deadline or stack.poll() is not None:
-                raise RuntimeError("voicectl run did not start; see var/logs/bench-connect.log")
-            time.sleep(0.1)
-        time.sleep(2.0)   # the Celery worker connects
-        ws_url = f"ws://127.0.0.1:{port}"
-        figures.update(cold(state, ws_url, args.load_s, cfg.provider("local").boot_s))
-        figures.update(warm(state, ws_url, args.rounds, args.users, args.rate))
-        figures.update(waiting(stack, url, ws_url, args.waiting))
-    finally:
-        procs.stop([stack], timeout_s=30)
-        procs.stop([redis_proc])
+    with real_stack("connect", args.load_s, WAIT_REGION) as stack:
+        figures.update(cold(stack.state, stack.ws_url, args.load_s,
+                            stack.cfg.provider("local").boot_s))
+        figures.update(warm(stack.state, stack.ws_url, args.rounds, args.users, args.rate))
+        figures.update(waiting(stack.proc, stack.redis_url, stack.ws_url, args.waiting))
     figures.update(floor(args.rounds, args.users, args.rate))
     figures["warm_connect_p99_over_floor"] = round(
         figures["warm_connect_ms_p99"] / figures["warm_connect_floor_ms_p99"], 2)

@@ -6,6 +6,7 @@ result down; tests build `Config` directly or with `load_config(environ={...})`.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -104,6 +105,20 @@ class Config:
     cluster: str = "voice"          # tags every VM we make; we touch no VM without it
     join_token_ttl_s: float = 3600.0  # a cloud node's one-time join token lives this long
     constrained_cooloff_s: float = 120.0  # a pool refused for capacity is avoided this long
+    # The lobby's front door (docs/architecture.md, "Limits at the front door"): lobby
+    # attempts per user and per client address per window, refilled evenly, at most `burst`
+    # at once (0: no limit); lobby sockets one client may hold open in one webapp process.
+    lobby_attempts_per_user: int = 20
+    lobby_attempts_per_client: int = 60
+    lobby_attempts_window_s: float = 60.0
+    lobby_attempts_burst: int = 10   # at once, of either (0: the whole window's)
+    lobby_sockets_per_client: int = 32
+    trusted_proxies: int = 0        # proxies whose X-Forwarded-For entry to believe (0: none)
+    lobby_limit_exempt: tuple[str, ...] = ()   # addresses or networks no limit applies to
+    # New connections per client address, in bursts refilled at per_s (0: no limit); only
+    # `voicectl run`'s own server counts them (webapp/serving.py).
+    client_connections_burst: int = 100
+    client_connections_per_s: float = 10.0
 
     @property
     def heartbeat_timeout_s(self) -> float:
@@ -212,7 +227,40 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
     flag = settings.get("anonymous_demand_scales", True)
     if not isinstance(flag, bool):
         raise ConfigError(f"anonymous_demand_scales = {flag!r} in {source} must be true or false")
+    settings = {**settings, **_front_door(settings, source)}
     return Config(regions=regions, providers=providers, models=models, **settings)
+
+
+def _front_door(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The front door's settings, checked: a typo in an exempt network must not start a
+    webapp that limits nobody, or everybody."""
+    out: dict[str, Any] = {}
+    for key in ("lobby_attempts_per_user", "lobby_attempts_per_client", "lobby_attempts_burst",
+                "lobby_sockets_per_client", "trusted_proxies", "client_connections_burst"):
+        if key in settings:
+            value = settings[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{key} = {value!r} in {source} must be a whole number "
+                                  "0 or more (0: no limit / no proxy)")
+    for key in ("lobby_attempts_window_s", "client_connections_per_s"):
+        value = settings.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{key} = {value!r} in {source} must be a number above 0")
+        if key in settings:
+            out[key] = float(value)
+    exempt = settings.get("lobby_limit_exempt", ())
+    if not isinstance(exempt, list | tuple):
+        raise ConfigError(f"lobby_limit_exempt = {exempt!r} in {source} must be a list of "
+                          'addresses or networks, such as ["127.0.0.1", "10.0.0.0/8"]')
+    for net in exempt:
+        try:
+            ipaddress.ip_network(str(net), strict=False)
+        except ValueError:
+            raise ConfigError(f"lobby_limit_exempt entry {net!r} in {source} is not an IP "
+                              'address or network such as "127.0.0.1" or "10.0.0.0/8"') from None
+    if "lobby_limit_exempt" in settings:
+        out["lobby_limit_exempt"] = tuple(str(net) for net in exempt)
+    return out
 
 
 # What a deployment must be given, because its processes share it: a value made up per

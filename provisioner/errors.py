@@ -23,3 +23,9 @@ class CapacityError(VoiceError):
 class JoinError(VoiceError):
     """A node's join or heartbeat is refused: an unknown, used or expired join token, a
     revoked or unknown credential, or a node the control plane already forgot."""
+
+
+class BadReport(VoiceError, ValueError):
+    """A node's join request or heartbeat report is malformed (not a JSON object, a bad
+    state, a name outside [A-Za-z0-9_.-], a row of the wrong shape, a number out of range);
+    the message names the field and what was expected. The node endpoints answer 400."""

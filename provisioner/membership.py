@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import uuid
@@ -25,7 +26,7 @@ import requests
 from common.config import NAME_RE, NODE_PORT, Config, Provider
 from common.grant import Grant
 from common.tickets import node_key, sign_control
-from provisioner.errors import JoinError
+from provisioner.errors import BadReport, JoinError
 from provisioner.placement import home_region
 from provisioner.state import Beat, NodeRecord, Orders, State
 from provisioner.states import NodeState
@@ -134,58 +135,82 @@ def authenticate(state: State, credential: str) -> str:
     return node_id
 
 
+def parse_report(raw: str | bytes) -> dict[str, Any]:
+    """A node's request body or heartbeat message as a JSON object, or BadReport."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:   # RecursionError: nested past the decoder
+        raise BadReport(f"not JSON ({str(e)[:80]}); send one JSON object") from None
+    if not isinstance(data, dict):
+        raise BadReport("the body must be a JSON object")
+    return data
+
+
 def parse_beat(body: Mapping[str, Any]) -> Beat:
-    """Validate a node's report (the beat script keys its usage counters by what the control
-    plane knows of the node: its id, model and region, never by what the node says)."""
+    """Validate a node's report, or BadReport naming what is wrong (the beat script keys its
+    usage counters by what the control plane knows of the node: its id, model and region,
+    never by what the node says)."""
     st = body.get("state")
-    if st not in NODE_STATES:
-        raise ValueError(f"state {st!r} is not one of {sorted(NODE_STATES)}")
-    streams = body.get("streams") or []
-    usage = body.get("usage") or []
-    if not isinstance(streams, list) or len(streams) > MAX_STREAMS:
-        raise ValueError("streams must be a list of [user, session, fence, conn], "
-                         "at most a few per slot")
-    if not isinstance(usage, list) or len(usage) > MAX_COUNTERS:
-        raise ValueError(f"usage must be a list of at most {MAX_COUNTERS} "
-                         "[minute_s, user, session, conn, seconds]")
+    if not isinstance(st, str) or st not in NODE_STATES:
+        raise BadReport(f"state {str(st)[:40]!r} is not one of {sorted(NODE_STATES)}")
+    streams = _rows(body, "streams", 4, MAX_STREAMS, "[user, session, fence, conn]")
+    usage = _rows(body, "usage", 5, MAX_COUNTERS, "[minute_s, user, session, conn, seconds]")
+    closed = _rows(body, "closed", 2, MAX_COUNTERS, "[user, session]")
     live = []
-    for item in streams:
-        user, session, fence, conn = item
-        _name(user, "user")
-        _name(session, "session")
-        live.append((str(user), str(session), int(fence)))
+    for user, session, fence, _conn in streams:
+        live.append((_name(user, "user"), _name(session, "session"), _int(fence, "fence")))
     counters = []
-    for item in usage:
-        minute, user, session, conn, seconds = item
+    for minute, user, session, conn, seconds in usage:
         _name(user, "user")
         _name(session, "session")
-        if not CONN_RE.match(str(conn)):
-            raise ValueError(f"connection id {str(conn)[:20]!r} is not 1-16 hex digits")
-        minute, seconds = int(minute), float(seconds)
+        if not isinstance(conn, str) or not CONN_RE.match(conn):
+            raise BadReport(f"connection id {str(conn)[:20]!r} is not 1-16 hex digits")
+        minute, seconds = _int(minute, "usage minute"), _float(seconds, "usage seconds")
         if minute % 60 or not 0.0 <= seconds <= 60.0:
-            raise ValueError(f"usage minute {minute} / {seconds} s is not a UTC minute with "
-                             "0-60 s streamed")
+            raise BadReport(f"usage minute {minute} / {seconds} s is not a UTC minute with "
+                            "0-60 s streamed")
         counters.append((minute, f"{user}|{session}:{conn}", round(seconds, 4)))
-    closed = body.get("closed") or []
-    if not isinstance(closed, list) or len(closed) > MAX_COUNTERS:
-        raise ValueError("closed must be a list of [user, session]")
-    ended = []
-    for user, session in closed:
-        _name(user, "user")
-        _name(session, "session")
-        ended.append((str(user), str(session)))
+    ended = [(_name(user, "user"), _name(session, "session")) for user, session in closed]
     eta = body.get("eta_ready_s")
     ready_at = body.get("ready_at")
-    return Beat(state=str(st), progress=min(1.0, max(0.0, float(body.get("progress") or 0))),
-                eta_ready=None if eta is None else float(eta),
-                ready_at=float(ready_at) if ready_at else None,
-                serving=str(body.get("serving") or ""), streams=live, usage=counters,
+    return Beat(state=str(st),
+                progress=min(1.0, max(0.0, _float(body.get("progress") or 0, "progress"))),
+                eta_ready=None if eta is None else _float(eta, "eta_ready_s"),
+                ready_at=_float(ready_at, "ready_at") if ready_at else None,
+                serving=str(body.get("serving") or "")[:200], streams=live, usage=counters,
                 closed=ended)
 
 
-def _name(value: object, what: str) -> None:
+def _rows(body: Mapping[str, Any], key: str, width: int, most: int,
+          shape: str) -> list[list[Any]]:
+    rows = body.get(key) or []
+    if not isinstance(rows, list) or len(rows) > most or not all(
+            isinstance(r, list) and len(r) == width for r in rows):
+        raise BadReport(f"{key} must be a list of at most {most} {shape}")
+    return rows
+
+
+def _name(value: object, what: str) -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
-        raise ValueError(f"{what} {str(value)[:70]!r} must be 1-64 of [A-Za-z0-9_.-]")
+        raise BadReport(f"{what} {str(value)[:70]!r} must be 1-64 of [A-Za-z0-9_.-]")
+    return value
+
+
+def _float(value: object, what: str) -> float:
+    """A finite number (JSON numbers, or their text)."""
+    try:
+        got = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        got = math.nan
+    if isinstance(value, bool) or not math.isfinite(got):
+        raise BadReport(f"{what} {str(value)[:40]!r} is not a finite number")
+    return got
+
+
+def _int(value: object, what: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(_float(value, what))
 
 
 def heartbeat(state: State, cfg: Config, node_id: str, credential: str,
@@ -207,8 +232,8 @@ def heartbeats(state: State, cfg: Config, reports: list[tuple[str, str, Mapping[
     for node_id, credential, body in reports:
         try:
             beat = parse_beat(body)
-        except (ValueError, TypeError) as e:
-            out.append(ValueError(str(e)))
+        except BadReport as e:
+            out.append(e)
             continue
         if beat.eta_ready is not None:   # the node says "in N s"; the fleet keeps times
             beat = replace(beat, eta_ready=now + beat.eta_ready if beat.eta_ready > 0 else None)

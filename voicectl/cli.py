@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from werkzeug.serving import make_server
 
 from billing import schema
 from billing.ledger import Ledger, day_totals
@@ -31,6 +30,7 @@ from provisioner import clouds, tasks
 from provisioner.fleet import REGION_COOLOFF_S
 from provisioner.state import State, connect
 from voicectl import procs
+from webapp import serving
 from webapp.app import before_serving, create_app
 from webapp.requests import BadRequest, parse_since
 
@@ -114,9 +114,9 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             celery + ["flower", f"--port={args.flower_port}", f"--address={args.host}"],
             env=env, log=logs / "flower.log"))
         app = tasks.make_celery(cfg)
-        server = make_server(args.host, args.port,
-                             create_app(cfg, state, lambda: app.send_task("provisioner.scale"),
-                                        ledger), threaded=True)
+        server = serving.make_server(   # werkzeug's, with a gate on floods of connections
+            args.host, args.port,
+            create_app(cfg, state, lambda: app.send_task("provisioner.scale"), ledger), cfg)
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
         # Ctrl-C stops everything even when we were started in the background (`make run &`),
         # where the shell leaves SIGINT ignored and Python then keeps it ignored

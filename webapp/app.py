@@ -27,6 +27,7 @@ from provisioner.catalog import live_models
 from provisioner.placement import candidates_for
 from provisioner.state import State
 from webapp import lobby, nodes_api
+from webapp.frontdoor import FrontDoor, RateLimited
 from webapp.requests import USER_RE, BadRequest, parse_lobby, parse_since, parse_user
 from webapp.waiting import BACKSTOP_S, WaitingRoom
 
@@ -45,6 +46,7 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
     room = WaitingRoom(state, cfg, lambda: fleet.get(fresh=True), candidates_for,
                        waiting_backstop_s)
     app.register_blueprint(nodes_api.blueprint(cfg, state, ledger))
+    door = FrontDoor(cfg, state)
 
     def kick() -> None:
         if state.kick_scaler():
@@ -55,6 +57,17 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         return bool(cfg.admin_token) and scheme == "Bearer" and hmac.compare_digest(
             token.encode(), cfg.admin_token.encode())
+
+    @app.before_request
+    def utf8_query() -> tuple[Response, int] | None:
+        """Browsers percent-encode every byte outside ASCII; a raw one that is not UTF-8 makes
+        werkzeug raise as a view reads the query, so it is refused before any view runs."""
+        try:
+            request.query_string.decode()
+        except UnicodeDecodeError:
+            return jsonify({"error": "bad_request", "message": "the query string is not "
+                            "UTF-8: percent-encode it (%XX)"}), 400
+        return None
 
     @app.get("/")
     def index() -> Response:
@@ -165,14 +178,33 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
             "minutes": [{"minute": r.minute.strftime("%Y-%m-%dT%H:%M:00Z"), "model": r.model,
                          "region": r.region, "seconds": r.seconds} for r in rows]}), 200
 
+    @app.errorhandler(ConnectionError)
+    def dropped(e: ConnectionError) -> tuple[str, int]:
+        """The client left mid-request, such as a lobby dropped during its handshake: no
+        one to answer, and no traceback in the log per dropped socket."""
+        return "", 400
+
+    @app.before_request
+    def front_door() -> Response | None:   # cheap refusals, before the WebSocket handshake
+        return door.early(request) if request.path == "/ws/session" else None
+
     @sock.route("/ws/session")
     def session(ws):  # type: ignore[no-untyped-def]
+        client = door.client(request.environ)
         try:
-            req = parse_lobby(request.args, request.cookies, cfg)
-        except BadRequest as e:
+            with door.socket(client):   # a client's open lobbies are capped (RateLimited)
+                try:
+                    req = parse_lobby(request.args, request.cookies, cfg)
+                except BadRequest as e:
+                    door.bad_request(client, time.time())   # spends the client's attempts
+                    lobby.error(ws, e.code, str(e))
+                    return
+                door.attempt(req.user, client, time.time())   # per user and per client
+                lobby.run(ws, state, cfg, req, kick, fleet, room)
+        except RateLimited as e:
+            lobby.error(ws, e.code, str(e), retry_after_s=e.retry_after_s)
+        except lobby.Refused as e:
             lobby.error(ws, e.code, str(e))
-            return
-        lobby.run(ws, state, cfg, req, kick, fleet, room)
 
     return app
 

@@ -32,7 +32,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from common import wsclose
 from common.config import Config
 from provisioner import membership
-from provisioner.errors import JoinError
+from provisioner.errors import BadReport, JoinError
 from provisioner.state import State
 
 log = logging.getLogger("webapp.beat_hub")
@@ -228,13 +228,9 @@ class BeatHub:
         reports: list[tuple[Beater, dict[str, Any]]] = []
         for b, text in batch:
             try:
-                data = json.loads(text)
-            except ValueError as e:
-                self._refuse(b, "bad_request", f"malformed node report: not JSON ({e})", 4400)
-                continue
-            if not isinstance(data, dict):
-                self._refuse(b, "bad_request", "malformed node report: a report must be a "
-                             "JSON object", 4400)
+                data = membership.parse_report(text)
+            except BadReport as e:
+                self._refuse(b, "bad_request", f"malformed node report: {e}", 4400)
                 continue
             reports.append((b, data))
         if not reports:

@@ -225,7 +225,10 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
             if now - started > WAIT_LIMIT_S:
                 raise Refused("no_capacity", f"no node became free within {WAIT_LIMIT_S:.0f} s;"
                               " try again in a few minutes")
-            ws.receive(timeout=POLL_S)   # raises ConnectionClosed when the user leaves
+            if ws.receive(timeout=POLL_S) is not None:   # ConnectionClosed: the user left
+                # Nothing is read from the client: a flood would only queue up in memory.
+                raise Refused("bad_request", "the lobby takes no messages from the client; "
+                              "wait for ready or an error, or close the lobby to leave")
             now = time.time()
     finally:
         given = room.leave(waiter)
@@ -394,11 +397,12 @@ def send(ws, **msg: object) -> None:  # type: ignore[no-untyped-def]
     ws.send(json.dumps(msg))
 
 
-def error(ws, code: str, message: str) -> None:  # type: ignore[no-untyped-def]
-    """Send a lobby error and close; a client that already left is fine."""
+def error(ws, code: str, message: str, **fields: object) -> None:  # type: ignore[no-untyped-def]
+    """Send a lobby error (with `fields` beside code and message) and close; a client that
+    already left is fine."""
     wsclose.after_handshake()
     try:
-        send(ws, type="error", code=code, message=message)
+        send(ws, type="error", code=code, message=message, **fields)
     except ConnectionClosed:
         return
     wsclose.close(ws, 1000, code)

@@ -92,7 +92,7 @@ def parse_since(raw: str | None) -> datetime | None:
         return None
     try:
         t = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
+        return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
+    except (ValueError, OverflowError):   # OverflowError: in UTC, before year 1 or after 9999
         raise BadRequest(f"since={raw[:40]!r} is not an ISO-8601 date such as 2026-11-27 or "
                          "2026-11-27T10:00:00Z") from None
-    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t

@@ -19,7 +19,7 @@ class Malformed(Exception):
 def parse_json(msg: str) -> dict[str, object]:
     try:
         data = json.loads(msg)
-    except ValueError:
+    except (ValueError, RecursionError):   # RecursionError: nested past the decoder
         raise Malformed(f"text message is not JSON: {msg[:40]!r}") from None
     if not isinstance(data, dict):
         raise Malformed("text message must be a JSON object with a 'type'")

@@ -4,7 +4,7 @@
     scripts/     the Lua scripts, one .lua file each, and their loader
     records.py   the records handed out (NodeRecord, Lock, Admitted, Beat, Orders, ...)
     nodes.py, membership.py, lobby.py, lock.py, usage.py, sessions.py, models.py,
-    regions.py, vms.py
+    regions.py, vms.py, attempts.py
                  the verbs per noun, composed here into one `State`
 
 Callers import from here: `from provisioner.state import State, connect, pool_id, ...`.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import redis
 
+from provisioner.state.attempts import Attempts
 from provisioner.state.keys import (
     ASSIGNED,
     CONSTRAINED,
@@ -27,6 +28,7 @@ from provisioner.state.keys import (
     USAGE_KEEP_S,
     VMS,
     arrivals_key,
+    attempts_key,
     cred_hash_key,
     cred_key,
     digest,
@@ -50,11 +52,13 @@ from provisioner.state.nodes import Nodes
 from provisioner.state.records import (
     Admitted,
     Beat,
+    Limit,
     LiveModel,
     Lock,
     NodeRecord,
     Orders,
     Taken,
+    Throttled,
     row_record,
 )
 from provisioner.state.regions import RegionHealth
@@ -65,17 +69,17 @@ from provisioner.state.vms import LocalVMs
 __all__ = [
     "ASSIGNED", "CONSTRAINED", "MODELS", "NODES", "PREFIX", "QUEUES", "REGION_DOWN",
     "SCALE_KICK", "USAGE_DIRTY", "USAGE_KEEP_S", "VMS",
-    "arrivals_key", "cred_hash_key", "cred_key", "digest", "fence_key", "flight_key",
-    "join_key", "lock_key", "node_key", "pool_id", "queue_key", "session_key", "slots_key",
-    "usage_key", "vm_key",
-    "Admitted", "Beat", "LiveModel", "Lock", "NodeRecord", "Orders", "Taken",
-    "row_record",
+    "arrivals_key", "attempts_key", "cred_hash_key", "cred_key", "digest", "fence_key",
+    "flight_key", "join_key", "lock_key", "node_key", "pool_id", "queue_key", "session_key",
+    "slots_key", "usage_key", "vm_key",
+    "Admitted", "Beat", "Limit", "LiveModel", "Lock", "NodeRecord", "Orders", "Taken",
+    "Throttled", "row_record",
     "State", "connect",
 ]
 
 
 class State(Nodes, Membership, Lobby, UserLock, Usage, Sessions, Models, RegionHealth,
-            LocalVMs):
+            LocalVMs, Attempts):
     """Typed access to the live state. Construct with a redis client (decode_responses=True)."""
 
 

@@ -31,3 +31,4 @@ class StateBase:
         self._report_lost = r.register_script(scripts.REPORT_LOST)
         self._move_waiting = r.register_script(scripts.MOVE_WAITING)
         self._waiting = r.register_script(scripts.WAITING)
+        self._attempt = r.register_script(scripts.ATTEMPT)

@@ -56,6 +56,9 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
                                      waiting room runs its assign step now
     vc:constrained            HASH   region -> JSON {"until", "reason"}: the provider refused
                                      to create there (capacity, quota); boots go elsewhere
+    vc:attempts:{kind}:{who}  HASH   tokens t: a token bucket of lobby attempts (attempt.lua);
+                                     kind `user` (a user id) or `client` (an address, IPv6 a
+                                     /64); expires once it would be full again
 
 Anything that must be atomic is one Lua script in scripts/; every key it touches is in KEYS.
 """
@@ -131,6 +134,10 @@ def cred_key(credential: str) -> str:
 def cred_hash_key(hashed: str) -> str:
     """The credential key from its stored hash (the node hash's `cred`), to revoke it."""
     return f"{PREFIX}cred:{hashed}"
+
+
+def attempts_key(kind: str, who: str) -> str:
+    return f"{PREFIX}attempts:{kind}:{who}"
 
 
 def flight_key(name: str) -> str:

@@ -26,6 +26,35 @@ class Beat:
 
 
 @dataclass(frozen=True)
+class Limit:
+    """At most `per_window` lobby attempts per `window_s` for `who` (a user id, or a client
+    address), refilled evenly, at most `burst` of them at once (0: `per_window`); `always`:
+    an attempt spends a token here even when a later limit refuses it."""
+
+    kind: str          # "user" or "client"
+    who: str
+    per_window: int
+    window_s: float
+    burst: int = 0
+    always: bool = False
+
+    @property
+    def capacity(self) -> int:
+        """The most tokens its bucket holds."""
+        return min(self.burst, self.per_window) if self.burst else self.per_window
+
+
+@dataclass(frozen=True)
+class Throttled:
+    """An attempt refused by `limit`, which allows one again in `retry_after_s`; or, when
+    `let_through`, one that took the last token `limit` had until then."""
+
+    limit: Limit
+    retry_after_s: float
+    let_through: bool = False
+
+
+@dataclass(frozen=True)
 class Orders:
     """The control plane's answer to a heartbeat."""
 
