@@ -240,12 +240,8 @@ class Metadata:
                     self._send(404, "")
 
             def _send(self, status: int, text: str) -> None:
-                body = text.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                CapacityFault._answer(self, status, {"Content-Type": "text/plain"},
+                                      text.encode())
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

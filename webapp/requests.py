@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from common.config import Config
+from common.config import NAME_RE, Config
 from common.errors import IdentityError
 from common.identity import COOKIE, Identity, identify
 
-USER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+USER_RE = NAME_RE   # user ids, session ids: the names of the whole system
 
 
 class BadRequest(Exception):

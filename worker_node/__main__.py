@@ -52,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
                    "wss://HOST:PORT, or `auto`: this VM's public address from the cloud's "
                    "instance metadata service (VOICE_METADATA_URL) and --port "
                    f"(default {NODE_PORT}) (default: ws://HOST:PORT of --host/--port)")
+    p.add_argument("--metadata-url", default=os.environ.get("VOICE_METADATA_URL",
+                                                            DEFAULT_METADATA_URL),
+                   help="the instance metadata service --public-url auto asks "
+                        "(default: VOICE_METADATA_URL, else %(default)s)")
     p.add_argument("--host", default=None, help="listen address (default 127.0.0.1, or "
                    "0.0.0.0 with --public-url)")
     p.add_argument("--port", type=int, default=None,
@@ -77,26 +81,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def _listen(args: argparse.Namespace) -> tuple[str, int, str]:
     """Host, port and public URL (the port is chosen now, so the URL can be announced)."""
     scheme = "wss" if args.cert else "ws"
     public = (args.public_url or "").rstrip("/")
-    if public == "auto":
+    if public == "auto":   # a cloud VM: its address from the metadata service, our port
         port = NODE_PORT if args.port is None else args.port
-        if not port:
-            with socket.socket() as s:
-                s.bind(("0.0.0.0", 0))
-                port = int(s.getsockname()[1])
-        address = public_address(os.environ.get("VOICE_METADATA_URL", DEFAULT_METADATA_URL))
-        public = f"{scheme}://{address}:{port}"
+        port = port or _free_port("0.0.0.0")
+        url = f"{scheme}://{public_address(args.metadata_url)}:{port}/ws"
+        return args.host or "0.0.0.0", port, url
     host = args.host or ("0.0.0.0" if public else "127.0.0.1")
-    port = args.port or None     # 0: a free one, or the one `auto` chose
+    port = args.port or None     # 0: a free one
     if port is None and public:
         port = int(public.split("://", 1)[1].split("/", 1)[0].rpartition(":")[2] or 0)
-    if not port:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
+    port = port or _free_port(host)
     url = (public or f"{scheme}://{host}:{port}")
     return host, port, url if url.endswith("/ws") else url + "/ws"
 

@@ -21,5 +21,4 @@ class RegionHealth(StateBase):
                 if float(until) > now}
 
     def regions_down(self, now: float) -> frozenset[str]:
-        return frozenset(r for r, until in self.r.hgetall(REGION_DOWN).items()
-                         if float(until) > now)
+        return frozenset(self.regions_down_until(now))
