@@ -96,6 +96,8 @@ def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None
         if not retarget(state, cfg, by_id[node_id], key, now):
             if (node_id := request_node(state, cfg, key, now)) is not None:
                 provision(node_id)
+    if decisions.boot or decisions.spot or decisions.retarget:
+        state.wake_lobbies()   # waiting users see the coming node and its ETA now
     for node_id in decisions.stop:
         if not cfg.provider(by_id[node_id].provider).bootable:
             continue   # own machines are never destroyed by us: they only leave
@@ -163,6 +165,7 @@ def provision(state: State, cfg: Config, node_id: str, now: float) -> bool:
                 state.forget_node(node_id)
                 return False
             state.set_node(node_id, **_placed(cfg, where[0], now))
+            state.wake_lobbies()   # waiting users learn of the refusal and the new ETA now
             rec = state.node(node_id)
             if rec is None:
                 return False
