@@ -1,5 +1,5 @@
 """The webapp alone, served exactly as `voicectl run` serves it (the same `create_app`,
-werkzeug with a thread per connection, the same `before_serving()`), for bench/scale.py.
+werkzeug with a thread per connection, the same `before_serving`), for bench/scale.py.
 
 No Celery worker and no Flower: the autoscaler would start retiring a thousand idle
 simulated nodes, and the benchmark measures the webapp process, not the control loop.
@@ -40,7 +40,7 @@ def main() -> None:
                          create_app(cfg, state, ledger=Ledger.open(cfg.database_url)),
                          threaded=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    before_serving()   # as voicectl run does
+    before_serving(cfg, state)   # as voicectl run does
     server.serve_forever()
 
 

@@ -72,6 +72,11 @@ class Model:
     semitones: float
 
 
+# A node streaming (or owing usage) without a control plane keeps going this long, then
+# exits; the reaper takes silence for death only while heartbeats can arrive, or after this.
+ORPHAN_SERVING_S = 3600.0
+
+
 @dataclass(frozen=True)
 class Config:
     regions: tuple[Region, ...]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from libcloud.compute.types import NodeState as LibcloudState
 
-from common.config import Config, Model, Region
+from common.config import ORPHAN_SERVING_S, Config, Model, Region
 from provisioner import clouds, membership
 from provisioner.catalog import live_model, live_models
 from provisioner.errors import CapacityError
@@ -196,6 +196,23 @@ def poll(state: State, cfg: Config, node_id: str, now: float, on_end: NodeEndHoo
     return "waiting"
 
 
+def silence_is_death(state: State, cfg: Config, now: float) -> bool:
+    """Whether a node's silence means it died: only while its heartbeats could arrive, that
+    is some webapp has taken heartbeats without a gap for a whole heartbeat timeout (each
+    stamps the beat path every beat). A webapp or Redis outage silences every node at once
+    while their streams go on; reaping then would destroy the fleet. Past ORPHAN_SERVING_S
+    without any webapp the nodes have exited on their own: their machines are reaped."""
+    since, last = state.beat_path()
+    if since is not None and now - since >= cfg.heartbeat_timeout_s:
+        return True
+    if last is not None and now - last > ORPHAN_SERVING_S:
+        return True
+    log.warning("no webapp has taken heartbeats for a whole %.0f s (last stamp %s): "
+                "silent nodes are not reaped until one has", cfg.heartbeat_timeout_s,
+                "never" if last is None else f"{now - last:.0f} s ago")
+    return False
+
+
 def retarget(state: State, cfg: Config, rec: NodeRecord, key: PoolKey, now: float) -> bool:
     """Reload an idle node with another model instead of booting a VM (same region)."""
     model = live_model(state, cfg, key.model)
@@ -224,7 +241,8 @@ def stop(state: State, cfg: Config, rec: NodeRecord, now: float, reason: str,
 
 
 def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str]:
-    """Nodes without heartbeats are dead: free their slots, destroy the VM, close the bill.
+    """Nodes without heartbeats (while heartbeats can arrive: `silence_is_death`) are dead:
+    free their slots, destroy the VM, close the bill.
 
     Old-version nodes that emptied, or passed their drain deadline, stop too; VMs that no
     node record names (a crash between create and record) are destroyed.
@@ -233,14 +251,13 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
     if sum(state.drop_expired(rec.id, now) for rec in state.nodes()):
         state.wake_lobbies()   # tickets never used: their slots are room again
     records = state.nodes()
-    for rec in records:
-        if not rec.alive(now, cfg.heartbeat_timeout_s):
-            dead.append(rec.id)
-            try:   # one node's provider failing must not keep the others alive and billed
-                stop(state, cfg, rec, now, "dead: no heartbeat", on_end)
-            except clouds.PROVIDER_ERRORS as e:
-                log.warning("dead node %s not stopped yet (%s); the next tick retries",
-                            rec.id, e)
+    silent = [rec for rec in records if not rec.alive(now, cfg.heartbeat_timeout_s)]
+    for rec in silent if silent and silence_is_death(state, cfg, now) else []:
+        dead.append(rec.id)
+        try:   # one node's provider failing must not keep the others alive and billed
+            stop(state, cfg, rec, now, "dead: no heartbeat", on_end)
+        except clouds.PROVIDER_ERRORS as e:
+            log.warning("dead node %s not stopped yet (%s); the next tick retries", rec.id, e)
     down = state.regions_down_until(now)
     for region in outages(cfg, records, dead, now):
         log.warning("region %s lost all its nodes: avoided for %.0f s", region,

@@ -28,6 +28,7 @@ from provisioner import membership
 from provisioner.state import State, connect
 from voicectl import procs
 from webapp.app import create_app
+from webapp.beat_hub import stamp_beat_path
 
 SECRET = "test-secret-" + uuid.uuid4().hex
 HEARTBEAT_S = 1.0
@@ -282,6 +283,7 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
     with start_worker(app, pool="threads", concurrency=4, perform_ping_check=True,
                       loglevel="WARNING"):
         threading.Thread(target=beat, daemon=True).start()
+        stamp_beat_path(cfg, state, stop)   # as a serving webapp does: the reaper may reap
         try:
             yield ControlPlane(f"http://{host}", f"ws://{host}", cfg, state, app, ledger)
         finally:

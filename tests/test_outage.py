@@ -1,6 +1,7 @@
 """The control plane goes away (its process killed) while a node streams: the stream goes
-on, the node keeps its usage ledger, and delivers it when the control plane is back; it is
-billed however late it is settled."""
+on, the reaper does not take the silence it causes for the node's death, the node keeps its
+usage ledger and delivers it when the control plane is back; it is billed however late it
+is settled."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from conftest import LOAD_S, SECRET, Fleet, closed_code, make_config, start_stre
 from test_membership import ticket_for
 
 from billing.ledger import Ledger
-from common.config import Config
-from provisioner.state import State, connect
+from common.config import ORPHAN_SERVING_S, Config
+from provisioner import fleet as fleet_ops
+from provisioner.state import NodeRecord, State, connect
 from voicectl import procs
 from worker_node.quality import harmonic_tone
 
@@ -27,11 +29,14 @@ from werkzeug.serving import make_server
 from billing.ledger import Ledger
 from common.config import load_config
 from provisioner.state import State, connect
-from webapp.app import create_app
+from webapp.app import before_serving, create_app
 import os
 cfg = load_config(os.environ)
-make_server("127.0.0.1", int(sys.argv[1]), create_app(cfg, State(connect(cfg.redis_url)),
-            ledger=Ledger.open(cfg.database_url)), threaded=True).serve_forever()
+state = State(connect(cfg.redis_url))
+server = make_server("127.0.0.1", int(sys.argv[1]),
+                     create_app(cfg, state, ledger=Ledger.open(cfg.database_url)), threaded=True)
+before_serving(cfg, state)
+server.serve_forever()
 """
 
 
@@ -72,8 +77,16 @@ def test_streams_outlive_the_control_plane_and_usage_arrives_later(
         time.sleep(1.5)
         assert node.poll() is None          # streaming, then owing usage: it stays
         assert _counted(state, node_id) < 1.5   # what it streamed since is not known yet
+        # Silent for longer than a heartbeat timeout, as every node is while no webapp takes
+        # heartbeats: the reaper (the Celery tick's) leaves them, streams and machines.
+        assert not _known(state, node_id).alive(time.time(), cfg.heartbeat_timeout_s)
+        assert fleet_ops.reap(state, cfg, time.time(), print) == []
+        assert _known(state, node_id) and node.poll() is None
 
         web = control_plane(port, redis_url, tmp_path)   # back: the ledger is delivered
+        assert fleet_ops.reap(state, cfg, time.time(), print) == []   # back too briefly
+        wait_for(lambda: _known(state, node_id).alive(time.time(), cfg.heartbeat_timeout_s),
+                 10, "the node to beat again")
         streamed = before + after           # audio seconds sent and answered
         wait_for(lambda: _counted(state, node_id) >= streamed - 0.05, 20,
                  "the node to deliver the usage streamed while the control plane was away")
@@ -88,6 +101,36 @@ def test_streams_outlive_the_control_plane_and_usage_arrives_later(
     finally:
         procs.stop(fleet.procs)
         procs.stop([web])
+
+
+def test_silence_is_death_only_while_heartbeats_can_arrive(state: State, cfg: Config) -> None:
+    """A silent node is reaped once a webapp has taken heartbeats for a whole timeout, or
+    when none has for longer than a serving node waits for one; not before."""
+    def silent(node_id: str) -> str:
+        state.heartbeat({"id": node_id, "provider": "local", "region": "us-west",
+                         "model": "miku", "version": "1", "state": "ready", "capacity": 4,
+                         "url": "ws://127.0.0.1:1/ws"}, time.time() - 60)
+        return node_id
+
+    timeout = cfg.heartbeat_timeout_s
+    silent("n1")
+    assert fleet_ops.reap(state, cfg, time.time(), print) == []      # no webapp ever stamped
+    state.stamp_beat_path(time.time(), gap_s=0.3)                    # one is up, just now
+    assert fleet_ops.reap(state, cfg, time.time(), print) == []
+    assert fleet_ops.reap(state, cfg, time.time() + timeout, print) == ["n1"]   # a timeout on
+
+    time.sleep(0.4)                                                  # it went: its stamp lapsed
+    silent("n2")
+    assert fleet_ops.reap(state, cfg, time.time(), print) == []
+    state.stamp_beat_path(time.time() - ORPHAN_SERVING_S - 10, gap_s=0.01)   # long ago, then
+    time.sleep(0.05)                                                 # none: the nodes left
+    assert fleet_ops.reap(state, cfg, time.time(), print) == ["n2"]
+
+
+def _known(state: State, node_id: str) -> NodeRecord:
+    rec = state.node(node_id)
+    assert rec is not None, f"node {node_id} was forgotten"
+    return rec
 
 
 def _counted(state: State, node_id: str) -> float:

@@ -42,6 +42,7 @@ def test_a_providers_outage_stops_neither_reaping_nor_billing(redis_url: str, st
                     "last_seen": now - 60, "capacity": 4, "price_per_hour": "1.10"})
     minute = int(now // 60 * 60) - 120
     state.report_usage([(minute, "u1|s1:ab|n-dead|miku|us-west", 42.0)])
+    state.stamp_beat_path(now - 60, gap_s=60)   # a webapp took heartbeats all along
     app = make_celery(cfg)
     app.tasks["provisioner.tick"].apply().get()
     assert state.node("n-dead") is None                     # reaped

@@ -126,7 +126,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         threading.Thread(target=_report_fleet, args=(state,), daemon=True).start()
         say(f"open http://{args.host}:{args.port}  (Ctrl-C stops everything)")
         say(f"nodes boot on demand (model load {cfg.model_load_s:g} s); node logs in {logs}")
-        before_serving()
+        before_serving(cfg, state)
         try:
             server.serve_forever()
         except KeyboardInterrupt:

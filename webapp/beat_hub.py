@@ -46,6 +46,9 @@ RECV_BYTES = 65536
 # batch of one), and a batch holds at most MAX_BATCH.
 BATCH_S = 0.02
 MAX_BATCH = 64
+# A stamp of the beat path (stamp_beat_path) lapses after this many intervals without one: a
+# shorter gap than a node's timeout (three), so nodes silenced by it never look dead.
+STAMP_GAP_BEATS = 1.5
 
 Outcome = tuple[int, str] | None   # close code and reason; None: the node closed already
 
@@ -302,6 +305,28 @@ class BeatHub:
                 pass
         threading.Thread(target=_close, args=(b, outcome), name="beat-close",
                          daemon=True).start()
+
+
+def stamp_beat_path(cfg: Config, state: State, stop: threading.Event) -> threading.Thread:
+    """Stamp, every heartbeat interval until `stop`, that this webapp takes heartbeats: the
+    reaper takes a node's silence for death only after a whole heartbeat timeout of stamps
+    (provisioner.fleet.silence_is_death). A thread of its own, started by a serving process
+    (webapp.app.before_serving): the hub starts with the first node, and a webapp that comes
+    back to a fleet of dead nodes must still stamp for them to be reaped."""
+    gap_s = STAMP_GAP_BEATS * cfg.heartbeat_interval_s
+
+    def run() -> None:
+        while True:
+            try:
+                state.stamp_beat_path(time.time(), gap_s)
+            except redis.RedisError as e:   # a thread's boundary: the reaper waits meanwhile
+                log.warning("beat path not stamped: %s", e)
+            if stop.wait(cfg.heartbeat_interval_s):
+                return
+
+    thread = threading.Thread(target=run, name="beat-path", daemon=True)
+    thread.start()
+    return thread
 
 
 def _close(b: Beater, outcome: Outcome) -> None:

@@ -35,4 +35,4 @@ state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
 # only sends the scaler's kick by name: the webapp loads no task code, no cloud driver
 celery = Celery("voice", broker=cfg.redis_url)
 app = create_app(cfg, state, lambda: celery.send_task("provisioner.scale"), ledger)
-before_serving()
+before_serving(cfg, state)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from common.config import ORPHAN_SERVING_S
 from common.states import NodeState
 from worker_node.control import ControlClient, ControlError, Refused
 from worker_node.runtime import NodeRuntime, Stream
@@ -33,7 +34,6 @@ from worker_node.runtime import NodeRuntime, Stream
 log = logging.getLogger("worker_node.agent")
 
 ORPHAN_AFTER_S = 15.0   # no control plane for this long, nothing streamed or owed: exit
-ORPHAN_SERVING_S = 3600.0   # streaming (or owing usage) without a control plane: this long
 MAX_REPORTED = 1000     # counters per beat (the control plane takes 2000); the rest next beat
 METER_LAG_S = 10.0      # a minute's counter is final this long after the minute ends
 TAKEN_OVER = "this user started streaming elsewhere; this stream was taken over"

@@ -56,6 +56,9 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
                                      waiting room runs its assign step now
     vc:constrained            HASH   region -> JSON {"until", "reason"}: the provider refused
                                      to create there (capacity, quota); boots go elsewhere
+    vc:beat-path              STRING since when some webapp has taken heartbeats without a
+                                     gap (each stamps it every beat; it expires after a gap)
+    vc:beat-path-last         STRING when a webapp last stamped vc:beat-path (no expiry)
     vc:attempts:{kind}:{who}  HASH   tokens t: a token bucket of lobby attempts (attempt.lua);
                                      kind `user` (a user id) or `client` (an address, IPv6 a
                                      /64); expires once it would be full again
@@ -79,6 +82,8 @@ SCALE_KICK = PREFIX + "scale-kick"
 USAGE_DIRTY = PREFIX + "usage-dirty"
 CONSTRAINED = PREFIX + "constrained"
 LOBBY_WAKE = PREFIX + "lobby-wake"   # PUBSUB: room may have appeared; waiting lobbies look now
+BEAT_PATH = PREFIX + "beat-path"
+BEAT_PATH_LAST = PREFIX + "beat-path-last"
 USAGE_KEEP_S = 3600     # a settled minute's counters stay this long (to read; billing has them)
 UNSCALED_KEEP_S = 3600  # far beyond a lobby's longest wait (webapp.lobby.WAIT_LIMIT_S)
 

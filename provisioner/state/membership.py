@@ -11,6 +11,8 @@ import redis
 
 from provisioner.state.base import StateBase
 from provisioner.state.keys import (
+    BEAT_PATH,
+    BEAT_PATH_LAST,
     CONSTRAINED,
     NODES,
     USAGE_DIRTY,
@@ -28,6 +30,21 @@ from provisioner.state.records import Beat, Orders
 
 class Membership(StateBase):
     """State's verbs on membership: join tokens, credentials, heartbeats (a mixin)."""
+
+    def stamp_beat_path(self, now: float, gap_s: float) -> None:
+        """A webapp that takes heartbeats is up: the stamp keeps since when one has been,
+        and starts again after a gap longer than `gap_s`."""
+        pipe = self.r.pipeline()   # MULTI: the two never see each other half done
+        pipe.set(BEAT_PATH, repr(now), nx=True, px=int(gap_s * 1000))
+        pipe.pexpire(BEAT_PATH, int(gap_s * 1000))
+        pipe.set(BEAT_PATH_LAST, repr(now))
+        pipe.execute()
+
+    def beat_path(self) -> tuple[float | None, float | None]:
+        """(since when heartbeats have been taken without a gap, when last): None, None
+        if no webapp ever stamped; since None while none does."""
+        since, last = self.r.mget(BEAT_PATH, BEAT_PATH_LAST)
+        return (float(since) if since else None, float(last) if last else None)
 
     def mint_join(self, grant: Mapping[str, str], ttl_s: float) -> str:
         """A one-time join token for a node we boot ({"node": id}) or an own machine
