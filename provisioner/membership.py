@@ -25,6 +25,7 @@ import requests
 
 from common.config import NAME_RE, NODE_PORT, Config, Provider
 from common.grant import Grant
+from common.jsonobj import json_object
 from common.tickets import node_key, sign_control
 from provisioner.errors import BadReport, JoinError
 from provisioner.placement import home_region
@@ -138,12 +139,9 @@ def authenticate(state: State, credential: str) -> str:
 def parse_report(raw: str | bytes) -> dict[str, Any]:
     """A node's request body or heartbeat message as a JSON object, or BadReport."""
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as e:   # RecursionError: nested past the decoder
-        raise BadReport(f"not JSON ({str(e)[:80]}); send one JSON object") from None
-    if not isinstance(data, dict):
-        raise BadReport("the body must be a JSON object")
-    return data
+        return json_object(raw)
+    except ValueError as e:
+        raise BadReport(f"the report is {e}; send one JSON object") from None
 
 
 def parse_beat(body: Mapping[str, Any]) -> Beat:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
+
+from common.jsonobj import json_object
 
 MIN_RATE_HZ, MAX_RATE_HZ = 8000, 48000
 MIN_FRAME_S, MAX_FRAME_S = 0.010, 0.100
@@ -18,12 +19,10 @@ class Malformed(Exception):
 
 def parse_json(msg: str) -> dict[str, object]:
     try:
-        data = json.loads(msg)
-    except (ValueError, RecursionError):   # RecursionError: nested past the decoder
-        raise Malformed(f"text message is not JSON: {msg[:40]!r}") from None
-    if not isinstance(data, dict):
-        raise Malformed("text message must be a JSON object with a 'type'")
-    return data
+        return json_object(msg)
+    except ValueError as e:
+        raise Malformed(f"text message {msg[:40]!r} is {e}: send a JSON object with a "
+                        "'type'") from None
 
 
 def parse_start(msg: str | bytes) -> int:
