@@ -75,6 +75,10 @@ class Model:
 # A node streaming (or owing usage) without a control plane keeps going this long, then
 # exits; the reaper takes silence for death only while heartbeats can arrive, or after this.
 ORPHAN_SERVING_S = 3600.0
+# A user recalled to the nearest region once it serves again (it was down when the user was
+# placed elsewhere) streams on where it is for up to this long while the page gets a node
+# there, which may have to boot (make-before-break); then that old stream closes.
+RECALL_MOVE_S = 300.0
 
 
 @dataclass(frozen=True)

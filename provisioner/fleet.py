@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from libcloud.compute.types import NodeState as LibcloudState
 
-from common.config import ORPHAN_SERVING_S, Config, Model, Region
+from common.config import ORPHAN_SERVING_S, RECALL_MOVE_S, Config, Model, Region
 from provisioner import clouds, membership
 from provisioner.catalog import live_model, live_models
 from provisioner.errors import CapacityError
@@ -281,11 +281,44 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
             except clouds.PROVIDER_ERRORS as e:
                 log.warning("drained node %s not stopped yet (%s); the next tick retries",
                             rec.id, e)
+    recall(state, cfg, records, now)
     try:
         sweep(state, cfg)
     except clouds.PROVIDER_ERRORS as e:
         log.warning("orphan sweep failed (%s); the next tick retries", e)
     return dead
+
+
+def recall(state: State, cfg: Config, records: list[NodeRecord], now: float) -> list[str]:
+    """Users placed away from their nearest region while it was down move back once a node
+    serves there again: their node tells each page to move, and it plays on there until it
+    streams in its own region (make-before-break; a node may have to boot for it there).
+    Returns the sessions recalled."""
+    displaced = state.displaced()
+    if not displaced:
+        return []
+    down = state.regions_down_until(now)
+    serving = {r.region for r in records if r.state is NodeState.READY
+               and _answering(cfg, r, now) and r.region not in down}
+    by_id = {r.id: r for r in records}
+    orders: dict[str, list[str]] = {}
+    for sid in displaced:
+        session = state.session(sid)
+        rec = by_id.get(session.get("node", ""))
+        if rec is None:   # its node went: the page resumes, and is placed anew
+            state.recalled(sid, None)
+        elif session.get("away_from") in serving:
+            orders.setdefault(rec.id, []).append(sid)
+    recalled = []
+    for node_id, sids in orders.items():
+        live = set(state.live_sessions(node_id))
+        for sid in sids:   # one that is not live there ended: nothing to move
+            state.recalled(sid, now + RECALL_MOVE_S if sid in live else None)
+        if moving := [sid for sid in sids if sid in live]:
+            membership.recall(cfg, by_id[node_id], moving)
+            log.info("sessions %s recalled from %s", moving, by_id[node_id].region)
+            recalled += moving
+    return recalled
 
 
 def outages(cfg: Config, records: list[NodeRecord], dead: list[str], now: float) -> set[str]:

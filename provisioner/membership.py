@@ -23,7 +23,7 @@ from typing import Any
 
 import requests
 
-from common.config import NAME_RE, NODE_PORT, Config, Provider
+from common.config import NAME_RE, NODE_PORT, RECALL_MOVE_S, Config, Provider
 from common.grant import Grant
 from common.jsonobj import json_object
 from common.tickets import node_key, sign_control
@@ -310,6 +310,12 @@ def notify(cfg: Config, rec: NodeRecord, payload: Mapping[str, Any],
         send()
     else:
         threading.Thread(target=send, name="notify", daemon=True).start()
+
+
+def recall(cfg: Config, rec: NodeRecord, session_ids: list[str]) -> None:
+    """Tell these streams to move to their users' nearest region (make-before-break): they
+    play on here for up to RECALL_MOVE_S while the page gets a node there."""
+    notify(cfg, rec, {"recall": list(session_ids), "within_s": RECALL_MOVE_S})
 
 
 def kick(cfg: Config, rec: NodeRecord, session_id: str) -> None:

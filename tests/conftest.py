@@ -37,6 +37,26 @@ logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no line per heartbea
 LOAD_S = 0.3
 
 
+_EXIT_STATUS = [0]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS[0] = int(exitstatus)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A failed test may leave a WebSocket client open, whose reader thread (not a daemon)
+    would keep the finished run from ever exiting: give such threads a moment, then exit."""
+    stuck = [t for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    for t in stuck:
+        t.join(timeout=1.0)
+    if any(t.is_alive() for t in stuck):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[0])
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
     url, proc = procs.start_redis()

@@ -215,3 +215,55 @@ def test_the_old_connections_close_keeps_the_lock_of_the_new_one(fleet) -> None:
                 creds["old"])["lost"] == ["s-1"]                 # the old one is told
     post("heartbeat", {**beat, "streams": [], "closed": [["carol", "s-1"]]}, creds["old"])
     assert fleet.state.lock_holder("carol") == "s-1"
+
+
+def test_a_user_placed_away_during_an_outage_is_recalled_without_a_gap(webapp, fleet  # noqa: ANN001
+                                                                       ) -> None:
+    """ap-northeast is down when a user in Tokyo comes: placed in us-west, beyond the
+    latency budget (displaced). Nothing moves while no node serves in ap-northeast; once one
+    does, the reaper's tick marks the region up and recalls the user: the node tells the
+    stream to move ("recall"), the resume lands in ap-northeast while the old stream still
+    answers (make-before-break), and the old node is not reported lost."""
+    from conftest import closed_code
+
+    from provisioner import fleet as fleet_ops
+
+    state, cfg = webapp.state, webapp.config
+    frame = b"\x00\x00" * 320
+    far = fleet.start("miku", "us-west")
+    state.mark_region_down("ap-northeast", time.time() + 60)
+    tokyo = "user=ann&model=miku&lat=35.7&lon=139.7"
+    ready = lobby(webapp.ws_url, tokyo)[-1]
+    assert (ready["type"], ready["node_id"]) == ("ready", far), ready
+    assert "region ap-northeast is down" in ready["note"]
+    old = start_stream(ready)
+    old.send(frame)
+    assert len(old.receive(timeout=5)) == len(frame)
+    assert state.displaced() == [ready["session_id"]]
+    assert fleet_ops.reap(state, cfg, time.time(), print) == []
+    assert fleet_ops.recall(state, cfg, state.nodes(), time.time()) == []   # nowhere to go
+
+    home = fleet.start("miku", "ap-northeast")   # ap-northeast serves again
+    assert fleet_ops.reap(state, cfg, time.time(), print) == []
+    assert "ap-northeast" not in state.regions_down(time.time())
+    move = json.loads(old.receive(timeout=5))
+    assert (move["type"], move["reason"]) == ("move", "recall"), move
+    assert move["close_in_ms"] > 60_000   # time enough for a node to boot there
+    assert state.displaced() == []
+
+    again = lobby(webapp.ws_url, f"{tokyo}&resume={ready['session_id']}")[-1]
+    assert (again["type"], again["node_id"], again["session_id"]) == (
+        "ready", home, ready["session_id"]), again
+    new = start_stream(again)
+    for ws in (old, new):   # both play: the page crossfades, then stops the old one
+        ws.send(frame)
+        assert len(ws.receive(timeout=5)) == len(frame)
+    old.send(json.dumps({"type": "stop"}))
+    assert closed_code(old)[0] == 1000
+    new.send(frame)
+    assert len(new.receive(timeout=5)) == len(frame)
+    rec = state.node(far)
+    assert rec is not None and not rec.reported_lost
+    assert state.session(ready["session_id"]).get("away_from") is None   # home now
+    new.send(json.dumps({"type": "stop"}))
+    assert closed_code(new)[0] == 1000

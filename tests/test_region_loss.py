@@ -87,8 +87,8 @@ def test_region_outage_moves_users_and_the_scaler_stays_out(control_plane: Contr
     # told at once, or at the waiting room's first look if this process's shared fleet view
     # was read just before the kill (a stale view is served while a fresh one is read)
     told = json.loads(pinned.receive(timeout=5))
-    while "note" not in told:
-        assert told["type"] == "queued" and told["region"] == "us-west", told
+    while "note" not in told:   # the stale view may show a node booting there (a buffer)
+        assert told["type"] in ("queued", "booting") and told["region"] == "us-west", told
         told = json.loads(pinned.receive(timeout=5))
     assert told["region"] == "us-west" and "us-west is down" in told["note"], told
     again = lobby(cp.ws_url, f"user=o1&model=miku&{SF}&resume={first['session_id']}")[-1]

@@ -28,7 +28,13 @@ from common.states import NodeState
 from common.tickets import Ticket, node_key, sign
 from provisioner import membership
 from provisioner.catalog import live_model, live_models
-from provisioner.placement import boot_regions, candidates_for, home_region, rank_regions
+from provisioner.placement import (
+    boot_regions,
+    candidates_for,
+    home_region,
+    near_regions,
+    rank_regions,
+)
 from provisioner.state import (
     Admitted,
     Lock,
@@ -160,9 +166,12 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     if model is None:
         known = ", ".join(sorted(view.models))
         raise Refused("unknown_model", f"unknown model {req.model[:64]!r}; available: {known}")
-    home = home_region(cfg, req.lat, req.lon, only=req.region, avoid=view.down)
-    session_id, lost_node = _session_id(state, req)
-    moving = _planned_move(state, lost_node)
+    session_id, previous = _session_id(state, req)
+    lost_node = previous.get("node") or None
+    moving = _planned_move(state, lost_node, previous, now)
+    # a recall follows its region's recovery by milliseconds: read outages fresh for a move
+    down = state.regions_down(now) if moving else view.down
+    home = home_region(cfg, req.lat, req.lon, only=req.region, avoid=down)
     if lost_node and not moving:   # the client lost it: its slots stop counting as room
         state.report_lost(lost_node, now)
     pool = pool_id(model.name, model.version, home.name)
@@ -175,7 +184,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     fence = _locked(state, cfg, req, session_id, got, moving)
     if isinstance(got, Admitted) and got.node is not None:      # room at once
         _ready(ws, state, cfg, req, session_id, fence, _node(state, got.node), now,
-               _down_note(cfg, req, home.name, view.down))
+               view.down)
         return
     waiter = Waiter(req.user, session_id, fence, pool, model, home.name,
                     position=got.position if isinstance(got, Admitted) else 1)
@@ -195,8 +204,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
             view = room.view or fleet.get()   # the room's last read: no Redis per lobby
             if waiter.node_id is not None:
                 _ready(ws, state, cfg, req, session_id, fence,
-                       _node(state, waiter.node_id), now,
-                       _down_note(cfg, req, home.name, view.down))
+                       _node(state, waiter.node_id), now, view.down)
                 placed = True
                 return
             moved = _leave_down_region(state, cfg, req, waiter, home, view.down)
@@ -208,7 +216,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
             if seen != looked:   # the ETA moves with the clock: recompute once a second
                 looked = seen
                 eta = _eta_s(cfg, model, home.name, view.records(model.name), waiter.position,
-                             now)
+                             now, view.down)
                 note = _note(cfg, req, home.name, view)
                 msg = (("booting", round(eta * 2) / 2, home.name, note) if eta is not None
                        else ("queued", waiter.position, home.name, note))
@@ -318,23 +326,27 @@ def _constrained_note(cfg: Config, home: str, constrained: dict[str, str]) -> st
             "reach, which may take longer")
 
 
-def _session_id(state: State, req: LobbyRequest) -> tuple[str, str | None]:
-    """A new session id, or the resumed one and the node the client lost it on."""
+def _session_id(state: State, req: LobbyRequest) -> tuple[str, dict[str, str]]:
+    """A new session id, or the resumed one and its record (the node it was on)."""
     if req.resume is None:
-        return f"s-{uuid.uuid4().hex[:16]}", None
+        return f"s-{uuid.uuid4().hex[:16]}", {}
     previous = state.session(req.resume)
     if previous.get("user") != req.user:
         raise Refused("bad_request", f"session {req.resume!r} is not a session of user "
                       f"{req.user!r}; start a new one without resume")
-    return req.resume, previous.get("node") or None
+    return req.resume, previous
 
 
-def _planned_move(state: State, node_id: str | None) -> bool:
-    """A resume from a draining node is a planned move (the node told the page to move):
-    the node is alive and its stream plays on until the page has the new one playing
-    (make-before-break), so it is neither reported lost nor cut."""
+def _planned_move(state: State, node_id: str | None, session: dict[str, str],
+                  now: float) -> bool:
+    """A resume from a draining node, or of a session recalled to its nearest region, is a
+    planned move (the node told the page to move): the node is alive and its stream plays
+    on until the page has the new one playing (make-before-break), so it is neither
+    reported lost nor cut."""
     if not node_id:
         return False
+    if float(session.get("recall_by") or 0) > now:
+        return True
     rec = state.node(node_id)
     return rec is not None and (rec.drain_deadline is not None
                                 or rec.state is NodeState.DRAINING)
@@ -361,12 +373,14 @@ def _locked(state: State, cfg: Config, req: LobbyRequest, session_id: str,
 
 
 def _eta_s(cfg: Config, model: Model, region: str, records: list[NodeRecord], position: int,
-           now: float) -> float | None:
+           now: float, down: frozenset[str] = frozenset()) -> float | None:
     """When the node that will take this user is ready, from its real boot/load progress.
 
-    None when no coming node has a slot for this position (the user is queued).
+    None when no coming node has a slot for this position (the user is queued). A node
+    coming in a region that is down is not coming (its machine died with the region).
     """
     coming = sorted((n for n in records if n.state.coming and not n.retired
+                     and n.region not in down
                      and (n.model, n.version, n.home) == (model.name, model.version, region)),
                     key=lambda n: n.eta_ready or now)
     index = math.ceil(position / cfg.node_capacity) - 1
@@ -377,11 +391,18 @@ def _eta_s(cfg: Config, model: Model, region: str, records: list[NodeRecord], po
 
 def _ready(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
            session_id: str, fence: int, node: NodeRecord, now: float,
-           note: str | None = None) -> None:
+           down: frozenset[str] = frozenset()) -> None:
+    """Give the session its node: a ticket for it. A user placed beyond the latency budget
+    of the nearest region, because it is down, is marked displaced: recalled there once it
+    serves again (a node within the budget is where placement may put anyone)."""
+    nearest = home_region(cfg, req.lat, req.lon)
+    away = (req.region is None and nearest.name in down
+            and node.region not in near_regions(cfg, nearest.name))
     state.save_session(session_id, {"user": req.user, "model": node.model,
                                     "version": node.version, "region": node.region,
                                     "node": node.id, "fence": fence, "created_at": now},
-                       ttl_s=7 * 86400)
+                       ttl_s=7 * 86400, away_from=nearest.name if away else None)
+    note = _down_note(cfg, req, node.home, down)
     ticket = sign(Ticket(user=req.user, session=session_id, node=node.id, model=node.model,
                          version=node.version, fence=fence, exp=now + cfg.ticket_ttl_s),
                   node_key(cfg.ticket_secret, node.id))

@@ -120,7 +120,8 @@ def _join(control: ControlClient, token: str, url: str) -> Grant:
 
 
 def control_endpoint(app: Flask, key: str, agent: Agent) -> None:
-    """POST /control: orders the control plane pushes (kick, wake), signed with our key."""
+    """POST /control: orders the control plane pushes (kick, recall, wake), signed with our
+    key."""
     @app.post("/control")
     def control() -> tuple[Response, int]:
         body = request.get_data()

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from common.config import ORPHAN_SERVING_S
+from common.config import ORPHAN_SERVING_S, RECALL_MOVE_S
 from common.states import NodeState
 from worker_node.control import ControlClient, ControlError, Refused
 from worker_node.runtime import NodeRuntime, Stream
@@ -104,6 +104,7 @@ class Agent:
             self.node.drain(float(orders["drain_deadline"]), time.time())
         elif not self.leaving:
             self.node.undrain()
+        self.node.close_moved(time.time())   # told to move (a drain, a recall), time is up
 
     def _got_through(self, report: dict[str, Any]) -> None:
         """The control plane has this report: its closed streams and its counters of
@@ -152,6 +153,9 @@ class Agent:
         """An order pushed to /control (already verified): kick streams, or beat now."""
         for sid in order.get("kick") or []:
             self.node.kick(str(sid), 4409, TAKEN_OVER)
+        for sid in order.get("recall") or []:   # back to its nearest region, make-before-break
+            self.node.recall(str(sid), time.time(),
+                             float(order.get("within_s") or RECALL_MOVE_S))
         if order.get("wake"):
             self.poke()
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from common.config import RECALL_MOVE_S
 from common.states import NodeState
 
 # A planned move (drain deadline) is make-before-break: each live stream is told to move
@@ -24,6 +25,7 @@ from common.states import NodeState
 MOVE_NOTICE_S = 10.0
 MIN_MOVE_S = 2.0
 MOVED = "this model version was replaced; resume through the lobby to continue on the new version"
+RECALLED = ("your nearest region serves again; resume through the lobby to continue there")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Stream:
     kick: Callable[[int, str], None] | None = None   # closes the socket from another thread
     notify: Callable[[str], None] | None = None      # sends it a text message from another thread
     move_by: float | None = None  # told to move: closed (4503) at this time (epoch s) if still here
+    moved_why: str = MOVED        # the close reason then
     # One usage counter per connection: a session resumed on the same node in the same
     # minute starts a fresh counter instead of being hidden under the old one's maximum.
     conn: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
@@ -117,16 +120,31 @@ class NodeRuntime:
                     if s.move_by is None:
                         s.move_by = max(deadline, now + min_move_s)
                         told.append((s, s.move_by - now))
-            late = [sid for sid, s in self.streams.items()
-                    if s.move_by is not None and now >= s.move_by]
         for s, left_s in told:
-            if s.notify is not None:
-                s.notify(json.dumps({"type": "move", "reason": "drain",
-                                     "message": "this node is draining: a new version serves "
-                                                "your voice; moving you there",
-                                     "close_in_ms": round(1000 * left_s)}))
-        for sid in late:
-            self.kick(sid, 4503, MOVED)
+            _tell_move(s, "drain", "this node is draining: a new version serves your voice; "
+                       "moving you there", left_s)
+        self.close_moved(now)
+
+    def recall(self, session_id: str, now: float, within_s: float = RECALL_MOVE_S) -> bool:
+        """The control plane moves this stream back to its user's nearest region, which was
+        down when it was placed here (make-before-break, as a drain's move). False if the
+        stream is not here or was told to move already."""
+        with self.lock:
+            s = self.streams.get(session_id)
+            if s is None or s.move_by is not None:
+                return False
+            s.move_by, s.moved_why = now + within_s, RECALLED
+        _tell_move(s, "recall", "your nearest region serves again: moving you there",
+                   within_s)
+        return True
+
+    def close_moved(self, now: float) -> None:
+        """Close the streams told to move that are still here when their time is up."""
+        with self.lock:
+            late = [(sid, s.moved_why) for sid, s in self.streams.items()
+                    if s.move_by is not None and now >= s.move_by]
+        for sid, why in late:
+            self.kick(sid, 4503, why)
 
     def moving(self, session_id: str) -> bool:
         """This stream was told to move: its session's newer connection elsewhere does not
@@ -218,3 +236,9 @@ class NodeRuntime:
                 "eta_ready_s": round(self.eta_ready_s(), 2),
                 "streams": {sid: round(s.seconds, 3) for sid, s in self.streams.items()},
             }
+
+
+def _tell_move(s: Stream, reason: str, message: str, left_s: float) -> None:
+    if s.notify is not None:
+        s.notify(json.dumps({"type": "move", "reason": reason, "message": message,
+                             "close_in_ms": round(1000 * left_s)}))

@@ -16,7 +16,10 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
                                      resume); no placement while last_seen < lost_at.
     vc:node:{id}:slots        ZSET   session id -> reservation expiry; +inf once the stream is
                                      live on the node. ZCARD = slots taken (never > capacity).
-    vc:session:{sid}          HASH   user model version region node fence created_at
+    vc:session:{sid}          HASH   user model version region node fence created_at, and
+                                     away_from (placed away from that nearest region while
+                                     it was down), recall_by (told to move back there by then)
+    vc:displaced              SET    session ids with away_from, until recalled or re-placed
     vc:assigned               HASH   session id -> node id, written by the assign script for a
                                      waiting lobby to pick up
     vc:queue:{model}|{version}|{region}
@@ -83,6 +86,7 @@ USAGE_DIRTY = PREFIX + "usage-dirty"
 CONSTRAINED = PREFIX + "constrained"
 LOBBY_WAKE = PREFIX + "lobby-wake"   # PUBSUB: room may have appeared; waiting lobbies look now
 BEAT_PATH = PREFIX + "beat-path"
+DISPLACED = PREFIX + "displaced"
 BEAT_PATH_LAST = PREFIX + "beat-path-last"
 USAGE_KEEP_S = 3600     # a settled minute's counters stay this long (to read; billing has them)
 UNSCALED_KEEP_S = 3600  # far beyond a lobby's longest wait (webapp.lobby.WAIT_LIMIT_S)

@@ -6,16 +6,38 @@ from collections.abc import Mapping
 from typing import Any
 
 from provisioner.state.base import StateBase
-from provisioner.state.keys import session_key
+from provisioner.state.keys import DISPLACED, session_key
 
 
 class Sessions(StateBase):
     """State's verbs on sessions (a mixin)."""
 
-    def save_session(self, session_id: str, fields: Mapping[str, Any], ttl_s: int) -> None:
+    def save_session(self, session_id: str, fields: Mapping[str, Any], ttl_s: int,
+                     away_from: str | None = None) -> None:
+        """A session placed on a node (again); `away_from`: the nearest region, down when
+        it was placed elsewhere (the session is displaced until recalled there)."""
+        key = session_key(session_id)
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(session_key(session_id), mapping={k: str(v) for k, v in fields.items()})
-        pipe.expire(session_key(session_id), ttl_s)
+        pipe.hdel(key, "away_from", "recall_by")
+        pipe.hset(key, mapping={k: str(v) for k, v in fields.items()}
+                  | ({"away_from": away_from} if away_from else {}))
+        pipe.expire(key, ttl_s)
+        if away_from:
+            pipe.sadd(DISPLACED, session_id)
+        else:
+            pipe.srem(DISPLACED, session_id)
+        pipe.execute()
+
+    def displaced(self) -> list[str]:
+        """Sessions placed away from their nearest region while it was down."""
+        return sorted(self.r.smembers(DISPLACED))
+
+    def recalled(self, session_id: str, by: float | None) -> None:
+        """No longer displaced: told to move back by `by` (None: it ended, or moved)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(DISPLACED, session_id)
+        if by is not None:
+            pipe.hset(session_key(session_id), "recall_by", repr(by))
         pipe.execute()
 
     def session(self, session_id: str) -> dict[str, str]:

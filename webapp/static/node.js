@@ -58,12 +58,14 @@ function onStarted(ws, m) {
   setStatus(`${what} ${m.model || ui.model.value} on node ${state.session.nodeId} in ${state.session.region}.`, "ok", "streaming");
 }
 
-// The node is being drained (a new version replaces it): get the new stream first.
+// The node asks to move (drain: a new version replaces it; recall: the nearest region
+// serves again): get the new stream first.
 function onMove(ws, m) {
   if (ws !== state.node || state.moveFrom !== null || !state.active) return;
   console.info(`node ${ws.nodeId} asks to move (${m.reason}); closing in ${m.close_in_ms} ms`);
   if (!config.MAKE_BEFORE_BREAK) return; // wait for the close, then resume
   state.moveFrom = ws;
+  state.moveReason = m.reason;
   state.moveStart = performance.now();
   state.moveNoticeAt = state.audio.ctx.currentTime;
   setStatus(`${ui.status.textContent} (moving: ${m.message || "the node is draining"})`, "ok", "streaming");
