@@ -29,6 +29,7 @@ from provisioner.placement import candidates_for
 from provisioner.state import State
 from webapp import lobby, nodes_api
 from webapp.beat_hub import stamp_beat_path
+from webapp.fleetview import FleetCache
 from webapp.frontdoor import FrontDoor, RateLimited
 from webapp.requests import USER_RE, BadRequest, parse_lobby, parse_since, parse_user
 from webapp.waiting import BACKSTOP_S, WaitingRoom
@@ -44,7 +45,7 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 65536}   # a node's report fits
     sock = Sock(app)
-    fleet = lobby.FleetCache(state, cfg)
+    fleet = FleetCache(state, cfg)
     room = WaitingRoom(state, cfg, lambda: fleet.get(fresh=True), candidates_for,
                        waiting_backstop_s)
     app.register_blueprint(nodes_api.blueprint(cfg, state, ledger))

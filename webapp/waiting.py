@@ -24,7 +24,7 @@ from common.config import Config, Model
 from provisioner.state import NodeRecord, State
 
 if TYPE_CHECKING:
-    from webapp.lobby import FleetView
+    from webapp.fleetview import FleetView
 
 log = logging.getLogger("webapp.waiting")
 
