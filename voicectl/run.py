@@ -1,0 +1,190 @@
+"""`voicectl run`: the whole local stack in one command (embedded Redis, SQLite, the local
+cloud driver), supervised, and stopped whole by Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from billing.ledger import Ledger
+from common.config import Config, load_config
+from provisioner import clouds, tasks
+from provisioner.state import State, connect
+from voicectl import procs
+from webapp import serving
+from webapp.app import before_serving, create_app
+
+
+def say(msg: str) -> None:
+    print(f"voicectl: {msg}", flush=True)
+
+
+RUN_FILE = procs.ROOT / "var" / "run.json"
+USER_SECRET_FILE = procs.ROOT / "var" / "user-token-secret"
+
+
+def local_user_secret(path: Path = USER_SECRET_FILE) -> str:
+    """The local stack's USER_TOKEN_SECRET, made once and kept in `path` (mode 0600): page
+    cookies outlive a restart, and `voicectl user-token` in another terminal mints tokens
+    the running stack accepts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def _with_user_secret(cfg: Config) -> Config:
+    """USER_TOKEN_SECRET from the environment, else the local stack's own."""
+    if os.environ.get("USER_TOKEN_SECRET"):
+        return cfg
+    return cfg.with_overrides(user_token_secret=local_user_secret())
+
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no line per request
+    if not procs.port_free(args.host, args.port):
+        say(f"cannot listen on {args.host}:{args.port}: another program uses it; stop it or "
+            "pass --port N")
+        return 1
+    supervisor = procs.Supervisor(say)
+    infra: list[Any] = []    # moto: stopped last, with Redis (the nodes' records live there)
+    clouds_init: list[Any] = []   # --moto: what boots moto's instances here
+    logs = procs.ROOT / "var" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        if cfg.redis_url:
+            say(f"using Redis at {cfg.redis_url}")
+        else:
+            say(f"starting embedded Redis (REDIS_URL is unset; data in {args.data}) ...")
+            port = procs.free_port()
+            supervisor.add("redis", lambda: procs.start_redis(port, args.data)[1])
+            cfg = cfg.with_overrides(redis_url=f"redis://127.0.0.1:{port}/0")
+            say(f"Redis ready at {cfg.redis_url}")
+        assert cfg.redis_url is not None
+        if cfg.public_url == Config.public_url:   # VOICE_PUBLIC_URL unset: nodes join us here
+            cfg = cfg.with_overrides(public_url=f"http://{args.host}:{args.port}")
+        cfg = _with_user_secret(cfg)
+        dev_env: dict[str, str] = {}
+        if args.moto:
+            dev_env = _start_moto(cfg, infra, clouds_init, logs)
+            cfg = load_config({**os.environ, **dev_env}).with_overrides(
+                redis_url=cfg.redis_url, public_url=cfg.public_url)
+        state = State(connect(cfg.redis_url))
+        state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
+        say(f"billing database: {cfg.database_url}")
+        ledger = Ledger.open(cfg.database_url)   # migrated before the worker checks it
+        env = {**os.environ, "REDIS_URL": cfg.redis_url, "TICKET_SECRET": cfg.ticket_secret,
+               "USER_TOKEN_SECRET": cfg.user_token_secret,
+               "DATABASE_URL": cfg.database_url,
+               "MODEL_LOAD_SECONDS": str(cfg.model_load_s), "CRASH_RATE": str(cfg.crash_rate),
+               "VOICE_PUBLIC_URL": cfg.public_url, "FLOWER_UNAUTHENTICATED_API": "true",
+               **dev_env}
+        celery = [sys.executable, "-m", "celery", "-A", "provisioner.worker"]
+        say(f"starting the Celery worker with beat (log: {logs / 'celery.log'}) ...")
+        supervisor.add("celery worker", lambda: procs.spawn(
+            celery + ["worker", "-B", "-E", "--pool", "threads", "--concurrency", "8",
+                      "--loglevel", "INFO", "--schedule", str(logs / "beat-schedule")],
+            env=env, log=logs / "celery.log"))
+        say(f"starting Flower on http://{args.host}:{args.flower_port} ...")
+        supervisor.add("flower", lambda: procs.spawn(
+            celery + ["flower", f"--port={args.flower_port}", f"--address={args.host}"],
+            env=env, log=logs / "flower.log"))
+        app = tasks.make_celery(cfg)
+        server = serving.make_server(   # werkzeug's, with a gate on floods of connections
+            args.host, args.port,
+            create_app(cfg, state, lambda: app.send_task("provisioner.scale"), ledger), cfg)
+        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+        # Ctrl-C stops everything even when we were started in the background (`make run &`),
+        # where the shell leaves SIGINT ignored and Python then keeps it ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        RUN_FILE.write_text(json.dumps({"redis_url": cfg.redis_url,
+                                        "url": f"http://{args.host}:{args.port}"}))
+        threading.Thread(target=_report_fleet, args=(state,), daemon=True).start()
+        say(f"open http://{args.host}:{args.port}  (Ctrl-C stops everything)")
+        say(f"nodes boot on demand (model load {cfg.model_load_s:g} s); node logs in {logs}")
+        before_serving(cfg, state)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        # The Celery worker first, so no tick boots a node after we destroyed them all;
+        # Redis (and moto) last, since the drivers read their VMs from them.
+        say("stopping the Celery worker and Flower ...")
+        supervisor.stop(["celery worker", "flower"])
+        say("destroying every node we started ...")
+        _destroy_nodes(cfg)
+        for init in clouds_init:
+            init.stop()
+        supervisor.stop(["redis"])
+        procs.stop(infra)
+        RUN_FILE.unlink(missing_ok=True)
+        say("stopped")
+
+
+def _start_moto(cfg: Config, infra: list[Any], inits: list[Any], logs: Any
+                ) -> dict[str, str]:
+    """Dev mode: a local EC2 API (moto) for every ec2 provider, and a "cloud-init" that
+    boots its instances from their user-data as local processes."""
+    from voicectl import devcloud
+
+    say("starting a local EC2 API (moto) for the ec2 providers ...")
+    endpoint, proc = devcloud.start_moto()
+    infra.append(proc)
+    for region in clouds.machine_regions(cfg):
+        if cfg.provider(region.provider).driver == "ec2":
+            where = region.provider_region or region.name
+            inits.append(devcloud.CloudInit(endpoint, where, log_dir=logs / "vms",
+                                            cluster=cfg.cluster,
+                                            env=devcloud.minimal_env()).start())
+            say(f"EC2 {where} at {endpoint}: instances run their user-data here")
+    return {"VOICE_EC2_ENDPOINT": endpoint,
+            "AWS_ACCESS_KEY_ID": cfg.aws_access_key_id or "testing",
+            "AWS_SECRET_ACCESS_KEY": cfg.aws_secret_access_key or "testing"}
+
+
+def _destroy_nodes(cfg: Config) -> None:
+    if not cfg.redis_url:
+        return
+    try:
+        for region in clouds.machine_regions(cfg):
+            for vm in clouds.list_ours(cfg, region):
+                clouds.destroy(cfg, region, vm)
+    except Exception as e:  # process boundary: shutting down, say what was left
+        say(f"could not destroy every node ({e}); they exit on their own within "
+            "15 s of Redis going away")
+
+
+def _report_fleet(state: State) -> None:
+    """Tell the person at the terminal when nodes come and go."""
+    seen: dict[str, str] = {}
+    while True:
+        try:
+            now = {n.id: f"{n.state.value}" for n in state.nodes()}
+        except redis.RedisError:
+            return   # shutting down
+        for node_id, st in now.items():
+            if seen.get(node_id) != st and st in ("ready", "draining", "booting"):
+                n = state.node(node_id)
+                if n:
+                    say(f"node {n.id} {st}: {n.model} v{n.version} in {n.region} {n.url}")
+        for node_id in set(seen) - set(now):
+            say(f"node {node_id} stopped")
+        seen = now
+        time.sleep(0.5)
