@@ -34,6 +34,7 @@ log = logging.getLogger("provisioner")
 
 PROVISION_SLACK_S = 30.0   # beyond boot + load, before a node that never became ready dies
 REGION_COOLOFF_S = 60.0    # a region whose nodes all failed is avoided this long
+CONSOLIDATE_S = 10.0       # a consolidated node's users move within this (told at once)
 POLL_S = 0.5               # poll countdown: far below the broker visibility timeout
 
 
@@ -96,6 +97,8 @@ def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None
         if not retarget(state, cfg, by_id[node_id], key, now):
             if (node_id := request_node(state, cfg, key, now)) is not None:
                 provision(node_id)
+    for node_id in decisions.drain:
+        consolidate(state, cfg, by_id[node_id], now)
     if decisions.boot or decisions.spot or decisions.retarget:
         state.wake_lobbies()   # waiting users see the coming node and its ETA now
     for node_id in decisions.stop:
@@ -107,6 +110,17 @@ def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None
         log.info("scale: boot %s, retarget %s, stop %s", [str(k) for k in decisions.boot],
                  decisions.retarget, list(decisions.stop))
     return decisions
+
+
+def consolidate(state: State, cfg: Config, rec: NodeRecord, now: float) -> None:
+    """Empty a node into its pool (the policy's consolidation): drained with a short
+    deadline, it tells its streams to move at once, their pages move make-before-break onto
+    the other nodes of the pool, and once it is empty (reap) it serves again, idle, for the
+    policy to stop, keep or reload."""
+    log.info("node %s (%s v%s in %s): moving its %d users into its pool", rec.id, rec.model,
+             rec.version, rec.region, rec.sessions)
+    state.drain(rec.id, now + CONSOLIDATE_S, consolidate=True)
+    membership.wake(cfg, rec)   # it hears of the drain now, not at its next beat
 
 
 def request_node(state: State, cfg: Config, key: PoolKey, now: float) -> str | None:
@@ -274,6 +288,9 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
             state.mark_region_up(rec.region)
         elif rec.drain_deadline is not None and (
                 rec.sessions == 0 or now > rec.drain_deadline + cfg.heartbeat_timeout_s):
+            if rec.consolidating:   # its users moved into its pool: it serves again, idle
+                state.undrain(rec.id)
+                continue
             if rec.sessions == 0 and not state.retire(rec.id, now):
                 continue
             try:
@@ -362,7 +379,8 @@ def drain_old_versions(state: State, cfg: Config, now: float) -> None:
     for rec in state.nodes():
         m = live.get(rec.model)
         if m is not None and rec.version == m.version and rec.drain_deadline is not None:
-            state.undrain(rec.id)
+            if not rec.consolidating:
+                state.undrain(rec.id)
             continue
         if m is None or rec.version == m.version or rec.drain_deadline is not None:
             continue

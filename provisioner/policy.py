@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from provisioner.scaling import (
@@ -44,7 +44,8 @@ from provisioner.states import NodeState
 __all__ = [
     "FAST_TAU_SHARE", "Decisions", "NodeSnap", "Policy", "PoolDemand", "PoolKey",
     "ScalingConfig", "Snapshot", "fast_tau_s",
-    "decide", "decide_fixed_buffer", "decide_reactive", "static_fleet", "warm_buffer_slots",
+    "consolidation", "decide", "decide_fixed_buffer", "decide_reactive", "static_fleet",
+    "warm_buffer_slots",
 ]
 
 
@@ -115,9 +116,13 @@ def _pools(snapshot: Snapshot) -> dict[PoolKey, _Pool]:
     pools = {(d.key.model, d.key.version, d.key.region): _Pool(d.key, d)
              for d in snapshot.demand}
     ready, coming = NodeState.READY, (NodeState.REQUESTED, NodeState.BOOTING, NodeState.LOADING)
+    draining = NodeState.DRAINING
     for node in snapshot.nodes:
         state = node.state
-        if state is ready or state in coming:
+        if state is draining:   # of a live version: its users are moving into its pool
+            if (pool := pools.get((node.model, node.version, node.region))) is not None:
+                pool.streaming += node.sessions
+        elif state is ready or state in coming:
             pool = pools.get((node.model, node.version, node.region))
             if pool is None:
                 pool = pools[(node.model, node.version, node.region)] = _Pool(node.key, None)
@@ -270,8 +275,37 @@ def decide(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
         return (_idle_for(node, now) >= cfg.idle_grace_s
                 and cfg.paid_left_s(node, now) <= cfg.stop_window_s)
 
-    return _plan(snapshot, now, cfg, buffer=warm_buffer_slots, may_stop=may_stop, pooled=True,
+    plan = _plan(snapshot, now, cfg, buffer=warm_buffer_slots, may_stop=may_stop, pooled=True,
                  margin=cfg.stop_margin_slots, queue_lead=True, z_at=cfg.buffer_z_at)
+    return replace(plan, drain=consolidation(snapshot)) if cfg.consolidate else plan
+
+
+def consolidation(snapshot: Snapshot) -> tuple[str, ...]:
+    """Ready nodes to empty by moving their users onto the free slots of the other ready
+    nodes of their pool (planned moves, make-before-break): least loaded first, while the
+    rest of the pool has room for them beside its waiting users and the users already
+    moving (on draining nodes of its live version)."""
+    waiting = {d.key: d.waiting for d in snapshot.demand}
+    busy: dict[PoolKey, list[NodeSnap]] = {}
+    moving: dict[PoolKey, int] = {}
+    for n in snapshot.nodes:
+        if n.state is NodeState.READY and n.sessions > 0:
+            busy.setdefault(n.key, []).append(n)
+        elif n.state is NodeState.DRAINING:
+            moving[n.key] = moving.get(n.key, 0) + n.sessions
+    out: list[str] = []
+    for key, nodes in busy.items():
+        if key not in waiting or len(nodes) < 2:
+            continue   # not a live pool (its version drains) or nothing to merge into
+        nodes.sort(key=lambda n: (n.sessions, n.id))
+        room = sum(n.capacity - n.sessions for n in nodes) - waiting[key] - moving.get(key, 0)
+        for src in nodes[:-1]:
+            room -= src.capacity - src.sessions   # its own free slots leave with it
+            if room < src.sessions:
+                break
+            room -= src.sessions
+            out.append(src.id)
+    return tuple(out)
 
 
 def decide_fixed_buffer(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:

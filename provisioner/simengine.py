@@ -309,12 +309,38 @@ class Sim:
             self.ready_slots -= node.capacity
             self.result.retargets += 1
             self.push(node.eta, _READY, node.id)
+        for node_id in decisions.drain:
+            self.empty(self.nodes[node_id], now)
         for node_id in decisions.stop:
             node = self.nodes[node_id]
             if node.sessions or node.state is not NodeState.READY:
                 raise SimulationError(f"policy stopped {node}: it is not idle and ready")
             self.stop(node, now)
             self.result.stops += 1
+
+    def empty(self, node: _Node, now: float) -> None:
+        """Consolidation: move the node's sessions to the other ready nodes of its pool,
+        fullest first, as planned moves (make-before-break: no gap, nothing waits); the node
+        stays, idle, for the policy to stop, keep or reload."""
+        if node.state is not NodeState.READY:
+            raise SimulationError(f"policy drained {node.id}: it is not ready")
+        others = [n for n in self.nodes.values() if n.key == node.key and n is not node
+                  and n.state is NodeState.READY]
+        for idx in sorted(node.sessions):
+            room = [n for n in others if len(n.sessions) < n.capacity]
+            if not room:
+                raise SimulationError(f"policy drained {node.id}: no room for its users")
+            to = max(room, key=lambda n: (len(n.sessions), n.id))
+            end = self.ends[idx][1]
+            node.sessions.discard(idx)
+            to.sessions.add(idx)
+            to.idle_since = None
+            to.touch()
+            self.ends[idx] = (to.id, end)
+            self.push(end, _END, f"{to.id}:{idx}")
+            self.result.moves += 1
+        node.idle_since = now
+        node.touch()
 
     @staticmethod
     def place(node: _Node) -> PoolKey:

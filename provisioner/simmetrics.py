@@ -69,6 +69,7 @@ class RunResult:
     boots: int = 0
     stops: int = 0
     retargets: int = 0
+    moves: int = 0              # sessions moved to another node of their pool (planned)
     peak_nodes: int = 0
     spot_boots: int = 0
     spot_gpu_s: float = 0.0
@@ -93,7 +94,7 @@ class RunResult:
             "cost_usd_ratio": round(self.cost_usd / self.lower_bound_usd, 4)
             if self.lower_bound_usd else None,
             "boots": self.boots, "stops": self.stops, "retargets": self.retargets,
-            "peak_nodes": self.peak_nodes,
+            "moves": self.moves, "peak_nodes": self.peak_nodes,
             "spot_boots": self.spot_boots, "spot_gpu_hours": round(self.spot_gpu_s / 3600, 3),
             "spot_interruptions": self.interruptions,
             "interrupted_sessions": self.interrupted_sessions,

@@ -41,6 +41,7 @@ def table(results: Mapping[str, RunResult]) -> str:
             ("GPU cost $", "cost_usd", "{:,.2f}"),
             ("cost $ / lower bound $", "cost_usd_ratio", "{:.3f}"),
             ("node boots", "boots", "{}"), ("model reloads", "retargets", "{}"),
+            ("planned moves", "moves", "{}"),
             ("spot boots", "spot_boots", "{}"),
             ("spot interruptions", "spot_interruptions", "{}"),
             ("interrupted sessions", "interrupted_sessions", "{}")]

@@ -267,3 +267,71 @@ def test_a_user_placed_away_during_an_outage_is_recalled_without_a_gap(webapp, f
     assert state.session(ready["session_id"]).get("away_from") is None   # home now
     new.send(json.dumps({"type": "stop"}))
     assert closed_code(new)[0] == 1000
+
+
+def test_consolidation_moves_a_user_onto_another_node_of_its_pool_without_a_gap(
+        webapp, fleet) -> None:  # noqa: ANN001
+    """One user left on each of two nodes of a pool: the autoscaler's step drains one of
+    them into the pool; its stream is told to move, the resume lands on the other node
+    while the old stream still answers (make-before-break, not reported lost), and once
+    empty the drained node serves again (idle: the policy may stop, keep or reload it)."""
+    from conftest import closed_code, wait_for
+
+    from provisioner import fleet as fleet_ops
+
+    state, cfg = webapp.state, webapp.config
+    frame = b"\x00\x00" * 320
+    west = "model=miku&lat=37.8&lon=-122.4"
+
+    def place(user: str) -> tuple[str, dict[str, Any], Any]:
+        ready = lobby(webapp.ws_url, f"user={user}&{west}")[-1]
+        assert ready["type"] == "ready", ready
+        ws = start_stream(ready)
+        ws.send(frame)
+        assert len(ws.receive(timeout=5)) == len(frame)
+        return user, ready, ws
+
+    def sessions(node_id: str) -> int:
+        rec = state.node(node_id)
+        return -1 if rec is None else rec.sessions
+
+    a = fleet.start("miku", "us-west")
+    on_a = [place(f"c{i}") for i in range(4)]
+    assert {r["node_id"] for _, r, _ in on_a} == {a}
+    b = fleet.start("miku", "us-west")
+    on_b = place("c4")
+    assert on_b[1]["node_id"] == b
+    for _, _, ws in on_a[1:]:   # three leave a: one user on each node
+        ws.send(json.dumps({"type": "stop"}))
+        assert closed_code(ws)[0] == 1000
+    wait_for(lambda: (sessions(a), sessions(b)) == (1, 1), 10, "one user on each node")
+
+    [drained] = fleet_ops.scale(state, cfg, time.time(), lambda _: None, print).drain
+    user, ready, old = on_a[0] if drained == a else on_b
+    stays = b if drained == a else a
+    rec = state.node(drained)
+    assert rec is not None and rec.consolidating and rec.drain_deadline is not None
+    move = json.loads(old.receive(timeout=5))
+    assert (move["type"], move["reason"]) == ("move", "drain"), move
+    again = lobby(webapp.ws_url, f"user={user}&{west}&resume={ready['session_id']}")[-1]
+    assert (again["type"], again["node_id"]) == ("ready", stays), again
+    new = start_stream(again)
+    for ws in (old, new):   # both play: the page crossfades, then stops the old one
+        ws.send(frame)
+        assert len(ws.receive(timeout=5)) == len(frame)
+    old.send(json.dumps({"type": "stop"}))
+    assert closed_code(old)[0] == 1000
+    rec = state.node(drained)
+    assert rec is not None and not rec.reported_lost
+    wait_for(lambda: sessions(drained) == 0, 10, "the drained node's slot to free")
+    fleet_ops.reap(state, cfg, time.time(), print)
+    wait_for(lambda: getattr(state.node(drained), "state", None) is NodeState.READY, 10,
+             "the drained node to serve again")
+    rec = state.node(drained)
+    assert rec is not None and not rec.consolidating and rec.drain_deadline is None
+    other = on_b[2] if drained == a else on_a[0][2]
+    for ws in (new, other):
+        ws.send(frame)
+        assert len(ws.receive(timeout=5)) == len(frame)
+        ws.send(json.dumps({"type": "stop"}))
+        assert closed_code(ws)[0] == 1000

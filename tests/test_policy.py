@@ -338,3 +338,36 @@ def test_spot_offered_the_buffer_boots_on_spot_demand_on_demand() -> None:
     assert plain.spot == () and len(plain.boot) == len(d.boot) + len(d.spot)
     assert spot_cfg.node_price(node("s", provider="minute")) == Decimal("1.10")
     assert spot_cfg.node_price(replace(node("s"), spot=True)) == Decimal("0.40")
+
+
+@pytest.mark.parametrize(("sessions", "waiting", "drained"), [
+    ((1, 2), 0, ("a",)),            # one user fits into b's two free slots
+    ((1, 1, 2), 0, ("a", "b")),     # a into c, then b into c: c full, two whole nodes free
+    ((1, 1, 3), 0, ("a",)),         # a into c fills it: no room left for b
+    ((2, 3), 0, ()),                # b has one free slot for a's two users
+    ((1, 2), 2, ()),                # b's free slots are for the users waiting
+    ((1, 3, 3), 0, ("a",)),         # b and c have a slot each: a's user takes one
+    ((2, 3, 4), 0, ()),             # one slot free beside a's two users
+    ((4, 4), 0, ()),                # full: nothing to gather
+])
+def test_consolidation_empties_the_least_loaded_nodes_that_fit_elsewhere(
+        sessions: tuple[int, ...], waiting: int, drained: tuple[str, ...]) -> None:
+    nodes = [node(chr(ord("a") + i), sessions=n) for i, n in enumerate(sessions)]
+    d = decide(snap(*nodes, pools=(demand(key(), waiting=waiting),)), NOW, CFG)
+    assert d.drain == drained
+
+
+def test_consolidation_counts_users_already_moving_and_stays_in_its_pool() -> None:
+    """Users on a node draining into its pool take free slots first; another pool's free
+    slots (another model, another region) are not room; an old version's node is left to
+    its own drain; and with consolidation off nothing is gathered."""
+    a, b = node("a", sessions=1), node("b", sessions=2)
+    moving = node("m", sessions=2, state=DRAINING)
+    assert decide(snap(a, b, moving), NOW, CFG).drain == ()
+    other_model = node("t", model="teto", sessions=0)
+    east = node("e", region="east", sessions=0)
+    pools = (demand(key()), demand(key("teto")), demand(key(region="east")))
+    assert decide(snap(a, other_model, east, pools=pools), NOW, CFG).drain == ()
+    old = [node("o1", version="0", sessions=1), node("o2", version="0", sessions=1)]
+    assert decide(snap(*old), NOW, CFG).drain == ()
+    assert decide(snap(a, b), NOW, replace(CFG, consolidate=False)).drain == ()

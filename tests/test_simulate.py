@@ -348,3 +348,21 @@ def test_generated_trace_written_as_csv_reads_back(tmp_path: Path) -> None:
     assert len(back) == len(measured) > 0
     assert back[0].model == measured[0].model
     assert back[0].arrival_s == pytest.approx(measured[0].arrival_s, abs=1e-3)
+
+
+def test_consolidation_moves_users_onto_fewer_nodes_and_costs_less() -> None:
+    """Eight users fill two nodes, four each; after 300 s one long session is left on each:
+    the policy moves one onto the other node (a planned move: nobody waits), and the emptied
+    node stops some 2,700 s sooner than without consolidation."""
+    config = sim_config()
+    west = next(r for r in config.regions if r.name == "us-west")
+    lengths = [3000.0, 300.0, 300.0, 300.0, 3000.0, 300.0, 300.0, 300.0]
+    users = [Session(float(i), d, "miku", west.lat, west.lon) for i, d in enumerate(lengths)]
+    fleet = {PoolKey("miku", "1", "us-west"): 2}
+    scaling = replace(ScalingConfig.from_config(config), buffer_z=0.0)
+    runs = {on: simulate(users, config, decide, name="policy", initial=fleet,
+                         scaling=replace(scaling, consolidate=on))
+            for on in (True, False)}
+    assert runs[True].moves == 1 and runs[False].moves == 0
+    assert runs[True].waits == runs[False].waits
+    assert runs[True].gpu_s < runs[False].gpu_s - 2000

@@ -24,7 +24,7 @@ from common.states import NodeState
 # control plane stops a draining node only a heartbeat timeout (3 beats) past its deadline.
 MOVE_NOTICE_S = 10.0
 MIN_MOVE_S = 2.0
-MOVED = "this model version was replaced; resume through the lobby to continue on the new version"
+MOVED = "this node was drained; resume through the lobby to continue on another node"
 RECALLED = ("your nearest region serves again; resume through the lobby to continue there")
 
 
@@ -121,8 +121,8 @@ class NodeRuntime:
                         s.move_by = max(deadline, now + min_move_s)
                         told.append((s, s.move_by - now))
         for s, left_s in told:
-            _tell_move(s, "drain", "this node is draining: a new version serves your voice; "
-                       "moving you there", left_s)
+            _tell_move(s, "drain", "this node is draining (a new version replaces it, or its "
+                       "users are gathered onto fewer nodes): moving you to another", left_s)
         self.close_moved(now)
 
     def recall(self, session_id: str, now: float, within_s: float = RECALL_MOVE_S) -> bool:

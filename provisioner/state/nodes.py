@@ -100,11 +100,15 @@ class Nodes(StateBase):
         """Atomically mark an empty node as stopping; False if it has sessions."""
         return bool(self._retire(keys=[node_key(node_id), slots_key(node_id)], args=[now]))
 
-    def drain(self, node_id: str, deadline: float) -> None:
-        self.r.hset(node_key(node_id), "drain_deadline", repr(deadline))
+    def drain(self, node_id: str, deadline: float, consolidate: bool = False) -> None:
+        """No new sessions; its streams move by `deadline`. `consolidate`: into the node's
+        own pool, after which it serves again (an old version's node stops instead)."""
+        self.r.hset(node_key(node_id), mapping={"drain_deadline": repr(deadline),
+                                                **({"consolidating": "1"} if consolidate
+                                                   else {})})
 
     def undrain(self, node_id: str) -> None:
-        self.r.hdel(node_key(node_id), "drain_deadline")
+        self.r.hdel(node_key(node_id), "drain_deadline", "consolidating")
 
     def single_flight(self, name: str, ttl_s: float) -> str | None:
         """A token if this caller may run `name` now (nobody else holds it), else None."""

@@ -92,6 +92,7 @@ class NodeRecord:
     idle_since: float | None
     home: str = ""           # the region whose queue it was booted for (policy's pool)
     lost_at: float | None = None   # a client reported its stream here lost (a resume)
+    consolidating: bool = False    # drained to move its users into its pool, not to stop
 
     def view(self) -> NodeView:
         return NodeView(self.id, self.region, self.model, self.version, self.state,
@@ -178,7 +179,8 @@ def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
         drain_deadline=float(drain) if drain else None, retired=bool(h.get("retired")),
         semitones=_float(h, "semitones"), ready_at=_float(h, "ready_at") or None,
         idle_since=_float(h, "idle_since") or None,
-        home=h.get("home") or h.get("region", ""), lost_at=_float(h, "lost_at") or None)
+        home=h.get("home") or h.get("region", ""), lost_at=_float(h, "lost_at") or None,
+        consolidating=bool(h.get("consolidating")))
 
 
 
@@ -187,7 +189,7 @@ def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
 ROW_FIELDS = ("id", "provider", "region", "model", "version", "state", "progress", "url",
               "capacity", "started_at", "requested_at", "deadline", "last_seen",
               "price_per_hour", "eta_ready", "drain_deadline", "retired", "semitones",
-              "ready_at", "idle_since", "home", "lost_at")
+              "ready_at", "idle_since", "home", "lost_at", "consolidating")
 
 
 def row_record(row: str) -> NodeRecord:

@@ -74,7 +74,7 @@ function onLobbyMessage(m) {
     case "queued":
     case "booting":
       if (state.moveFrom) { // still playing on the old node: say so, keep streaming
-        const which = state.moveReason === "recall" ? "a node nearer you" : "a node of the new version";
+        const which = state.moveReason === "recall" ? "a node nearer you" : "another node";
         setStatus(`Streaming on node ${state.moveFrom.nodeId} while ${which} ${m.type === "queued" ? "frees up" : "starts"} in ${m.region}…`, "ok", "streaming");
         break;
       }

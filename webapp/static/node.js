@@ -58,7 +58,8 @@ function onStarted(ws, m) {
   setStatus(`${what} ${m.model || ui.model.value} on node ${state.session.nodeId} in ${state.session.region}.`, "ok", "streaming");
 }
 
-// The node asks to move (drain: a new version replaces it; recall: the nearest region
+// The node asks to move (drain: a new version replaces it, or the control plane gathers
+// users onto fewer nodes; recall: the nearest region
 // serves again): get the new stream first.
 function onMove(ws, m) {
   if (ws !== state.node || state.moveFrom !== null || !state.active) return;

@@ -29,7 +29,7 @@ export const state = {
   lobby: null, // current lobby WebSocket
   node: null, // current node WebSocket
   moveFrom: null, // during a planned move: the old node's WebSocket, still playing
-  moveReason: "", // why it moves: "drain" (a new version) or "recall" (the nearest region is back)
+  moveReason: "", // why it moves: "drain" (a new version, consolidation) or "recall" (the nearest region is back)
   moveStart: 0, // performance.now() of the move's notice
   moveNoticeAt: 0, // the same in context time
   moves: [], // planned moves done: {from, to, ms, noticeAt, at} (see node.js finishMove)
