@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -293,8 +294,11 @@ def test_anonymous_users_wait_for_free_slots_and_boot_nothing(site: Webapp,
     assert site.state.waiting()[pool] == (2, 1)        # both wait; bob's wait is demand
 
     def boots(now: float) -> list[str]:
+        """What the scaler boots for the users waiting (no warm buffer: bob's one arrival
+        would book one at a high enough z)."""
         snap, _ = fleet_adapter.snapshot(site.state, site.config, now)
-        decisions = decide(snap, now, fleet_adapter.scaling_config(site.config))
+        scaling = replace(fleet_adapter.scaling_config(site.config), buffer_z=-10.0)
+        decisions = decide(snap, now, scaling)
         return [k.region for k in decisions.boot if k.model == "teto"]
 
     rate = site.state.arrivals([pool])[pool].rate * site.config.arrival_tau_s
