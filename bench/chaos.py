@@ -23,6 +23,8 @@ Figures:
   client's resume reported the node lost, or the reaper marked it dead or removed it
   (`detected_by` counts which; `detect_s_max_reaper` is the worst the reaper alone did).
 - `sessions_affected`: sessions whose stream dropped at least once; `drops` counts drops.
+  `planned_moves`: moves the control plane asked for (a node drained to consolidate its
+  pool, or a recall), made as the page makes them (make-before-break): not drops.
 - `resumed_fraction`, `resume_s_p50`, `resume_s_p95`: drops followed by audio flowing
   again in the same session, and the seconds from the client seeing the drop to the first
   answered frame after it; `resumed_within_2s_fraction` of all drops. The target (95%
@@ -132,6 +134,7 @@ def figures(clients: list[dict[str, Any]], watch: Watch, billed: dict[str, float
         "detected_by": dict(Counter(d.get("by") for d in crashes.values() if d["detected"])),
         "detect_s_max_reaper": round(max(reaped), 3) if reaped else None,
         "drops": len(drops),
+        "planned_moves": sum(c.get("moves", 0) for c in clients),
         "sessions_affected": len({(d["session"]) for d in drops}),
         "resumed_fraction": round(len(resumed) / len(drops), 4) if drops else 1.0,
         "resume_s_p50": pct(resumed, 50), "resume_s_p95": pct(resumed, 95),

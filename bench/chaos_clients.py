@@ -43,41 +43,66 @@ async def _lobby(ws_url: str, query: str) -> dict[str, Any]:
     raise ConnectionError("the lobby closed without ready or error")
 
 
-async def _stream(ready: dict[str, Any], c: dict[str, Any], end_at: float) -> str:
+async def _open(ready: dict[str, Any]) -> Any:
+    """A started stream on the node `ready` names."""
+    ws = await websockets.connect(f"{ready['node_url']}?ticket={ready['ticket']}",
+                                  compression=None, open_timeout=5, close_timeout=1)
+    await ws.send(json.dumps({"type": "start", "sample_rate": RATE}))
+    started = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    if started.get("type") != "started":
+        await ws.close()
+        raise ValueError(f"refused by node: {started}")
+    return ws
+
+
+async def _stream(ready: dict[str, Any], c: dict[str, Any], end_at: float, ws_url: str,
+                  resume: str) -> str:
     """Stream real-time frames to the node until `end_at` (then stop: "end") or until the
-    stream breaks (a reason). Counts answered frames in c["answered"]."""
+    stream breaks (a reason). Counts answered frames in c["answered"]. A node's `move`
+    (a planned move) is made as the page makes it: the lobby (`resume`) and the new stream
+    first, then `stop` to the old one (make-before-break), counted in c["moves"]."""
     frame = _frame()
-    async with websockets.connect(f"{ready['node_url']}?ticket={ready['ticket']}",
-                                  compression=None, open_timeout=5, close_timeout=1) as ws:
-        await ws.send(json.dumps({"type": "start", "sample_rate": RATE}))
-        started = json.loads(await asyncio.wait_for(ws.recv(), 5))
-        if started.get("type") != "started":
-            return f"refused by node: {started}"
+    ws = await _open(ready)
+    moving: list[asyncio.Task[dict[str, Any]]] = []
 
-        async def read() -> None:
-            async for msg in ws:
-                if isinstance(msg, bytes):
-                    c["answered"] += 1
-                    drop = c["drops"][-1] if c["drops"] else None
-                    if drop and drop["t_streaming"] is None:
-                        drop["t_streaming"] = time.time()
+    async def read(conn: Any) -> None:
+        async for msg in conn:
+            if isinstance(msg, bytes):
+                c["answered"] += 1
+                drop = c["drops"][-1] if c["drops"] else None
+                if drop and drop["t_streaming"] is None:
+                    drop["t_streaming"] = time.time()
+            elif json.loads(msg).get("type") == "move" and not moving and conn is ws:
+                moving.append(asyncio.create_task(_lobby(ws_url, resume)))
 
-        reader = asyncio.create_task(read())
-        next_t = time.monotonic()
-        try:
-            while time.time() < end_at and not reader.done():
-                await ws.send(frame)
-                next_t = max(next_t + FRAME_S, time.monotonic() - 0.2)  # no burst after a stall
-                await asyncio.sleep(max(0.0, next_t - time.monotonic()))
-            if reader.done():
-                reader.result()      # raises what broke it
-                return f"closed {ws.close_code}"
-            await ws.send(json.dumps({"type": "stop"}))
-            await asyncio.wait_for(reader, 5)   # the node answers the rest, then closes 1000
-            c["stopped_clean"] = ws.close_code == 1000
-            return "end"
-        finally:
-            reader.cancel()
+    reader = asyncio.create_task(read(ws))
+    next_t = time.monotonic()
+    try:
+        while time.time() < end_at and not reader.done():
+            await ws.send(frame)
+            if moving and moving[0].done():
+                new = moving.pop().result()
+                if new["type"] == "ready":
+                    old, old_reader = ws, reader
+                    ws = await _open(new)
+                    reader = asyncio.create_task(read(ws))
+                    await old.send(json.dumps({"type": "stop"}))
+                    await asyncio.wait_for(old_reader, 5)
+                    c["moves"] += 1
+            next_t = max(next_t + FRAME_S, time.monotonic() - 0.2)  # no burst after a stall
+            await asyncio.sleep(max(0.0, next_t - time.monotonic()))
+        if reader.done():
+            reader.result()      # raises what broke it
+            return f"closed {ws.close_code}"
+        await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(reader, 5)   # the node answers the rest, then closes 1000
+        c["stopped_clean"] = ws.close_code == 1000
+        return "end"
+    finally:
+        reader.cancel()
+        for task in moving:
+            task.cancel()
+        await ws.close()
 
 
 async def _client(i: int, ws_url: str, tag: str, end_at: float) -> dict[str, Any]:
@@ -85,7 +110,7 @@ async def _client(i: int, ws_url: str, tag: str, end_at: float) -> dict[str, Any
     lat, lon = LOCATIONS[near]
     c: dict[str, Any] = {"user": f"chaos-{tag}-{i}", "near": near, "answered": 0,
                          "sessions": [], "drops": [], "refused_resumes": 0, "errors": Counter(),
-                         "stopped_clean": False}
+                         "stopped_clean": False, "moves": 0}
     session: str | None = None
     while time.time() < end_at:
         query = f"user={c['user']}&model={MODEL}&lat={lat}&lon={lon}"
@@ -117,7 +142,9 @@ async def _client(i: int, ws_url: str, tag: str, end_at: float) -> dict[str, Any
         if drop and drop["t_streaming"] is None:
             drop["resumed_on"] = msg["node_id"]
         try:
-            why = await _stream(msg, c, end_at)
+            why = await _stream(msg, c, end_at, ws_url,
+                                f"user={c['user']}&model={MODEL}&lat={lat}&lon={lon}"
+                                f"&resume={session}")
         except (TimeoutError, OSError, ValueError, websockets.WebSocketException) as e:
             why = f"{type(e).__name__}: {e}"[:80]
         if why == "end":
