@@ -329,14 +329,15 @@ def waiting(stack: Any, redis_url: str, ws_url: str, lobbies: int) -> dict[str, 
             ws.receive(timeout=30)
         time.sleep(2.0)
         cpu, cmds = _load(stack, redis_url, 5.0)
-        notes = [json.loads(raw).get("note", "") for ws in sockets[:1]
-                 if (raw := ws.receive(timeout=2))]
+        notes = []   # what the first user was told since (a booting node may come first)
+        while (raw := sockets[0].receive(timeout=2)) and not any(notes):
+            notes.append(json.loads(raw).get("note", ""))
     finally:
         for ws in sockets:
             ws.close()
     return {"waiting_lobbies": lobbies, "waiting_cpu_cores": cpu,
             "waiting_redis_cmds_per_s": cmds, "idle_cpu_cores": idle_cpu,
-            "idle_redis_cmds_per_s": idle_cmds, "waiting_told": bool(notes and notes[0])}
+            "idle_redis_cmds_per_s": idle_cmds, "waiting_told": any(notes)}
 
 
 def main(argv: list[str] | None = None) -> int:

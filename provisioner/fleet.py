@@ -90,17 +90,21 @@ def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None
     by_id = {n.id: n for n in records}
     # No provider declares a spot offer to the policy yet (ScalingConfig.from_config), so
     # spot boots, if any, are ordinary ones here.
+    coming = False
     for key in (*decisions.boot, *decisions.spot):
         if (node_id := request_node(state, cfg, key, now)) is not None:
             provision(node_id)
+            coming = True
     for node_id, key in decisions.retarget:
-        if not retarget(state, cfg, by_id[node_id], key, now):
-            if (node_id := request_node(state, cfg, key, now)) is not None:
-                provision(node_id)
+        if retarget(state, cfg, by_id[node_id], key, now):
+            coming = True
+        elif (node_id := request_node(state, cfg, key, now)) is not None:
+            provision(node_id)
+            coming = True
     for node_id in decisions.drain:
         consolidate(state, cfg, by_id[node_id], now)
-    if decisions.boot or decisions.spot or decisions.retarget:
-        state.wake_lobbies()   # waiting users see the coming node and its ETA now
+    if coming:   # waiting users see the coming node and its ETA now (not at the backstop)
+        state.wake_lobbies()
     for node_id in decisions.stop:
         if not cfg.provider(by_id[node_id].provider).bootable:
             continue   # own machines are never destroyed by us: they only leave
