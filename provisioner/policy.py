@@ -277,14 +277,15 @@ def decide(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
 
     plan = _plan(snapshot, now, cfg, buffer=warm_buffer_slots, may_stop=may_stop, pooled=True,
                  margin=cfg.stop_margin_slots, queue_lead=True, z_at=cfg.buffer_z_at)
-    return replace(plan, drain=consolidation(snapshot)) if cfg.consolidate else plan
+    return replace(plan, drain=consolidation(snapshot, cfg)) if cfg.consolidate else plan
 
 
-def consolidation(snapshot: Snapshot) -> tuple[str, ...]:
+def consolidation(snapshot: Snapshot, cfg: ScalingConfig) -> tuple[str, ...]:
     """Ready nodes to empty by moving their users onto the free slots of the other ready
-    nodes of their pool (planned moves, make-before-break): least loaded first, while the
-    rest of the pool has room for them beside its waiting users and the users already
-    moving (on draining nodes of its live version)."""
+    nodes of their pool (planned moves, make-before-break): the most expensive and least
+    loaded first, while the rest of the pool has room for them beside its waiting users and
+    the users already moving (on draining nodes of its live version). A free node (an own
+    machine) is never emptied: it is what the others' users should move to."""
     waiting = {d.key: d.waiting for d in snapshot.demand}
     busy: dict[PoolKey, list[NodeSnap]] = {}
     moving: dict[PoolKey, int] = {}
@@ -297,13 +298,14 @@ def consolidation(snapshot: Snapshot) -> tuple[str, ...]:
     for key, nodes in busy.items():
         if key not in waiting or len(nodes) < 2:
             continue   # not a live pool (its version drains) or nothing to merge into
-        nodes.sort(key=lambda n: (n.sessions, n.id))
         room = sum(n.capacity - n.sessions for n in nodes) - waiting[key] - moving.get(key, 0)
-        for src in nodes[:-1]:
-            room -= src.capacity - src.sessions   # its own free slots leave with it
-            if room < src.sessions:
-                break
-            room -= src.sessions
+        left = len(nodes)
+        for src in sorted(nodes, key=lambda n: (-cfg.node_price(n), n.sessions, n.id)):
+            own_free = src.capacity - src.sessions   # its free slots leave with it
+            if left < 2 or cfg.node_price(src) <= 0 or room - own_free < src.sessions:
+                continue
+            room -= own_free + src.sessions
+            left -= 1
             out.append(src.id)
     return tuple(out)
 

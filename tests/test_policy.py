@@ -360,7 +360,8 @@ def test_consolidation_empties_the_least_loaded_nodes_that_fit_elsewhere(
 def test_consolidation_counts_users_already_moving_and_stays_in_its_pool() -> None:
     """Users on a node draining into its pool take free slots first; another pool's free
     slots (another model, another region) are not room; an old version's node is left to
-    its own drain; and with consolidation off nothing is gathered."""
+    its own drain; with consolidation off nothing is gathered; an own machine (free) is
+    never emptied, and the dearest node empties first."""
     a, b = node("a", sessions=1), node("b", sessions=2)
     moving = node("m", sessions=2, state=DRAINING)
     assert decide(snap(a, b, moving), NOW, CFG).drain == ()
@@ -371,3 +372,7 @@ def test_consolidation_counts_users_already_moving_and_stays_in_its_pool() -> No
     old = [node("o1", version="0", sessions=1), node("o2", version="0", sessions=1)]
     assert decide(snap(*old), NOW, CFG).drain == ()
     assert decide(snap(a, b), NOW, replace(CFG, consolidate=False)).drain == ()
+    own = node("f", provider="own", sessions=1)      # free: the others move to it
+    assert decide(snap(own, node("p", sessions=1)), NOW, CFG).drain == ("p",)
+    pricey = node("x", provider="pricey", sessions=2)   # the dearest empties first
+    assert decide(snap(a, pricey), NOW, CFG).drain == ("x",)
