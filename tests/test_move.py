@@ -16,7 +16,7 @@ import uuid
 from typing import Any
 
 import pytest
-from conftest import ControlPlane, lobby, start_stream
+from conftest import ControlPlane, closed_code, lobby, start_stream
 from playwright.sync_api import Browser, Page, expect
 from test_page import browser, open_page, pw, tone_wav, wait_until  # noqa: F401  fixtures
 
@@ -224,12 +224,9 @@ def test_a_user_placed_away_during_an_outage_is_recalled_without_a_gap(webapp, f
     does, the reaper's tick marks the region up and recalls the user: the node tells the
     stream to move ("recall"), the resume lands in ap-northeast while the old stream still
     answers (make-before-break), and the old node is not reported lost."""
-    from conftest import closed_code
-
     from provisioner import fleet as fleet_ops
 
     state, cfg = webapp.state, webapp.config
-    frame = b"\x00\x00" * 320
     far = fleet.start("miku", "us-west")
     state.mark_region_down("ap-northeast", time.time() + 60)
     tokyo = "user=ann&model=miku&lat=35.7&lon=139.7"
@@ -237,8 +234,8 @@ def test_a_user_placed_away_during_an_outage_is_recalled_without_a_gap(webapp, f
     assert (ready["type"], ready["node_id"]) == ("ready", far), ready
     assert "region ap-northeast is down" in ready["note"]
     old = start_stream(ready)
-    old.send(frame)
-    assert len(old.receive(timeout=5)) == len(frame)
+    old.send(FRAME)
+    assert len(old.receive(timeout=5)) == len(FRAME)
     assert state.displaced() == [ready["session_id"]]
     assert fleet_ops.reap(state, cfg, time.time(), print) == []
     assert fleet_ops.recall(state, cfg, state.nodes(), time.time()) == []   # nowhere to go
@@ -255,13 +252,9 @@ def test_a_user_placed_away_during_an_outage_is_recalled_without_a_gap(webapp, f
     assert (again["type"], again["node_id"], again["session_id"]) == (
         "ready", home, ready["session_id"]), again
     new = start_stream(again)
-    for ws in (old, new):   # both play: the page crossfades, then stops the old one
-        ws.send(frame)
-        assert len(ws.receive(timeout=5)) == len(frame)
-    old.send(json.dumps({"type": "stop"}))
-    assert closed_code(old)[0] == 1000
-    new.send(frame)
-    assert len(new.receive(timeout=5)) == len(frame)
+    _switch(old, new)   # both play: the page crossfades, then stops the old one
+    new.send(FRAME)
+    assert len(new.receive(timeout=5)) == len(FRAME)
     rec = state.node(far)
     assert rec is not None and not rec.reported_lost
     assert state.session(ready["session_id"]).get("away_from") is None   # home now
@@ -275,20 +268,19 @@ def test_consolidation_moves_a_user_onto_another_node_of_its_pool_without_a_gap(
     them into the pool; its stream is told to move, the resume lands on the other node
     while the old stream still answers (make-before-break, not reported lost), and once
     empty the drained node serves again (idle: the policy may stop, keep or reload it)."""
-    from conftest import closed_code, wait_for
+    from conftest import wait_for
 
     from provisioner import fleet as fleet_ops
 
     state, cfg = webapp.state, webapp.config
-    frame = b"\x00\x00" * 320
     west = "model=miku&lat=37.8&lon=-122.4"
 
     def place(user: str) -> tuple[str, dict[str, Any], Any]:
         ready = lobby(webapp.ws_url, f"user={user}&{west}")[-1]
         assert ready["type"] == "ready", ready
         ws = start_stream(ready)
-        ws.send(frame)
-        assert len(ws.receive(timeout=5)) == len(frame)
+        ws.send(FRAME)
+        assert len(ws.receive(timeout=5)) == len(FRAME)
         return user, ready, ws
 
     def sessions(node_id: str) -> int:
@@ -316,11 +308,7 @@ def test_consolidation_moves_a_user_onto_another_node_of_its_pool_without_a_gap(
     again = lobby(webapp.ws_url, f"user={user}&{west}&resume={ready['session_id']}")[-1]
     assert (again["type"], again["node_id"]) == ("ready", stays), again
     new = start_stream(again)
-    for ws in (old, new):   # both play: the page crossfades, then stops the old one
-        ws.send(frame)
-        assert len(ws.receive(timeout=5)) == len(frame)
-    old.send(json.dumps({"type": "stop"}))
-    assert closed_code(old)[0] == 1000
+    _switch(old, new)   # both play: the page crossfades, then stops the old one
     rec = state.node(drained)
     assert rec is not None and not rec.reported_lost
     wait_for(lambda: sessions(drained) == 0, 10, "the drained node's slot to free")
@@ -331,7 +319,20 @@ def test_consolidation_moves_a_user_onto_another_node_of_its_pool_without_a_gap(
     assert rec is not None and not rec.consolidating and rec.drain_deadline is None
     other = on_b[2] if drained == a else on_a[0][2]
     for ws in (new, other):
-        ws.send(frame)
-        assert len(ws.receive(timeout=5)) == len(frame)
+        ws.send(FRAME)
+        assert len(ws.receive(timeout=5)) == len(FRAME)
         ws.send(json.dumps({"type": "stop"}))
         assert closed_code(ws)[0] == 1000
+
+
+FRAME = b"\x00\x00" * 320   # 20 ms of silence at 16 kHz
+
+
+def _switch(old: Any, new: Any) -> None:
+    """The page's make-before-break at the protocol: both streams answer, then the old one
+    is stopped and closes cleanly."""
+    for ws in (old, new):
+        ws.send(FRAME)
+        assert len(ws.receive(timeout=5)) == len(FRAME)
+    old.send(json.dumps({"type": "stop"}))
+    assert closed_code(old)[0] == 1000
