@@ -333,10 +333,12 @@ def recall(state: State, cfg: Config, records: list[NodeRecord], now: float) -> 
     recalled = []
     for node_id, sids in orders.items():
         live = set(state.live_sessions(node_id))
+        moving = [sid for sid in sids if sid in live]
+        if moving and not membership.recall(cfg, by_id[node_id], moving):
+            continue   # still displaced: the next tick tries again
         for sid in sids:   # one that is not live there ended: nothing to move
             state.recalled(sid, now + RECALL_MOVE_S if sid in live else None)
-        if moving := [sid for sid in sids if sid in live]:
-            membership.recall(cfg, by_id[node_id], moving)
+        if moving:
             log.info("sessions %s recalled from %s", moving, by_id[node_id].region)
             recalled += moving
     return recalled

@@ -291,31 +291,35 @@ def control_url(node_url: str) -> str:
 
 
 def notify(cfg: Config, rec: NodeRecord, payload: Mapping[str, Any],
-           wait: bool = False) -> None:
-    """Push an order to a node now (best effort; its next heartbeat is the backstop)."""
+           wait: bool = False) -> bool:
+    """Push an order to a node now. Best effort, in the background, where its next
+    heartbeat is the backstop (kick, wake); with `wait`, whether the node took it."""
     if not rec.url:
-        return
+        return False
     body = json.dumps(dict(payload)).encode()
     sig = sign_control(body, node_key(cfg.ticket_secret, rec.id))
 
-    def send() -> None:
+    def send() -> bool:
         try:
-            requests.post(control_url(rec.url), data=body, timeout=NOTIFY_TIMEOUT_S,
-                          headers={"Content-Type": "application/json", "X-Signature": sig},
-                          verify=cfg.node_ca_file or True)
+            return requests.post(control_url(rec.url), data=body, timeout=NOTIFY_TIMEOUT_S,
+                                 headers={"Content-Type": "application/json",
+                                          "X-Signature": sig},
+                                 verify=cfg.node_ca_file or True).ok
         except requests.RequestException as e:
-            log.info("order to node %s not delivered (%s); its heartbeat will carry it",
-                     rec.id, e)
+            log.info("order to node %s not delivered (%s)", rec.id, e)
+            return False
     if wait:
-        send()
-    else:
-        threading.Thread(target=send, name="notify", daemon=True).start()
+        return send()
+    threading.Thread(target=send, name="notify", daemon=True).start()
+    return True
 
 
-def recall(cfg: Config, rec: NodeRecord, session_ids: list[str]) -> None:
+def recall(cfg: Config, rec: NodeRecord, session_ids: list[str]) -> bool:
     """Tell these streams to move to their users' nearest region (make-before-break): they
-    play on here for up to RECALL_MOVE_S while the page gets a node there."""
-    notify(cfg, rec, {"recall": list(session_ids), "within_s": RECALL_MOVE_S})
+    play on here for up to RECALL_MOVE_S while the page gets a node there. No heartbeat
+    carries a recall: False if the node did not take it (the caller tries again)."""
+    return notify(cfg, rec, {"recall": list(session_ids), "within_s": RECALL_MOVE_S},
+                  wait=True)
 
 
 def kick(cfg: Config, rec: NodeRecord, session_id: str) -> None:

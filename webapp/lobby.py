@@ -102,7 +102,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     fence = _locked(state, cfg, req, session_id, got, moving)
     if isinstance(got, Admitted) and got.node is not None:      # room at once
         _ready(ws, state, cfg, req, session_id, fence, _node(state, got.node), now,
-               view.down)
+               down)
         return
     waiter = Waiter(req.user, session_id, fence, pool, model, home.name,
                     position=got.position if isinstance(got, Admitted) else 1)
@@ -263,9 +263,11 @@ def _planned_move(state: State, node_id: str | None, session: dict[str, str],
     reported lost nor cut."""
     if not node_id:
         return False
+    rec = state.node(node_id)
+    if rec is None or rec.reported_lost:
+        return False   # gone: whatever it was told, the client lost it
     if float(session.get("recall_by") or 0) > now:
         return True
-    rec = state.node(node_id)
     return rec is not None and (rec.drain_deadline is not None
                                 or rec.state is NodeState.DRAINING)
 
