@@ -100,11 +100,12 @@ class Agent:
         for sid in orders.get("lost") or []:
             if not self.node.moving(str(sid)):   # a moving stream's lock went ahead to its
                 self.node.kick(str(sid), 4409, TAKEN_OVER)   # new connection: not a take-over
-        if orders.get("drain_deadline"):
+        if orders.get("drain_deadline"):   # closes the streams told to move, time up, too
             self.node.drain(float(orders["drain_deadline"]), time.time())
-        elif not self.leaving:
-            self.node.undrain()
-        self.node.close_moved(time.time())   # told to move (a drain, a recall), time is up
+        else:
+            if not self.leaving:
+                self.node.undrain()
+            self.node.close_moved(time.time())   # recalled streams whose time is up
 
     def _got_through(self, report: dict[str, Any]) -> None:
         """The control plane has this report: its closed streams and its counters of

@@ -15,6 +15,7 @@ import requests
 from simple_websocket import Client, ConnectionClosed
 
 from common.grant import Grant
+from common.jsonobj import json_object
 
 TIMEOUT_S = 5.0
 
@@ -86,7 +87,11 @@ class ControlClient:
         if raw is None:
             self.close()
             raise ControlError(f"no answer to a heartbeat within {TIMEOUT_S:.0f} s")
-        data = json.loads(raw)
+        try:
+            data = json_object(raw)
+        except ValueError as e:
+            self.close()
+            raise ControlError(f"the control plane's answer to a heartbeat is {e}") from None
         if "error" in data:
             self.close()
             raise Refused(f"control plane refused the heartbeat: {data.get('message')}")

@@ -100,9 +100,13 @@ class NodeRuntime:
         return True
 
     def undrain(self) -> None:
-        """Its version is live again (a rollback): take new streams again."""
+        """No longer draining (a rollback, a consolidation over): take new streams again;
+        streams the drain told to move may stay (a recalled one still moves)."""
         with self.lock:
             self.drain_deadline = None
+            for s in self.streams.values():
+                if s.move_by is not None and s.moved_why == MOVED:
+                    s.move_by = None
             if self.state is NodeState.DRAINING:
                 self.state = NodeState.READY
 
