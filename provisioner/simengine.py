@@ -310,7 +310,7 @@ class Sim:
             self.result.retargets += 1
             self.push(node.eta, _READY, node.id)
         for node_id in decisions.drain:
-            self.empty(self.nodes[node_id], now)
+            self.empty(self.nodes[node_id], now, set(decisions.drain))
         for node_id in decisions.stop:
             node = self.nodes[node_id]
             if node.sessions or node.state is not NodeState.READY:
@@ -318,13 +318,13 @@ class Sim:
             self.stop(node, now)
             self.result.stops += 1
 
-    def empty(self, node: _Node, now: float) -> None:
-        """Consolidation: move the node's sessions to the other ready nodes of its pool,
-        fullest first, as planned moves (make-before-break: no gap, nothing waits); the node
-        stays, idle, for the policy to stop, keep or reload."""
+    def empty(self, node: _Node, now: float, drained: set[str]) -> None:
+        """Consolidation: move the node's sessions to the other ready nodes of its pool that
+        are not emptied too (`drained`), fullest first, as planned moves (make-before-break:
+        no gap, nothing waits); the node stays, idle, for the policy to stop, keep or reload."""
         if node.state is not NodeState.READY:
             raise SimulationError(f"policy drained {node.id}: it is not ready")
-        others = [n for n in self.nodes.values() if n.key == node.key and n is not node
+        others = [n for n in self.nodes.values() if n.key == node.key and n.id not in drained
                   and n.state is NodeState.READY]
         for idx in sorted(node.sessions):
             room = [n for n in others if len(n.sessions) < n.capacity]
