@@ -25,7 +25,7 @@ from provisioner import clouds
 from provisioner.fleet import REGION_COOLOFF_S
 from provisioner.state import State, connect
 from voicectl import procs
-from voicectl.run import RUN_FILE, USER_SECRET_FILE, _with_user_secret, cmd_run, say
+from voicectl.run import RUN_FILE, USER_SECRET_FILE, cmd_run, say, with_user_secret
 from webapp.requests import BadRequest, parse_since
 
 
@@ -201,7 +201,7 @@ def cmd_byo_token(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_user_token(args: argparse.Namespace, cfg: Config) -> int:
-    cfg = _with_user_secret(cfg)
+    cfg = with_user_secret(cfg)
     now = time.time()
     token = mint_token(args.user, cfg.user_token_secret, now=now, ttl_s=args.ttl)
     url = cfg.public_url if cfg.public_url != Config.public_url else _default_url()

@@ -48,7 +48,7 @@ def local_user_secret(path: Path = USER_SECRET_FILE) -> str:
     return path.read_text().strip()
 
 
-def _with_user_secret(cfg: Config) -> Config:
+def with_user_secret(cfg: Config) -> Config:
     """USER_TOKEN_SECRET from the environment, else the local stack's own."""
     if os.environ.get("USER_TOKEN_SECRET"):
         return cfg
@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         assert cfg.redis_url is not None
         if cfg.public_url == Config.public_url:   # VOICE_PUBLIC_URL unset: nodes join us here
             cfg = cfg.with_overrides(public_url=f"http://{args.host}:{args.port}")
-        cfg = _with_user_secret(cfg)
+        cfg = with_user_secret(cfg)
         dev_env: dict[str, str] = {}
         if args.moto:
             dev_env = _start_moto(cfg, infra, clouds_init, logs)

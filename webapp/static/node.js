@@ -1,6 +1,7 @@
 // The node socket ({node_url}?ticket=T): start -> started -> PCM frames both ways ->
 // stop; losing the node resumes the session through the lobby, with backoff.
-// A planned move (the node sends {"type": "move"}: its version is being replaced) is
+// A planned move (the node sends {"type": "move"}: its version is being replaced, its users
+// are gathered onto fewer nodes, or the user's nearest region serves again) is
 // make-before-break: the page resumes through the lobby while the old stream plays on,
 // streams the microphone to both nodes, crossfades playback once the new node answers,
 // then stops the old stream.
