@@ -14,8 +14,11 @@ the users' browsers):
   flask-sock handler on the same server (bench/floor_server.py), i.e. what they cost before
   any lobby code runs; `*_over_floor` is ours over the floor, p99 to p99 (absolute times on
   shared 2-core machines vary two- to fourfold between runs; the ratio far less).
-- `waiting_*`: CPU of the webapp process and Redis commands per second while `--waiting`
-  (200) lobbies wait in a region whose provider cannot boot, beside the same stack idle.
+- `waiting_*`: CPU of the webapp process and Redis commands per second (every client's,
+  the Celery worker's included) while `--waiting` (200) lobbies wait in a region whose
+  provider cannot boot, beside the same stack idle (`idle_*`) just before, and the
+  difference (`*_over_idle`). Measured before the warm phase, beside the cold phase's one
+  node: the warm users' many sessions would weigh on both figures.
 
 Everything runs on the real stack, `voicectl run` in its own processes (webapp, Celery
 worker with beat, Flower) on a Redis of ours; the cold path boots a worker_node process
@@ -168,16 +171,24 @@ class RealStack:
 
 @contextmanager
 def real_stack(name: str, load_s: float = 10.0, extra_config: str = "",
-               env: dict[str, str] | None = None) -> Iterator[RealStack]:
+               env: dict[str, str] | None = None,
+               no_boot: tuple[str, ...] = ()) -> Iterator[RealStack]:
     """The real stack as users meet it: `voicectl run` (webapp, Celery worker with beat,
     Flower) on the default fleet plus `extra_config`, on a Redis of ours; its log in
-    var/logs/bench-NAME.log."""
+    var/logs/bench-NAME.log. Regions in `no_boot` get a quota of 0 nodes: in production
+    the nodes the autoscaler boots run on other machines, here they would share the
+    webapp's two cores (a dozen node processes starting at once) and drown its figures."""
     url, redis_proc = procs.start_redis()
     port, flower = procs.free_port(), procs.free_port()
     var = procs.ROOT / "var"
     var.mkdir(exist_ok=True)
     config = var / f"bench-{name}.toml"
-    config.write_text((procs.ROOT / "common" / "default.toml").read_text() + extra_config)
+    text = (procs.ROOT / "common" / "default.toml").read_text()
+    for region in no_boot:
+        line = f'name = "{region}"\n'
+        assert line in text, f"no region {region} in default.toml"
+        text = text.replace(line, line + "max_nodes = 0\n")
+    config.write_text(text + extra_config)
     env = {**os.environ, "REDIS_URL": url, "MODEL_LOAD_SECONDS": str(load_s),
            "VOICE_CONFIG": str(config), "DATABASE_URL": "sqlite:///" + str(var / "bench.sqlite"),
            "VOICE_DEV_USERS": "1", **(env or {})}   # users named by ?user=, as in tests
@@ -320,6 +331,7 @@ def _load(proc: Any, redis_url: str, seconds: float) -> tuple[float, float]:
 def waiting(stack: Any, redis_url: str, ws_url: str, lobbies: int) -> dict[str, Any]:
     """`lobbies` users waiting where no node can boot, beside the same stack idle."""
     log("idle: webapp CPU and Redis commands for 5 s ...")
+    time.sleep(2.0)   # the stack settles after its start
     idle_cpu, idle_cmds = _load(stack, redis_url, 5.0)
     log(f"{lobbies} lobbies waiting in a region whose provider cannot boot ...")
     sockets = [Client.connect(f"{ws_url}/ws/session?user=wait{i}&model=miku&region=nowhere")
@@ -337,7 +349,10 @@ def waiting(stack: Any, redis_url: str, ws_url: str, lobbies: int) -> dict[str, 
             ws.close()
     return {"waiting_lobbies": lobbies, "waiting_cpu_cores": cpu,
             "waiting_redis_cmds_per_s": cmds, "idle_cpu_cores": idle_cpu,
-            "idle_redis_cmds_per_s": idle_cmds, "waiting_told": any(notes)}
+            "idle_redis_cmds_per_s": idle_cmds,
+            "waiting_cpu_cores_over_idle": round(cpu - idle_cpu, 3),
+            "waiting_redis_cmds_per_s_over_idle": round(cmds - idle_cmds, 1),
+            "waiting_told": any(notes)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,11 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     figures: dict[str, Any] = {}
-    with real_stack("connect", args.load_s, WAIT_REGION) as stack:
+    # The warm users' nodes are the benchmark's own (us-west); its region and those near it
+    # boot nothing. The cold user's region (ap-northeast) boots its one node.
+    with real_stack("connect", args.load_s, WAIT_REGION,
+                    no_boot=("us-west", "us-east", "eu-west")) as stack:
         figures.update(cold(stack.state, stack.ws_url, args.load_s,
                             stack.cfg.provider("local").boot_s))
-        figures.update(warm(stack.state, stack.ws_url, args.rounds, args.users, args.rate))
         figures.update(waiting(stack.proc, stack.redis_url, stack.ws_url, args.waiting))
+        figures.update(warm(stack.state, stack.ws_url, args.rounds, args.users, args.rate))
     figures.update(floor(args.rounds, args.users, args.rate))
     figures["warm_connect_p99_over_floor"] = round(
         figures["warm_connect_ms_p99"] / figures["warm_connect_floor_ms_p99"], 2)

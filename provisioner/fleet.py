@@ -91,10 +91,15 @@ def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None
     # No provider declares a spot offer to the policy yet (ScalingConfig.from_config), so
     # spot boots, if any, are ordinary ones here.
     coming = False
+    nowhere: set[PoolKey] = set()   # pools no region may boot for now: asked once a step
     for key in (*decisions.boot, *decisions.spot):
+        if key in nowhere:
+            continue
         if (node_id := request_node(state, cfg, key, now)) is not None:
             provision(node_id)
             coming = True
+        else:
+            nowhere.add(key)
     for node_id, key in decisions.retarget:
         if retarget(state, cfg, by_id[node_id], key, now):
             coming = True

@@ -4,6 +4,7 @@ woken by events (a node turning ready, a slot freed), and tells waiters the trut
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from simple_websocket import Client
 
 from billing.ledger import Ledger
 from common.config import Config
+from provisioner import fleet
 from provisioner.state import State
 from webapp.app import create_app
 
@@ -67,6 +69,36 @@ def test_many_waiting_lobbies_cost_few_redis_commands(webapp: Any) -> None:
         for ws in sockets:
             ws.close()
 
+
+
+def test_users_waiting_where_nothing_can_boot_cost_the_scaler_nothing_each(
+        state: State, cfg: Config, caplog: pytest.LogCaptureFixture) -> None:
+    """Every region is out of capacity: one scale step asks where to boot once for the
+    pool, not once for every node its waiting users would want (200 users waiting made
+    ~100 Redis reads and 50 warnings a step), so a waiting crowd costs Redis nothing more."""
+    for region in cfg.regions:
+        state.mark_constrained(region.name, time.time() + 600, "out of capacity")
+
+    def step_with(waiting: int) -> tuple[int, int]:
+        for i in range(waiting):
+            state.admit(f"c{waiting}-{i}", f"c{waiting}-{i}", "miku", "1", "us-west",
+                        time.time(), [], lock_ttl_s=60, takeover=False, resume=False,
+                        tau_s=600, hold_s=60, heartbeat_timeout_s=6)
+        caplog.clear()
+        before = int(state.r.info("stats")["total_commands_processed"])
+        decisions = fleet.scale(state, cfg, time.time(), provision=lambda _: None,
+                                on_end=lambda _: None)
+        used = int(state.r.info("stats")["total_commands_processed"]) - before
+        assert len(decisions.boot) >= waiting // cfg.node_capacity   # it wants them all
+        assert state.nodes() == []                                     # and none is asked
+        return used, sum("no region may boot" in r.message for r in caplog.records)
+
+    caplog.set_level(logging.WARNING, logger="provisioner")
+    few, warned = step_with(8)
+    assert warned == 1
+    many, warned = step_with(200)
+    assert warned == 1
+    assert many - few < 20, f"{few} Redis commands a step for 8 waiting, {many} for 208"
 
 
 def _latest(ws: Client, msg: dict[str, Any]) -> dict[str, Any]:

@@ -4,9 +4,9 @@
 local lost = {}
 for i = 1, #KEYS do
   local sid, fence = ARGV[2 * i + 1], ARGV[2 * i + 2]
-  local cur = redis.call('HMGET', KEYS[i], 'session', 'fence')
+  local cur = redis.call('HMGET', KEYS[i], 'session', 'fence', 'node')
   if cur[1] == sid and cur[2] == fence then
-    redis.call('HSET', KEYS[i], 'node', ARGV[2])
+    if cur[3] ~= ARGV[2] then redis.call('HSET', KEYS[i], 'node', ARGV[2]) end
     redis.call('PEXPIRE', KEYS[i], math.floor(tonumber(ARGV[1]) * 1000))
   elseif cur[1] then
     table.insert(lost, sid)
