@@ -148,6 +148,8 @@ def test_connection_gate() -> None:
     assert gate.admit("192.0.2.1") == 0.0
     loop = ConnectionGate(1, 1.0, (ipaddress.ip_network("127.0.0.1/32"),), lambda: now[0])
     assert all(loop.admit("127.0.0.1") == 0.0 for _ in range(100))
+    # a dual-stack server sees IPv4 peers as IPv4-mapped IPv6: the same address, exempt too
+    assert all(loop.admit("::ffff:127.0.0.1") == 0.0 for _ in range(100))
 
 
 def test_connections_over_the_gate_wait_then_reset(cfg: Config, state: State) -> None:

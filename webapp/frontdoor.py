@@ -102,13 +102,26 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def exempt_networks(cfg: Config) -> Networks:
+    """The networks no limit applies to (`lobby_limit_exempt`, checked by the config)."""
+    return tuple(ipaddress.ip_network(n, strict=False) for n in cfg.lobby_limit_exempt)
+
+
+def is_exempt(address: str, exempt: Networks) -> bool:
+    ip = _ip(address)
+    return ip is not None and any(ip.version == n.version and ip in n for n in exempt)
+
+
 class FrontDoor:
     """The limits of one webapp process: `client(environ)`, then `socket(client)` around the
     lobby and `attempt(user, client, now)` once the request names its user."""
 
     def __init__(self, cfg: Config, state: State) -> None:
         self.cfg, self.state = cfg, state
-        self._exempt = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.lobby_limit_exempt)
+        self._exempt = exempt_networks(cfg)
         self._open: dict[str, int] = {}   # client key -> lobby sockets open in this process
         self._lock = threading.Lock()
         self._refused: dict[str, Throttled] = {}   # client key -> its last refusal
@@ -117,9 +130,7 @@ class FrontDoor:
 
     def client(self, environ: Mapping[str, Any]) -> Client:
         got = client_of(environ, self.cfg.trusted_proxies)
-        ip = _ip(got.address)
-        exempt = ip is not None and any(ip.version == n.version and ip in n for n in self._exempt)
-        return Client(got.address, got.key, exempt)
+        return Client(got.address, got.key, is_exempt(got.address, self._exempt))
 
     def open_sockets(self, client: Client) -> int:
         return self._open.get(client.key, 0)

@@ -16,7 +16,6 @@ this limit in the proxy in front of them (docs/architecture.md, "Limits at the f
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import logging
 import socket
 import struct
@@ -28,6 +27,7 @@ from typing import Any
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from common.config import Config
+from webapp.frontdoor import Networks, exempt_networks, is_exempt
 
 PARK_S = 5.0               # the longest a connection over the limit waits before its reset
 MAX_PARKED = 1000          # sockets parked at once (file descriptors); past it, reset at once
@@ -49,7 +49,7 @@ class ConnectionGate:
 
     burst: int
     per_s: float
-    exempt: tuple[Any, ...] = ()           # ipaddress networks
+    exempt: Networks = ()
     clock: Callable[[], float] = monotonic
     buckets: dict[str, _Bucket] = field(default_factory=dict)
 
@@ -60,12 +60,12 @@ class ConnectionGate:
         if cfg.trusted_proxies or not cfg.client_connections_burst:
             return None
         return cls(cfg.client_connections_burst, cfg.client_connections_per_s,
-                   tuple(ipaddress.ip_network(n, strict=False) for n in cfg.lobby_limit_exempt))
+                   exempt_networks(cfg))
 
     def admit(self, address: str) -> float:
         """0 when `address` may open a connection now (it spends a token), else the seconds
         until it may."""
-        if self._exempt(address):
+        if is_exempt(address, self.exempt):
             return 0.0
         now = self.clock()
         b = self.buckets.get(address)
@@ -79,13 +79,6 @@ class ConnectionGate:
             b.tokens -= 1
             return 0.0
         return (1 - b.tokens) / self.per_s if self.per_s > 0 else PARK_S
-
-    def _exempt(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip.version == n.version and ip in n for n in self.exempt)
 
     def _forget_full(self, now: float) -> None:
         for key in [k for k, b in self.buckets.items()
