@@ -328,8 +328,7 @@ def recall(state: State, cfg: Config, records: list[NodeRecord], now: float) -> 
                and _answering(cfg, r, now) and r.region not in down}
     by_id = {r.id: r for r in records}
     orders: dict[str, list[str]] = {}
-    for sid in displaced:
-        session = state.session(sid)
+    for sid, session in zip(displaced, state.sessions(displaced), strict=True):
         rec = by_id.get(session.get("node", ""))
         if rec is None:   # its node went: the page resumes, and is placed anew
             state.recalled(sid, None)

@@ -182,7 +182,7 @@ class CapacityFault:
         form = parse_qs(body.decode(errors="replace")) if body else {}
         action = (query.get("Action") or form.get("Action") or [""])[0]
         if self._should_refuse(action):
-            self._answer(req, 500, {"Content-Type": "text/xml;charset=UTF-8"},
+            answer(req, 500, {"Content-Type": "text/xml;charset=UTF-8"},
                          _capacity_xml(f"fault-{self.refused}"))
             return
         conn = http.client.HTTPConnection(self.upstream.hostname or "127.0.0.1",
@@ -194,19 +194,20 @@ class CapacityFault:
             resp = conn.getresponse()
             data = resp.read()
             headers = {k: v for k, v in resp.getheaders() if k.lower() not in _HOP_BY_HOP}
-            self._answer(req, resp.status, headers, data)
+            answer(req, resp.status, headers, data)
         finally:
             conn.close()
 
-    @staticmethod
-    def _answer(req: BaseHTTPRequestHandler, status: int, headers: Mapping[str, str],
-                body: bytes) -> None:
-        req.send_response(status)
-        for k, v in headers.items():
-            req.send_header(k, v)
-        req.send_header("Content-Length", str(len(body)))
-        req.end_headers()
-        req.wfile.write(body)
+
+def answer(req: BaseHTTPRequestHandler, status: int, headers: Mapping[str, str],
+           body: bytes) -> None:
+    """Answer an HTTP request of one of this module's fake services."""
+    req.send_response(status)
+    for k, v in headers.items():
+        req.send_header(k, v)
+    req.send_header("Content-Length", str(len(body)))
+    req.end_headers()
+    req.wfile.write(body)
 
 
 # --- instance metadata -------------------------------------------------------------------
@@ -240,8 +241,7 @@ class Metadata:
                     self._send(404, "")
 
             def _send(self, status: int, text: str) -> None:
-                CapacityFault._answer(self, status, {"Content-Type": "text/plain"},
-                                      text.encode())
+                answer(self, status, {"Content-Type": "text/plain"}, text.encode())
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -42,3 +42,10 @@ class Sessions(StateBase):
 
     def session(self, session_id: str) -> dict[str, str]:
         return dict(self.r.hgetall(session_key(session_id)))
+
+    def sessions(self, session_ids: list[str]) -> list[dict[str, str]]:
+        """Several sessions in one round trip (a region's displaced users, say)."""
+        pipe = self.r.pipeline(transaction=False)
+        for sid in session_ids:
+            pipe.hgetall(session_key(sid))
+        return [dict(got) for got in pipe.execute()]
