@@ -60,10 +60,12 @@ async def _stream(ready: dict[str, Any], c: dict[str, Any], end_at: float, ws_ur
     """Stream real-time frames to the node until `end_at` (then stop: "end") or until the
     stream breaks (a reason). Counts answered frames in c["answered"]. A node's `move`
     (a planned move) is made as the page makes it: the lobby (`resume`) and the new stream
-    first, then `stop` to the old one (make-before-break), counted in c["moves"]."""
+    first, then `stop` to the old one while frames go to the new (make-before-break),
+    counted in c["moves"]."""
     frame = _frame()
     ws = await _open(ready)
     moving: list[asyncio.Task[dict[str, Any]]] = []
+    retiring: list[asyncio.Task[None]] = []   # old streams of moves, answering their rest
 
     async def read(conn: Any) -> None:
         async for msg in conn:
@@ -82,12 +84,10 @@ async def _stream(ready: dict[str, Any], c: dict[str, Any], end_at: float, ws_ur
             await ws.send(frame)
             if moving and moving[0].done():
                 new = moving.pop().result()
-                if new["type"] == "ready":
-                    old, old_reader = ws, reader
+                if new["type"] == "ready":   # frames go on to the new stream at once
+                    retiring.append(asyncio.create_task(_retire(ws, reader)))
                     ws = await _open(new)
                     reader = asyncio.create_task(read(ws))
-                    await old.send(json.dumps({"type": "stop"}))
-                    await asyncio.wait_for(old_reader, 5)
                     c["moves"] += 1
             next_t = max(next_t + FRAME_S, time.monotonic() - 0.2)  # no burst after a stall
             await asyncio.sleep(max(0.0, next_t - time.monotonic()))
@@ -102,7 +102,18 @@ async def _stream(ready: dict[str, Any], c: dict[str, Any], end_at: float, ws_ur
         reader.cancel()
         for task in moving:
             task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
         await ws.close()
+
+
+async def _retire(old: Any, old_reader: asyncio.Task[None]) -> None:
+    """The old stream of a planned move: `stop`, its last answers, its close."""
+    try:
+        await old.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(old_reader, 5)
+    finally:
+        old_reader.cancel()
+        await old.close()
 
 
 async def _client(i: int, ws_url: str, tag: str, end_at: float) -> dict[str, Any]:
