@@ -48,6 +48,10 @@ __all__ = [
     "warm_buffer_slots",
 ]
 
+# A node is emptied only when, once empty, it could stop within this much more than its
+# idle grace and stop window (the moves' deadline and a few ticks).
+MOVE_SLACK_S = 60.0
+
 
 def warm_buffer_slots(streaming: int, arrival_rate_per_s: float, mean_session_s: float,
                       lead_s: float, z: float) -> int:
@@ -277,15 +281,17 @@ def decide(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
 
     plan = _plan(snapshot, now, cfg, buffer=warm_buffer_slots, may_stop=may_stop, pooled=True,
                  margin=cfg.stop_margin_slots, queue_lead=True, z_at=cfg.buffer_z_at)
-    return replace(plan, drain=consolidation(snapshot, cfg)) if cfg.consolidate else plan
+    return replace(plan, drain=consolidation(snapshot, cfg, now)) if cfg.consolidate else plan
 
 
-def consolidation(snapshot: Snapshot, cfg: ScalingConfig) -> tuple[str, ...]:
+def consolidation(snapshot: Snapshot, cfg: ScalingConfig, now: float) -> tuple[str, ...]:
     """Ready nodes to empty by moving their users onto the free slots of the other ready
     nodes of their pool (planned moves, make-before-break): the most expensive and least
     loaded first, while the rest of the pool has room for them beside its waiting users and
     the users already moving (on draining nodes of its live version). A free node (an own
-    machine) is never emptied: it is what the others' users should move to."""
+    machine) is never emptied: it is what the others' users should move to. Nor is a node
+    with much of a long billing increment paid and left (an hour-billed one early in its
+    hour): once empty it could not stop before its grace and the increment's end anyway."""
     waiting = {d.key: d.waiting for d in snapshot.demand}
     busy: dict[PoolKey, list[NodeSnap]] = {}
     moving: dict[PoolKey, int] = {}
@@ -304,6 +310,8 @@ def consolidation(snapshot: Snapshot, cfg: ScalingConfig) -> tuple[str, ...]:
             own_free = src.capacity - src.sessions   # its free slots leave with it
             if left < 2 or cfg.node_price(src) <= 0 or room - own_free < src.sessions:
                 continue
+            if cfg.paid_left_s(src, now) > cfg.idle_grace_s + cfg.stop_window_s + MOVE_SLACK_S:
+                continue   # it could not stop once empty: its users would move for nothing
             room -= own_free + src.sessions
             left -= 1
             out.append(src.id)

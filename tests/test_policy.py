@@ -376,3 +376,15 @@ def test_consolidation_counts_users_already_moving_and_stays_in_its_pool() -> No
     assert decide(snap(own, node("p", sessions=1)), NOW, CFG).drain == ("p",)
     pricey = node("x", provider="pricey", sessions=2)   # the dearest empties first
     assert decide(snap(a, pricey), NOW, CFG).drain == ("x",)
+
+
+@pytest.mark.parametrize(("age_s", "drained"), [
+    (600, ()),                # ten minutes into its paid hour: it could not stop once empty
+    (3450, ("a",)),           # 150 s before the hour ends: within grace, window and slack
+])
+def test_consolidation_empties_an_hour_billed_node_only_near_the_end_of_its_hour(
+        age_s: float, drained: tuple[str, ...]) -> None:
+    a = node("a", region="east", sessions=1, age_s=age_s)
+    b = node("b", region="east", sessions=2, age_s=100_000 + 3590)   # mid-hour, fuller
+    d = decide(snap(a, b, pools=(demand(key(region="east")),)), NOW, CFG)
+    assert d.drain == drained
