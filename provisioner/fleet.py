@@ -90,22 +90,21 @@ def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None
     by_id = {n.id: n for n in records}
     # No provider declares a spot offer to the policy yet (ScalingConfig.from_config), so
     # spot boots, if any, are ordinary ones here.
-    coming = False
     nowhere: set[PoolKey] = set()   # pools no region may boot for now: asked once a step
-    for key in (*decisions.boot, *decisions.spot):
-        if key in nowhere:
-            continue
-        if (node_id := request_node(state, cfg, key, now)) is not None:
-            provision(node_id)
-            coming = True
-        else:
+
+    def boot(key: PoolKey) -> bool:
+        node_id = None if key in nowhere else request_node(state, cfg, key, now)
+        if node_id is None:
             nowhere.add(key)
+            return False
+        provision(node_id)
+        return True
+
+    coming = False
+    for key in (*decisions.boot, *decisions.spot):
+        coming = boot(key) or coming
     for node_id, key in decisions.retarget:
-        if retarget(state, cfg, by_id[node_id], key, now):
-            coming = True
-        elif (node_id := request_node(state, cfg, key, now)) is not None:
-            provision(node_id)
-            coming = True
+        coming = retarget(state, cfg, by_id[node_id], key, now) or boot(key) or coming
     for node_id in decisions.drain:
         consolidate(state, cfg, by_id[node_id], now)
     if coming:   # waiting users see the coming node and its ETA now (not at the backstop)
