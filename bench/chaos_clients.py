@@ -84,10 +84,11 @@ async def _stream(ready: dict[str, Any], c: dict[str, Any], end_at: float, ws_ur
             await ws.send(frame)
             if moving and moving[0].done():
                 new = moving.pop().result()
-                if new["type"] == "ready":   # frames go on to the new stream at once
-                    retiring.append(asyncio.create_task(_retire(ws, reader)))
+                if new["type"] == "ready":   # the new stream first, then the old one stops
+                    old, old_reader = ws, reader
                     ws = await _open(new)
                     reader = asyncio.create_task(read(ws))
+                    retiring.append(asyncio.create_task(_retire(old, old_reader)))
                     c["moves"] += 1
             next_t = max(next_t + FRAME_S, time.monotonic() - 0.2)  # no burst after a stall
             await asyncio.sleep(max(0.0, next_t - time.monotonic()))

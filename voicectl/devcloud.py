@@ -183,7 +183,7 @@ class CapacityFault:
         action = (query.get("Action") or form.get("Action") or [""])[0]
         if self._should_refuse(action):
             answer(req, 500, {"Content-Type": "text/xml;charset=UTF-8"},
-                         _capacity_xml(f"fault-{self.refused}"))
+                   _capacity_xml(f"fault-{self.refused}"))
             return
         conn = http.client.HTTPConnection(self.upstream.hostname or "127.0.0.1",
                                           self.upstream.port, timeout=30)
