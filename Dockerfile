@@ -5,7 +5,8 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY . /tmp/src
 RUN pip install /tmp/src && rm -rf /tmp/src \
-    && useradd --system --create-home --home-dir /srv/voice voice
+    && useradd --system --create-home --home-dir /srv/voice voice \
+    && install -d -o voice -g voice -m 0700 /srv/voice/packages   # the packages volume
 USER voice
 WORKDIR /srv/voice
 EXPOSE 8000 5555

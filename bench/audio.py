@@ -150,8 +150,9 @@ def rtt_figures(seconds: float) -> dict[str, Any]:
     """Round trip of one 20 ms frame through a real node process on loopback (standalone:
     serving tickets signed with the key it is given, no control plane)."""
     port = procs.free_port()
-    node = procs.spawn([sys.executable, "-m", "worker_node", "--standalone", "--model", "miku",
-                        "--semitones", "4", "--ticket-key", SECRET, "--node-id", "bench-node",
+    node = procs.spawn([sys.executable, "-m", "worker_node", "--standalone",
+                        "--package", str(ROOT / "models" / "miku"), "--ticket-key", SECRET,
+                        "--node-id", "bench-node",
                         "--port", str(port), "--load-s", "0.2"],
                        log=ROOT / "var" / "logs" / "bench-audio-node.log")
     try:

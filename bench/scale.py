@@ -77,15 +77,16 @@ def enroll(state: State, cfg: Config, model: str, region: str) -> tuple[str, str
     """Record a node as the control plane does when it boots one; its join token
     (the same steps as tests/conftest.py Fleet.enroll)."""
     node_id = f"n-{uuid.uuid4().hex[:8]}"
-    m, r = cfg.model(model), cfg.region(region)
-    if m is None or r is None:
+    entry, r = state.model_entry(model), cfg.region(region)
+    if entry is None or r is None:
         raise RuntimeError(f"model {model!r} or region {region!r} is not in the config")
+    m = entry.versions[entry.live]
     provider = cfg.provider(r.provider)
     now = time.time()
     state.add_node({"id": node_id, "home": region, "region": region,
-                    "provider": provider.name, "model": m.name, "version": m.version,
-                    "semitones": m.semitones, "state": "booting", "requested_at": now,
-                    "deadline": now + 600, "capacity": cfg.node_capacity,
+                    "provider": provider.name, "model": m.model, "version": m.version,
+                    "digest": m.digest, "state": "booting", "requested_at": now,
+                    "deadline": now + 600, "capacity": m.streams_per_gpu,
                     "price_per_hour": provider.price_per_hour})
     return node_id, membership.join_token_for(state, cfg, node_id)
 

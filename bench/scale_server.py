@@ -21,6 +21,7 @@ from werkzeug.serving import make_server
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from billing.ledger import Ledger  # noqa: E402
 from common.config import load_config  # noqa: E402
+from provisioner import catalog
 from provisioner.state import State, connect  # noqa: E402
 from webapp.app import before_serving, create_app  # noqa: E402
 
@@ -35,7 +36,7 @@ def main() -> None:
     if not cfg.redis_url:
         sys.exit("bench/scale_server.py: set REDIS_URL (bench/scale.py starts a Redis and sets it)")
     state = State(connect(cfg.redis_url))
-    state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
+    catalog.seed(state, cfg)
     server = make_server("127.0.0.1", port,
                          create_app(cfg, state, ledger=Ledger.open(cfg.database_url)),
                          threaded=True)

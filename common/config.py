@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -17,12 +16,13 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
+from common.errors import ConfigError, PackageError
+from common.package import NAME_RE as NAME_RE
+from common.package import load_manifest
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = f"sqlite:///{ROOT / 'var' / 'billing.sqlite'}"
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 NODE_PORT = 8765   # a cloud node listens here (provider option node_port): open it to browsers
@@ -67,9 +67,13 @@ class Provider:
 
 @dataclass(frozen=True)
 class Model:
+    """A model the config ships: its package directory (model.toml and code), registered as
+    its first version when the control plane starts on an empty state."""
+
     name: str
-    version: str
-    semitones: float
+    package: Path
+    streams_per_gpu: int = 4
+    version: str = "1"
 
 
 # A node streaming (or owing usage) without a control plane keeps going this long, then
@@ -89,6 +93,8 @@ class Config:
     redis_url: str | None = None
     database_url: str = DEFAULT_DATABASE_URL
     model_load_s: float = 10.0
+    # Where model packages are kept, by digest: a directory, or s3://bucket/prefix?endpoint_url=
+    package_store: str = str(ROOT / "var" / "packages")
     crash_rate: float = 0.0
     ticket_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
     # Signs the page's uid cookies and user tokens (USER_TOKEN_SECRET); local: random.
@@ -101,7 +107,6 @@ class Config:
     deployed: bool = False          # started by a deployment entry point (see load_config)
     aws_access_key_id: str = field(default="", repr=False)
     aws_secret_access_key: str = field(default="", repr=False)
-    node_capacity: int = 4
     heartbeat_interval_s: float = 2.0
     ticket_ttl_s: float = 60.0
     latency_budget_ms: float = 60.0
@@ -137,6 +142,11 @@ class Config:
     def model(self, name: str) -> Model | None:
         """The configured model called `name`, or None."""
         return next((m for m in self.models if m.name == name), None)
+
+    def streams_per_gpu(self, model: str) -> int:
+        """Streams one node of a configured model serves (4 for one the config lacks)."""
+        m = self.model(model)
+        return m.streams_per_gpu if m else 4
 
     def region(self, name: str) -> Region | None:
         return next((r for r in self.regions if r.name == name), None)
@@ -204,12 +214,7 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
                max_nodes=int(r["max_nodes"]) if "max_nodes" in r else None)
         for r in doc.get("regions", [])
     )
-    models = tuple(
-        Model(name=str(_need(m, "name", f"{source} [[models]]")),
-              version=str(_need(m, "version", f"{source} model")),
-              semitones=float(m.get("semitones", 0.0)))
-        for m in doc.get("models", [])
-    )
+    models = tuple(_model(m, source) for m in doc.get("models", []))
     if not regions or not models:
         raise ConfigError(f"{source} needs at least one [[regions]] and one [[models]] entry")
     known = {p.name for p in providers}
@@ -238,6 +243,20 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
         raise ConfigError(f"anonymous_demand_scales = {flag!r} in {source} must be true or false")
     settings = {**settings, **_front_door(settings, source)}
     return Config(regions=regions, providers=providers, models=models, **settings)
+
+
+def _model(table: Mapping[str, Any], source: str) -> Model:
+    """A `[[models]]` entry: `package = "models/miku"` (relative to the project root)."""
+    raw = str(_need(table, "package", f"{source} [[models]]"))
+    if set(table) - {"package"}:
+        raise ConfigError(f"[[models]] {raw!r} in {source}: only `package` is read; a "
+                          "model's name and params live in its model.toml")
+    path = Path(raw) if Path(raw).is_absolute() else ROOT / raw
+    try:
+        manifest = load_manifest(path)
+    except PackageError as e:
+        raise ConfigError(f"[[models]] package {raw!r} in {source}: {e}") from None
+    return Model(manifest.name, path, manifest.streams_per_gpu)
 
 
 def _front_door(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -324,6 +343,8 @@ def load_config(environ: Mapping[str, str] | None = None, deployed: bool = False
     }
     if env.get("DATABASE_URL"):
         changes["database_url"] = env["DATABASE_URL"]
+    if env.get("VOICE_PACKAGE_STORE"):
+        changes["package_store"] = env["VOICE_PACKAGE_STORE"]
     if env.get("VOICE_PUBLIC_URL"):
         changes["public_url"] = env["VOICE_PUBLIC_URL"].rstrip("/")
     if env.get("VOICE_EC2_ENDPOINT"):   # dev and tests: every ec2 provider talks to moto

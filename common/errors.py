@@ -21,3 +21,8 @@ class IdentityError(VoiceError):
 class SchemaError(VoiceError):
     """The billing database is not at the schema revision this code needs (run
     `voicectl migrate`)."""
+
+
+class PackageError(VoiceError):
+    """A model package is malformed, fails its check, or does not match its digest; the
+    message names what is wrong (the package's own error, where it raised one)."""

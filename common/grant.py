@@ -15,7 +15,8 @@ class Grant:
     ticket_key: str          # verifies tickets for this node alone
     model: str
     version: str
-    semitones: float
+    digest: str              # the model package to fetch (GET /api/nodes/package/DIGEST)
+    capacity: int            # streams at once (the package's streams_per_gpu)
     region: str
     provider: str
     heartbeat_interval_s: float

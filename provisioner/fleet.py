@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from libcloud.compute.types import NodeState as LibcloudState
 
-from common.config import ORPHAN_SERVING_S, RECALL_MOVE_S, Config, Model, Region
-from provisioner import clouds, membership
-from provisioner.catalog import live_model, live_models
+from common.config import ORPHAN_SERVING_S, RECALL_MOVE_S, Config, Region
+from provisioner import catalog, clouds, membership
 from provisioner.errors import CapacityError
 from provisioner.inputs import policy_inputs
 from provisioner.placement import boot_regions, candidates_for
@@ -29,6 +28,7 @@ from provisioner.policy import (
 )
 from provisioner.state import NodeRecord, State, pool_id
 from provisioner.states import NodeState
+from provisioner.versions import Version, VersionState
 
 log = logging.getLogger("provisioner")
 
@@ -67,7 +67,7 @@ def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[Node
                       ready_at=n.ready_at, idle_since=state.touch_idle(n, now),
                       eta_ready=n.eta_ready)
              for n in records]
-    pools = [pool_id(m.name, m.version, r.name) for m in live_models(state, cfg)
+    pools = [pool_id(v.model, v.version, r.name) for v in catalog.serving(state)
              for r in cfg.regions]
     keys = {p: PoolKey(*p.split("|")) for p in pools}
     # anonymous users' waits count only where their demand scales (admit.lua, waiting.lua)
@@ -78,15 +78,18 @@ def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[Node
     return snap, records
 
 
-def scaling_config(cfg: Config) -> ScalingConfig:
-    return ScalingConfig.from_config(cfg)
+def scaling_config(cfg: Config, serving: list[Version] | None = None) -> ScalingConfig:
+    """The policy's knobs; a node of each serving version holds its streams_per_gpu."""
+    base = ScalingConfig.from_config(cfg)
+    return replace(base, capacity_by_model={**base.capacity_by_model, **{
+        v.model: v.streams_per_gpu for v in serving or ()}})
 
 
 def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None],
           on_end: NodeEndHook) -> Decisions:
     """One autoscaler step: snapshot -> policy -> boot, retarget, stop."""
     snap, records = snapshot(state, cfg, now)
-    decisions = decide(snap, now, scaling_config(cfg))
+    decisions = decide(snap, now, scaling_config(cfg, catalog.serving(state)))
     by_id = {n.id: n for n in records}
     # No provider declares a spot offer to the policy yet (ScalingConfig.from_config), so
     # spot boots, if any, are ordinary ones here.
@@ -140,13 +143,14 @@ def request_node(state: State, cfg: Config, key: PoolKey, now: float) -> str | N
         log.warning("no region may boot %s for %s now (down or out of capacity)",
                     key.model, key.region)
         return None
-    model = live_model(state, cfg, key.model)
-    semitones = model.semitones if model and model.version == key.version else 0.0
+    version = catalog.version(state, key.model, key.version)
+    if version is None:
+        return None
     node_id = f"n-{uuid.uuid4().hex[:10]}"
     state.add_node({"id": node_id, "home": key.region, "model": key.model,
-                    "version": key.version, "semitones": semitones,
+                    "version": key.version, "digest": version.digest,
                     "state": NodeState.REQUESTED.value, "requested_at": now,
-                    "capacity": cfg.node_capacity, **_placed(cfg, where[0], now)})
+                    "capacity": version.streams_per_gpu, **_placed(cfg, where[0], now)})
     return node_id
 
 
@@ -202,10 +206,9 @@ def poll(state: State, cfg: Config, node_id: str, now: float, on_end: NodeEndHoo
     if rec is None:
         return "gone"
     if rec.state.serving:
-        model = Model(rec.model, rec.version, rec.semitones)
         records = state.nodes()
         state.assign(pool_id(rec.model, rec.version, rec.home),
-                     candidates_for(cfg, model, rec.home, records, now), now,
+                     candidates_for(cfg, rec.model, rec.version, rec.home, records, now), now,
                      cfg.ticket_ttl_s, cfg.heartbeat_timeout_s)
         state.wake_lobbies()
         return "ready"
@@ -237,12 +240,13 @@ def silence_is_death(state: State, cfg: Config, now: float) -> bool:
 
 def retarget(state: State, cfg: Config, rec: NodeRecord, key: PoolKey, now: float) -> bool:
     """Reload an idle node with another model instead of booting a VM (same region)."""
-    model = live_model(state, cfg, key.model)
-    if model is None or model.version != key.version or not state.retire(rec.id, now):
+    v = catalog.version(state, key.model, key.version)
+    if v is None or not state.retire(rec.id, now):
         return False
-    state.set_node(rec.id, retarget=f"{model.name}:{model.version}:{model.semitones:g}",
-                   model=model.name, version=model.version, state=NodeState.LOADING.value,
-                   progress=0.0, eta_ready=now + cfg.model_load_s, semitones=model.semitones)
+    state.set_node(rec.id, retarget=f"{v.model}:{v.version}:{v.digest}:{v.streams_per_gpu}",
+                   model=v.model, version=v.version, state=NodeState.LOADING.value,
+                   progress=0.0, eta_ready=now + cfg.model_load_s, digest=v.digest,
+                   capacity=v.streams_per_gpu, seen_started=0, seen_failed=0)
     membership.wake(cfg, rec)
     return True
 
@@ -382,17 +386,20 @@ def sweep(state: State, cfg: Config) -> list[str]:
 
 
 def drain_old_versions(state: State, cfg: Config, now: float) -> None:
-    """Every node of a version that is no longer live gets its model's drain deadline; a
-    node whose version is live again (a rollback) stops draining."""
-    live = {m.name: m for m in state.models()}
+    """Every node of a version new sessions no longer go to drains until that version's
+    deadline (a failed version's is now: its users move at once); a node whose version
+    serves again (a rollback, a redeploy) stops draining."""
+    entries = state.model_entries()
     for rec in state.nodes():
-        m = live.get(rec.model)
-        if m is not None and rec.version == m.version and rec.drain_deadline is not None:
-            if not rec.consolidating:
+        entry = entries.get(rec.model)
+        if entry is None:
+            continue
+        if entry.state(rec.version, now) in (VersionState.LIVE, VersionState.CANARY):
+            if rec.drain_deadline is not None and not rec.consolidating:
                 state.undrain(rec.id)
             continue
-        if m is None or rec.version == m.version or rec.drain_deadline is not None:
-            continue
-        deadline = next((float(d["deadline"]) for d in m.draining
-                         if str(d["version"]) == rec.version), now + cfg.drain_limit_s)
-        state.drain(rec.id, deadline)
+        v = entry.versions.get(rec.version)
+        deadline = v.deadline if v is not None and v.deadline is not None else (
+            now + cfg.drain_limit_s)
+        if rec.drain_deadline is None or rec.drain_deadline > deadline + 1.0:
+            state.drain(rec.id, deadline)

@@ -19,6 +19,7 @@ import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import replace
+from importlib import metadata
 from typing import Any
 
 import requests
@@ -27,7 +28,9 @@ from common.config import NAME_RE, NODE_PORT, RECALL_MOVE_S, Config, Provider
 from common.grant import Grant
 from common.jsonobj import json_object
 from common.tickets import node_key, sign_control
+from provisioner import catalog
 from provisioner.errors import BadReport, JoinError
+from provisioner.packages import PackageStore
 from provisioner.placement import home_region
 from provisioner.state import Beat, NodeRecord, Orders, State
 from provisioner.states import NodeState
@@ -55,11 +58,23 @@ def user_data(cfg: Config, provider: Provider, token: str, note: str = "") -> st
         f"# voice changer node{': ' + note if note else ''}",
         "set -e",
         "if ! command -v voicectl >/dev/null 2>&1; then",
-        f"  python3 -m pip install --quiet '{cfg.node_package}'",
+        f"  python3 -m pip install --quiet '{pinned(cfg.node_package)}'",
         "fi",
         f"exec voicectl node --join {cfg.public_url} --token {token}{where}",
         "",
     ])
+
+
+def pinned(package: str) -> str:
+    """The node installs the control plane's own version of the project (its protocol and
+    package loader), not whatever is newest; a requirement that names a version, a URL or
+    a path is taken as it is."""
+    if any(c in package for c in "=<>@/~ "):
+        return package
+    try:
+        return f"{package}=={metadata.version('voicechanger')}"
+    except metadata.PackageNotFoundError:   # running from a source tree: unpinned
+        return package
 
 
 def join_token_for(state: State, cfg: Config, node_id: str) -> str:
@@ -82,8 +97,8 @@ def byo_token(state: State, cfg: Config, region: str, model: str | None, ttl_s: 
                         f"machine provider (driver = \"byo\"); byo regions: {byo or 'none'}; "
                         "add one to the config")
     name = model or cfg.models[0].name
-    if cfg.model(name) is None and state.model(name) is None:
-        raise JoinError(f"unknown model {name!r}; known: {[m.name for m in cfg.models]}")
+    if state.model_entry(name) is None:
+        raise JoinError(f"unknown model {name!r}; known: {sorted(state.model_entries())}")
     return state.mint_join({"byo": region, "model": name}, ttl_s)
 
 
@@ -108,15 +123,16 @@ def join(state: State, cfg: Config, token: str, url: str, now: float) -> Grant:
         region = cfg.region(grant["byo"])
         assert region is not None, "byo_token checked the region"
         provider = cfg.provider(region.provider)
-        model = state.model(grant["model"])
-        version, semitones = (model.version, model.semitones) if model else (
-            cfg.models[0].version, cfg.models[0].semitones)
+        v = catalog.for_session(state, grant["model"])
+        if v is None:
+            raise JoinError(f"model {grant['model']!r} is no longer served; ask for a new "
+                            "token (voicectl byo-token --region R --model M)")
         home = home_region(cfg, region.lat, region.lon).name
         fields = {"id": node_id, "provider": provider.name, "region": region.name,
-                  "home": home, "model": grant["model"], "version": version,
-                  "semitones": semitones, "state": NodeState.LOADING.value,
+                  "home": home, "model": v.model, "version": v.version,
+                  "digest": v.digest, "state": NodeState.LOADING.value,
                   "requested_at": now, "started_at": now, "deadline": now + 3600,
-                  "capacity": cfg.node_capacity, "price_per_hour": provider.price_per_hour,
+                  "capacity": v.streams_per_gpu, "price_per_hour": provider.price_per_hour,
                   "url": url, "last_seen": now}
     credential = state.enroll(node_id, fields)
     rec = state.node(node_id)
@@ -124,7 +140,7 @@ def join(state: State, cfg: Config, token: str, url: str, now: float) -> Grant:
     log.info("node %s joined from %s (%s v%s in %s)", node_id, url, rec.model, rec.version,
              rec.region)
     return Grant(node_id, credential, node_key(cfg.ticket_secret, node_id), rec.model,
-                 rec.version, rec.semitones, rec.region, rec.provider,
+                 rec.version, rec.digest, rec.capacity, rec.region, rec.provider,
                  cfg.heartbeat_interval_s, cfg.model_load_s, cfg.crash_rate)
 
 
@@ -171,12 +187,17 @@ def parse_beat(body: Mapping[str, Any]) -> Beat:
     ended = [(_name(user, "user"), _name(session, "session")) for user, session in closed]
     eta = body.get("eta_ready_s")
     ready_at = body.get("ready_at")
+    counts = body.get("counts") or {}
+    if not isinstance(counts, dict):
+        raise BadReport("counts must be an object {\"started\": N, \"failed\": M}")
     return Beat(state=str(st),
                 progress=min(1.0, max(0.0, _float(body.get("progress") or 0, "progress"))),
                 eta_ready=None if eta is None else _float(eta, "eta_ready_s"),
                 ready_at=_float(ready_at, "ready_at") if ready_at else None,
                 serving=str(body.get("serving") or "")[:200], streams=live, usage=counters,
-                closed=ended)
+                closed=ended, started=max(0, _int(counts.get("started", 0), "started")),
+                failed=max(0, _int(counts.get("failed", 0), "failed")),
+                load_error=str(body.get("load_error") or "")[:500])
 
 
 def _rows(body: Mapping[str, Any], key: str, width: int, most: int,
@@ -240,6 +261,7 @@ def heartbeats(state: State, cfg: Config, reports: list[tuple[str, str, Mapping[
     recorded = state.beats([(n, c, b) for _, n, c, b in good], now,
                            cfg.heartbeat_timeout_s) if good else []
     wake = False
+    failing: set[str] = set()
     for (i, node_id, _, beat), orders in zip(good, recorded, strict=True):
         if orders is True:
             out[i] = JoinError(f"node {node_id}'s credential was revoked; rejoin with a new "
@@ -249,8 +271,17 @@ def heartbeats(state: State, cfg: Config, reports: list[tuple[str, str, Mapping[
                                "time, or stopped); this node should shut down")
         else:
             out[i] = orders
-            wake = wake or bool(beat.closed) or (beat.state == NodeState.READY.value
-                                                 and orders.was != beat.state)
+            loaded = beat.state == NodeState.READY.value and orders.was != beat.state
+            wake = wake or bool(beat.closed) or loaded
+            load_failed = beat.state == NodeState.DEAD.value and orders.was != beat.state
+            if (beat.started or loaded or load_failed) and state.report_health(
+                    node_id, beat.serving, beat.started, beat.failed, loaded, load_failed):
+                failing.add(beat.serving.partition(":")[0])   # judged now, not next tick
+            if load_failed:
+                log.warning("node %s could not load %s: %s", node_id, beat.serving,
+                            beat.load_error or "no reason given")
+    if failing:
+        catalog.roll_back_failures(state, cfg, now, only=failing)
     if wake:
         state.wake_lobbies()   # room appeared: waiting lobbies look now, not at the backstop
     return out
@@ -259,6 +290,16 @@ def heartbeats(state: State, cfg: Config, reports: list[tuple[str, str, Mapping[
 def orders_json(orders: Orders) -> dict[str, Any]:
     return {"drain_deadline": orders.drain_deadline, "retarget": orders.retarget,
             "lost": list(orders.lost)}
+
+
+def package_for(state: State, store: PackageStore, node_id: str, digest: str) -> bytes:
+    """The package a node was given, by digest; never another one (JoinError)."""
+    rec = state.node(node_id)
+    if rec is None or rec.digest != digest:
+        serves = f"{rec.model} v{rec.version} ({rec.digest})" if rec else "nothing"
+        raise JoinError(f"node {node_id} serves {serves}; it may fetch only that package, "
+                        f"not {digest[:80]!r}")
+    return store.get(digest)
 
 
 def bill_row(rec: NodeRecord) -> dict[str, object]:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from common.config import Config, Model, Region
+from common.config import Config, Region
 from provisioner.states import NodeState
 
 EARTH_RADIUS_KM = 6371.0
@@ -114,13 +114,13 @@ class Record(Protocol):
     def view(self) -> NodeView: ...
 
 
-def candidates_for(cfg: Config, model: Model, home: str, records: Sequence[Record],
-                   now: float) -> list[str]:
+def candidates_for(cfg: Config, model: str, version: str, home: str,
+                   records: Sequence[Record], now: float) -> list[str]:
     """Nodes that may serve the queue of (model, home): alive, not retired nor reported
     lost, in placement's order (see placement.candidates)."""
     usable = [n.view() for n in records
-              if n.model == model.name and n.placeable(now, cfg.heartbeat_timeout_s)]
-    return candidates(cfg, model.name, model.version, home, usable)
+              if n.model == model and n.placeable(now, cfg.heartbeat_timeout_s)]
+    return candidates(cfg, model, version, home, usable)
 
 
 def home_region(cfg: Config, lat: float, lon: float, only: str | None = None,

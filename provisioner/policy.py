@@ -203,7 +203,7 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
                 if pool.count > hi or (pool.count > lo and pool.soon - node.capacity >= keep_slots):
                     spare.setdefault(region, []).append(node)
                     pool.keep(node.capacity, -1)
-            short = math.ceil(max(0, want[ident] - pool.soon) / cfg.capacity)
+            short = math.ceil(max(0, want[ident] - pool.soon) / cfg.capacity_of(key.model))
             missing[ident] = max(0, min(max(short, lo - pool.count), hi - pool.count))
 
         region_spare = spare.get(region, [])
@@ -213,14 +213,14 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
             while reload_faster and missing[ident] and region_spare:
                 node = region_spare.pop(0)
                 moves.append((node.id, key))
-                pool.keep(node.capacity)
+                pool.keep(cfg.capacity_of(key.model))
                 missing[ident] -= 1
             # Boot only for what the nodes already coming will not cover.
-            short = math.ceil(max(0, want[ident] - pool.slots) / cfg.capacity)
+            short = math.ceil(max(0, want[ident] - pool.slots) / cfg.capacity_of(key.model))
             floor = cfg.min_nodes(key.model) - pool.count if pool.demand else 0
             more = max(0, min(max(short, floor), cfg.max_nodes(key.model) - pool.count))
             boot.extend([key] * more)
-            pool.keep(cfg.capacity, more, soon=False)
+            pool.keep(cfg.capacity_of(key.model), more, soon=False)
         if not pooled:
             continue
 
@@ -241,8 +241,8 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
                 break
             pool = max(room, key=lambda p: (p.buffer(buffer, lead, z) - p.free, p.key.model))
             (spot if cfg.spot_offered(region) else boot).append(pool.key)
-            pool.keep(cfg.capacity, soon=False)
-            need -= cfg.capacity
+            pool.keep(cfg.capacity_of(pool.key.model), soon=False)
+            need -= cfg.capacity_of(pool.key.model)
 
     stop = [n.id for region in spare for n in spare[region] if may_stop(n)]
     return Decisions(boot=tuple(boot), stop=tuple(sorted(stop)), retarget=tuple(moves),

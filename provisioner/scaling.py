@@ -84,7 +84,8 @@ class Snapshot:
 class ScalingConfig:
     """Knobs of the policy and its baselines; `from_config` builds it from the app config."""
 
-    capacity: int = 4
+    capacity: int = 4                  # streams per node of a model not in capacity_by_model
+    capacity_by_model: Mapping[str, int] = field(default_factory=dict)   # streams_per_gpu
     load_s: float = 10.0
     boot_s_by_provider: Mapping[str, float] = field(default_factory=dict)
     billing_increment_s_by_provider: Mapping[str, float] = field(default_factory=dict)
@@ -127,7 +128,7 @@ class ScalingConfig:
     def from_config(cls, config: Config, **overrides: Any) -> ScalingConfig:
         """The scaling knobs implied by the app config; keyword overrides win."""
         base = cls(
-            capacity=config.node_capacity,
+            capacity_by_model={m.name: m.streams_per_gpu for m in config.models},
             load_s=config.model_load_s,
             boot_s_by_provider={p.name: p.boot_s for p in config.providers},
             billing_increment_s_by_provider={p.name: float(p.billing_increment_s)
@@ -138,6 +139,10 @@ class ScalingConfig:
             fast_tau_s=fast_tau_s(config.arrival_tau_s),
         )
         return replace(base, **overrides)
+
+    def capacity_of(self, model: str) -> int:
+        """Streams one node of `model` serves (its package's streams_per_gpu)."""
+        return self.capacity_by_model.get(model, self.capacity)
 
     def boot_s(self, provider: str) -> float:
         return self.boot_s_by_provider.get(provider, self.default_boot_s)

@@ -279,9 +279,11 @@ class Sim:
         self.evaluate(now)
         self.push(now + self.tick_s, _TICK, str(k + 1))
         if 0 <= now <= self.until and (k * self.tick_s) % SAMPLE_S == 0:
-            packed = sum(math.ceil(v / self.config.node_capacity) for v in self.streaming.values())
+            cap = self.config.streams_per_gpu
+            packed = sum(math.ceil(v / cap(k.model)) * cap(k.model)
+                         for k, v in self.streaming.items())
             self.result.samples.append((now, self.total_streaming + self.waiting, self.waiting,
-                                        self.ready_slots, packed * self.config.node_capacity))
+                                        self.ready_slots, packed))
 
     def evaluate(self, now: float) -> None:
         waiting = {key: len(q) for key, q in self.queues.items() if q}
@@ -357,7 +359,8 @@ class Sim:
         self.next_id += 1
         self.snaps = None
         node = _Node(self, f"n{self.next_id:05d}", key, region.name, provider.name,
-                     self.config.node_capacity, NodeState.BOOTING, now, now + lead_s, spot)
+                     self.config.streams_per_gpu(key.model), NodeState.BOOTING, now,
+                     now + lead_s, spot)
         self.nodes[node.id] = node
         self.placed.setdefault(self.place(node), {})[node.id] = node
         self.result.boots += 1

@@ -35,7 +35,7 @@ def perfect_packing(sessions: Sequence[Session], homes: Sequence[str], config: C
         edges.sort()
         t = np.array([e[0] for e in edges])
         n = np.cumsum([e[1] for e in edges])
-        nodes = np.ceil(n[:-1] / config.node_capacity)
+        nodes = np.ceil(n[:-1] / config.streams_per_gpu(key.model))
         seconds[key] = float(np.sum(nodes * np.diff(np.clip(t, 0.0, until_s))))
         peaks[key] = int(n.max())
     return seconds, peaks

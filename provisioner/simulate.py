@@ -129,7 +129,7 @@ def run_all(sessions: Sequence[Session], config: Config, *, until_s: float | Non
         scaling, interrupts = spot_scaling(config, scaling)
     routes_ = routes(sessions, config)
     _, peaks = perfect_packing(sessions, [r.home for r in routes_], config, math.inf)
-    peak_nodes = {k: math.ceil(v / config.node_capacity) for k, v in peaks.items()}
+    peak_nodes = {k: math.ceil(v / config.streams_per_gpu(k.model)) for k, v in peaks.items()}
     runs: list[tuple[str, Policy, float, bool, Mapping[PoolKey, int]]] = [
         *((name, p, tick, eager, {}) for name, (p, tick, eager) in POLICIES.items()),
         ("static_peak", static_fleet(peak_nodes), STATIC_TICK_S, False, peak_nodes),

@@ -21,7 +21,7 @@ from celery import Celery, shared_task
 
 from billing.ledger import Ledger
 from common.config import Config
-from provisioner import clouds, fleet, membership
+from provisioner import catalog, clouds, fleet, membership
 from provisioner.inputs import TICK_S
 from provisioner.state import State, connect
 
@@ -147,6 +147,8 @@ def _scale(task: Any, reap: bool = False) -> bool:
         if not held:
             return False
         if reap:
+            _step("rolling back failed versions",
+                  lambda: catalog.roll_back_failures(rt.state, rt.cfg, time.time()))
             _step("draining old versions",
                   lambda: fleet.drain_old_versions(rt.state, rt.cfg, time.time()))
             _step("reaping", lambda: fleet.reap(rt.state, rt.cfg, time.time(), rt.on_end))

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -24,8 +27,10 @@ from werkzeug.serving import make_server
 
 from billing.ledger import Ledger
 from common.config import Config, load_config
-from provisioner import membership
+from common.package import pack
+from provisioner import catalog, membership, versions
 from provisioner.state import State, connect
+from provisioner.versions import Version
 from voicectl import procs
 from webapp.app import create_app
 from webapp.beat_hub import stamp_beat_path
@@ -165,16 +170,17 @@ class Fleet:
                node_id: str | None = None) -> tuple[str, str]:
         """Record a node as the control plane does when it boots one; its join token."""
         node_id = node_id or f"n-{uuid.uuid4().hex[:8]}"
-        m = self.cfg.model(model)
-        assert m is not None, model
+        entry = self.state.model_entry(model)
+        assert entry is not None, model
+        m = entry.versions[entry.live]
         r = self.cfg.region(region)
         assert r is not None, region
         provider = self.cfg.provider(r.provider)
         now = time.time()
         self.state.add_node({"id": node_id, "home": region, "region": region,
-                             "provider": provider.name, "model": m.name, "version": m.version,
-                             "semitones": m.semitones, "state": "booting", "requested_at": now,
-                             "deadline": now + 120, "capacity": self.cfg.node_capacity,
+                             "provider": provider.name, "model": m.model, "version": m.version,
+                             "digest": m.digest, "state": "booting", "requested_at": now,
+                             "deadline": now + 120, "capacity": m.streams_per_gpu,
                              "price_per_hour": provider.price_per_hour})
         return node_id, membership.join_token_for(self.state, self.cfg, node_id)
 
@@ -266,6 +272,36 @@ class ControlPlane(Webapp):
         return [n for n in self.state.nodes() if model in (None, n.model)]
 
 
+def push_version(state: State, cfg: Config, model: str, drain_s: float = 600.0,
+                 canary: int | None = None, package: Path | None = None,
+                 **params: Any) -> Version:
+    """The next version of a configured model: its package with `params` changed (a new
+    digest either way), stored and registered as `voicectl models push` does, without the
+    check's child process (tests/test_models.py pushes through the real command)."""
+    base = package or cfg.model(model).package   # type: ignore[union-attr]
+    tmp = Path(tempfile.mkdtemp(prefix="pkg-"))
+    shutil.copytree(base, tmp / "p", ignore=shutil.ignore_patterns("__pycache__"))
+    toml = (tmp / "p" / "model.toml").read_text()
+    for k, v in params.items():   # [params] is the last table of the shipped packages
+        line = f"{k} = {json.dumps(v)}"
+        toml, n = re.subn(rf"^{k} = .*$", line, toml, flags=re.M)
+        toml += "" if n else line + "\n"
+    (tmp / "p" / "model.toml").write_text(toml.replace('description = "', f'description = "'
+                                                         f'{uuid.uuid4().hex[:6]} ', 1))
+    manifest, data, digest = pack(tmp / "p")
+    catalog.store(cfg).put(digest, data)
+    out: list[Version] = []
+
+    def change(e: Any) -> Any:
+        entry, v = versions.push(e, manifest.name, digest, manifest.streams_per_gpu,
+                                 manifest.description, time.time(), drain_s, canary)
+        out.append(v)
+        return entry
+    state.change_model(manifest.name, change)
+    state.wake_lobbies()
+    return out[-1]
+
+
 def control_plane_config(redis_url: str, VOICE_CONFIG: str = "",  # noqa: N803
                          **overrides: Any) -> Config:
     """Fast clocks for tests: short load, boot, grace and ticket life."""
@@ -290,7 +326,7 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
     cfg = cfg.with_overrides(public_url=f"http://127.0.0.1:{port}")   # where nodes join
     app = make_celery(cfg)
     state = State(connect(cfg.redis_url or ""))
-    state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
+    catalog.seed(state, cfg)
     stop = threading.Event()
 
     def beat() -> None:

@@ -51,7 +51,7 @@ class Recording:
 def serve_node(make_processor: Callable[[int], Processor],
                closed: list[Stream] | None = None) -> tuple[str, AudioLoop, object]:
     node = NodeRuntime(id="n-loop", model="miku", version="1", region="us-west",
-                       provider="local", semitones=4.0, capacity=8, load_s=0.0,
+                       provider="local", digest="", capacity=8, load_s=0.0,
                        state=NodeState.READY)
     app = create_app(node, SECRET, make_processor=make_processor,
                      on_close=lambda s, current: (closed if closed is not None else []).append(s))

@@ -54,9 +54,7 @@ lat = 37.7
 lon = -122.3
 
 [[models]]
-name = "miku"
-version = "1"
-semitones = 4
+package = "models/miku"
 """
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Fleet, Webapp, closed_code, lobby, start_stream, wait_for
+from conftest import Fleet, Webapp, closed_code, lobby, push_version, start_stream, wait_for
 from simple_websocket import Client
 from test_outage import stream_audio
 
@@ -57,19 +57,17 @@ def test_nodes_models_deploy(webapp: Webapp, fleet: Fleet) -> None:
     assert [n["id"] for n in nodes["nodes"]] == [node_id]
     assert node_id in run("nodes", "--url", webapp.base_url).stdout
     env = {"REDIS_URL": webapp.config.redis_url or ""}
-    webapp.state.seed_models([("miku", "1", 4.0)])
-    out = json.loads(run("deploy", "miku", "--version", "2", "--json", env=env).stdout)
-    assert out["version"] == "2" and out["semitones"] == 4.0
-    assert out["draining"][0]["version"] == "1"
+    push_version(webapp.state, webapp.config, "miku", semitones=5)   # v2 live, v1 drains
+    out = json.loads(run("deploy", "miku", "--version", "1", "--json", env=env).stdout)
+    assert out["live"] == "1" and out["canary"] == ""   # v1 again; v2 drains
     models = json.loads(run("models", "--json", "--url", webapp.base_url).stdout)
     assert {(m["name"], m["version"], m["state"]) for m in models} >= {
-        ("miku", "2", "live"), ("miku", "1", "draining")}
+        ("miku", "1", "live"), ("miku", "2", "draining")}
+    assert all(len(m["digest"]) == 64 and m["streams_per_gpu"] == 4 for m in models)
     new = run("deploy", "miku-dev", "--version", "1", env=env)
-    assert new.returncode == 2 and "--semitones" in new.stderr
-    assert run("deploy", "miku-dev", "--version", "1", "--semitones", "3",
-               env=env).returncode == 0
-    bad = run("deploy", "mi|ku", "--version", "1", "--semitones", "1", env=env)
-    assert bad.returncode == 2 and "must be 1-64" in bad.stderr
+    assert new.returncode == 2 and "unknown model 'miku-dev'" in new.stderr
+    bad = run("deploy", "miku", "--version", "9", env=env)
+    assert bad.returncode == 2 and "no version '9'" in bad.stderr
     missing = run("nodes", "--url", "http://127.0.0.1:9")
     assert missing.returncode == 2 and "voicectl run" in missing.stderr
 

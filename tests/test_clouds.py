@@ -57,14 +57,10 @@ lat = 45.6
 lon = -121.2
 
 [[models]]
-name = "miku"
-version = "1"
-semitones = 4
+package = "models/miku"
 
 [[models]]
-name = "teto"
-version = "1"
-semitones = 7
+package = "models/teto"
 """
 
 

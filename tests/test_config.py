@@ -15,7 +15,7 @@ from common.tickets import Ticket, sign, verify
 def test_defaults_and_environment_knobs() -> None:
     cfg = load_config({})
     assert cfg.model_load_s == 10.0 and cfg.crash_rate == 0.0 and cfg.redis_url is None
-    assert cfg.database_url.startswith("sqlite:///") and cfg.node_capacity == 4
+    assert cfg.database_url.startswith("sqlite:///") and cfg.streams_per_gpu("miku") == 4
     assert {m.name for m in cfg.models} >= {"miku", "teto"}
     assert cfg.provider("local").price_per_hour == Decimal("1.10")
     cfg = load_config({"MODEL_LOAD_SECONDS": "0.5", "CRASH_RATE": "0.1",
@@ -35,13 +35,17 @@ def test_bad_knobs_name_the_value(env: dict[str, str], needle: str) -> None:
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("[[regions]]\nname='r'\nprovider='nope'\nlat=0\nlon=0\n[[models]]\nname='m'\nversion='1'\n",
+    ("[[regions]]\nname='r'\nprovider='nope'\nlat=0\nlon=0\n[[models]]\npackage='models/miku'\n",
      "provider 'nope'"),
-    ("[providers.local]\nprice_per_hour='1'\n[[models]]\nname='m'\nversion='1'\n",
+    ("[providers.local]\nprice_per_hour='1'\n[[models]]\npackage='models/miku'\n",
      "at least one"),
     ("not toml [", "not valid TOML"),
+    ("[[regions]]\nname='r'\nprovider='local'\nlat=0\nlon=0\n[providers.local]\n"
+     "price_per_hour='1'\n[[models]]\nname='m'\nsemitones=4\n", "has no 'package'"),
+    ("[[regions]]\nname='r'\nprovider='local'\nlat=0\nlon=0\n[providers.local]\n"
+     "price_per_hour='1'\n[[models]]\npackage='models/nope'\n", "has no model.toml"),
     ("[settings]\nbogus=1\n[providers.local]\nprice_per_hour='1'\n[[regions]]\nname='r'\n"
-     "provider='local'\nlat=0\nlon=0\n[[models]]\nname='m'\nversion='1'\n", "bogus"),
+     "provider='local'\nlat=0\nlon=0\n[[models]]\npackage='models/miku'\n", "bogus"),
 ])
 def test_bad_config_files(tmp_path: Path, text: str, needle: str) -> None:
     path = tmp_path / "c.toml"

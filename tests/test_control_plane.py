@@ -12,6 +12,7 @@ from conftest import (
     closed_code,
     control_plane_config,
     lobby,
+    push_version,
     running_control_plane,
     start_stream,
 )
@@ -70,13 +71,12 @@ def test_slot_freed_after_the_lobbys_cached_view_is_still_found(state: State,
                     heartbeat_timeout_s=6)
     fake_node(state, "roomy")
     stale = state.nodes()                        # "full" shows 4 of 4
-    miku = cfg.model("miku")
-    assert miku is not None
-    assert candidates_for(cfg, miku, "us-west", stale, time.time()) == ["roomy", "full"]
+    assert candidates_for(cfg, "miku", "1", "us-west", stale, time.time()) == ["roomy", "full"]
     state.forget_node("roomy")
     state.release_slot("full", "s0")             # a stream ended after the view was read
     got = state.admit("late", "s-late", "miku", "1", "us-west", time.time(),
-                      candidates_for(cfg, miku, "us-west", stale, time.time()), lock_ttl_s=60,
+                      candidates_for(cfg, "miku", "1", "us-west", stale, time.time()),
+                      lock_ttl_s=60,
                       takeover=False, resume=False, tau_s=600, hold_s=60,
                       heartbeat_timeout_s=6)
     assert isinstance(got, Admitted) and got.node == "full"
@@ -164,7 +164,7 @@ def test_deploy_drains_old_version_without_cutting_streams(control_plane: Contro
     cp = control_plane
     old = lobby(cp.ws_url, "user=d1&model=miku&region=us-west")[-1]
     ws = start_stream(old)
-    cp.state.deploy("miku", "2", 5.0, time.time() + 600)
+    push_version(cp.state, cp.config, "miku", semitones=5)
     cp.wait(lambda: (n := cp.state.node(old["node_id"])) and n.state is NodeState.DRAINING,
             10, "old node not draining")
     new = lobby(cp.ws_url, "user=d2&model=miku&region=us-west")[-1]
@@ -181,7 +181,7 @@ def test_drain_deadline_moves_users_to_new_version(control_plane: ControlPlane) 
     cp = control_plane
     old = lobby(cp.ws_url, "user=e1&model=teto&region=us-west")[-1]
     ws = start_stream(old)
-    cp.state.deploy("teto", "2", 7.0, time.time() + 1.0)
+    push_version(cp.state, cp.config, "teto", drain_s=1.0)
     code, reason = closed_code(ws, timeout_s=15)
     assert code == 4503 and "resume" in reason
     again = lobby(cp.ws_url, f"user=e1&model=teto&region=us-west&resume={old['session_id']}")

@@ -206,6 +206,6 @@ def test_the_package_carries_migrations_scripts_and_configs(tmp_path: Path) -> N
     names = set(zipfile.ZipFile(next(tmp_path.glob("voicechanger-*.whl"))).namelist())
     for path in ("billing/migrations/env.py", "billing/migrations/versions/0001_initial.py",
                  "common/deploy.toml", "common/default.toml", "webapp/wsgi.py",
-                 "webapp/static/index.html"):
+                 "webapp/static/index.html", "models/miku/model.toml", "models/robot/robot.py"):
         assert path in names, path
     assert any(n.startswith("provisioner/state/scripts/") and n.endswith(".lua") for n in names)

@@ -243,7 +243,7 @@ def app_client(redis_server: str) -> Iterator[tuple[FlaskClient, str]]:
     state = State(connect(redis_server))
     node_id = "n-fuzz"
     state.add_node({"id": node_id, "home": "us-west", "region": "us-west", "provider": "local",
-                    "model": "miku", "version": "1", "semitones": 4, "state": "booting",
+                    "model": "miku", "version": "1", "digest": "", "state": "booting",
                     "requested_at": time.time(), "deadline": time.time() + 600,
                     "capacity": 4, "price_per_hour": "1.10"})
     token = membership.join_token_for(state, cfg, node_id)

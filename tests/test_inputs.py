@@ -8,7 +8,7 @@ import math
 import pytest
 
 from common.config import Config
-from provisioner import fleet
+from provisioner import catalog, fleet
 from provisioner.inputs import ASSUMED_SESSION_S, Arrivals, policy_inputs
 from provisioner.policy import FAST_TAU_SHARE, NodeSnap, PoolKey
 from provisioner.state import State, pool_id
@@ -53,6 +53,7 @@ def test_arrive_script_keeps_both_averages_as_python_counts_them(state: State) -
 
 def test_fleet_snapshot_is_policy_inputs_of_the_live_state(state: State, cfg: Config) -> None:
     now = 1000.0
+    catalog.seed(state, cfg)   # the config's models: their pools are the live ones
     for node_id in ("n-a", "n-b"):
         state.add_node({"id": node_id, "home": "us-west", "model": "miku", "version": "1",
                         "state": NodeState.REQUESTED.value, "requested_at": now,

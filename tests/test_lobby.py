@@ -114,8 +114,10 @@ def test_packs_most_loaded_first_then_queues(webapp: Webapp, fleet: Fleet) -> No
 def test_api_endpoints(webapp: Webapp, fleet: Fleet) -> None:
     fleet.start("miku")
     status, models, _ = get(webapp.base_url + "/api/models")
-    assert status == 200 and {"name": "miku", "version": "1", "state": "live"}.items() <= \
-        models[0].items()
+    miku = next(m for m in models if m["name"] == "miku")
+    assert status == 200 and {"name": "miku", "version": "1", "state": "live",
+                              "canary_percent": 0, "streams_per_gpu": 4}.items() <= miku.items()
+    assert {m["name"] for m in models} == {"miku", "teto", "kaito", "robot"}
     status, regions, _ = get(webapp.base_url + "/api/regions")
     assert status == 200 and regions[0] == {"name": "us-west", "provider": "local",
                                             "lat": 37.8, "lon": -122.4,

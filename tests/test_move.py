@@ -16,7 +16,7 @@ import uuid
 from typing import Any
 
 import pytest
-from conftest import ControlPlane, closed_code, lobby, start_stream
+from conftest import ControlPlane, closed_code, lobby, push_version, start_stream
 from playwright.sync_api import Browser, Page, expect
 from test_page import browser, open_page, pw, tone_wav, wait_until  # noqa: F401  fixtures
 
@@ -58,7 +58,7 @@ def _stream_then_deploy(cp: ControlPlane, browser: Browser,  # noqa: F811
     # limit then keeps the test short.
     limit_s = MOVE_NOTICE_S + WARM_S if make_before_break else 1.0
     deployed = time.time()
-    cp.state.deploy("teto", "2", 7.0, deployed + limit_s)
+    push_version(cp.state, cp.config, "teto", drain_s=limit_s)
     if make_before_break:
         # A v2 node up (another user streams there) before the notice: booting a node
         # process beside the browser on this 2-core machine makes the jitter buffer run dry

@@ -208,7 +208,7 @@ def test_crash_chance_follows_the_clock_not_the_passes() -> None:
     the whole 1 s interval does not."""
     exits: list[int] = []
     node = NodeRuntime(id="n-crash", model="miku", version="1", region="us-west",
-                       provider="local", semitones=0.0, capacity=4, load_s=0.0,
+                       provider="local", digest="", capacity=4, load_s=0.0,
                        state=NodeState.READY)
     agent = Agent(node, ControlClient(f"http://127.0.0.1:{procs.free_port()}"), 1.0,
                   crash_rate_per_min=0.5, rng=_Draws(0.01),  # type: ignore[arg-type]

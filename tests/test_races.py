@@ -7,11 +7,12 @@ import json
 import threading
 import time
 
-from conftest import ControlPlane, Fleet, closed_code, lobby, serve, start_stream
+from conftest import ControlPlane, Fleet, closed_code, lobby, push_version, serve, start_stream
 from simple_websocket import Client
 from test_node import stream_tone, ticket
 
 from common.config import Config
+from provisioner import catalog
 from provisioner.state import State, connect, slots_key
 from webapp.app import create_app
 from worker_node.quality import harmonic_tone
@@ -85,9 +86,9 @@ def test_rollback_undrains_the_old_version(control_plane: ControlPlane) -> None:
     cp = control_plane
     ready = lobby(cp.ws_url, "user=rb&model=kaito&region=us-west")[-1]
     ws = start_stream(ready)
-    cp.state.deploy("kaito", "2", -3.0, time.time() + 600)
+    push_version(cp.state, cp.config, "kaito", semitones=-3)
     cp.wait(lambda: cp.state.node(ready["node_id"]).state.value == "draining", 10)  # type: ignore
-    cp.state.deploy("kaito", "1", -5.0, time.time() + 600)
+    catalog.change(cp.state, cp.config, "kaito", "deploy", time.time(), version="1")
     cp.wait(lambda: cp.state.node(ready["node_id"]).state.value == "ready", 10,  # type: ignore
             "rolled-back version still draining")
     ws.send(json.dumps({"type": "stop"}))

@@ -44,9 +44,7 @@ lat = 37.8
 lon = -122.4
 
 [[models]]
-name = "miku"
-version = "1"
-semitones = 4
+package = "models/miku"
 """
 USERS_PER_WEBAPP = 6
 
@@ -131,14 +129,14 @@ def test_two_gunicorn_webapps_and_two_workers_share_one_redis(
     by_webapp = Counter(name.split("-")[0] for name in ready)
     assert by_webapp == {"u0": USERS_PER_WEBAPP, "u1": USERS_PER_WEBAPP}   # both lobbies
     per_node = Counter(r["node_id"] for r in ready.values())
-    assert max(per_node.values()) <= cfg.node_capacity, per_node          # no over-commit
-    assert all(state.node(n).sessions <= cfg.node_capacity for n in per_node)  # type: ignore
+    assert max(per_node.values()) <= cfg.streams_per_gpu("miku"), per_node          # no over-commit
+    assert all(state.node(n).sessions <= cfg.streams_per_gpu("miku") for n in per_node)  # type: ignore
     vms = [vm["name"] for vm in state.vms()]
     assert sorted(vms) == sorted(set(vms)), vms                           # one VM per node
     assert {n.id for n in state.nodes()} == set(vms)
     # Twelve users need three nodes; the warm buffer adds one (measured: always 4). Scale
     # steps overlapping on one snapshot book the same users' nodes again (measured with
     # the single-flight lock removed: 11 and 13 VMs).
-    assert len(vms) <= math.ceil(len(ready) / cfg.node_capacity) + 2, vms
+    assert len(vms) <= math.ceil(len(ready) / cfg.streams_per_gpu("miku")) + 2, vms
     for ws in streams:
         ws.send(json.dumps({"type": "stop"}))

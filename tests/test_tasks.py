@@ -37,7 +37,7 @@ def test_a_providers_outage_stops_neither_reaping_nor_billing(redis_url: str, st
                        database_url=f"sqlite:///{tmp_path / 'b.sqlite'}")
     now = time.time()
     state.add_node({"id": "n-dead", "home": "us-west", "region": "us-west",
-                    "provider": "local", "model": "miku", "version": "1", "semitones": 4,
+                    "provider": "local", "model": "miku", "version": "1", "digest": "",
                     "state": "ready", "requested_at": now - 120, "started_at": now - 120,
                     "last_seen": now - 60, "capacity": 4, "price_per_hour": "1.10"})
     minute = int(now // 60 * 60) - 120
@@ -62,7 +62,7 @@ def test_the_bills_of_nodes_that_vanished_with_the_live_state_are_closed(
     last = now - 2 * cfg.heartbeat_interval_s      # missed one beat: alive, not reaped
     for node_id, seen in (("n-live", now), ("n-gone", last), ("n-booting", 0.0)):
         state.add_node({"id": node_id, "home": "us-west", "region": "us-west",
-                        "provider": "local", "model": "miku", "version": "1", "semitones": 4,
+                        "provider": "local", "model": "miku", "version": "1", "digest": "",
                         "state": "booting" if not seen else "ready", "requested_at": now - 600,
                         "started_at": now - 600, "deadline": now + 600, "capacity": 4,
                         "price_per_hour": "3.60", **({"last_seen": seen} if seen else {})})

@@ -9,60 +9,25 @@ import os
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from billing import schema
 from billing.ledger import Ledger, day_totals
 from billing.tables import open_db
-from common.config import NAME_RE, Config, load_config
+from common.config import Config, load_config
 from common.errors import VoiceError
 from common.identity import mint_token
 from provisioner import clouds
 from provisioner.fleet import REGION_COOLOFF_S
 from provisioner.state import State, connect
-from voicectl import procs
-from voicectl.run import RUN_FILE, USER_SECRET_FILE, cmd_run, say, with_user_secret
+from voicectl import models, procs
+from voicectl.run import USER_SECRET_FILE, cmd_run, say, with_user_secret
+from voicectl.util import default_url, get, redis_url, table
 from webapp.requests import BadRequest, parse_since
 
 
-def _redis_url(cfg: Config) -> str:
-    if cfg.redis_url:
-        return cfg.redis_url
-    if RUN_FILE.exists():
-        return str(json.loads(RUN_FILE.read_text())["redis_url"])
-    raise VoiceError("no REDIS_URL and no running `voicectl run` (var/run.json); start the "
-                     "stack or set REDIS_URL")
-
-
-def _default_url() -> str:
-    if RUN_FILE.exists():
-        return str(json.loads(RUN_FILE.read_text())["url"])
-    return "http://127.0.0.1:8000"
-
-
-def _get(url: str) -> Any:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return json.load(r)
-    except (urllib.error.URLError, OSError) as e:
-        raise VoiceError(f"cannot reach the webapp at {url} ({e}); is `voicectl run` "
-                         "running? pass --url if it listens elsewhere") from None
-
-
-def table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
-    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
 def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
-    data = _get(f"{args.url}/api/cluster")
+    data = get(f"{args.url}/api/cluster")
     if args.json:
         print(json.dumps(data))
         return 0
@@ -74,40 +39,8 @@ def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace, cfg: Config) -> int:
-    data = _get(f"{args.url}/api/models")
-    print(json.dumps(data) if args.json else table(data, ["name", "version", "state",
-                                                          "semitones"]))
-    return 0
-
-
-def cmd_deploy(args: argparse.Namespace, cfg: Config) -> int:
-    for what, value in (("model", args.model), ("version", args.version)):
-        if not NAME_RE.match(value):
-            raise VoiceError(f"{what} {value!r} must be 1-64 of A-Z a-z 0-9 _ . -")
-    state = State(connect(_redis_url(cfg)))
-    current = state.model(args.model)
-    semitones = args.semitones
-    if semitones is None:
-        if current is None:
-            raise VoiceError(f"model {args.model!r} is new: pass --semitones N")
-        semitones = current.semitones
-    drain_s = cfg.drain_limit_s if args.drain_limit is None else args.drain_limit
-    live = state.deploy(args.model, args.version, semitones, time.time() + drain_s)
-    out = {"model": live.name, "version": live.version, "semitones": live.semitones,
-           "draining": list(live.draining)}
-    if args.json:
-        print(json.dumps(out))
-    else:
-        say(f"{live.name} v{live.version} is live: new sessions go to it")
-        for d in live.draining:
-            say(f"{live.name} v{d['version']} drains: live streams keep going, nodes stop when "
-                f"empty or within {drain_s:.0f} s")
-    return 0
-
-
 def _kill(cfg: Config, node_ids: list[str], as_json: bool) -> int:
-    cfg = cfg.with_overrides(redis_url=_redis_url(cfg))
+    cfg = cfg.with_overrides(redis_url=redis_url(cfg))
     vms = {vm.name: vm for region in clouds.machine_regions(cfg)
            if cfg.provider(region.provider).driver == "local"
            for vm in clouds.list_ours(cfg, region)}
@@ -169,7 +102,7 @@ def cmd_kill_region(args: argparse.Namespace, cfg: Config) -> int:
     if cfg.region(args.region) is None:
         raise VoiceError(f"unknown region {args.region!r}; known: "
                          f"{[r.name for r in cfg.regions]}")
-    state = State(connect(_redis_url(cfg)))
+    state = State(connect(redis_url(cfg)))
     ids = [n.id for n in state.nodes() if n.region == args.region]
     vm_ids = {vm["name"] for vm in state.vms()}
     killed = [i for i in ids if i in vm_ids]
@@ -188,9 +121,9 @@ def cmd_kill_region(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_byo_token(args: argparse.Namespace, cfg: Config) -> int:
     from provisioner import membership
 
-    state = State(connect(_redis_url(cfg)))
+    state = State(connect(redis_url(cfg)))
     token = membership.byo_token(state, cfg, args.region, args.model, args.ttl)
-    url = cfg.public_url if cfg.public_url != Config.public_url else _default_url()
+    url = cfg.public_url if cfg.public_url != Config.public_url else default_url()
     if args.json:
         print(json.dumps({"token": token, "join": url, "region": args.region}))
     else:
@@ -204,7 +137,7 @@ def cmd_user_token(args: argparse.Namespace, cfg: Config) -> int:
     cfg = with_user_secret(cfg)
     now = time.time()
     token = mint_token(args.user, cfg.user_token_secret, now=now, ttl_s=args.ttl)
-    url = cfg.public_url if cfg.public_url != Config.public_url else _default_url()
+    url = cfg.public_url if cfg.public_url != Config.public_url else default_url()
     if args.json:
         print(json.dumps({"user": args.user, "token": token, "expires_at": now + args.ttl}))
     else:
@@ -230,19 +163,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--data", type=Path, default=procs.ROOT / "var" / "redis",
                      help="where the embedded Redis keeps its append-only file (default "
                      "var/redis): a restart comes back with the fleet, sessions and usage")
-    for name, func, text in [("nodes", cmd_nodes, "list the fleet and the queues"),
-                             ("models", cmd_models, "list models and versions")]:
-        sp = sub.add_parser(name, help=text)
-        sp.add_argument("--url", default=_default_url(), help="the webapp")
-        sp.add_argument("--json", action="store_true")
-        sp.set_defaults(func=func)
-    dep = sub.add_parser("deploy", help="make a model version live; older versions drain")
-    dep.add_argument("model")
-    dep.add_argument("--version", required=True)
-    dep.add_argument("--semitones", type=float, help="pitch shift (default: unchanged)")
-    dep.add_argument("--drain-limit", type=float, help="seconds old nodes may keep streaming")
-    dep.add_argument("--json", action="store_true")
-    dep.set_defaults(func=cmd_deploy)
+    sp = sub.add_parser("nodes", help="list the fleet and the queues")
+    sp.add_argument("--url", default=default_url(), help="the webapp")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_nodes)
+    models.add_parsers(sub)
     us = sub.add_parser("usage", help="seconds streamed per user and day (billing database)")
     us.add_argument("--user")
     us.add_argument("--since", help="ISO date or time, UTC")

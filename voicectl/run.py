@@ -19,7 +19,7 @@ import redis
 
 from billing.ledger import Ledger
 from common.config import Config, load_config
-from provisioner import clouds, tasks
+from provisioner import catalog, clouds, tasks
 from provisioner.state import State, connect
 from voicectl import procs
 from webapp import serving
@@ -85,7 +85,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             cfg = load_config({**os.environ, **dev_env}).with_overrides(
                 redis_url=cfg.redis_url, public_url=cfg.public_url)
         state = State(connect(cfg.redis_url))
-        state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
+        catalog.seed(state, cfg)
         say(f"billing database: {cfg.database_url}")
         ledger = Ledger.open(cfg.database_url)   # migrated before the worker checks it
         env = {**os.environ, "REDIS_URL": cfg.redis_url, "TICKET_SECRET": cfg.ticket_secret,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import hmac
+import logging
 import secrets
 import threading
 import time
@@ -24,7 +25,7 @@ from billing.ledger import Ledger
 from common.config import Config
 from common.errors import IdentityError
 from common.identity import COOKIE, HOW_TO, read_cookie, sign_cookie
-from provisioner.catalog import live_models
+from provisioner import catalog
 from provisioner.placement import candidates_for
 from provisioner.state import State
 from webapp import lobby, nodes_api
@@ -34,6 +35,8 @@ from webapp.frontdoor import FrontDoor, RateLimited
 from webapp.requests import USER_RE, BadRequest, parse_lobby, parse_since, parse_user
 from webapp.waiting import BACKSTOP_S, WaitingRoom
 
+log = logging.getLogger("webapp")
+
 STATIC = Path(__file__).with_name("static")
 COOKIE_MAX_AGE_S = 365 * 86400
 
@@ -42,6 +45,10 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
                ledger: Ledger | None = None, waiting_backstop_s: float = BACKSTOP_S) -> Flask:
     """`ledger` (the billing database) serves /api/usage and joins /healthz;
     `waiting_backstop_s`: how often waiting lobbies look for room without being woken."""
+    try:   # the config's model packages are version 1 of models the state lacks
+        catalog.seed(state, cfg)
+    except redis.RedisError as e:   # the lobby says `unavailable` until Redis is back
+        log.warning("models not seeded: Redis failed (%s)", e)
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 65536}   # a node's report fits
     sock = Sock(app)
@@ -98,14 +105,7 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
 
     @app.get("/api/models")
     def models() -> Response:
-        out = []
-        for m in state.models() or live_models(state, cfg):
-            out.append({"name": m.name, "version": m.version, "state": "live",
-                        "semitones": m.semitones})
-            out += [{"name": m.name, "version": str(d["version"]), "state": "draining",
-                     "semitones": d["semitones"], "drain_deadline": d["deadline"]}
-                    for d in getattr(m, "draining", ())]
-        return jsonify(out)
+        return jsonify(catalog.listing(state, time.time()))
 
     @app.get("/api/regions")
     def regions() -> Response:

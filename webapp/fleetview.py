@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from common.config import Config, Model
-from provisioner.catalog import live_models
+from common.config import Config
 from provisioner.state import NodeRecord, State, row_record
+from provisioner.versions import Entry
 
 log = logging.getLogger("webapp.fleetview")
 
@@ -23,7 +23,7 @@ class FleetView:
     models a lobby asks about (a thousand nodes' records cost the process tens of ms)."""
 
     rows: dict[str, list[str]]     # model -> its nodes' packed rows (State.node_rows)
-    models: dict[str, Model]
+    models: dict[str, Entry]       # model name -> its versions
     down: frozenset[str]
     constrained: dict[str, str]    # region -> why its provider refused to create nodes
     _built: dict[str, list[NodeRecord]] = field(default_factory=dict)
@@ -59,7 +59,7 @@ class FleetCache:
 
     def _read(self) -> FleetView:
         started = time.monotonic()
-        models = {m.name: m for m in live_models(self.state, self.cfg)}
+        models = self.state.model_entries()
         now = time.time()
         rows: dict[str, list[str]] = {}
         for model, row in self.state.node_rows():

@@ -21,11 +21,10 @@ import redis
 from flask_sock import ConnectionClosed
 
 from common import wsclose
-from common.config import Config, Model, Region
+from common.config import Config, Region
 from common.states import NodeState
 from common.tickets import Ticket, node_key, sign
-from provisioner import membership
-from provisioner.catalog import live_model
+from provisioner import catalog, membership
 from provisioner.placement import (
     boot_regions,
     candidates_for,
@@ -40,6 +39,7 @@ from provisioner.state import (
     State,
     pool_id,
 )
+from provisioner.versions import Entry, Version
 from webapp.fleetview import FleetCache, FleetView
 from webapp.requests import LobbyRequest
 from webapp.waiting import Waiter, WaitingRoom
@@ -80,11 +80,12 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     if not req.scales:   # nothing boots for this user: no reason to wake the autoscaler
         kick_scaler = _no_kick
     view = fleet.get()
-    model = live_model(state, cfg, req.model)   # one read: a deploy counts at once
+    session_id, previous = _session_id(state, req)
+    # one read: a push counts at once; a resume keeps its version while it still serves
+    model = catalog.for_session(state, req.model, previous.get("version") if previous else None)
     if model is None:
         known = ", ".join(sorted(view.models))
         raise Refused("unknown_model", f"unknown model {req.model[:64]!r}; available: {known}")
-    session_id, previous = _session_id(state, req)
     lost_node = previous.get("node") or None
     moving = _planned_move(state, lost_node, previous, now)
     # a recall follows its region's recovery by milliseconds: read outages fresh for a move
@@ -92,9 +93,10 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     home = home_region(cfg, req.lat, req.lon, only=req.region, avoid=down)
     if lost_node and not moving:   # the client lost it: its slots stop counting as room
         state.report_lost(lost_node, now)
-    pool = pool_id(model.name, model.version, home.name)
-    got = state.admit(req.user, session_id, model.name, model.version, home.name, now,
-                      candidates_for(cfg, model, home.name, view.records(model.name), now),
+    pool = pool_id(model.model, model.version, home.name)
+    got = state.admit(req.user, session_id, model.model, model.version, home.name, now,
+                      candidates_for(cfg, model.model, model.version, home.name,
+                                     view.records(model.model), now),
                       lock_ttl_s=cfg.ticket_ttl_s, takeover=req.takeover,
                       resume=req.resume is not None, tau_s=cfg.arrival_tau_s,
                       hold_s=cfg.ticket_ttl_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
@@ -125,6 +127,10 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                        _node(state, waiter.node_id), now, view.down)
                 placed = True
                 return
+            if _follow_version(state, waiter, view):
+                model, pool, looked = waiter.model, waiter.pool, (0, 0, 0)
+                room.poke()
+                kick_scaler()
             moved = _leave_down_region(state, cfg, req, waiter, home, view.down)
             if moved is not home:   # wait in the nearest healthy region instead
                 home, pool, looked = moved, waiter.pool, (0, 0, 0)
@@ -133,7 +139,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
             seen = (id(view), waiter.position, int(now))
             if seen != looked:   # the ETA moves with the clock: recompute once a second
                 looked = seen
-                eta = _eta_s(cfg, model, home.name, view.records(model.name), waiter.position,
+                eta = _eta_s(cfg, model, home.name, view.records(model.model), waiter.position,
                              now, view.down)
                 note = _note(cfg, req, home.name, view)
                 msg = (("booting", round(eta * 2) / 2, home.name, note) if eta is not None
@@ -142,12 +148,13 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                 last = msg
                 if eta is not None:
                     send(ws, type="booting", session_id=session_id, region=home.name,
-                         eta_s=round(eta, 1), position=waiter.position, **note)
+                         eta_s=round(eta, 1), position=waiter.position,
+                         version=model.version, **note)
                 else:   # no ETA where nothing boots for the user: a slot must free up
                     boot = round(cfg.provider(home.provider).boot_s + cfg.model_load_s, 1)
                     send(ws, type="queued", session_id=session_id, region=home.name,
-                         position=waiter.position, **({"eta_s": boot} if req.scales else {}),
-                         **note)
+                         position=waiter.position, version=model.version,
+                         **({"eta_s": boot} if req.scales else {}), **note)
             if now - started > WAIT_LIMIT_S:
                 raise Refused("no_capacity", f"no node became free within {WAIT_LIMIT_S:.0f} s;"
                               " try again in a few minutes")
@@ -182,12 +189,32 @@ def _leave_down_region(state: State, cfg: Config, req: LobbyRequest, waiter: Wai
     if req.region is not None or home.name not in down:
         return home
     to = home_region(cfg, req.lat, req.lon, avoid=down)
-    pool = pool_id(waiter.model.name, waiter.model.version, to.name)
+    pool = pool_id(waiter.model.model, waiter.model.version, to.name)
     if to.name in down or not state.move_waiting(waiter.session_id, waiter.pool, pool):
         return home
     log.info("session %s leaves down region %s for %s", waiter.session_id, home.name, to.name)
     waiter.pool, waiter.home = pool, to.name
     return to
+
+
+def _follow_version(state: State, waiter: Waiter, view: FleetView) -> bool:
+    """A waiting user whose version no longer takes new sessions (a push, a rollback, a
+    failure) waits in the queue of the live version instead, keeping its turn."""
+    def serves(entry: Entry | None) -> bool:
+        return entry is None or not entry.live or waiter.model.version in (entry.live,
+                                                                           entry.canary)
+    if serves(view.models.get(waiter.model.model)):   # the shared view: no Redis
+        return False
+    entry = state.model_entry(waiter.model.model)      # it may be older than the lobby
+    if entry is None or serves(entry):
+        return False
+    to = entry.versions[entry.live]
+    pool = pool_id(to.model, to.version, waiter.home)
+    if not state.move_waiting(waiter.session_id, waiter.pool, pool):
+        return False
+    log.info("session %s now waits for %s v%s", waiter.session_id, to.model, to.version)
+    waiter.pool, waiter.model = pool, to
+    return True
 
 
 def _note(cfg: Config, req: LobbyRequest, home: str, view: FleetView) -> dict[str, str]:
@@ -292,7 +319,7 @@ def _locked(state: State, cfg: Config, req: LobbyRequest, session_id: str,
     return taken.fence
 
 
-def _eta_s(cfg: Config, model: Model, region: str, records: list[NodeRecord], position: int,
+def _eta_s(cfg: Config, model: Version, region: str, records: list[NodeRecord], position: int,
            now: float, down: frozenset[str] = frozenset()) -> float | None:
     """When the node that will take this user is ready, from its real boot/load progress.
 
@@ -301,9 +328,9 @@ def _eta_s(cfg: Config, model: Model, region: str, records: list[NodeRecord], po
     """
     coming = sorted((n for n in records if n.state.coming and not n.retired
                      and n.region not in down
-                     and (n.model, n.version, n.home) == (model.name, model.version, region)),
+                     and (n.model, n.version, n.home) == (model.model, model.version, region)),
                     key=lambda n: n.eta_ready or now)
-    index = math.ceil(position / cfg.node_capacity) - 1
+    index = math.ceil(position / model.streams_per_gpu) - 1
     if index >= len(coming):
         return None
     return max(0.0, (coming[index].eta_ready or now) - now)
@@ -329,7 +356,7 @@ def _ready(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-
     region = cfg.region(node.region)
     rtt = rank_regions([region], req.lat, req.lon)[0][1] if region else 0.0
     send(ws, type="ready", session_id=session_id, node_url=node.url, ticket=ticket,
-         region=node.region, node_id=node.id, rtt_ms=round(rtt, 1),
+         region=node.region, node_id=node.id, rtt_ms=round(rtt, 1), version=node.version,
          **({"note": note} if note else {}))
     wsclose.close(ws, 1000, "ready")
 

@@ -17,7 +17,8 @@ from simple_websocket import ConnectionClosed
 from billing.ledger import Ledger
 from common import wsclose
 from common.config import Config
-from provisioner import membership
+from common.errors import PackageError
+from provisioner import catalog, membership
 from provisioner.errors import JoinError
 from provisioner.state import State
 from webapp.beat_hub import MAX_REPORT_BYTES, BeatHub, Detached
@@ -26,6 +27,7 @@ from webapp.beat_hub import MAX_REPORT_BYTES, BeatHub, Detached
 def blueprint(cfg: Config, state: State, ledger: Ledger | None) -> Blueprint:
     bp = Blueprint("nodes", __name__, url_prefix="/api/nodes")
     hub = BeatHub(cfg, state)
+    packages = catalog.store(cfg)
 
     def body() -> dict[str, Any]:
         request.max_content_length = MAX_REPORT_BYTES   # join is open to anyone: 413 past it
@@ -86,6 +88,19 @@ def blueprint(cfg: Config, state: State, ledger: Ledger | None) -> Blueprint:
             return Detached()
         beater.done.wait()
         return Response()
+
+    @bp.get("/package/<digest>")
+    def package(digest: str) -> tuple[Response, int] | Response:
+        """The model package this node was given (its digest), for the node to check and
+        load; another one is refused (403): a node sees only its own model's code."""
+        who = node_id()
+        try:
+            data = membership.package_for(state, packages, who, digest)
+        except JoinError as e:
+            return jsonify({"error": "forbidden", "message": str(e)}), 403
+        except PackageError as e:
+            return jsonify({"error": "unavailable", "message": str(e)}), 503
+        return Response(data, mimetype="application/gzip")
 
     @bp.post("/leave")
     def leave() -> Response:

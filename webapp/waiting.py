@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from common.config import Config, Model
+from common.config import Config
 from provisioner.state import NodeRecord, State
+from provisioner.versions import Version
 
 if TYPE_CHECKING:
     from webapp.fleetview import FleetView
@@ -40,14 +41,14 @@ class Waiter:
     session_id: str
     fence: int
     pool: str
-    model: Model
+    model: Version
     home: str
     node_id: str | None = None   # assigned: its slot is reserved for this session
     lost: bool = False           # another session took the user's lock over
     position: int = 1
 
 
-Candidates = Callable[[Config, Model, str, list[NodeRecord], float], list[str]]
+Candidates = Callable[[Config, str, str, str, list[NodeRecord], float], list[str]]
 
 
 class WaitingRoom:
@@ -130,8 +131,8 @@ class WaitingRoom:
         for pool, w in pools.items():
             if all(x.session_id in lost for x in waiters if x.pool == pool):
                 continue
-            self.state.assign(pool, self.candidates(self.cfg, w.model, w.home,
-                                                    view.records(w.model.name), now),
+            self.state.assign(pool, self.candidates(self.cfg, w.model.model, w.model.version,
+                                                    w.home, view.records(w.model.model), now),
                               now, self.cfg.ticket_ttl_s, self.cfg.heartbeat_timeout_s)
         got = self.state.take_assignments([w.session_id for w in waiters])
         order = self.state.queues(list(pools))

@@ -31,7 +31,6 @@ except VoiceError as e:
     log.critical("the webapp cannot start: %s", e)
     raise
 state = State(connect(cfg.redis_url or ""))   # load_config(deployed=True) required it
-state.seed_models((m.name, m.version, m.semitones) for m in cfg.models)
 # only sends the scaler's kick by name: the webapp loads no task code, no cloud driver
 celery = Celery("voice", broker=cfg.redis_url)
 app = create_app(cfg, state, lambda: celery.send_task("provisioner.scale"), ledger)

@@ -1,7 +1,7 @@
 """Run one worker node.
 
     voicectl node --join URL --token T [--public-url ws://HOST:PORT | auto] [--port P]
-    python -m worker_node --standalone --model miku --semitones 4 --ticket-key K
+    python -m worker_node --standalone --package models/miku --ticket-key K
 
 Joined, the node gets its id, model and ticket key from the control plane and heartbeats
 there over HTTP(S); it holds no Redis or database credentials. Standalone, it serves
@@ -21,23 +21,29 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.serving import make_server
 
 from common.config import NODE_PORT
+from common.errors import PackageError
 from common.grant import Grant
+from common.package import load_manifest, unpack
 from common.tickets import verify_control
+from worker_node import package
 from worker_node.agent import ORPHAN_AFTER_S, Agent
 from worker_node.control import ControlClient, ControlError, Refused
 from worker_node.metadata import DEFAULT_METADATA_URL, MetadataError, public_address
+from worker_node.package import Loaded
 from worker_node.runtime import NodeRuntime
 from worker_node.server import create_app
-from worker_node.shifter import warm_up
 
 log = logging.getLogger("worker_node")
 JOIN_PATIENCE_S = 60.0     # keep trying an unreachable control plane this long at boot
@@ -65,9 +71,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-s", type=float, default=30.0,
                    help="on SIGTERM, how long live streams may go on before leaving")
     p.add_argument("--standalone", action="store_true", help="serve without a control plane")
-    p.add_argument("--model", default="standalone")
+    p.add_argument("--package", metavar="DIR", help="standalone: the model package directory "
+                   "to serve (model.toml and its code)")
     p.add_argument("--version", default="1")
-    p.add_argument("--semitones", type=float, default=0.0)
     p.add_argument("--ticket-key", help="standalone: the key tickets are signed with")
     p.add_argument("--node-id", default=None, help="standalone: the node id tickets name")
     p.add_argument("--load-s", type=float, default=None,
@@ -119,6 +125,25 @@ def _join(control: ControlClient, token: str, url: str) -> Grant:
             time.sleep(1.0)
 
 
+def package_loader(control: ControlClient, local: Path | None) -> Callable[[str], Loaded]:
+    """How this node loads a model: fetch the package by digest with its own credential,
+    check the digest, unpack it into a directory of its own per version, import it, and
+    warm it up (a first stream's worth of audio); standalone, from a local directory."""
+    root = Path(tempfile.mkdtemp(prefix="voice-node-"))
+
+    def load(digest: str) -> Loaded:
+        if local is not None:
+            loaded = package.load(local)
+        else:
+            dest = root / digest
+            if not dest.is_dir():
+                unpack(control.package(digest), digest, dest)
+            loaded = package.load(dest, tag=digest[:16])
+        loaded.make(package.CHECK_RATE).process(package.test_audio(package.CHECK_RATE, 0.2))
+        return loaded
+    return load
+
+
 def control_endpoint(app: Flask, key: str, agent: Agent) -> None:
     """POST /control: orders the control plane pushes (kick, recall, wake), signed with our
     key."""
@@ -153,9 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     control = ControlClient(args.join or "")
     if args.standalone:
+        if not args.package:
+            print("voicectl node --standalone: give --package DIR (a model package)",
+                  file=sys.stderr)
+            return 2
+        try:
+            manifest = load_manifest(Path(args.package))
+        except PackageError as e:
+            print(f"voicectl node: {e}", file=sys.stderr)
+            return 2
         grant = Grant(args.node_id or f"n-{uuid.uuid4().hex[:10]}", "", args.ticket_key or "",
-                      args.model, args.version, args.semitones, "local", "standalone", 2.0,
-                      args.load_s or 0.0, args.crash_rate or 0.0)
+                      manifest.name, args.version, "", manifest.streams_per_gpu, "local",
+                      "standalone", 2.0, args.load_s or 0.0, args.crash_rate or 0.0)
     else:
         try:
             grant = _join(control, args.token, url)
@@ -166,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                                    ("crash_rate", args.crash_rate)) if v is not None}
         grant = dataclasses.replace(grant, **knobs)   # type: ignore[arg-type]
     node = NodeRuntime(id=grant.node_id, model=grant.model, version=grant.version,
-                       region=grant.region, provider=grant.provider, semitones=grant.semitones,
-                       capacity=4, load_s=grant.model_load_s, url=url)
+                       region=grant.region, provider=grant.provider, digest=grant.digest,
+                       capacity=grant.capacity, load_s=grant.model_load_s, url=url)
+    warm_up = package_loader(control, Path(args.package) if args.standalone else None)
     agent = Agent(node, control, grant.heartbeat_interval_s, grant.crash_rate, warm_up=warm_up,
                   orphan_s=args.orphan_s)
     hooks = {} if args.standalone else {"on_open": agent.on_open, "on_close": agent.on_close}

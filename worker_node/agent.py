@@ -29,6 +29,7 @@ from typing import Any
 from common.config import ORPHAN_SERVING_S, RECALL_MOVE_S
 from common.states import NodeState
 from worker_node.control import ControlClient, ControlError, Refused
+from worker_node.package import Loaded
 from worker_node.runtime import NodeRuntime, Stream
 
 log = logging.getLogger("worker_node.agent")
@@ -39,15 +40,19 @@ METER_LAG_S = 10.0      # a minute's counter is final this long after the minute
 TAKEN_OVER = "this user started streaming elsewhere; this stream was taken over"
 
 
+def _no_loader(digest: str) -> Loaded:
+    raise RuntimeError("this node was started without a package loader")
+
+
 class Agent:
     def __init__(self, node: NodeRuntime, control: ControlClient, interval_s: float,
                  crash_rate_per_min: float = 0.0, rng: random.Random | None = None,
-                 warm_up: Callable[[], None] = lambda: None,
+                 warm_up: Callable[[str], Loaded] | None = None,
                  exit: Callable[[int], None] = os._exit, orphan_s: float = ORPHAN_AFTER_S,
                  ) -> None:
         self.node, self.control, self.interval_s = node, control, interval_s
         self.orphan_s = orphan_s
-        self.warm_up = warm_up
+        self.warm_up = warm_up or _no_loader
         self.crash_rate = crash_rate_per_min
         self.rng = rng or random.Random()
         self.exit = exit
@@ -69,10 +74,13 @@ class Agent:
             streams = list(self.node.streams.values())
             live = [[s.user, s.session_id, s.fence, s.conn] for s in streams]
             closed = list(self._closed)
+            counts = {"started": self.node.started, "failed": self.node.failed}
         return {"state": snap["state"], "progress": snap["progress"],
                 "eta_ready_s": snap["eta_ready_s"], "ready_at": snap["ready_at"],
                 "serving": f"{self.node.model}:{self.node.version}", "streams": live,
-                "usage": self._usage(streams), "closed": [list(c) for c in closed]}
+                "usage": self._usage(streams), "closed": [list(c) for c in closed],
+                "counts": counts, **({"load_error": self.node.load_error}
+                                     if self.node.load_error else {})}
 
     def _usage(self, streams: list[Stream]) -> list[list[Any]]:
         """Counters not delivered yet: every minute of a live stream not reported closed
@@ -93,8 +101,9 @@ class Agent:
             orders = self.control.beat(report)
             self._got_through(report)
         if orders.get("retarget"):
-            model, version, semitones = str(orders["retarget"]).split(":")
-            if self.node.retarget(model, version, float(semitones), self.warm_up, self.poke):
+            model, version, digest, capacity = str(orders["retarget"]).split(":")
+            if self.node.retarget(model, version, digest, int(capacity), self.warm_up,
+                                  self.poke):
                 log.info("retargeted to %s v%s: loading", model, version)
                 self.poke()
         for sid in orders.get("lost") or []:
@@ -188,7 +197,12 @@ class Agent:
                     log.error("no control plane for %.0f s: exiting", away)
                     self.exit(0)
             if self.node.state is NodeState.DEAD:
-                log.error("the model could not load: node %s exits", self.node.id)
+                try:   # the control plane hears why (automatic rollback counts it)
+                    self.beat()
+                except ControlError:
+                    pass
+                log.error("the model could not load (%s): node %s exits",
+                          self.node.load_error, self.node.id)
                 self.exit(71)
             loading = self.node.state is NodeState.LOADING
             now = time.monotonic()   # passes come faster than the interval (loading, orders)

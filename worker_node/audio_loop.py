@@ -36,9 +36,9 @@ import numpy as np
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from worker_node import protocol
+from worker_node.package import Processor
 from worker_node.protocol import Malformed
 from worker_node.runtime import NodeRuntime, Stream
-from worker_node.shifter import Processor
 
 log = logging.getLogger("worker_node")
 
@@ -117,6 +117,7 @@ class AudioLoop:
         self.node, self.processor_for, self.clock = node, processor_for, clock
         self.conns: set[Conn] = set()
         self._commands: deque[tuple[str, Conn, Any]] = deque()
+        self._pending: list[tuple[Conn, np.ndarray, int]] = []   # frames read this turn
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -184,6 +185,7 @@ class AudioLoop:
                 self._guard(conn, self._flush)
             if events & selectors.EVENT_READ and conn in self.conns:
                 self._guard(conn, self._read)
+        self._process_pending()
         while self._commands:
             what, conn, arg = self._commands.popleft()
             if what == "add":
@@ -287,12 +289,44 @@ class AudioLoop:
             self._start(conn, protocol.parse_start(msg))
         elif isinstance(msg, bytes):
             n = protocol.check_frame(len(msg), conn.rate, conn.bounds)
-            out = conn.processor.process(np.frombuffer(msg, dtype="<i2"))
-            self._send_audio(conn, out)
-            conn.unmetered.append((n / conn.rate, time.time()))
+            self._pending.append((conn, np.frombuffer(msg, dtype="<i2"), n))
         else:
             protocol.check_text(msg)
-            self._end(conn, (1000, "stopped"))   # the request thread flushes, then closes
+            self._process_pending()   # the frames it sent before its stop
+            if conn in self.conns:
+                self._end(conn, (1000, "stopped"))   # the request thread flushes, closes
+
+    def _process_pending(self) -> None:
+        """The frames read this turn, in rounds of one frame per stream: one call of the
+        model's batch step per round where it has one (what a GPU wants), else a call per
+        frame. A batch that fails is retried per stream, so only the failing stream ends."""
+        pending, self._pending = self._pending, []
+        served = self.node.served
+        batch = served.batch if served is not None else None
+        while pending:
+            first: list[tuple[Conn, np.ndarray, int]] = []
+            later: list[tuple[Conn, np.ndarray, int]] = []
+            for item in pending:
+                (later if any(item[0] is c for c, _, _ in first) else first).append(item)
+            pending = later
+            now = [item for item in first if item[0] in self.conns]
+            outs: list[np.ndarray | None] = [None] * len(now)
+            if batch is not None and len(now) > 1:
+                try:
+                    got = list(batch([c.processor for c, _, _ in now], [f for _, f, _ in now]))
+                    if len(got) == len(now):
+                        outs = list(got)
+                except Exception:  # process boundary: find the failing stream per stream
+                    log.exception("batch step failed; processing per stream")
+            for (conn, frames, n), out in zip(now, outs, strict=True):
+                if conn in self.conns:
+                    self._guard(conn, functools.partial(self._answer, frames=frames, n=n,
+                                                        out=out))
+
+    def _answer(self, conn: Conn, frames: np.ndarray, n: int, out: np.ndarray | None) -> None:
+        assert conn.processor is not None
+        self._send_audio(conn, conn.processor.process(frames) if out is None else out)
+        conn.unmetered.append((n / conn.rate, time.time()))
 
     def _start(self, conn: Conn, rate: int) -> None:
         processor = self.processor_for(rate)

@@ -28,6 +28,9 @@ class Refused(ControlError):
     """The control plane refused this node (bad token, revoked, forgotten): shut down."""
 
 
+PACKAGE_TIMEOUT_S = 300.0   # a real model's weights are large
+
+
 class ControlClient:
     """Keeps one HTTP connection alive (1,000 nodes' heartbeats stay cheap)."""
 
@@ -111,6 +114,22 @@ class ControlClient:
                 ws.close()
             except (ConnectionClosed, OSError):
                 pass
+
+    def package(self, digest: str) -> bytes:
+        """The model package this node was given, as stored (the caller checks the digest)."""
+        try:
+            resp = self.session.get(f"{self.base_url}/api/nodes/package/{digest}",
+                                    headers={"Authorization": f"Bearer {self.credential}"},
+                                    timeout=PACKAGE_TIMEOUT_S)
+        except requests.RequestException as e:
+            raise ControlError(f"control plane at {self.base_url} unreachable: {e}") from None
+        if resp.status_code != 200:
+            try:
+                why = resp.json().get("message", resp.text[:200])
+            except ValueError:
+                why = resp.text[:200]
+            raise ControlError(f"package {digest[:12]} refused ({resp.status_code}): {why}")
+        return resp.content
 
     def leave(self) -> None:
         self.close()

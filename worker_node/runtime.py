@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from common.config import RECALL_MOVE_S
 from common.states import NodeState
+from worker_node.package import Loaded, Processor
 
 # A planned move (drain deadline) is make-before-break: each live stream is told to move
 # (text {"type": "move"}) MOVE_NOTICE_S before the deadline, so the page can open its new
@@ -51,7 +52,7 @@ class NodeRuntime:
     version: str
     region: str
     provider: str
-    semitones: float
+    digest: str                   # the model package it serves
     capacity: int
     load_s: float
     started_at: float = field(default_factory=time.time)
@@ -63,21 +64,35 @@ class NodeRuntime:
     streams: dict[str, Stream] = field(default_factory=dict)
     fences: dict[str, int] = field(default_factory=dict)   # highest fence seen per user
     lock: threading.Lock = field(default_factory=threading.Lock)
+    served: Loaded | None = None  # the loaded package, once loaded
+    load_error: str = ""          # why it could not load (state DEAD)
+    started: int = 0              # streams started since it loaded what it serves
+    failed: int = 0               # of those, closed because the model failed (1011)
 
-    def load(self, warm_up: Callable[[], None], on_done: Callable[[], None] = lambda: None,
+    def make_processor(self, rate: int) -> Processor:
+        """A processor of the loaded model for one stream at `rate`."""
+        served = self.served
+        if served is None:
+            raise RuntimeError(f"model {self.model} is not loaded")
+        return served.make(rate)
+
+    def load(self, warm_up: Callable[[str], Loaded],
+             on_done: Callable[[], None] = lambda: None,
              clock: Callable[[], float] = time.monotonic,
              sleep: Callable[[float], None] = time.sleep) -> None:
-        """'Load the model': warm the processor, then wait out MODEL_LOAD_SECONDS with
-        progress; `on_done` runs once ready (the agent reports it at once)."""
+        """Load the model: fetch, check and import its package and warm it up (`warm_up`),
+        then wait out the rest of MODEL_LOAD_SECONDS with progress (the stand-in's load
+        time); `on_done` runs once ready or dead (the agent reports it at once)."""
         start = clock()
         try:
-            warm_up()
-        except Exception:  # the model cannot load: this node is dead (the agent exits)
+            served = warm_up(self.digest)
+        except Exception as e:  # the model cannot load: this node is dead (the agent exits)
             logging.getLogger("worker_node").exception("model %s failed to load", self.model)
             with self.lock:
-                self.state = NodeState.DEAD
+                self.state, self.load_error = NodeState.DEAD, f"{type(e).__name__}: {e}"
             on_done()
             return
+        self.served = served
         while (elapsed := clock() - start) < self.load_s:
             self.progress = min(0.99, elapsed / self.load_s)
             sleep(min(0.1, self.load_s - elapsed))
@@ -88,13 +103,14 @@ class NodeRuntime:
                 self.ready_at = time.time()
         on_done()
 
-    def retarget(self, model: str, version: str, semitones: float,
-                 warm_up: Callable[[], None], on_done: Callable[[], None]) -> bool:
+    def retarget(self, model: str, version: str, digest: str, capacity: int,
+                 warm_up: Callable[[str], Loaded], on_done: Callable[[], None]) -> bool:
         """Reload with another model (only when idle); False if already serving it."""
         with self.lock:
             if (model, version) == (self.model, self.version) or self.streams:
                 return False
-            self.model, self.version, self.semitones = model, version, semitones
+            self.model, self.version, self.digest = model, version, digest
+            self.capacity, self.served, self.started, self.failed = capacity, None, 0, 0
             self.state, self.progress, self.ready_at = NodeState.LOADING, 0.0, None
         threading.Thread(target=self.load, args=(warm_up, on_done), daemon=True).start()
         return True
@@ -195,7 +211,13 @@ class NodeRuntime:
             if len(self.streams) >= self.capacity:
                 return f"node full ({self.capacity} streams); reconnect through the lobby"
             self.streams[stream.session_id] = stream
+            self.started += 1
             return None
+
+    def model_failed(self) -> None:
+        """A stream closed because the model failed (1011): counted for rollback."""
+        with self.lock:
+            self.failed += 1
 
     def close(self, stream: Stream) -> bool:
         """Forget the stream; False if a newer connection of its session replaced it."""

@@ -19,6 +19,7 @@ from common import wsclose
 from common.errors import TicketError
 from common.tickets import Ticket, verify
 from worker_node.audio_loop import AudioLoop
+from worker_node.package import Processor
 from worker_node.protocol import (  # noqa: F401  re-exported: the protocol's limits
     IDLE_TIMEOUT_S,
     MAX_FRAME_S,
@@ -30,7 +31,6 @@ from worker_node.protocol import (  # noqa: F401  re-exported: the protocol's li
     Malformed,
 )
 from worker_node.runtime import NodeRuntime, Stream
-from worker_node.shifter import PitchShifter, Processor
 
 
 def _refuse(ws, code: int, reason: str) -> None:  # type: ignore[no-untyped-def]
@@ -46,8 +46,7 @@ def create_app(node: NodeRuntime, secret: str,
     """The node app. `on_open`/`on_close` let the agent mirror streams into Redis; `admit`
     may refuse a stream whose user's lock belongs to another session (4409)."""
     app = Flask(__name__)
-    processor_for = make_processor or (lambda rate: PitchShifter(rate, node.semitones))
-    loop = AudioLoop(node, processor_for)
+    loop = AudioLoop(node, make_processor or node.make_processor)
     app.extensions["audio_loop"] = loop
 
     @app.get("/healthz")
@@ -89,7 +88,7 @@ def _stream(ws, node: NodeRuntime, secret: str,  # type: ignore[no-untyped-def]
     if refused:
         _refuse(ws, 4503, refused)
         return
-    outcome: tuple[int, str] | None
+    outcome: tuple[int, str] | None = None
     try:
         on_open(entry)
         outcome = loop.serve(conn, entry)
@@ -97,6 +96,8 @@ def _stream(ws, node: NodeRuntime, secret: str,  # type: ignore[no-untyped-def]
         outcome = (1011, f"model failed: {e}; resume through the lobby")
     finally:
         loop.settle(conn)
+        if outcome is not None and outcome[0] == 1011:
+            node.model_failed()   # in the close's heartbeat: a failing version rolls back
         # Slot, lock and last seconds settle before the client hears the close, so a
         # page that reconnects at once finds them free.
         on_close(entry, node.close(entry))

@@ -33,6 +33,9 @@ At 0 semitones the output is the input delayed by `latency_samples`, bit-exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -262,3 +265,17 @@ class SpliceShifter:
         if self.ratio > 1.0:
             return float(hi - (k + offset)), peak
         return float(lo + k + offset), peak
+
+
+# The pitch voices' package entry points (models/miku, teto, kaito: `entry = "pitch:make"`).
+def make(sample_rate: int, params: dict[str, Any], files: Path) -> SpliceShifter:
+    """One shifter per stream, `params["semitones"]` from the package's model.toml."""
+    return SpliceShifter(sample_rate, float(params.get("semitones", 0.0)))
+
+
+def process_batch(processors: Sequence[SpliceShifter],
+                  frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """One frame of each stream in one call. Each stream's splices fall where its own voice
+    repeats, so the work stays per stream; the call is the seam a GPU model batches behind
+    (its cost beside the per-stream path: bench/models.py)."""
+    return [p.process(f) for p, f in zip(processors, frames, strict=True)]

@@ -53,7 +53,6 @@ from provisioner.state.records import (
     Admitted,
     Beat,
     Limit,
-    LiveModel,
     Lock,
     NodeRecord,
     Orders,
@@ -72,7 +71,7 @@ __all__ = [
     "arrivals_key", "attempts_key", "cred_hash_key", "cred_key", "digest", "fence_key",
     "flight_key", "join_key", "lock_key", "node_key", "pool_id", "queue_key", "session_key",
     "slots_key", "usage_key", "vm_key",
-    "Admitted", "Beat", "Limit", "LiveModel", "Lock", "NodeRecord", "Orders", "Taken",
+    "Admitted", "Beat", "Limit", "Lock", "NodeRecord", "Orders", "Taken",
     "Throttled", "row_record",
     "State", "connect",
 ]

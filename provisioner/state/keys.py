@@ -5,7 +5,8 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
     vc:nodes                  SET    ids of every node the control plane knows
     vc:node:{id}              HASH   id provider region model version state progress url
                                      capacity started_at requested_at deadline last_seen
-                                     price_per_hour eta_ready semitones home cred join_token.
+                                     price_per_hour eta_ready digest home cred join_token
+                                     seen_started seen_failed (health.lua).
                                      `home`: the region whose queue it serves (it may run in
                                      another region nearby, on a cheaper provider). `cred`: the
                                      hash of its credential. `state` is written by the control
@@ -35,8 +36,13 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
     vc:lock:{user}            HASH   session fence model region node since; expires unless a
                                      lobby or the node streaming it refreshes it
     vc:fence:{user}           STRING the user's last fencing token (INCR)
-    vc:models                 HASH   model name -> JSON {"live": {version, semitones},
-                                     "draining": [{version, semitones, deadline}]}
+    vc:models                 HASH   model name -> JSON of its versions.Entry: versions
+                                     (package digest, streams per GPU, drain deadline,
+                                     failure), live, canary and its percent, history
+    vc:canary-count:{model}   STRING new sessions so far (INCR): spreads them over a canary
+    vc:health:{model}|{version}
+                              HASH   started failed loaded load_failed: what nodes reported
+                                     of that version (automatic rollback reads it)
     vc:vm:{id}                HASH   local cloud driver: pid, name, region, image, created_at
     vc:vms                    SET    ids of local driver VMs
     vc:scale-kick             STRING set NX for a moment so bursts trigger one scale task
@@ -126,6 +132,14 @@ def fence_key(user: str) -> str:
 
 def usage_key(minute_s: int) -> str:
     return f"{PREFIX}usage:{minute_s}"
+
+
+def canary_count_key(model: str) -> str:
+    return f"{PREFIX}canary-count:{model}"
+
+
+def health_key(model: str, version: str) -> str:
+    return f"{PREFIX}health:{model}|{version}"
 
 
 def vm_key(vm_id: str) -> str:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from provisioner.placement import NodeView
 from provisioner.states import NodeState
@@ -23,6 +21,9 @@ class Beat:
     streams: Sequence[tuple[str, str, int]] = ()     # (user, session, fence) per live stream
     usage: Sequence[tuple[int, str, float]] = ()     # (minute_s, "user|session:conn", seconds)
     closed: Sequence[tuple[str, str]] = ()           # (user, session) of streams that ended
+    started: int = 0       # streams started since it loaded what it serves (cumulative)
+    failed: int = 0        # of those, closed because the model failed (1011)
+    load_error: str = ""   # why the model did not load (state dead)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Orders:
     """The control plane's answer to a heartbeat."""
 
     drain_deadline: float | None
-    retarget: str | None                             # "model:version:semitones"
+    retarget: str | None                         # "model:version:digest:streams_per_gpu"
     lost: tuple[str, ...]                            # sessions another session took over
     was: str = ""                                    # the node's state before this beat
 
@@ -87,7 +88,7 @@ class NodeRecord:
     eta_ready: float | None
     drain_deadline: float | None
     retired: bool
-    semitones: float
+    digest: str                # the package it serves (nodes fetch it by this)
     ready_at: float | None
     idle_since: float | None
     home: str = ""           # the region whose queue it was booted for (policy's pool)
@@ -143,20 +144,6 @@ class Admitted:
     position: int
 
 
-@dataclass(frozen=True)
-class LiveModel:
-    name: str
-    version: str
-    semitones: float
-    draining: tuple[dict[str, Any], ...]
-
-
-def _live_model(name: str, raw: str) -> LiveModel:
-    entry = json.loads(raw)
-    return LiveModel(name, str(entry["live"]["version"]), float(entry["live"]["semitones"]),
-                     tuple(entry.get("draining") or ()))
-
-
 def _float(h: Mapping[str, str], key: str) -> float:
     raw = h.get(key) or ""
     return float(raw) if raw else 0.0
@@ -177,7 +164,7 @@ def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
         deadline=_float(h, "deadline"), last_seen=_float(h, "last_seen"),
         price_per_hour=h.get("price_per_hour") or "0", eta_ready=float(eta) if eta else None,
         drain_deadline=float(drain) if drain else None, retired=bool(h.get("retired")),
-        semitones=_float(h, "semitones"), ready_at=_float(h, "ready_at") or None,
+        digest=h.get("digest", ""), ready_at=_float(h, "ready_at") or None,
         idle_since=_float(h, "idle_since") or None,
         home=h.get("home") or h.get("region", ""), lost_at=_float(h, "lost_at") or None,
         consolidating=bool(h.get("consolidating")))
@@ -188,7 +175,7 @@ def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
 # needs, in this order, then slots taken and slots live, joined by the unit separator.
 ROW_FIELDS = ("id", "provider", "region", "model", "version", "state", "progress", "url",
               "capacity", "started_at", "requested_at", "deadline", "last_seen",
-              "price_per_hour", "eta_ready", "drain_deadline", "retired", "semitones",
+              "price_per_hour", "eta_ready", "drain_deadline", "retired", "digest",
               "ready_at", "idle_since", "home", "lost_at", "consolidating")
 
 
