@@ -5,7 +5,8 @@
    answered frame on v2;
 2. canary share: v3 pushed with --canary 30, 40 new sessions (in a region that boots
    nothing, so they only queue), the share that got v3; then rolled back;
-3. automatic rollback: a canary that fails every stream after 100 ms (1011) at 50 %, six
+3. automatic rollback: a canary that passes the push check but fails every 16 kHz stream
+   after 100 ms (1011), at 50 %, six
    users streaming and resuming through the lobby as the page does, warm capacity of the
    good version; the 1011s clients saw before the control plane marked it failed, and the
    longest silence any user heard from their first frame on;
@@ -38,22 +39,24 @@ from connect import lobby, log, real_stack  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAME = np.zeros(320, np.int16).tobytes()   # 20 ms at 16 kHz
+# Passes the push check (48 kHz), fails every 16 kHz stream after 100 ms: a bug the check
+# cannot see, which only service shows.
 FAILING = '''
 from worker_node.splice import make as _make
 
 class Failing:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, 0
+    def __init__(self, inner, rate):
+        self.inner, self.rate, self.calls = inner, rate, 0
         self.latency_samples = inner.latency_samples
 
     def process(self, frames):
         self.calls += 1
-        if self.calls > 5:
+        if self.rate == 16000 and self.calls > 5:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return self.inner.process(frames)
 
 def make(sample_rate, params, files):
-    return Failing(_make(sample_rate, params, files))
+    return Failing(_make(sample_rate, params, files), sample_rate)
 '''
 
 

@@ -15,10 +15,6 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
-
 from common.errors import PackageError
 from common.package import DIGEST_RE, sha256
 
@@ -102,6 +98,7 @@ class S3Store:
     @contextlib.contextmanager
     def _errors(self, digest: str) -> Iterator[None]:
         """botocore's errors as PackageErrors that say what to do."""
+        from botocore.exceptions import BotoCoreError, ClientError
         try:
             yield
         except (BotoCoreError, ClientError) as e:
@@ -128,6 +125,7 @@ class S3Store:
             return bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
     def has(self, digest: str) -> bool:
+        from botocore.exceptions import ClientError
         key = self._key(digest)
         with self._errors(digest):
             try:
@@ -155,6 +153,9 @@ def open_store(url: str, access_key: str = "", secret_key: str = "") -> PackageS
         raise PackageError(f"package store {url!r} is neither file:///abs/dir (or a plain "
                            "path) nor s3://bucket/prefix?endpoint_url=http://host:port&"
                            "region=us-east-1 (endpoint_url and region optional)")
+    import boto3  # only for an s3:// store: a local run and its CLI start without it
+    from botocore.config import Config
+
     endpoint = query.get("endpoint_url", [None])[-1]
     # Path-style and checksums only when required: MinIO, Ceph and moto accept that, and
     # every archive is checked against its sha256 digest anyway.

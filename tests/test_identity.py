@@ -42,7 +42,7 @@ from provisioner import fleet as fleet_adapter
 from provisioner.policy import decide
 from provisioner.state import State
 from voicectl import procs
-from voicectl.run import local_user_secret
+from voicectl.util import local_user_secret
 from webapp.app import create_app
 from worker_node.quality import harmonic_tone
 

@@ -11,19 +11,20 @@ import sys
 import time
 from pathlib import Path
 
-from billing import schema
-from billing.ledger import Ledger, day_totals
-from billing.tables import open_db
 from common.config import Config, load_config
 from common.errors import VoiceError
 from common.identity import mint_token
-from provisioner import clouds
-from provisioner.fleet import REGION_COOLOFF_S
 from provisioner.state import State, connect
 from voicectl import models, procs
-from voicectl.run import USER_SECRET_FILE, cmd_run, say, with_user_secret
-from voicectl.util import default_url, get, redis_url, table
-from webapp.requests import BadRequest, parse_since
+from voicectl.util import (
+    USER_SECRET_FILE,
+    default_url,
+    get,
+    redis_url,
+    say,
+    table,
+    with_user_secret,
+)
 
 
 def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
@@ -40,6 +41,8 @@ def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _kill(cfg: Config, node_ids: list[str], as_json: bool) -> int:
+    from provisioner import clouds  # libcloud: only where needed (the CLI starts fast)
+
     cfg = cfg.with_overrides(redis_url=redis_url(cfg))
     vms = {vm.name: vm for region in clouds.machine_regions(cfg)
            if cfg.provider(region.provider).driver == "local"
@@ -66,6 +69,9 @@ def _kill(cfg: Config, node_ids: list[str], as_json: bool) -> int:
 
 
 def cmd_usage(args: argparse.Namespace, cfg: Config) -> int:
+    from billing.ledger import Ledger, day_totals
+    from webapp.requests import BadRequest, parse_since
+
     try:
         since = parse_since(args.since)
     except BadRequest as e:
@@ -86,6 +92,9 @@ def cmd_usage(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, cfg: Config) -> int:
+    from billing import schema
+    from billing.tables import open_db
+
     engine = open_db(cfg.database_url)
     before = schema.upgrade(engine)
     where = engine.url.render_as_string(hide_password=True)
@@ -99,6 +108,8 @@ def cmd_kill_node(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_kill_region(args: argparse.Namespace, cfg: Config) -> int:
+    from provisioner.fleet import REGION_COOLOFF_S
+
     if cfg.region(args.region) is None:
         raise VoiceError(f"unknown region {args.region!r}; known: "
                          f"{[r.name for r in cfg.regions]}")
@@ -147,6 +158,12 @@ def cmd_user_token(args: argparse.Namespace, cfg: Config) -> int:
         say(f"user {args.user}, valid {args.ttl:.0f} s, signed with {signed}: open "
             f"{url}/?token={token} or pass token=... to /ws/session and /api/usage")
     return 0
+
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    from voicectl.run import cmd_run as run  # the whole stack's imports: only to run it
+
+    return run(args, cfg)
 
 
 def parser() -> argparse.ArgumentParser:

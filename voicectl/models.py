@@ -20,8 +20,7 @@ from common.errors import PackageError, VoiceError
 from provisioner import catalog
 from provisioner.state import State, connect
 from provisioner.versions import Entry
-from voicectl.run import say
-from voicectl.util import default_url, get, redis_url, table
+from voicectl.util import default_url, get, redis_url, say, table
 
 COLUMNS = ["name", "version", "state", "canary_percent", "streams_per_gpu", "digest",
            "reason"]

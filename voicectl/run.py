@@ -7,12 +7,10 @@ import argparse
 import json
 import logging
 import os
-import secrets
 import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -22,37 +20,9 @@ from common.config import Config, load_config
 from provisioner import catalog, clouds, tasks
 from provisioner.state import State, connect
 from voicectl import procs
+from voicectl.util import RUN_FILE, say, with_user_secret
 from webapp import serving
 from webapp.app import before_serving, create_app
-
-
-def say(msg: str) -> None:
-    print(f"voicectl: {msg}", flush=True)
-
-
-RUN_FILE = procs.ROOT / "var" / "run.json"
-USER_SECRET_FILE = procs.ROOT / "var" / "user-token-secret"
-
-
-def local_user_secret(path: Path = USER_SECRET_FILE) -> str:
-    """The local stack's USER_TOKEN_SECRET, made once and kept in `path` (mode 0600): page
-    cookies outlive a restart, and `voicectl user-token` in another terminal mints tokens
-    the running stack accepts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-    return path.read_text().strip()
-
-
-def with_user_secret(cfg: Config) -> Config:
-    """USER_TOKEN_SECRET from the environment, else the local stack's own."""
-    if os.environ.get("USER_TOKEN_SECRET"):
-        return cfg
-    return cfg.with_overrides(user_token_secret=local_user_secret())
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:

@@ -3,14 +3,46 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from common.config import Config
 from common.errors import VoiceError
-from voicectl.run import RUN_FILE
+from voicectl import procs
+
+
+def say(msg: str) -> None:
+    print(f"voicectl: {msg}", flush=True)
+
+
+RUN_FILE = procs.ROOT / "var" / "run.json"
+USER_SECRET_FILE = procs.ROOT / "var" / "user-token-secret"
+
+
+def local_user_secret(path: Path = USER_SECRET_FILE) -> str:
+    """The local stack's USER_TOKEN_SECRET, made once and kept in `path` (mode 0600): page
+    cookies outlive a restart, and `voicectl user-token` in another terminal mints tokens
+    the running stack accepts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def with_user_secret(cfg: Config) -> Config:
+    """USER_TOKEN_SECRET from the environment, else the local stack's own."""
+    if os.environ.get("USER_TOKEN_SECRET"):
+        return cfg
+    return cfg.with_overrides(user_token_secret=local_user_secret())
 
 
 def redis_url(cfg: Config) -> str:
