@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -84,6 +85,14 @@ def test_waiting_users_boot_enough_nodes(waiting: int, boots: int) -> None:
     d = decide(snap(pools=(demand(key(), waiting=waiting),)), NOW, CFG)
     assert d.boot == (key(),) * boots
     assert d.stop == () and d.retarget == ()
+
+
+@pytest.mark.parametrize(("waiting", "boots"), [(1, 1), (2, 1), (3, 2), (9, 5)])
+def test_a_model_with_two_streams_per_gpu_boots_twice_the_nodes(waiting: int,
+                                                                  boots: int) -> None:
+    heavy = replace(CFG, capacity_by_model={"heavy": 2})
+    k = key("heavy")
+    assert decide(snap(pools=(demand(k, waiting=waiting),)), NOW, heavy).boot == (k,) * boots
 
 
 def test_waiting_users_count_against_free_slots_of_coming_nodes() -> None:
@@ -270,9 +279,11 @@ def test_scaling_config_from_app_config() -> None:
     config = Config(
         regions=(Region("west", "cloud", 37.8, -122.4),),
         providers=(Provider("cloud", Decimal("1.10"), billing_increment_s=60, boot_s=90.0),),
-        models=(Model("miku", "1", 4.0),), model_load_s=12.0, idle_grace_s=30.0)
+        models=(Model("miku", Path("models/miku")), Model("heavy", Path("x"), 2)),
+        model_load_s=12.0, idle_grace_s=30.0)
     cfg = ScalingConfig.from_config(config, buffer_z=1.0)
     assert cfg.lead_s("west") == 102.0 and cfg.idle_grace_s == 30.0 and cfg.buffer_z == 1.0
+    assert cfg.capacity_of("heavy") == 2 and cfg.capacity_of("miku") == 4
     assert cfg.price("cloud") == Decimal("1.10")
     assert cfg.billing_increment_s_by_provider["cloud"] == 60.0
 

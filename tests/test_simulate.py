@@ -26,6 +26,7 @@ from provisioner.policy import (
     decide_reactive,
     static_fleet,
 )
+from provisioner.simmetrics import perfect_packing
 from provisioner.simreport import undominated
 from provisioner.simtrace import BURST_S, BURSTY_MAX_SESSION_S
 from provisioner.simulate import (
@@ -205,7 +206,7 @@ def test_a_waiting_user_takes_a_slot_freed_in_a_region_within_the_budget() -> No
                              Region("b", "cloud", 38.5, -121.5)),
                     providers=(Provider("cloud", Decimal("1.10"), billing_increment_s=60,
                                         boot_s=90.0),),
-                    models=(Model("miku", "1", 4.0),))
+                    models=(Model("miku", Path("models/miku")),))
     b_users = [Session(float(i), 50.0 if i == 0 else 500.0, "miku", 38.5, -121.5)
                for i in range(4)]
     a_user = Session(10.0, 60.0, "miku", 37.8, -122.4)
@@ -213,6 +214,22 @@ def test_a_waiting_user_takes_a_slot_freed_in_a_region_within_the_budget() -> No
     result = simulate([*b_users, a_user], config, static_fleet(fleet), name="static",
                       initial=fleet)
     assert result.waits == [0.0, 0.0, 0.0, 0.0, pytest.approx(40.0)]
+
+
+@pytest.mark.parametrize(("streams_per_gpu", "nodes"), [(4, 1), (2, 2)])
+def test_a_heavy_model_is_packed_and_priced_by_its_streams_per_gpu(
+        streams_per_gpu: int, nodes: int) -> None:
+    """Four users at once of a model whose package says 2 streams per GPU need two nodes,
+    in the simulator's boots and in its lower bound; of a 4-stream model, one."""
+    config = Config(regions=(Region("a", "cloud", 37.8, -122.4),),
+                    providers=(Provider("cloud", Decimal("1.10"), billing_increment_s=60,
+                                        boot_s=30.0),),
+                    models=(Model("miku", Path("models/miku"), streams_per_gpu),))
+    users = [Session(0.0, 600.0, "miku", 37.8, -122.4) for _ in range(4)]
+    seconds, peaks = perfect_packing(users, ["a"] * 4, config, 600.0)
+    assert seconds == {PoolKey("miku", "1", "a"): 600.0 * nodes}
+    result = simulate(users, config, decide_reactive, name="reactive", until_s=600.0)
+    assert result.boots == nodes
 
 
 def test_run_all_never_breaks_the_rules() -> None:
