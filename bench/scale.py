@@ -241,8 +241,14 @@ def main(argv: list[str] | None = None) -> int:
             idle, cpu_idle, _, _ = phase("idle")
 
             log(f"{args.nodes} simulated nodes: recorded, join tokens minted ...")
-            tokens = [enroll(state, cfg, SIM_MODELS[i % 2], cfg.regions[i % 4].name)[1]
-                      for i in range(args.nodes)]
+            enrolled = [enroll(state, cfg, SIM_MODELS[i % 2], cfg.regions[i % 4].name)
+                        for i in range(args.nodes)]
+            tokens = [token for _, token in enrolled]
+            for i, (node_id, _) in enumerate(enrolled):   # the sessions agents report, placed
+                for k in range(2 if i % 4 == 0 else 0):   # there as the lobby places them
+                    state.save_session(f"s-sim{i}-{k}", {
+                        "user": f"sim{i}-{k}", "node": node_id, "fence": 1,
+                        "created_at": time.time() - 120}, ttl_s=3600)
             ctl, child_ctl = ctx.Pipe()
             agents = ctx.Process(target=agents_main, args=(base_url, tokens, child_ctl),
                                  daemon=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from billing import schema
 from billing.math import (
@@ -85,18 +85,24 @@ class Ledger:
             conn.execute(stmt)
 
     # --- usage -------------------------------------------------------------------------
-    def settle(self, minutes: Iterable[tuple[int, Mapping[str, float]]]) -> int:
+    def settle(self, minutes: Iterable[tuple[int, Mapping[str, float]]],
+               rejected: list[str] | None = None) -> int:
         """Bill these minutes' counters (minute_s, live-state counters); returns the
         usage_minutes rows written. A counter is merged by its maximum (counters only
         grow), and each row it touches is set to the sum of all its counters on record, so
-        a minute whose live counters were partly forgotten still bills in full."""
+        a minute whose live counters were partly forgotten still bills in full. A malformed
+        counter is skipped, logged and described in `rejected`; the rest bill."""
         counters: dict[tuple[str, datetime, str, str, str, str], UsageCounter] = {}
         for minute_s, fields in minutes:
             for field, seconds in fields.items():
                 c = parse_counter(minute_s, field, seconds)
                 if c is None:
-                    log.warning("usage counter %r of minute %s is not "
-                                "user|session|node|model|region: not billed", field, minute_s)
+                    what = (f"usage counter {field[:200]!r} = {seconds!r} s of minute "
+                            f"{minute_s}: not user|session|node|model|region with 0-60 s "
+                            "in a UTC minute; not billed")
+                    log.warning("%s", what)
+                    if rejected is not None:
+                        rejected.append(what)
                     continue
                 counters[(c.user, utc(c.minute_s), c.model, c.region, c.node, c.session)] = c
         if not counters:
@@ -132,11 +138,22 @@ class Ledger:
         committed, and only if no report changed it meanwhile. Returns rows written."""
         dirty = state.dirty_minutes(now, SETTLE_MAX_MINUTES)
         written = 0
+        rejected: list[str] = []
         for at in range(0, len(dirty), SETTLE_BATCH_MINUTES):
             got = [(m, state.usage_counters(m)) for m in dirty[at:at + SETTLE_BATCH_MINUTES]]
-            written += self.settle(got)
+            try:
+                written += self.settle(got, rejected)
+            except (DataError, IntegrityError):   # a row the database refuses: find it
+                for one in got:                  # (an outage raises on: the tick retries)
+                    try:
+                        written += self.settle([one], rejected)
+                    except (DataError, IntegrityError) as e:
+                        rejected.append(f"minute {one[0]}: the database refused it: {e}")
+                        log.error("%s", rejected[-1])
             for minute_s, counters in got:
                 state.mark_settled(minute_s, counters)
+        if rejected:
+            state.record_rejected(rejected)
         return written
 
     def usage(self, user: str | None = None, since: datetime | None = None) -> list[UsageRow]:

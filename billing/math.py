@@ -40,10 +40,17 @@ def aggregate(counters: Iterable[UsageCounter]) -> dict[RowKey, float]:
     return {k: round(min(60.0, v), 3) for k, v in rows.items()}
 
 
+LAST_MINUTE_S = 253402300740   # 9999-12-31 23:59 UTC: the last minute a datetime holds
+
+
 def parse_counter(minute_s: int, field: str, seconds: float) -> UsageCounter | None:
-    """A live-state counter ("user|session|node|model|region"); None if malformed."""
+    """A live-state counter ("user|session|node|model|region"); None if malformed: a bad
+    field, a minute that is not a UTC minute a datetime can hold, or seconds outside
+    0-60 (the settler skips it and bills the rest)."""
     parts = field.split("|")
     if len(parts) != 5 or not all(parts):
+        return None
+    if not 0 <= minute_s <= LAST_MINUTE_S or minute_s % 60 or not 0.0 <= seconds <= 60.0:
         return None
     user, session, node, model, region = parts
     return UsageCounter(minute_s, user, session, node, model, region, seconds)

@@ -42,6 +42,7 @@ NODE_STATES = {NodeState.LOADING.value, NodeState.READY.value, NodeState.DRAININ
 CONN_RE = re.compile(r"^[0-9a-f]{1,16}$")
 URL_RE = re.compile(r"^wss?://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[A-Za-z0-9_./\-]*)?$")
 MAX_COUNTERS = 2000          # per heartbeat: a node with 4 streams reports a handful
+MAX_INT = 2**53             # fences and minutes: exact in Lua's doubles (and JSON's)
 MAX_STREAMS = 64             # per heartbeat: far above any node's capacity
 NOTIFY_TIMEOUT_S = 1.0
 
@@ -172,7 +173,10 @@ def parse_beat(body: Mapping[str, Any]) -> Beat:
     closed = _rows(body, "closed", 2, MAX_COUNTERS, "[user, session]")
     live = []
     for user, session, fence, _conn in streams:
-        live.append((_name(user, "user"), _name(session, "session"), _int(fence, "fence")))
+        fence = _int(fence, "fence")
+        if not 0 < fence < MAX_INT:
+            raise BadReport(f"fence {fence} is not a fencing token the lobby issued")
+        live.append((_name(user, "user"), _name(session, "session"), fence))
     counters = []
     for minute, user, session, conn, seconds in usage:
         _name(user, "user")
@@ -180,7 +184,7 @@ def parse_beat(body: Mapping[str, Any]) -> Beat:
         if not isinstance(conn, str) or not CONN_RE.match(conn):
             raise BadReport(f"connection id {str(conn)[:20]!r} is not 1-16 hex digits")
         minute, seconds = _int(minute, "usage minute"), _float(seconds, "usage seconds")
-        if minute % 60 or not 0.0 <= seconds <= 60.0:
+        if minute % 60 or not 0 <= minute < MAX_INT or not 0.0 <= seconds <= 60.0:
             raise BadReport(f"usage minute {minute} / {seconds} s is not a UTC minute with "
                             "0-60 s streamed")
         counters.append((minute, f"{user}|{session}:{conn}", round(seconds, 4)))
@@ -269,7 +273,14 @@ def heartbeats(state: State, cfg: Config, reports: list[tuple[str, str, Mapping[
         elif orders is False:
             out[i] = JoinError(f"node {node_id} was removed from the fleet (no heartbeat in "
                                "time, or stopped); this node should shut down")
+        elif isinstance(orders, Exception):
+            log.warning("node %s: report not recorded (%s)", node_id, orders)
+            out[i] = BadReport(f"the report could not be recorded ({orders}); send numbers "
+                               "and names in their ranges (docs/protocol.md)")
         else:
+            if orders.dropped:
+                log.warning("node %s: %d report(s) dropped: not placed there", node_id,
+                            orders.dropped)
             out[i] = orders
             loaded = beat.state == NodeState.READY.value and orders.was != beat.state
             wake = wake or bool(beat.closed) or loaded

@@ -272,6 +272,13 @@ class ControlPlane(Webapp):
         return [n for n in self.state.nodes() if model in (None, n.model)]
 
 
+def place(state: State, node_id: str, user: str, session: str, fence: int) -> None:
+    """Record a session as placed on a node, as the lobby does when it signs its ticket."""
+    state.save_session(session, {"user": user, "model": "miku", "version": "1",
+                                 "region": "us-west", "node": node_id, "fence": fence,
+                                 "created_at": time.time()}, ttl_s=3600)
+
+
 def push_version(state: State, cfg: Config, model: str, drain_s: float = 600.0,
                  canary: int | None = None, package: Path | None = None,
                  **params: Any) -> Version:

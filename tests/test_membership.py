@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import SECRET, Fleet, closed_code, start_stream
+from conftest import SECRET, Fleet, closed_code, place, start_stream
 from simple_websocket import Client
 
 from common.tickets import Ticket, node_key, sign
 from provisioner import membership
+from provisioner.state import State
 from voicectl import procs
 from worker_node.quality import harmonic_tone
 
@@ -28,7 +29,11 @@ def post(fleet: Fleet, path: str, body: object, credential: str = "") -> request
                          timeout=5)
 
 
-def ticket_for(node_id: str, key_of: str, user: str = "alice") -> str:
+def ticket_for(node_id: str, key_of: str, user: str = "alice",
+               state: State | None = None) -> str:
+    """A ticket for `node_id` signed with `key_of`'s key; with `state`, placed there."""
+    if state is not None:
+        place(state, node_id, user, f"s-{user}", 1)
     return sign(Ticket(user=user, session=f"s-{user}", node=node_id, model="miku",
                        version="1", fence=1, exp=time.time() + 60), node_key(SECRET, key_of))
 
@@ -58,6 +63,7 @@ def test_heartbeat_needs_a_live_credential_and_reports_only_the_node(fleet: Flee
     node_id, token = fleet.enroll("miku")
     cred = post(fleet, "join", {"token": token, "url": "ws://127.0.0.1:1/ws"}).json()["credential"]
     minute = int(time.time() // 60) * 60
+    place(fleet.state, node_id, "bob", "s-1", 1)   # the lobby placed bob's session there
     beat = {"state": "ready", "progress": 1.0, "serving": "miku:1", "streams": [],
             "usage": [[minute, "bob", "s-1", "ab12", 12.5]],
             # what the control plane decided is not the node's to say: ignored
@@ -88,7 +94,7 @@ def test_a_revoked_node_exits_and_other_streams_go_on(fleet: Fleet) -> None:
     victim = fleet.start("miku", node_id="n-victim")
     other = fleet.start("miku", node_id="n-other")
     ws = start_stream({"node_url": fleet.url(other),
-                       "ticket": ticket_for(other, other)}, rate=16000)
+                       "ticket": ticket_for(other, other, state=fleet.state)}, rate=16000)
     proc = fleet.procs[0]
     fleet.state.revoke(victim)
     assert proc.wait(timeout=15) == 0          # refused at its next heartbeat: it leaves
@@ -109,7 +115,7 @@ def test_a_nodes_key_signs_tickets_for_itself_alone(fleet: Fleet) -> None:
     # A genuine ticket of node A used on node B: refused as foreign.
     code, reason = closed_code(Client.connect(f"{fleet.url(b)}?ticket={ticket_for(a, a)}"))
     assert code == 4401 and "lobby" in reason
-    ws = start_stream({"node_url": fleet.url(b), "ticket": ticket_for(b, b)})
+    ws = start_stream({"node_url": fleet.url(b), "ticket": ticket_for(b, b, state=fleet.state)})
     ws.close()
 
 
@@ -153,7 +159,8 @@ def test_a_node_serves_wss_with_a_certificate(fleet: Fleet, tmp_path: Path) -> N
     url = fleet.url(node_id)
     assert url == f"wss://127.0.0.1:{port}/ws"
     trust = ssl.create_default_context(cafile=str(cert))
-    ws = Client.connect(f"{url}?ticket={ticket_for(node_id, node_id)}", ssl_context=trust)
+    ws = Client.connect(f"{url}?ticket={ticket_for(node_id, node_id, state=fleet.state)}",
+                        ssl_context=trust)
     ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
     assert json.loads(ws.receive(timeout=5))["type"] == "started"
     rec = fleet.state.node(node_id)

@@ -16,7 +16,7 @@ import uuid
 from typing import Any
 
 import pytest
-from conftest import ControlPlane, closed_code, lobby, push_version, start_stream
+from conftest import ControlPlane, closed_code, lobby, place, push_version, start_stream
 from playwright.sync_api import Browser, Page, expect
 from test_page import browser, open_page, pw, tone_wav, wait_until  # noqa: F401  fixtures
 
@@ -203,9 +203,10 @@ def test_the_old_connections_close_keeps_the_lock_of_the_new_one(fleet) -> None:
         return dict(r.json())
 
     creds = {}
-    for name in ("old", "new"):
+    for fence, name in enumerate(("old", "new"), start=1):
         node_id, token = fleet.enroll("miku", node_id=f"n-{name}-{uuid.uuid4().hex[:6]}")
         creds[name] = post("join", {"token": token, "url": "ws://127.0.0.1:1/ws"})["credential"]
+        place(fleet.state, node_id, "carol", "s-1", fence)   # the lobby placed it, then moved
     beat = {"state": "ready", "progress": 1.0, "serving": "miku:1", "usage": [], "closed": []}
     assert post("heartbeat", {**beat, "streams": [["carol", "s-1", 1, "c1"]]},
                 creds["old"])["lost"] == []

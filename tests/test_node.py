@@ -8,11 +8,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SECRET, Fleet, closed_code, wait_for
+from conftest import SECRET, Fleet, closed_code, place, wait_for
 from simple_websocket import Client
 
 from common.states import NodeState
 from common.tickets import Ticket, node_key, sign
+from provisioner.state import State
 from voicectl import procs
 from worker_node.agent import Agent
 from worker_node.control import ControlClient
@@ -25,10 +26,15 @@ FRAME = 960  # 20 ms
 
 def ticket(node_id: str, user: str = "alice", session: str | None = None, model: str = "miku",
            version: str = "1", fence: int = 1, exp_in_s: float = 60.0,
-           secret: str = SECRET) -> str:
-    return sign(Ticket(user=user, session=session or f"s-{user}-{fence}", node=node_id,
-                       model=model, version=version, fence=fence,
-                       exp=time.time() + exp_in_s), node_key(secret, node_id))
+           secret: str = SECRET, state: State | None = None) -> str:
+    """A ticket as the lobby signs one; with `state`, the session is placed on the node as
+    the lobby places it (what the node reports of it is then believed)."""
+    session = session or f"s-{user}-{fence}"
+    if state is not None:
+        place(state, node_id, user, session, fence)
+    return sign(Ticket(user=user, session=session, node=node_id, model=model,
+                       version=version, fence=fence, exp=time.time() + exp_in_s),
+                node_key(secret, node_id))
 
 
 def open_stream(url: str, tok: str, rate: int = RATE) -> tuple[Client, dict]:
@@ -58,8 +64,9 @@ def node(fleet: Fleet) -> tuple[Fleet, str]:
 def test_four_streams_shifted_and_fifth_refused(node: tuple[Fleet, str]) -> None:
     fleet, node_id = node
     url = fleet.url(node_id)
-    streams = [open_stream(url, ticket(node_id, user=f"u{i}"))[0] for i in range(4)]
-    fifth = Client.connect(f"{url}?ticket={ticket(node_id, user='u5')}")
+    streams = [open_stream(url, ticket(node_id, state=fleet.state, user=f"u{i}"))[0]
+               for i in range(4)]
+    fifth = Client.connect(f"{url}?ticket={ticket(node_id, state=fleet.state, user='u5')}")
     code, reason = closed_code(fifth)
     assert code == 4503 and "full" in reason
     assert len(fleet.state.live_sessions(node_id)) == 4
@@ -93,7 +100,7 @@ def test_four_streams_shifted_and_fifth_refused(node: tuple[Fleet, str]) -> None
 def test_refused_while_loading(fleet: Fleet) -> None:
     node_id = fleet.start("miku", load_s=30, wait=False)
     node = fleet.wait_state(node_id, "loading")
-    ws = Client.connect(f"{node.url}?ticket={ticket(node_id)}")
+    ws = Client.connect(f"{node.url}?ticket={ticket(node_id, state=fleet.state)}")
     code, reason = closed_code(ws)
     assert code == 4503 and "loading" in reason
 
@@ -103,10 +110,10 @@ def test_refused_while_loading(fleet: Fleet) -> None:
 def test_bad_tickets_get_4401(node: tuple[Fleet, str], case: str) -> None:
     fleet, node_id = node
     tok = {
-        "forged": ticket(node_id, secret="not-the-secret"),
-        "expired": ticket(node_id, exp_in_s=-5),
+        "forged": ticket(node_id, state=fleet.state, secret="not-the-secret"),
+        "expired": ticket(node_id, state=fleet.state, exp_in_s=-5),
         "foreign_node": ticket("n-other"),
-        "foreign_model": ticket(node_id, model="teto"),
+        "foreign_model": ticket(node_id, state=fleet.state, model="teto"),
         "garbage": "abc.def",
         "missing": "",
     }[case]
@@ -129,8 +136,8 @@ def test_malformed_input_gets_error_and_4400_others_unharmed(
         node: tuple[Fleet, str], first: str, bad: bytes | str | None, needle: str) -> None:
     fleet, node_id = node
     url = fleet.url(node_id)
-    good, _ = open_stream(url, ticket(node_id, user="good"))
-    ws = Client.connect(f"{url}?ticket={ticket(node_id, user='bad')}")
+    good, _ = open_stream(url, ticket(node_id, state=fleet.state, user="good"))
+    ws = Client.connect(f"{url}?ticket={ticket(node_id, state=fleet.state, user='bad')}")
     ws.send(first)
     if bad is not None:
         assert json.loads(ws.receive(timeout=5))["type"] == "started"
@@ -145,11 +152,11 @@ def test_malformed_input_gets_error_and_4400_others_unharmed(
 def test_stale_ticket_refused_and_newer_takes_over(node: tuple[Fleet, str]) -> None:
     fleet, node_id = node
     url = fleet.url(node_id)
-    old, _ = open_stream(url, ticket(node_id, user="carol", fence=5))
-    new, _ = open_stream(url, ticket(node_id, user="carol", fence=6))
+    old, _ = open_stream(url, ticket(node_id, state=fleet.state, user="carol", fence=5))
+    new, _ = open_stream(url, ticket(node_id, state=fleet.state, user="carol", fence=6))
     code, reason = closed_code(old)
     assert code == 4409 and "taken over" in reason
-    stale = ticket(node_id, user="carol", fence=4)
+    stale = ticket(node_id, state=fleet.state, user="carol", fence=4)
     code, reason = closed_code(Client.connect(f"{url}?ticket={stale}"))
     assert code == 4401 and "stale" in reason
     assert len(stream_tone(new, harmonic_tone(150.0, RATE, 0.1))) > 0
@@ -157,7 +164,7 @@ def test_stale_ticket_refused_and_newer_takes_over(node: tuple[Fleet, str]) -> N
 
 def test_started_reports_latency_and_odd_rates_work(node: tuple[Fleet, str]) -> None:
     fleet, node_id = node
-    ws, started = open_stream(fleet.url(node_id), ticket(node_id), rate=16000)
+    ws, started = open_stream(fleet.url(node_id), ticket(node_id, state=fleet.state), rate=16000)
     assert 0 < started["latency_ms"] <= 20 and started["model"] == "miku"
     out = stream_tone(ws, harmonic_tone(150.0, 16000, 0.5), frame=320)
     assert len(out) == 8000

@@ -67,8 +67,8 @@ def test_streams_outlive_the_control_plane_and_usage_arrives_later(
         node_id, token = fleet.enroll("miku")
         node = fleet.join(token, node_id, "--orphan-s", "1")
         fleet.wait_state(node_id, "ready")
-        ws = start_stream({"node_url": fleet.url(node_id), "ticket": ticket_for(node_id,
-                                                                                 node_id)})
+        ws = start_stream({"node_url": fleet.url(node_id),
+                           "ticket": ticket_for(node_id, node_id, state=fleet.state)})
         before = stream_audio(ws, 0.5)
         procs.stop([web])                   # the control plane dies (its hub's sockets too)
         after = stream_audio(ws, 3.0)       # well past --orphan-s: the stream goes on
@@ -171,7 +171,7 @@ def test_redis_killed_and_back_with_its_append_only_file_bills_within_2_s(
         fleet.join(token, node_id)
         fleet.wait_state(node_id, "ready")
         ws = start_stream({"node_url": fleet.url(node_id),
-                           "ticket": ticket_for(node_id, node_id)})
+                           "ticket": ticket_for(node_id, node_id, state=fleet.state)})
         streamed = stream_audio(ws, 2.0)
         redis_proc.kill()                   # no time to sync: the worst case
         redis_proc.wait()

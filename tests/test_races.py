@@ -22,16 +22,18 @@ from worker_node.runtime import NodeRuntime, Stream
 def test_second_connection_of_a_session_replaces_the_first(fleet: Fleet) -> None:
     node_id = fleet.start("miku")
     url = fleet.url(node_id)
-    tok = ticket(node_id, user="dup", session="s-dup")
-    first = start_stream({"node_url": url, "ticket": tok}, rate=48000)
-    second = start_stream({"node_url": url, "ticket": tok}, rate=48000)
+    first = start_stream({"node_url": url, "ticket": ticket(
+        node_id, state=fleet.state, user="dup", session="s-dup", fence=1)}, rate=48000)
+    second = start_stream({"node_url": url, "ticket": ticket(   # a resume: a new ticket
+        node_id, state=fleet.state, user="dup", session="s-dup", fence=2)}, rate=48000)
     code, reason = closed_code(first)
     assert code == 4409 and "replaced" in reason
     time.sleep(0.3)   # the first handler has ended: it must not free the live slot or lock
     assert fleet.state.live_sessions(node_id) == ["s-dup"]
-    others = [start_stream({"node_url": url, "ticket": ticket(node_id, user=f"o{i}")},
+    others = [start_stream({"node_url": url,
+                            "ticket": ticket(node_id, state=fleet.state, user=f"o{i}")},
                            rate=48000) for i in range(3)]
-    full = Client.connect(f"{url}?ticket={ticket(node_id, user='o9')}")
+    full = Client.connect(f"{url}?ticket={ticket(node_id, state=fleet.state, user='o9')}")
     assert closed_code(full)[0] == 4503               # still 4 streams at most
     assert len(stream_tone(second, harmonic_tone(150.0, 48000, 0.1))) == 4800
     for ws in others:

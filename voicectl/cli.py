@@ -33,7 +33,8 @@ def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
         print(json.dumps(data))
         return 0
     print(table(data["nodes"], ["id", "region", "model", "version", "state", "sessions",
-                                "capacity", "price_per_hour", "url"]))
+                                "capacity", "price_per_hour", "url", "reports_dropped",
+                                "suspect"]))
     if data["queues"]:
         print("\n" + table(data["queues"], ["model", "region", "waiting"]))
     print(f"\n{len(data['nodes'])} nodes, ${data['cost_per_hour']:.2f}/hour")
@@ -72,6 +73,10 @@ def cmd_usage(args: argparse.Namespace, cfg: Config) -> int:
     from billing.ledger import Ledger, day_totals
     from webapp.requests import BadRequest, parse_since
 
+    if args.rejected:   # what settlement skipped as malformed (a lying or broken node)
+        rejected = State(connect(redis_url(cfg))).rejected()
+        print(json.dumps(rejected) if args.json else "\n".join(rejected) or "none")
+        return 0
     try:
         since = parse_since(args.since)
     except BadRequest as e:
@@ -188,6 +193,8 @@ def parser() -> argparse.ArgumentParser:
     us = sub.add_parser("usage", help="seconds streamed per user and day (billing database)")
     us.add_argument("--user")
     us.add_argument("--since", help="ISO date or time, UTC")
+    us.add_argument("--rejected", action="store_true",
+                    help="the usage counters settlement skipped as malformed, newest first")
     fmt = us.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true")
     fmt.add_argument("--json", action="store_true")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from common.config import NODE_PORT
 from common.errors import PackageError
@@ -125,6 +125,15 @@ def _join(control: ControlClient, token: str, url: str) -> Grant:
             time.sleep(1.0)
 
 
+class QuietHandler(WSGIRequestHandler):
+    """Request log lines without the query string: a stream's URL carries its ticket."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        method, _, rest = self.requestline.partition(" ")
+        path, _, proto = rest.partition(" ")
+        self.log("info", '"%s %s %s" %s %s', method, path.split("?", 1)[0], proto, code, size)
+
+
 def package_loader(control: ControlClient, local: Path | None) -> Callable[[str], Loaded]:
     """How this node loads a model: fetch the package by digest with its own credential,
     check the digest, unpack it into a directory of its own per version, import it, and
@@ -209,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(node, grant.ticket_key, **hooks)
     control_endpoint(app, grant.ticket_key, agent)
     ssl = (args.cert, args.key) if args.cert else None
-    server = make_server(host, port, app, threaded=True, ssl_context=ssl)
+    server = make_server(host, port, app, threaded=True, ssl_context=ssl,
+                         request_handler=QuietHandler)
     if not args.standalone:
         agent.start()
     threading.Thread(target=node.load, args=(warm_up, agent.poke), name="load",

@@ -65,9 +65,20 @@ class NodeRuntime:
     fences: dict[str, int] = field(default_factory=dict)   # highest fence seen per user
     lock: threading.Lock = field(default_factory=threading.Lock)
     served: Loaded | None = None  # the loaded package, once loaded
+    used_tickets: dict[tuple[str, int], float] = field(default_factory=dict)   # -> expiry
     load_error: str = ""          # why it could not load (state DEAD)
     started: int = 0              # streams started since it loaded what it serves
     failed: int = 0               # of those, closed because the model failed (1011)
+
+    def use_ticket(self, session: str, fence: int, exp: float, now: float) -> bool:
+        """A ticket opens one stream: False if this one (its session and fence, unique per
+        lobby placement) was used before. Remembered until it expires."""
+        with self.lock:
+            self.used_tickets = {k: e for k, e in self.used_tickets.items() if e > now}
+            if (session, fence) in self.used_tickets:
+                return False
+            self.used_tickets[(session, fence)] = exp
+            return True
 
     def make_processor(self, rate: int) -> Processor:
         """A processor of the loaded model for one stream at `rate`."""

@@ -111,6 +111,9 @@ def _check_ticket(node: NodeRuntime, t: Ticket) -> None:
     if (t.model, t.version) != (node.model, node.version):
         raise TicketError(f"ticket is for model {t.model} v{t.version}, this node serves "
                           f"{node.model} v{node.version}; reconnect through the lobby")
+    if not node.use_ticket(t.session, t.fence, t.exp, time.time()):
+        raise TicketError("this ticket was used already (a ticket opens one stream); "
+                          "reconnect through the lobby for a new one")
 
 
 def _take_over(node: NodeRuntime, entry: Stream) -> str | None:

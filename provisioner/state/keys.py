@@ -15,6 +15,11 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
                                      no new sessions), retired (being stopped), retarget.
                                      `lost_at`: a client reported its stream there lost (a
                                      resume); no placement while last_seen < lost_at.
+                                     `dropped`, `dropped_why`: reports of it refused (not
+                                     placed there); `suspect`: why it was drained for it.
+    vc:node:{id}:placed       HASH   session id -> "user|fence|placed_at": every session the
+                                     lobby gave this node a ticket for (the highest fence);
+                                     what the node reports is checked against it (beat.lua)
     vc:node:{id}:slots        ZSET   session id -> reservation expiry; +inf once the stream is
                                      live on the node. ZCARD = slots taken (never > capacity).
     vc:session:{sid}          HASH   user model version region node fence created_at, and
@@ -57,6 +62,8 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
     vc:usage-dirty            ZSET   minute_s -> minute_s of every usage hash with counters
                                      not settled yet: written by the same script as the
                                      counter, removed only by the settle step that billed it
+    vc:usage-rejected         LIST   counters settlement skipped as malformed (what, why),
+                                     newest first, the last USAGE_REJECTED_KEEP
     vc:join:{sha256(token)}   STRING one-time join token -> JSON {"node": id} (a node we
                                      booted) or {"byo": region, "model": name}; expires
     vc:cred:{sha256(cred)}    STRING a joined node's credential -> node id (revoked: deleted;
@@ -89,6 +96,8 @@ VMS = PREFIX + "vms"
 REGION_DOWN = PREFIX + "region-down"
 SCALE_KICK = PREFIX + "scale-kick"
 USAGE_DIRTY = PREFIX + "usage-dirty"
+USAGE_REJECTED = PREFIX + "usage-rejected"
+USAGE_REJECTED_KEEP = 1000
 CONSTRAINED = PREFIX + "constrained"
 LOBBY_WAKE = PREFIX + "lobby-wake"   # PUBSUB: room may have appeared; waiting lobbies look now
 BEAT_PATH = PREFIX + "beat-path"
@@ -104,6 +113,10 @@ def node_key(node_id: str) -> str:
 
 def slots_key(node_id: str) -> str:
     return f"{PREFIX}node:{node_id}:slots"
+
+
+def placed_key(node_id: str) -> str:
+    return f"{PREFIX}node:{node_id}:placed"
 
 
 def session_key(session_id: str) -> str:

@@ -22,10 +22,17 @@ from provisioner.state.keys import (
     join_key,
     lock_key,
     node_key,
+    placed_key,
     slots_key,
     usage_key,
 )
 from provisioner.state.records import Beat, Orders
+
+# What a node may report is what the control plane placed on it (beat.lua): usage counts
+# only from a minute before a session's placement to a minute ahead of now (node clocks
+# drift); a node whose dropped reports reach LIE_LIMIT is drained and marked suspect.
+USAGE_SLACK_S = 60
+LIE_LIMIT = 20
 
 
 class Membership(StateBase):
@@ -90,10 +97,11 @@ class Membership(StateBase):
         return True
 
     def beats(self, beats: list[tuple[str, str, Beat]], now: float,
-              lock_ttl_s: float) -> list[Orders | bool]:
+              lock_ttl_s: float) -> list[Orders | bool | Exception]:
         """Record heartbeats (node id, credential, report), each atomically (beat.lua), in
         one round trip. Per beat: the node's orders if `credential` is the node's; False if
-        the node is forgotten, True if the credential is not its own."""
+        the node is forgotten, True if the credential is not its own; the script's error
+        for a report it could not take (that node's alone)."""
         calls = [_beat_call(node_id, credential, beat, now, lock_ttl_s)
                  for node_id, credential, beat in beats]
 
@@ -101,20 +109,24 @@ class Membership(StateBase):
             pipe = self.r.pipeline(transaction=False)   # of SCRIPT EXISTS every time
             for keys, args in calls:
                 pipe.evalsha(self._beat.sha, len(keys), *keys, *args)
-            return pipe.execute()
+            # each report its own outcome: one node's bad report fails that node only
+            return pipe.execute(raise_on_error=False)
 
-        try:
+        results = run()
+        if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+            self.r.script_load(self._beat.script)   # a new or flushed Redis: load it, once
             results = run()
-        except redis.exceptions.NoScriptError:   # a new or flushed Redis: load it, once
-            self.r.script_load(self._beat.script)
-            results = run()
-        out: list[Orders | bool] = []
+        out: list[Orders | bool | Exception] = []
         for res in results:
-            if int(res[0]) != 1:
+            if isinstance(res, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+                raise res   # Redis itself failed: every report, not one node's
+            if isinstance(res, Exception):
+                out.append(res)
+            elif int(res[0]) != 1:
                 out.append(int(res[0]) == -1)
             else:
                 out.append(Orders(float(res[1]) if res[1] else None, res[2] or None,
-                                  tuple(res[4:]), was=res[3]))
+                                  tuple(res[5:]), was=res[3], dropped=int(res[4])))
         return out
 
     def mark_constrained(self, region: str, until: float, reason: str) -> None:
@@ -137,14 +149,16 @@ def _beat_call(node_id: str, credential: str, beat: Beat, now: float,
     keys += [lock_key(user) for user, _, _ in beat.streams]
     keys += [usage_key(minute) for minute, _, _ in beat.usage]
     keys += [lock_key(user) for user, _ in beat.closed]
+    keys.append(placed_key(node_id))
     args: list[Any] = [now, beat.state, beat.progress,
                        "" if beat.eta_ready is None else beat.eta_ready,
                        "" if beat.ready_at is None else beat.ready_at, lock_ttl_s,
                        node_id, beat.serving, len(beat.streams), len(beat.usage)]
-    for _, session, fence in beat.streams:
-        args += [session, fence]
+    for user, session, fence in beat.streams:
+        args += [user, session, fence]
     for minute, field, seconds in beat.usage:
         args += [field, repr(seconds), minute]
-    args += [session for _, session in beat.closed]
-    args.append(digest(credential))
+    for user, session in beat.closed:
+        args += [user, session]
+    args += [USAGE_SLACK_S, LIE_LIMIT, digest(credential)]
     return keys, args

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from provisioner.state.base import StateBase
-from provisioner.state.keys import NODES, flight_key, node_key, slots_key
+from provisioner.state.keys import NODES, flight_key, node_key, placed_key, slots_key
 from provisioner.state.records import ROW_FIELDS, NodeRecord, _record, row_record
 from provisioner.states import NodeState
 
@@ -93,7 +93,7 @@ class Nodes(StateBase):
         """Remove a node and its slots (it stopped or died)."""
         pipe = self.r.pipeline(transaction=True)
         pipe.srem(NODES, node_id)
-        pipe.delete(node_key(node_id), slots_key(node_id))
+        pipe.delete(node_key(node_id), slots_key(node_id), placed_key(node_id))
         pipe.execute()
 
     def retire(self, node_id: str, now: float) -> bool:

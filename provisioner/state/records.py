@@ -63,6 +63,7 @@ class Orders:
     retarget: str | None                         # "model:version:digest:streams_per_gpu"
     lost: tuple[str, ...]                            # sessions another session took over
     was: str = ""                                    # the node's state before this beat
+    dropped: int = 0                                 # reports refused: not placed there
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ class NodeRecord:
     home: str = ""           # the region whose queue it was booted for (policy's pool)
     lost_at: float | None = None   # a client reported its stream here lost (a resume)
     consolidating: bool = False    # drained to move its users into its pool, not to stop
+    dropped: int = 0               # reports refused: of sessions never placed on it
+    suspect: str = ""              # why it was drained for lying (beat.lua), or ""
 
     def view(self) -> NodeView:
         return NodeView(self.id, self.region, self.model, self.version, self.state,
@@ -167,7 +170,8 @@ def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
         digest=h.get("digest", ""), ready_at=_float(h, "ready_at") or None,
         idle_since=_float(h, "idle_since") or None,
         home=h.get("home") or h.get("region", ""), lost_at=_float(h, "lost_at") or None,
-        consolidating=bool(h.get("consolidating")))
+        consolidating=bool(h.get("consolidating")), dropped=int(h.get("dropped") or 0),
+        suspect=h.get("suspect") or "")
 
 
 
@@ -176,7 +180,8 @@ def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
 ROW_FIELDS = ("id", "provider", "region", "model", "version", "state", "progress", "url",
               "capacity", "started_at", "requested_at", "deadline", "last_seen",
               "price_per_hour", "eta_ready", "drain_deadline", "retired", "digest",
-              "ready_at", "idle_since", "home", "lost_at", "consolidating")
+              "ready_at", "idle_since", "home", "lost_at", "consolidating", "dropped",
+              "suspect")
 
 
 def row_record(row: str) -> NodeRecord:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from provisioner.state.base import StateBase
-from provisioner.state.keys import DISPLACED, session_key
+from provisioner.state.keys import DISPLACED, placed_key, session_key
 
 
 class Sessions(StateBase):
@@ -14,10 +14,14 @@ class Sessions(StateBase):
 
     def save_session(self, session_id: str, fields: Mapping[str, Any], ttl_s: int,
                      away_from: str | None = None) -> None:
-        """A session placed on a node (again); `away_from`: the nearest region, down when
-        it was placed elsewhere (the session is displaced until recalled there)."""
+        """A session placed on a node (again): `fields` has user, node, fence, created_at;
+        the node's placed hash records it (what the node may report, beat.lua).
+        `away_from`: the nearest region, down when it was placed elsewhere (the session
+        is displaced until recalled there)."""
         key = session_key(session_id)
         pipe = self.r.pipeline(transaction=True)
+        pipe.hset(placed_key(str(fields["node"])), session_id,
+                  f"{fields['user']}|{int(fields['fence'])}|{float(fields['created_at'])!r}")
         pipe.hdel(key, "away_from", "recall_by")
         pipe.hset(key, mapping={k: str(v) for k, v in fields.items()}
                   | ({"away_from": away_from} if away_from else {}))

@@ -11,7 +11,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from provisioner.state.base import StateBase
-from provisioner.state.keys import USAGE_DIRTY, USAGE_KEEP_S, usage_key
+from provisioner.state.keys import (
+    USAGE_DIRTY,
+    USAGE_KEEP_S,
+    USAGE_REJECTED,
+    USAGE_REJECTED_KEEP,
+    usage_key,
+)
 
 
 class Usage(StateBase):
@@ -36,6 +42,17 @@ class Usage(StateBase):
 
     def usage_counters(self, minute_s: int) -> dict[str, float]:
         return {k: float(v) for k, v in self.r.hgetall(usage_key(minute_s)).items()}
+
+    def record_rejected(self, what: list[str]) -> None:
+        """Counters settlement skipped (malformed), newest first, the last USAGE_REJECTED
+        kept for an operator (`voicectl usage --rejected`)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lpush(USAGE_REJECTED, *what)
+        pipe.ltrim(USAGE_REJECTED, 0, USAGE_REJECTED_KEEP - 1)
+        pipe.execute()
+
+    def rejected(self) -> list[str]:
+        return list(self.r.lrange(USAGE_REJECTED, 0, -1))
 
     def mark_settled(self, minute_s: int, billed: Mapping[str, float]) -> bool:
         """The minute's counters `billed` (as usage_counters read them) are in the billing

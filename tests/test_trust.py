@@ -1,0 +1,141 @@
+"""Trust boundaries (issue 18): a node that lies harms no one else. Every attack here is
+made with what one own machine's join token gives (a node credential), against the real
+webapp, Redis and node processes; each test fails without its fix."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import requests
+from conftest import Fleet, closed_code, place, wait_for
+from simple_websocket import Client
+from test_node import open_stream, ticket
+
+from billing.ledger import Ledger
+from provisioner.state import Beat, lock_key
+from provisioner.state.membership import LIE_LIMIT
+
+
+def attacker(fleet: Fleet) -> tuple[str, str]:
+    """An own machine that joined honestly: its node id and credential."""
+    node_id, token = fleet.enroll("miku")
+    got = requests.post(f"{fleet.control_url}/api/nodes/join", timeout=5,
+                        json={"token": token, "url": "ws://127.0.0.1:9/ws"})
+    assert got.status_code == 200, got.text
+    return node_id, got.json()["credential"]
+
+
+def beat(fleet: Fleet, cred: str, **report: object) -> requests.Response:
+    body = {"state": "ready", "progress": 1.0, "serving": "miku:1", "streams": [],
+            "usage": [], **report}
+    return requests.post(f"{fleet.control_url}/api/nodes/heartbeat", json=body, timeout=5,
+                         headers={"Authorization": f"Bearer {cred}"})
+
+
+def test_a_node_cannot_take_over_another_users_stream(fleet: Fleet) -> None:
+    node_id = fleet.start("miku")
+    ws, _ = open_stream(fleet.url(node_id), ticket(node_id, user="victim", state=fleet.state))
+    wait_for(lambda: fleet.state.r.hget(lock_key("victim"), "node") == node_id, 10)
+    lock = fleet.state.r.hgetall(lock_key("victim"))
+    evil, cred = attacker(fleet)
+    got = beat(fleet, cred, streams=[["victim", "s-evil", 10**15, "ab"],
+                                     ["victim", lock["session"], 10**15, "ab"]])
+    assert got.status_code == 200 and got.json()["lost"] == []
+    assert fleet.state.r.hgetall(lock_key("victim")) == lock   # untouched
+    assert fleet.state.live_sessions(evil) == []
+    ws.send(np.zeros(960, np.int16).tobytes())                   # the victim streams on
+    assert isinstance(ws.receive(timeout=5), bytes)
+    rec = fleet.state.node(evil)
+    assert rec is not None and rec.dropped == 2 and "not placed here" in (
+        fleet.state.r.hget(f"vc:node:{evil}", "dropped_why") or "")
+
+
+def test_a_node_bills_only_its_own_sessions_in_their_time(fleet: Fleet) -> None:
+    evil, cred = attacker(fleet)
+    now = int(time.time() // 60) * 60
+    place(fleet.state, evil, "own", "s-own", 1)
+    got = beat(fleet, cred, usage=[[now, "erin", "s-x", "ab", 60],        # never placed
+                                   [now, "own", "s-own", "ab", 30],      # its own: billed
+                                   [now - 3600, "own", "s-own", "cd", 60],   # before placed
+                                   [978307200, "own", "s-own", "ef", 60],    # 2001
+                                   [now + 600, "own", "s-own", "ab", 60]])   # the future
+    assert got.status_code == 200, got.text
+    assert fleet.state.usage_counters(now) == {f"own|s-own:ab|{evil}|miku|us-west": 30.0}
+    assert fleet.state.usage_counters(978307200) == {}
+    assert fleet.state.node(evil).dropped == 4   # type: ignore[union-attr]
+    refused = beat(fleet, cred, usage=[[-6 * 10**12, "own", "s-own", "ab", 1]])
+    assert refused.status_code == 400 and "minute" in refused.json()["message"]
+
+
+def test_a_node_that_keeps_lying_is_drained_and_shown(fleet: Fleet) -> None:
+    evil, cred = attacker(fleet)
+    for i in range(LIE_LIMIT):
+        assert beat(fleet, cred, streams=[[f"u{i}", f"s{i}", 1, "ab"]]).status_code == 200
+    rec = fleet.state.node(evil)
+    assert rec is not None and rec.drain_deadline is not None
+    assert f"{LIE_LIMIT} reports dropped" in rec.suspect
+    cluster = requests.get(f"{fleet.control_url}/api/cluster", timeout=5).json()
+    shown = next(n for n in cluster["nodes"] if n["id"] == evil)
+    assert shown["reports_dropped"] == LIE_LIMIT and "not placed here" in shown["suspect"]
+    assert beat(fleet, cred).json()["drain_deadline"] is not None   # told to drain
+
+
+def test_one_nodes_bad_report_fails_that_node_only(fleet: Fleet) -> None:
+    """A report the beat script cannot take (here a minute Lua cannot read, which the
+    parser lets no real report through with) fails its own node, not the batch."""
+    good, good_cred = attacker(fleet)
+    bad, bad_cred = attacker(fleet)
+    place(fleet.state, good, "g", "s-g", 1)
+    ok = Beat("ready", 1.0, None, None, "miku:1", streams=[("g", "s-g", 1)])
+    broken = Beat("ready", 1.0, None, None, "miku:1",
+                  usage=[("not-a-minute", "g|s-g:ab", 1.0)])   # type: ignore[list-item]
+    out = fleet.state.beats([(bad, bad_cred, broken), (good, good_cred, ok)], time.time(), 10)
+    assert isinstance(out[0], Exception) and not isinstance(out[1], Exception)
+    assert fleet.state.live_sessions(good) == ["s-g"]
+
+
+def test_settlement_skips_a_bad_counter_and_bills_the_rest(fleet: Fleet, tmp_path) -> None:
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'b.sqlite'}")
+    minute = int(time.time() // 60) * 60 - 120
+    fleet.state.report_usage([(-6 * 10**12, "u|s:ab|n|miku|us-west", 5.0),
+                              (minute, "u|s:ab|n|miku|us-west", 42.0)])
+    assert ledger.settle_from(fleet.state, time.time()) == 1
+    assert [r.seconds for r in ledger.usage("u")] == [42.0]
+    assert fleet.state.dirty_minutes(time.time(), 10) == []      # it does not block the next
+    assert any("-6000000000000" in r for r in fleet.state.rejected())
+    ledger.engine.dispose()
+
+
+def test_a_ticket_opens_one_stream_and_stays_out_of_the_logs(fleet: Fleet) -> None:
+    node_id = fleet.start("miku")
+    tok = ticket(node_id, user="once", state=fleet.state)
+    ws, _ = open_stream(fleet.url(node_id), tok)
+    again = Client.connect(f"{fleet.url(node_id)}?ticket={tok}")        # replayed while live
+    code, reason = closed_code(again)
+    assert code == 4401 and "used already" in reason
+    ws.send(np.zeros(960, np.int16).tobytes())
+    assert isinstance(ws.receive(timeout=5), bytes)                      # unharmed
+    ws.send(json.dumps({"type": "stop"}))
+    assert closed_code(ws)[0] == 1000
+    after = Client.connect(f"{fleet.url(node_id)}?ticket={tok}")         # replayed after stop
+    assert closed_code(after)[0] == 4401
+    time.sleep(0.2)
+    log = (fleet.tmp / f"{node_id}.log").read_text()
+    assert "GET /ws" in log and tok not in log and "ticket=" not in log
+
+
+@pytest.mark.parametrize("lie", ["stream", "close"])
+def test_a_lie_about_a_session_placed_elsewhere_is_dropped(fleet: Fleet, lie: str) -> None:
+    """A session the lobby placed on another node is not this node's to report."""
+    evil, cred = attacker(fleet)
+    honest, _ = attacker(fleet)
+    place(fleet.state, honest, "v", "s-v", 3)
+    fleet.state.r.hset(lock_key("v"), mapping={"session": "s-v", "fence": 3, "node": honest})
+    report = ({"streams": [["v", "s-v", 3, "ab"]]} if lie == "stream"
+              else {"closed": [["v", "s-v"]]})
+    assert beat(fleet, cred, **report).status_code == 200
+    assert fleet.state.r.hget(lock_key("v"), "node") == honest       # still the victim's
+    assert fleet.state.node(evil).dropped == 1   # type: ignore[union-attr]
