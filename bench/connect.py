@@ -193,7 +193,7 @@ def real_stack(name: str, load_s: float = 10.0, extra_config: str = "",
            "VOICE_CONFIG": str(config), "DATABASE_URL": "sqlite:///" + str(var / "bench.sqlite"),
            "VOICE_DEV_USERS": "1", **(env or {})}   # users named by ?user=, as in tests
     logfile = procs.ROOT / "var" / "logs" / f"bench-{name}.log"
-    log(f"starting the real stack: voicectl run on port {port} (Redis {url}) ...")
+    log(f"starting the real stack: voicectl run on port {port} (Redis {procs.redacted(url)}) ...")
     stack = procs.spawn([sys.executable, "-m", "voicectl", "run", "--port", str(port),
                          "--flower-port", str(flower)], env=env, log=logfile)
     try:

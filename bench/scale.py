@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
            "DATABASE_URL": f"sqlite:///{tmp / 'billing.sqlite'}"}
     cfg = load_config(env)
     state = State(connect(url))
-    log(f"webapp on port {port} (Redis {url}); logs in {tmp}")
+    log(f"webapp on port {port} (Redis {procs.redacted(url)}); logs in {tmp}")
     server = procs.spawn([sys.executable, str(Path(__file__).with_name("scale_server.py")),
                           str(port)], env=env, log=tmp / "webapp.log")
     children = [server]

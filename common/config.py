@@ -133,6 +133,10 @@ class Config:
     # `voicectl run`'s own server counts them (webapp/serving.py).
     client_connections_burst: int = 100
     client_connections_per_s: float = 10.0
+    # What a node may announce as its URL (the control plane pushes orders to it): these
+    # schemes, and these ports (empty: any; a deployment names its nodes' port).
+    node_url_schemes: tuple[str, ...] = ("ws", "wss")
+    node_url_ports: tuple[int, ...] = ()
 
     @property
     def heartbeat_timeout_s(self) -> float:
@@ -241,7 +245,7 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
     flag = settings.get("anonymous_demand_scales", True)
     if not isinstance(flag, bool):
         raise ConfigError(f"anonymous_demand_scales = {flag!r} in {source} must be true or false")
-    settings = {**settings, **_front_door(settings, source)}
+    settings = {**settings, **_front_door(settings, source), **_node_urls(settings, source)}
     return Config(regions=regions, providers=providers, models=models, **settings)
 
 
@@ -257,6 +261,24 @@ def _model(table: Mapping[str, Any], source: str) -> Model:
     except PackageError as e:
         raise ConfigError(f"[[models]] package {raw!r} in {source}: {e}") from None
     return Model(manifest.name, path, manifest.streams_per_gpu)
+
+
+def _node_urls(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    schemes = settings.get("node_url_schemes", ["ws", "wss"])
+    if not isinstance(schemes, list) or not schemes or set(schemes) - {"ws", "wss"}:
+        raise ConfigError(f"node_url_schemes = {schemes!r} in {source} must list \"ws\", "
+                          "\"wss\" or both")
+    ports = settings.get("node_url_ports", [])
+    if not isinstance(ports, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports):
+        raise ConfigError(f"node_url_ports = {ports!r} in {source} must list port numbers "
+                          "1-65535 (empty: any)")
+    if "node_url_schemes" in settings:
+        out["node_url_schemes"] = tuple(schemes)
+    if "node_url_ports" in settings:
+        out["node_url_ports"] = tuple(ports)
+    return out
 
 
 def _front_door(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -327,6 +349,10 @@ def load_config(environ: Mapping[str, str] | None = None, deployed: bool = False
     env = os.environ if environ is None else environ
     if deployed:
         _check_deployment(env)
+        if env.get("VOICE_DEV_USERS") == "1":
+            raise ConfigError("VOICE_DEV_USERS=1 takes any ?user= at its word: it is for local "
+                              "runs and tests only; unset it (users come with the page's "
+                              "cookie or a ?token= from your login system)")
     path = Path(env.get("VOICE_CONFIG") or DEFAULT_CONFIG_PATH)
     try:
         doc = tomllib.loads(path.read_text())

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from importlib import metadata
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -108,6 +109,18 @@ def join(state: State, cfg: Config, token: str, url: str, now: float) -> Grant:
     if not URL_RE.match(url or ""):
         raise JoinError(f"node url {url[:100]!r} is not ws://HOST:PORT/PATH or wss://...; "
                         "pass --public-url as browsers reach this machine")
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+    except ValueError:
+        port = -1
+    if parts.scheme not in cfg.node_url_schemes or (
+            cfg.node_url_ports and port not in cfg.node_url_ports):
+        raise JoinError(f"node url {url[:100]!r}: this control plane takes nodes at "
+                        f"{' or '.join(s + '://' for s in cfg.node_url_schemes)}HOST"
+                        + (f" on port {', '.join(map(str, cfg.node_url_ports))}"
+                           if cfg.node_url_ports else "")
+                        + "; pass a --public-url like that")
     grant = state.redeem_join(token or "")
     if grant is None:
         raise JoinError("join token unknown, expired or already used; a node joins once per "

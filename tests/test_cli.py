@@ -107,6 +107,7 @@ def test_run_serves_the_page_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> Non
         vms = [c for c in psutil.process_iter(["cmdline"])
                if f"node --join http://127.0.0.1:{port} " in " ".join(c.info["cmdline"] or [])]
         assert len(children) >= 3 and vms          # redis, celery, flower; the node's VM
+        _the_local_stack_keeps_its_secrets(tmp_path, children, "".join(lines))
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
@@ -116,6 +117,46 @@ def test_run_serves_the_page_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> Non
     time.sleep(0.5)
     gone = [c for c in children + vms if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert gone == [], [c.cmdline() for c in gone]
+
+
+def _the_local_stack_keeps_its_secrets(tmp: Path, children: list[psutil.Process],
+                                       output: str) -> None:
+    """The embedded Redis wants its password, which no process argument or console line
+    shows; var/ is the owner's alone, its secrets 0600; Flower answers only with its
+    password (a web page the developer visits cannot queue tasks)."""
+    import re
+
+    import redis
+    import requests
+
+    password = (tmp / "redis" / "password").read_text().strip()
+    server = next(c for c in children if "redis-server" in " ".join(c.cmdline()))
+    assert all(password not in " ".join(c.cmdline()) for c in children)
+    assert password not in output
+    port = next(c.laddr.port for c in server.net_connections() if c.status == "LISTEN")
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=port).ping()
+    var = procs.ROOT / "var"
+    assert var.stat().st_mode & 0o777 == 0o700
+    for secret in ("run.json", "flower-password", "user-token-secret"):
+        assert (var / secret).stat().st_mode & 0o777 == 0o600, secret
+    found = re.search(r"Flower on http://127.0.0.1:(\d+)", output)
+    assert found is not None, output
+    flower = int(found.group(1))
+    url = f"http://127.0.0.1:{flower}/api/workers"
+    wait_for(lambda: _answers(url), 30, "Flower never answered")
+    assert requests.get(url, timeout=5).status_code == 401
+    auth = ("voice", (var / "flower-password").read_text().strip())
+    assert requests.get(url, auth=auth, timeout=5).status_code == 200
+
+
+def _answers(url: str) -> bool:
+    import requests
+    try:
+        requests.get(url, timeout=2)
+        return True
+    except requests.RequestException:
+        return False
 
 
 def test_run_restarts_what_dies_and_redis_keeps_its_data(tmp_path: Path) -> None:

@@ -139,3 +139,74 @@ def test_a_lie_about_a_session_placed_elsewhere_is_dropped(fleet: Fleet, lie: st
     assert beat(fleet, cred, **report).status_code == 200
     assert fleet.state.r.hget(lock_key("v"), "node") == honest       # still the victim's
     assert fleet.state.node(evil).dropped == 1   # type: ignore[union-attr]
+
+
+def test_a_page_on_another_site_cannot_open_the_lobby(webapp) -> None:  # noqa: ANN001
+    url = f"{webapp.ws_url}/ws/session?user=o1&model=miku&region=us-west"
+    evil = Client.connect(url, headers={"Origin": "https://evil.example"})
+    got = json.loads(evil.receive(timeout=5))
+    assert got["type"] == "error" and got["code"] == "bad_request"
+    assert "evil.example" in got["message"] and webapp.config.public_url in got["message"]
+    ours = Client.connect(url, headers={"Origin": webapp.config.public_url})   # ours: fine
+    first = json.loads(ours.receive(timeout=5))
+    assert first["type"] in ("queued", "booting"), first
+    ours.close()
+
+
+def test_dev_users_are_refused_in_a_deployment() -> None:
+    from common.config import load_config
+    from common.errors import ConfigError
+
+    env = {"REDIS_URL": "redis://r:6379/0", "DATABASE_URL": "postgresql://x/y",
+           "TICKET_SECRET": "t" * 64, "USER_TOKEN_SECRET": "u" * 64,
+           "VOICE_PUBLIC_URL": "https://voice.example", "VOICE_DEV_USERS": "1"}
+    with pytest.raises(ConfigError, match="local runs and tests only"):
+        load_config(env, deployed=True)
+    assert load_config(env).dev_users   # a local run may
+
+
+def test_behind_a_tls_proxy_the_cookie_is_secure(cfg, state) -> None:  # noqa: ANN001
+    from conftest import serve
+
+    from webapp.app import create_app
+
+    for hops, secure in ((0, False), (1, True)):
+        host, server = serve(create_app(cfg.with_overrides(trusted_proxies=hops), state))
+        try:
+            got = requests.get(f"http://{host}/", timeout=5,
+                               headers={"X-Forwarded-Proto": "https",
+                                        "X-Forwarded-Host": "voice.example"})
+            assert ("Secure" in got.headers["Set-Cookie"]) is secure, got.headers
+        finally:
+            server.shutdown()
+
+
+def test_node_urls_are_limited_to_the_configured_schemes_and_ports(fleet: Fleet) -> None:
+    from provisioner import membership
+    from provisioner.errors import JoinError
+
+    cfg = fleet.cfg.with_overrides(node_url_schemes=("wss",), node_url_ports=(8765,))
+    for url in ("ws://10.0.0.5:8765/ws", "wss://10.0.0.5:6379/ws", "wss://10.0.0.5/ws"):
+        _, token = fleet.enroll("miku")
+        with pytest.raises(JoinError, match="wss://HOST on port 8765"):
+            membership.join(fleet.state, cfg, token, url, time.time())
+    _, token = fleet.enroll("miku")
+    assert membership.join(fleet.state, cfg, token, "wss://10.0.0.5:8765/ws", time.time())
+
+
+def test_the_embedded_redis_wants_a_password_no_process_argument_shows() -> None:
+    import redis
+
+    from voicectl import procs
+
+    url, proc = procs.start_redis()
+    try:
+        password = url.split(":")[2].split("@")[0]
+        assert len(password) == 64 and password not in " ".join(map(str, proc.args))
+        assert procs.redacted(url) == url.replace(password, "***")
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        assert redis.Redis.from_url(url).ping()
+    finally:
+        procs.stop([proc])

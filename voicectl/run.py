@@ -20,7 +20,7 @@ from common.config import Config, load_config
 from provisioner import catalog, clouds, tasks
 from provisioner.state import State, connect
 from voicectl import procs
-from voicectl.util import RUN_FILE, say, with_user_secret
+from voicectl.util import FLOWER_SECRET_FILE, RUN_FILE, say, with_user_secret
 from webapp import serving
 from webapp.app import before_serving, create_app
 
@@ -34,17 +34,23 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     supervisor = procs.Supervisor(say)
     infra: list[Any] = []    # moto: stopped last, with Redis (the nodes' records live there)
     clouds_init: list[Any] = []   # --moto: what boots moto's instances here
-    logs = procs.ROOT / "var" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    procs.private_dir(procs.ROOT / "var")   # billing, logs, secrets, the append-only file
+    logs = procs.private_dir(procs.ROOT / "var" / "logs")
     try:
         if cfg.redis_url:
-            say(f"using Redis at {cfg.redis_url}")
+            say(f"using Redis at {procs.redacted(cfg.redis_url)}")
         else:
             say(f"starting embedded Redis (REDIS_URL is unset; data in {args.data}) ...")
             port = procs.free_port()
-            supervisor.add("redis", lambda: procs.start_redis(port, args.data)[1])
-            cfg = cfg.with_overrides(redis_url=f"redis://127.0.0.1:{port}/0")
-            say(f"Redis ready at {cfg.redis_url}")
+            urls: list[str] = []
+
+            def redis_server() -> Any:   # on 127.0.0.1, its password in args.data (0600)
+                url, proc = procs.start_redis(port, args.data)
+                urls.append(url)
+                return proc
+            supervisor.add("redis", redis_server)
+            cfg = cfg.with_overrides(redis_url=urls[0])
+            say(f"Redis ready at {procs.redacted(cfg.redis_url)}")
         assert cfg.redis_url is not None
         if cfg.public_url == Config.public_url:   # VOICE_PUBLIC_URL unset: nodes join us here
             cfg = cfg.with_overrides(public_url=f"http://{args.host}:{args.port}")
@@ -62,7 +68,8 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
                "USER_TOKEN_SECRET": cfg.user_token_secret,
                "DATABASE_URL": cfg.database_url,
                "MODEL_LOAD_SECONDS": str(cfg.model_load_s), "CRASH_RATE": str(cfg.crash_rate),
-               "VOICE_PUBLIC_URL": cfg.public_url, "FLOWER_UNAUTHENTICATED_API": "true",
+               "VOICE_PUBLIC_URL": cfg.public_url,
+               "FLOWER_BASIC_AUTH": f"voice:{procs.secret_file(FLOWER_SECRET_FILE)}",
                **dev_env}
         celery = [sys.executable, "-m", "celery", "-A", "provisioner.worker"]
         say(f"starting the Celery worker with beat (log: {logs / 'celery.log'}) ...")
@@ -70,7 +77,8 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             celery + ["worker", "-B", "-E", "--pool", "threads", "--concurrency", "8",
                       "--loglevel", "INFO", "--schedule", str(logs / "beat-schedule")],
             env=env, log=logs / "celery.log"))
-        say(f"starting Flower on http://{args.host}:{args.flower_port} ...")
+        say(f"starting Flower on http://{args.host}:{args.flower_port} (user voice, password "
+            f"in {FLOWER_SECRET_FILE}) ...")
         supervisor.add("flower", lambda: procs.spawn(
             celery + ["flower", f"--port={args.flower_port}", f"--address={args.host}"],
             env=env, log=logs / "flower.log"))
@@ -82,8 +90,9 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         # Ctrl-C stops everything even when we were started in the background (`make run &`),
         # where the shell leaves SIGINT ignored and Python then keeps it ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        RUN_FILE.write_text(json.dumps({"redis_url": cfg.redis_url,
-                                        "url": f"http://{args.host}:{args.port}"}))
+        fd = os.open(RUN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # Redis password
+        with os.fdopen(fd, "w") as f:
+            json.dump({"redis_url": cfg.redis_url, "url": f"http://{args.host}:{args.port}"}, f)
         threading.Thread(target=_report_fleet, args=(state,), daemon=True).start()
         say(f"open http://{args.host}:{args.port}  (Ctrl-C stops everything)")
         say(f"nodes boot on demand (model load {cfg.model_load_s:g} s); node logs in {logs}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -22,20 +21,14 @@ def say(msg: str) -> None:
 
 RUN_FILE = procs.ROOT / "var" / "run.json"
 USER_SECRET_FILE = procs.ROOT / "var" / "user-token-secret"
+FLOWER_SECRET_FILE = procs.ROOT / "var" / "flower-password"   # Flower's, user "voice"
 
 
 def local_user_secret(path: Path = USER_SECRET_FILE) -> str:
-    """The local stack's USER_TOKEN_SECRET, made once and kept in `path` (mode 0600): page
-    cookies outlive a restart, and `voicectl user-token` in another terminal mints tokens
-    the running stack accepts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-    return path.read_text().strip()
+    """The local stack's USER_TOKEN_SECRET, made once and kept in `path` (mode 0600, its
+    folder 0700): page cookies outlive a restart, and `voicectl user-token` in another
+    terminal mints tokens the running stack accepts."""
+    return procs.secret_file(path)
 
 
 def with_user_secret(cfg: Config) -> Config:

@@ -20,6 +20,7 @@ from pathlib import Path
 import redis
 from flask import Flask, Response, jsonify, request, send_from_directory
 from flask_sock import Sock
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from billing.ledger import Ledger
 from common.config import Config
@@ -32,7 +33,14 @@ from webapp import lobby, nodes_api
 from webapp.beat_hub import stamp_beat_path
 from webapp.fleetview import FleetCache
 from webapp.frontdoor import FrontDoor, RateLimited
-from webapp.requests import USER_RE, BadRequest, parse_lobby, parse_since, parse_user
+from webapp.requests import (
+    USER_RE,
+    BadRequest,
+    check_origin,
+    parse_lobby,
+    parse_since,
+    parse_user,
+)
 from webapp.waiting import BACKSTOP_S, WaitingRoom
 
 log = logging.getLogger("webapp")
@@ -50,6 +58,10 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
     except redis.RedisError as e:   # the lobby says `unavailable` until Redis is back
         log.warning("models not seeded: Redis failed (%s)", e)
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
+    if cfg.trusted_proxies:   # behind TLS proxies: the scheme and host the browser used, so
+        # the uid cookie is Secure (the client address is frontdoor's, from the same hops)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=0, x_proto=cfg.trusted_proxies,  # type: ignore[method-assign]
+                                x_host=cfg.trusted_proxies)
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 65536}   # a node's report fits
     sock = Sock(app)
     fleet = FleetCache(state, cfg)
@@ -198,6 +210,9 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
         try:
             with door.socket(client):   # a client's open lobbies are capped (RateLimited)
                 try:
+                    check_origin(request.headers.get("Origin"),   # (a socket's scheme is ws)
+                                 f"{'https' if request.is_secure else 'http'}://{request.host}",
+                                 cfg)
                     req = parse_lobby(request.args, request.cookies, cfg)
                 except BadRequest as e:
                     door.bad_request(client, time.time())   # spends the client's attempts

@@ -6,6 +6,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 from common.config import NAME_RE, Config
 from common.errors import IdentityError
@@ -83,6 +84,23 @@ def parse_lobby(args: Mapping[str, str], cookies: Mapping[str, str],
     takeover = args.get("takeover", "") in ("1", "true", "yes")
     return LobbyRequest(who.user, name, lat, lon, region_name, resume, takeover,
                         scales=who.scales(cfg))
+
+
+def check_origin(origin: str | None, host_url: str, cfg: Config) -> None:
+    """A browser's lobby from another site is refused: the page that opens /ws/session
+    must be ours (the public URL's origin, or the host it connected to). Clients that are
+    not browsers send no Origin and are judged by who they are, like any other."""
+    if origin is None:
+        return
+    allowed = {_origin(cfg.public_url), _origin(host_url)}
+    if origin.rstrip("/") not in allowed:
+        raise BadRequest(f"origin {origin[:100]!r} may not open the lobby; open the page at "
+                         f"{cfg.public_url} (pages on other sites cannot start sessions)")
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def parse_since(raw: str | None) -> datetime | None:
