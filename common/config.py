@@ -129,10 +129,6 @@ class Config:
     lobby_sockets_per_client: int = 32
     trusted_proxies: int = 0        # proxies whose X-Forwarded-For entry to believe (0: none)
     lobby_limit_exempt: tuple[str, ...] = ()   # addresses or networks no limit applies to
-    # New connections per client address, in bursts refilled at per_s (0: no limit); only
-    # `voicectl run`'s own server counts them (webapp/serving.py).
-    client_connections_burst: int = 100
-    client_connections_per_s: float = 10.0
     # What a node may announce as its URL (the control plane pushes orders to it): these
     # schemes, and these ports (empty: any; a deployment names its nodes' port).
     node_url_schemes: tuple[str, ...] = ("ws", "wss")
@@ -286,13 +282,13 @@ def _front_door(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
     webapp that limits nobody, or everybody."""
     out: dict[str, Any] = {}
     for key in ("lobby_attempts_per_user", "lobby_attempts_per_client", "lobby_attempts_burst",
-                "lobby_sockets_per_client", "trusted_proxies", "client_connections_burst"):
+                "lobby_sockets_per_client", "trusted_proxies"):
         if key in settings:
             value = settings[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{key} = {value!r} in {source} must be a whole number "
                                   "0 or more (0: no limit / no proxy)")
-    for key in ("lobby_attempts_window_s", "client_connections_per_s"):
+    for key in ("lobby_attempts_window_s",):
         value = settings.get(key, 1.0)
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{key} = {value!r} in {source} must be a number above 0")
@@ -349,10 +345,6 @@ def load_config(environ: Mapping[str, str] | None = None, deployed: bool = False
     env = os.environ if environ is None else environ
     if deployed:
         _check_deployment(env)
-        if env.get("VOICE_DEV_USERS") == "1":
-            raise ConfigError("VOICE_DEV_USERS=1 takes any ?user= at its word: it is for local "
-                              "runs and tests only; unset it (users come with the page's "
-                              "cookie or a ?token= from your login system)")
     path = Path(env.get("VOICE_CONFIG") or DEFAULT_CONFIG_PATH)
     try:
         doc = tomllib.loads(path.read_text())

@@ -8,7 +8,6 @@ every close as 1006. Shutting the TCP socket down right after the close frame pr
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -36,19 +35,6 @@ def accept(environ: dict[str, Any], max_message_size: int) -> Server:
     hands `ws.sock` and `ws.ws` (the wsproto connection) to its loop thread."""
     env = {k: v for k, v in environ.items() if k != "HTTP_SEC_WEBSOCKET_EXTENSIONS"}
     return Server(env, max_message_size=max_message_size, thread_class=_NoReaderThread)
-
-
-def take_over(sock: socket.socket) -> socket.socket:
-    """Own the connection of a werkzeug request (to serve it from a loop thread after the
-    request ends): a socket of our own on it, while werkzeug's socket object is switched to
-    one that reads end-of-stream, so werkzeug ends the request quietly and closes only that
-    one, never the connection."""
-    mine = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
-    dead, other = socket.socketpair()
-    other.close()
-    os.dup2(dead.fileno(), sock.fileno())
-    dead.close()
-    return mine
 
 
 def fit(reason: str) -> str:

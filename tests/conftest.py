@@ -33,7 +33,7 @@ from provisioner.state import State, connect
 from provisioner.versions import Version
 from voicectl import procs
 from webapp.app import create_app
-from webapp.beat_hub import stamp_beat_path
+from webapp.nodes_api import stamp_beat_path
 
 SECRET = "test-secret-" + uuid.uuid4().hex
 HEARTBEAT_S = 1.0

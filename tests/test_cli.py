@@ -196,7 +196,8 @@ def test_run_restarts_what_dies_and_redis_keeps_its_data(tmp_path: Path) -> None
 
     first_worker: list[psutil.Process] = []
     try:
-        url = until("Redis ready at").rsplit(" ", 1)[1].strip()
+        shown = until("Redis ready at").rsplit(" ", 1)[1].strip()   # its password as ***
+        url = shown.replace("***", (tmp_path / "redis" / "password").read_text().strip())
         until("open http://")
         r = redis.Redis.from_url(url)
         r.set("test:kept", "yes")

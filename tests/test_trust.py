@@ -153,16 +153,19 @@ def test_a_page_on_another_site_cannot_open_the_lobby(webapp) -> None:  # noqa: 
     ours.close()
 
 
-def test_dev_users_are_refused_in_a_deployment() -> None:
+def test_dev_users_are_refused_in_a_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
     from common.config import load_config
     from common.errors import ConfigError
+    from webapp import wsgi
 
     env = {"REDIS_URL": "redis://r:6379/0", "DATABASE_URL": "postgresql://x/y",
            "TICKET_SECRET": "t" * 64, "USER_TOKEN_SECRET": "u" * 64,
            "VOICE_PUBLIC_URL": "https://voice.example", "VOICE_DEV_USERS": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match="local runs and tests only"):
-        load_config(env, deployed=True)
-    assert load_config(env).dev_users   # a local run may
+        wsgi.deployed()
+    assert load_config(env).dev_users   # a local run's webapp may
 
 
 def test_behind_a_tls_proxy_the_cookie_is_secure(cfg, state) -> None:  # noqa: ANN001

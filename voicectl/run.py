@@ -17,12 +17,10 @@ import redis
 
 from billing.ledger import Ledger
 from common.config import Config, load_config
-from provisioner import catalog, clouds, tasks
+from provisioner import catalog, clouds
 from provisioner.state import State, connect
 from voicectl import procs
 from voicectl.util import FLOWER_SECRET_FILE, RUN_FILE, say, with_user_secret
-from webapp import serving
-from webapp.app import before_serving, create_app
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
@@ -63,7 +61,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         state = State(connect(cfg.redis_url))
         catalog.seed(state, cfg)
         say(f"billing database: {cfg.database_url}")
-        ledger = Ledger.open(cfg.database_url)   # migrated before the worker checks it
+        Ledger.open(cfg.database_url).engine.dispose()   # migrated before the others check
         env = {**os.environ, "REDIS_URL": cfg.redis_url, "TICKET_SECRET": cfg.ticket_secret,
                "USER_TOKEN_SECRET": cfg.user_token_secret,
                "DATABASE_URL": cfg.database_url,
@@ -82,31 +80,39 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         supervisor.add("flower", lambda: procs.spawn(
             celery + ["flower", f"--port={args.flower_port}", f"--address={args.host}"],
             env=env, log=logs / "flower.log"))
-        app = tasks.make_celery(cfg)
-        server = serving.make_server(   # werkzeug's, with a gate on floods of connections
-            args.host, args.port,
-            create_app(cfg, state, lambda: app.send_task("provisioner.scale"), ledger), cfg)
-        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+        say(f"starting the webapp on http://{args.host}:{args.port} (gunicorn, gevent) ...")
+        supervisor.add("webapp", lambda: procs.spawn(   # as deployed: a greenlet a socket
+            [sys.executable, "-m", "gunicorn", "-k", "gevent", "--workers", "1",
+             "--worker-connections", "10000", "--bind", f"{args.host}:{args.port}",
+             "--graceful-timeout", "5", "--log-level", "warning", "webapp.wsgi:local()"],
+            env=env, log=logs / "webapp.log"))
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         # Ctrl-C stops everything even when we were started in the background (`make run &`),
         # where the shell leaves SIGINT ignored and Python then keeps it ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        deadline = time.monotonic() + 60
+        while procs.port_free(args.host, args.port):   # until the webapp listens
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the webapp did not start; see {logs / 'webapp.log'}")
+            time.sleep(0.1)
         fd = os.open(RUN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # Redis password
         with os.fdopen(fd, "w") as f:
             json.dump({"redis_url": cfg.redis_url, "url": f"http://{args.host}:{args.port}"}, f)
         threading.Thread(target=_report_fleet, args=(state,), daemon=True).start()
         say(f"open http://{args.host}:{args.port}  (Ctrl-C stops everything)")
         say(f"nodes boot on demand (model load {cfg.model_load_s:g} s); node logs in {logs}")
-        before_serving(cfg, state)
         try:
-            server.serve_forever()
+            while not stop.wait(0.5):
+                pass
         except KeyboardInterrupt:
             pass
         return 0
     finally:
         # The Celery worker first, so no tick boots a node after we destroyed them all;
         # Redis (and moto) last, since the drivers read their VMs from them.
-        say("stopping the Celery worker and Flower ...")
-        supervisor.stop(["celery worker", "flower"])
+        say("stopping the webapp, the Celery worker and Flower ...")
+        supervisor.stop(["webapp", "celery worker", "flower"])
         say("destroying every node we started ...")
         _destroy_nodes(cfg)
         for init in clouds_init:

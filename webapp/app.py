@@ -30,9 +30,9 @@ from provisioner import catalog
 from provisioner.placement import candidates_for
 from provisioner.state import State
 from webapp import lobby, nodes_api
-from webapp.beat_hub import stamp_beat_path
 from webapp.fleetview import FleetCache
 from webapp.frontdoor import FrontDoor, RateLimited
+from webapp.nodes_api import stamp_beat_path
 from webapp.requests import (
     USER_RE,
     BadRequest,
@@ -232,7 +232,7 @@ def before_serving(cfg: Config, state: State) -> threading.Event:
     """Start what a serving process runs beside its requests, and tune it; set the event
     returned to stop it.
 
-    It stamps the beat path (webapp.beat_hub.stamp_beat_path): while no webapp serves, the
+    It stamps the beat path (webapp.nodes_api.stamp_beat_path): while no webapp serves, the
     reaper does not take the nodes' silence for death. Its start-up objects live as long as
     the process, so they go out of the collector's way (`gc.freeze()`): a full collection no
     longer stalls every open lobby (measured: 40 ms pauses). A shorter GIL switch interval

@@ -7,26 +7,52 @@ what was wrong and what the node should do (401: rejoin or shut down; 400: fix t
 
 from __future__ import annotations
 
-import json
+import logging
+import threading
 import time
 from typing import Any
 
+import redis
 from flask import Blueprint, Response, jsonify, request
-from simple_websocket import ConnectionClosed
 
 from billing.ledger import Ledger
-from common import wsclose
 from common.config import Config
 from common.errors import PackageError
 from provisioner import catalog, membership
 from provisioner.errors import JoinError
 from provisioner.state import State
-from webapp.beat_hub import MAX_REPORT_BYTES, BeatHub, Detached
+
+log = logging.getLogger("webapp.nodes_api")
+MAX_REPORT_BYTES = 256 * 1024  # far above a full node's report
+# A stamp of the beat path (stamp_beat_path) lapses after this many intervals without one: a
+# shorter gap than a node's timeout (three), so nodes silenced by it never look dead.
+STAMP_GAP_BEATS = 1.5
+
+
+def stamp_beat_path(cfg: Config, state: State, stop: threading.Event) -> threading.Thread:
+    """Stamp, every heartbeat interval until `stop`, that this webapp takes heartbeats: the
+    reaper takes a node's silence for death only after a whole heartbeat timeout of stamps
+    (provisioner.fleet.silence_is_death). Started by a serving process
+    (webapp.app.before_serving): a webapp that comes back to a fleet of dead nodes must
+    stamp for them to be reaped."""
+    gap_s = STAMP_GAP_BEATS * cfg.heartbeat_interval_s
+
+    def run() -> None:
+        while True:
+            try:
+                state.stamp_beat_path(time.time(), gap_s)
+            except redis.RedisError as e:   # a thread's boundary: the reaper waits meanwhile
+                log.warning("beat path not stamped: %s", e)
+            if stop.wait(cfg.heartbeat_interval_s):
+                return
+
+    thread = threading.Thread(target=run, name="beat-path", daemon=True)
+    thread.start()
+    return thread
 
 
 def blueprint(cfg: Config, state: State, ledger: Ledger | None) -> Blueprint:
     bp = Blueprint("nodes", __name__, url_prefix="/api/nodes")
-    hub = BeatHub(cfg, state)
     packages = catalog.store(cfg)
 
     def body() -> dict[str, Any]:
@@ -66,28 +92,6 @@ def blueprint(cfg: Config, state: State, ledger: Ledger | None) -> Blueprint:
         orders = membership.heartbeat(state, cfg, membership.authenticate(state, cred), cred,
                                       body(), time.time())
         return jsonify(membership.orders_json(orders))
-
-    @bp.route("/beat", websocket=True)
-    def beat() -> Response:
-        """`WS /api/nodes/beat`: the heartbeat on one socket per node (what nodes use): each
-        text message is a report as for POST /heartbeat, each answer its orders. One
-        thread, the hub's, serves every node's socket (see webapp/beat_hub.py)."""
-        ws = wsclose.accept(request.environ, MAX_REPORT_BYTES)
-        try:
-            cred = credential()
-            beater = hub.adopt(ws, membership.authenticate(state, cred), cred)
-        except JoinError as e:
-            wsclose.after_handshake()
-            try:
-                ws.send(json.dumps({"error": "refused", "message": str(e)}))
-            except ConnectionClosed:
-                pass
-            wsclose.close(ws, 4401, str(e))
-            return Response()   # werkzeug writes it after the handler; close shut the socket
-        if beater.owned:
-            return Detached()
-        beater.done.wait()
-        return Response()
 
     @bp.get("/package/<digest>")
     def package(digest: str) -> tuple[Response, int] | Response:

@@ -1,37 +1,61 @@
-"""The webapp for a WSGI server in deployments, built from the environment:
+"""The webapp under gunicorn's gevent worker: a greenlet per connection, so a waiting lobby
+or a slow socket costs memory (tens of kB), not a thread, and one process holds thousands.
 
-    gunicorn -k gthread --threads 200 --bind 0.0.0.0:8000 webapp.wsgi:app
+    gunicorn -k gevent --worker-connections 10000 --workers 2 'webapp.wsgi:deployed()'
+    gunicorn -k gevent --workers 1 'webapp.wsgi:local()'      (`voicectl run` starts this)
 
-Every WebSocket holds one of gunicorn's threads while it is open: a lobby while its user
-waits, and each node's heartbeat socket for the node's whole life. Size `--threads` to the
-nodes plus the lobbies open at once plus a few for HTTP (docs/architecture.md, "Serving the
-webapp"). The process refuses to start without what a deployment shares (REDIS_URL,
-DATABASE_URL, TICKET_SECRET) and with a billing database `voicectl migrate` has not brought
-to this code's schema. Do not `--preload`: each worker builds its app after the fork.
+`deployed()` refuses to start without what a deployment shares (REDIS_URL, DATABASE_URL,
+TICKET_SECRET, USER_TOKEN_SECRET, VOICE_PUBLIC_URL) and with a billing database that
+`voicectl migrate` has not brought to this code's schema. `local()` takes the values
+`voicectl run` hands it. Either builds its app in the worker, after gunicorn's gevent worker
+patched the standard library (never `--preload`). Per-address limits, header and idle
+timeouts and TLS belong to the proxy in front (deploy/nginx.conf).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from celery import Celery
+from flask import Flask
 
 from billing.ledger import Ledger
-from common.config import load_config
-from common.errors import VoiceError
+from common.config import Config, load_config
+from common.errors import ConfigError, VoiceError
 from provisioner.state import State, connect
 from webapp.app import before_serving, create_app
 
 log = logging.getLogger("webapp.wsgi")
 
-try:
+
+def deployed() -> Flask:
+    return _build(_deployment, migrate=False)
+
+
+def _deployment() -> Config:
     cfg = load_config(deployed=True)
-    ledger = Ledger.open(cfg.database_url, migrate=False)
-except VoiceError as e:
-    log.critical("the webapp cannot start: %s", e)
-    raise
-state = State(connect(cfg.redis_url or ""))   # load_config(deployed=True) required it
-# only sends the scaler's kick by name: the webapp loads no task code, no cloud driver
-celery = Celery("voice", broker=cfg.redis_url)
-app = create_app(cfg, state, lambda: celery.send_task("provisioner.scale"), ledger)
-before_serving(cfg, state)
+    if cfg.dev_users:
+        raise ConfigError("VOICE_DEV_USERS=1 takes any ?user= at its word: it is for local "
+                          "runs and tests only; unset it (users come with the page's cookie "
+                          "or a ?token= from your login system)")
+    return cfg
+
+
+def local() -> Flask:
+    return _build(load_config, migrate=True)
+
+
+def _build(config: Callable[[], Config], migrate: bool) -> Flask:
+    try:
+        cfg = config()
+        ledger = Ledger.open(cfg.database_url, migrate=migrate)
+    except VoiceError as e:
+        log.critical("the webapp cannot start: %s", e)
+        raise
+    state = State(connect(cfg.redis_url or ""))   # load_config(deployed=True) required it
+    # only sends the scaler's kick by name: the webapp loads no task code, no cloud driver
+    celery = Celery("voice", broker=cfg.redis_url)
+    app = create_app(cfg, state, lambda: celery.send_task("provisioner.scale"), ledger)
+    before_serving(cfg, state)
+    return app
