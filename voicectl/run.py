@@ -82,10 +82,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             env=env, log=logs / "flower.log"))
         say(f"starting the webapp on http://{args.host}:{args.port} (gunicorn, gevent) ...")
         supervisor.add("webapp", lambda: procs.spawn(   # as deployed: a greenlet a socket
-            [sys.executable, "-m", "gunicorn", "-k", "gevent", "--workers", "1",
-             "--worker-connections", "10000", "--bind", f"{args.host}:{args.port}",
-             "--graceful-timeout", "5", "--log-level", "warning", "webapp.wsgi:local()"],
-            env=env, log=logs / "webapp.log"))
+            procs.webapp_command(args.host, args.port), env=env, log=logs / "webapp.log"))
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         # Ctrl-C stops everything even when we were started in the background (`make run &`),
