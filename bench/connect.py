@@ -163,6 +163,7 @@ class RealStack:
     state: State
     cfg: Config
     redis_proc: Any = None
+    flower_port: int = 0
 
     @property
     def ws_url(self) -> str:
@@ -203,7 +204,8 @@ def real_stack(name: str, load_s: float = 10.0, extra_config: str = "",
                 raise RuntimeError(f"voicectl run did not start; see {logfile}")
             time.sleep(0.1)
         time.sleep(2.0)   # the Celery worker connects
-        yield RealStack(stack, port, url, State(connect(url)), load_config(env), redis_proc)
+        yield RealStack(stack, port, url, State(connect(url)), load_config(env), redis_proc,
+                        flower)
     finally:
         procs.stop([stack], timeout_s=30)
         procs.stop([redis_proc])

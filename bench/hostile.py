@@ -21,6 +21,10 @@ against ready nodes (written by the benchmark, in a region where nothing boots: 
 process loads a model during the measure). Both run idle first, then again while the
 hostile sockets run.
 
+First it makes the attacks of issue 18 one by one (bench/hostile_attacks.py: a lying node,
+a replayed ticket, a cross-site page, stalled sockets, open doors): `attacks` (how many),
+`held` (how many held) and `held_NAME` for each.
+
 Keys: healthz_ms_p50/p99 _idle and _hostile, `ratio` (p99 hostile / p99 idle; the issue's
 target is 3 or less), lobbies_placed_during / lobbies_tried_during, lobby_ms_p99 _idle and
 _hostile, hostile_* (what the hostile sockets did and were told), webapp_cpu_cores_hostile
@@ -49,6 +53,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from connect import WAIT_REGION, _open, free, log, ready_nodes, real_stack  # noqa: E402
+from hostile_attacks import run_all  # noqa: E402
 from report import report  # noqa: E402
 
 PLACED_REGION = """
@@ -256,8 +261,8 @@ def ms(values: list[float], q: float) -> float:
 
 
 def cpu_seconds(stack: Any) -> dict[str, float]:
-    """CPU seconds so far of the webapp (the `voicectl run` process), of the Celery worker
-    and Flower it started, and of Redis."""
+    """CPU seconds so far of the webapp (gunicorn's processes under `voicectl run`), of the
+    Celery worker and Flower it started, and of Redis."""
     def used(p: psutil.Process) -> float:
         try:
             t = p.cpu_times()
@@ -265,9 +270,23 @@ def cpu_seconds(stack: Any) -> dict[str, float]:
             return 0.0
         return float(t.user + t.system)
 
-    web = psutil.Process(stack.proc.pid)
-    return {"webapp": used(web), "celery": sum(used(c) for c in web.children(recursive=True)),
+    kids = psutil.Process(stack.proc.pid).children(recursive=True)
+    web = [c for c in kids if "gunicorn" in " ".join(_cmdline(c))]   # the gevent webapp
+    return {"webapp": sum(used(c) for c in web),
+            "celery": sum(used(c) for c in kids if c not in web),
             "redis": used(psutil.Process(stack.redis_proc.pid)), "t": time.monotonic()}
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def webapp_workers(stack: Any) -> list[psutil.Process]:
+    return [c for c in psutil.Process(stack.proc.pid).children(recursive=True)
+            if "gunicorn" in " ".join(_cmdline(c)) and not c.children()]
 
 
 def phase(name: str, stack: Any, pool: Any, probes: int, users: int) -> dict[str, Any]:
@@ -311,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
             ready_nodes(stack.state, nodes, region="bench-home"), ctx.Pool(1) as pool:
         pool.apply(_placed, (stack.ws_url, "warmup", [0.0], ["127.0.3.250"]))
         free(stack.state, nodes, "warmup", 1)
+        log("the attacks of issue 18, one by one ...")
+        verdicts = run_all(stack)
+        figures.update({"attacks": len(verdicts), "held": sum(verdicts.values()),
+                        **{f"held_{name}": ok for name, ok in verdicts.items()}})
         figures.update(phase("idle", stack, pool, args.probes, args.users))
         free(stack.state, nodes, "idle", args.users)
         stop, out = ctx.Event(), ctx.Queue()
@@ -318,13 +341,14 @@ def main(argv: list[str] | None = None) -> int:
                                                            args.only))
         log(f"{args.sockets} hostile sockets: churn, never read, junk, silent, one flood ...")
         hostile.start()
-        webapp, attacker = psutil.Process(stack.proc.pid), psutil.Process(hostile.pid)
+        attacker = psutil.Process(hostile.pid)
         try:
             time.sleep(RAMP_S)
             t0, hcpu0 = time.monotonic(), attacker.cpu_times()
             figures.update(phase("hostile", stack, pool, args.probes, args.users))
             t1, hcpu1 = time.monotonic(), attacker.cpu_times()
-            figures["webapp_threads_hostile"] = webapp.num_threads()
+            figures["webapp_threads_hostile"] = sum(w.num_threads()
+                                                    for w in webapp_workers(stack))
             figures["hostile_client_cpu_cores"] = round(
                 (hcpu1.user + hcpu1.system - hcpu0.user - hcpu0.system) / (t1 - t0), 2)
         finally:

@@ -311,9 +311,11 @@ def heartbeats(state: State, cfg: Config, reports: list[tuple[str, str, Mapping[
     return out
 
 
-def orders_json(orders: Orders) -> dict[str, Any]:
+def orders_json(orders: Orders, now: float) -> dict[str, Any]:
+    """The answer to a heartbeat: the orders, and the control plane's clock (`now`), which
+    the node keeps its own by (tickets, drain deadlines and usage minutes are ours)."""
     return {"drain_deadline": orders.drain_deadline, "retarget": orders.retarget,
-            "lost": list(orders.lost)}
+            "lost": list(orders.lost), "now": now}
 
 
 def package_for(state: State, store: PackageStore, node_id: str, digest: str) -> bytes:

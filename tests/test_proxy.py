@@ -10,14 +10,13 @@ import json
 import shutil
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, local_webapp
+from conftest import local_webapp
 from simple_websocket import Client
 from simple_websocket.errors import ConnectionError as WsConnectionError
 
@@ -29,33 +28,15 @@ pytestmark = pytest.mark.skipif(not Path(NGINX).exists(),
                                 reason="Debian's nginx is not installed (apt-get install nginx)")
 
 
-def shipped_config(tmp: Path, web: int, http: int, https: int) -> str:
-    text = (ROOT / "deploy" / "nginx.conf").read_text()
-    swaps = {"pid /tmp/nginx.pid;": f"pid {tmp}/nginx.pid;",
-             "error_log /dev/stderr warn;": f"error_log {tmp}/nginx.log warn;",
-             "server web:8000;": f"server 127.0.0.1:{web};",
-             "listen 80;": f"listen 127.0.0.1:{http};",
-             "listen 443 ssl;": f"listen 127.0.0.1:{https} ssl;",
-             "/etc/nginx/certs/fullchain.pem;": f"{tmp}/cert.pem;",
-             "/etc/nginx/certs/privkey.pem;": f"{tmp}/key.pem;"}
-    for old, new in swaps.items():
-        assert old in text, f"deploy/nginx.conf no longer has {old!r}: update this test"
-        text = text.replace(old, new)
-    return text
-
-
 @pytest.fixture
 def proxied(cfg: Config, tmp_path: Path) -> Iterator[tuple[int, int, str]]:
     """(https port, http port, its certificate) of nginx in front of the webapp, which
     believes one proxy."""
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(tmp_path / "key.pem"),
-                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    procs.self_signed(tmp_path)
     web, webapp = local_webapp(cfg, tmp_path, trusted_proxies=1, lobby_sockets_per_client=0,
                                lobby_attempts_per_client=0, lobby_limit_exempt=[])
     http, https = procs.free_port(), procs.free_port()
-    (tmp_path / "nginx.conf").write_text(shipped_config(tmp_path, web, http, https))
+    (tmp_path / "nginx.conf").write_text(procs.nginx_config(tmp_path, web, http, https))
     nginx = procs.spawn([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
                          "-e", str(tmp_path / "nginx.log"), "-g", "daemon off;"],
                         log=tmp_path / "nginx.out")

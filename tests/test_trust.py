@@ -213,3 +213,27 @@ def test_the_embedded_redis_wants_a_password_no_process_argument_shows() -> None
         assert redis.Redis.from_url(url).ping()
     finally:
         procs.stop([proc])
+
+
+@pytest.mark.parametrize("skew_s", [120.0, -120.0])
+def test_a_node_with_a_wrong_clock_keeps_the_control_planes(fleet: Fleet,
+                                                          skew_s: float) -> None:
+    """A machine clock 2 minutes off: its tickets are not refused (60 s tickets would all
+    be, one way), and its usage lands in the control plane's minute, which beat.lua
+    accepts (else it would be dropped as outside the session's time)."""
+    node_id, token = fleet.enroll("miku")
+    fleet.join(token, node_id, "--clock-skew-s", str(skew_s))
+    fleet.wait_state(node_id, "ready")
+    time.sleep(2.5 * fleet.cfg.heartbeat_interval_s)   # a beat's answer set its clock
+    ws, _ = open_stream(fleet.url(node_id), ticket(node_id, user="skew", state=fleet.state))
+    for _ in range(10):
+        ws.send(np.zeros(960, np.int16).tobytes())
+        assert isinstance(ws.receive(timeout=5), bytes)
+    ws.send(json.dumps({"type": "stop"}))
+    assert closed_code(ws)[0] == 1000
+    minute = int(time.time() // 60) * 60
+    wait_for(lambda: any(k.startswith("skew|") for m in (minute - 60, minute)
+                         for k in fleet.state.usage_counters(m)), 10,
+             "the stream's usage never arrived in the control plane's minute")
+    assert fleet.state.node(node_id).dropped == 0   # type: ignore[union-attr]
+    assert "clock is" in (fleet.tmp / f"{node_id}.log").read_text()

@@ -187,6 +187,33 @@ def webapp_command(host: str, port: int, factory: str = "local()", workers: int 
             "--graceful-timeout", "5", "--log-level", "warning", f"webapp.wsgi:{factory}"]
 
 
+def nginx_config(tmp: Path, web_port: int, http_port: int, https_port: int) -> str:
+    """deploy/nginx.conf as shipped, its marked paths and addresses pointed at this machine
+    (tests/test_proxy.py and bench/crowd.py run the real thing in front of the webapp)."""
+    text = (ROOT / "deploy" / "nginx.conf").read_text()
+    swaps = {"pid /tmp/nginx.pid;": f"pid {tmp}/nginx.pid;",
+             "error_log /dev/stderr warn;": f"error_log {tmp}/nginx.log warn;",
+             "server web:8000;": f"server 127.0.0.1:{web_port};",
+             "listen 80;": f"listen 127.0.0.1:{http_port};",
+             "listen 443 ssl;": f"listen 127.0.0.1:{https_port} ssl;",
+             "/etc/nginx/certs/fullchain.pem;": f"{tmp}/cert.pem;",
+             "/etc/nginx/certs/privkey.pem;": f"{tmp}/key.pem;"}
+    for old, new in swaps.items():
+        if old not in text:
+            raise RuntimeError(f"deploy/nginx.conf no longer has {old!r}: update nginx_config")
+        text = text.replace(old, new)
+    return text
+
+
+def self_signed(tmp: Path) -> Path:
+    """A certificate for 127.0.0.1 (cert.pem, key.pem in `tmp`), for a local TLS proxy."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")],
+                   check=True, capture_output=True)
+    return tmp / "cert.pem"
+
+
 def redacted(url: str) -> str:
     """A URL fit for a log line: its password replaced by ***."""
     scheme, sep, rest = url.partition("://")

@@ -91,7 +91,7 @@ def blueprint(cfg: Config, state: State, ledger: Ledger | None) -> Blueprint:
         cred = credential()
         orders = membership.heartbeat(state, cfg, membership.authenticate(state, cred), cred,
                                       body(), time.time())
-        return jsonify(membership.orders_json(orders))
+        return jsonify(membership.orders_json(orders, time.time()))
 
     @bp.get("/package/<digest>")
     def package(digest: str) -> tuple[Response, int] | Response:

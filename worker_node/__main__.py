@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--crash-rate", type=float, default=None,
                    help="the stand-in model's crash chance per minute (default: the control "
                         "plane's CRASH_RATE)")
+    p.add_argument("--clock-skew-s", type=float, default=0.0,
+                   help="fault injection: this machine's clock runs this far off (the node "
+                        "keeps the control plane's time anyway)")
     p.add_argument("--orphan-s", type=float, default=ORPHAN_AFTER_S,
                    help="exit after this long without reaching the control plane while "
                         f"streaming nothing (default {ORPHAN_AFTER_S:g}; streams go on)")
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         grant = dataclasses.replace(grant, **knobs)   # type: ignore[arg-type]
     node = NodeRuntime(id=grant.node_id, model=grant.model, version=grant.version,
                        region=grant.region, provider=grant.provider, digest=grant.digest,
-                       capacity=grant.capacity, load_s=grant.model_load_s, url=url)
+                       capacity=grant.capacity, load_s=grant.model_load_s, url=url,
+                       local_clock=lambda: time.time() + args.clock_skew_s)
     warm_up = package_loader(control, Path(args.package) if args.standalone else None)
     agent = Agent(node, control, grant.heartbeat_interval_s, grant.crash_rate, warm_up=warm_up,
                   orphan_s=args.orphan_s)

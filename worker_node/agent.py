@@ -28,6 +28,7 @@ from typing import Any
 
 from common.config import ORPHAN_SERVING_S, RECALL_MOVE_S
 from common.states import NodeState
+from common.tickets import LEEWAY_S
 from worker_node.control import ControlClient, ControlError, Refused
 from worker_node.package import Loaded
 from worker_node.runtime import NodeRuntime, Stream
@@ -98,7 +99,9 @@ class Agent:
         """One heartbeat and its orders (serialised: on_close and the loop both beat)."""
         with self._beating:
             report = self.report()
+            sent = self.node.local_clock()
             orders = self.control.beat(report)
+            self._keep_time(orders, sent, self.node.local_clock())
             self._got_through(report)
         if orders.get("retarget"):
             model, version, digest, capacity = str(orders["retarget"]).split(":")
@@ -110,17 +113,29 @@ class Agent:
             if not self.node.moving(str(sid)):   # a moving stream's lock went ahead to its
                 self.node.kick(str(sid), 4409, TAKEN_OVER)   # new connection: not a take-over
         if orders.get("drain_deadline"):   # closes the streams told to move, time up, too
-            self.node.drain(float(orders["drain_deadline"]), time.time())
+            self.node.drain(float(orders["drain_deadline"]), self.node.now())
         else:
             if not self.leaving:
                 self.node.undrain()
-            self.node.close_moved(time.time())   # recalled streams whose time is up
+            self.node.close_moved(self.node.now())   # recalled streams whose time is up
+
+    def _keep_time(self, orders: dict[str, Any], sent: float, got: float) -> None:
+        """Keep the control plane's clock: its `now` was read about halfway through the
+        round trip. A machine clock off by more than the ticket leeway is said once."""
+        try:
+            offset = float(orders["now"]) - (sent + got) / 2
+        except (KeyError, TypeError, ValueError):
+            return
+        if abs(offset) > LEEWAY_S and abs(offset - self.node.clock_offset_s) > LEEWAY_S:
+            log.warning("this machine's clock is %+.1f s off the control plane's; "
+                        "keeping the control plane's (fix NTP here)", -offset)
+        self.node.clock_offset_s = offset
 
     def _got_through(self, report: dict[str, Any]) -> None:
         """The control plane has this report: its closed streams and its counters of
         closed minutes (final) are delivered."""
         # Minutes closed when it was made, with a margin for frames metered late.
-        closed_before = int((time.time() - METER_LAG_S) // 60) * 60 - 60
+        closed_before = int((self.node.now() - METER_LAG_S) // 60) * 60 - 60
         with self.node.lock:
             sent = {tuple(c) for c in report["closed"]}
             self._closed = [c for c in self._closed if c not in sent]
@@ -164,7 +179,7 @@ class Agent:
         for sid in order.get("kick") or []:
             self.node.kick(str(sid), 4409, TAKEN_OVER)
         for sid in order.get("recall") or []:   # back to its nearest region, make-before-break
-            self.node.recall(str(sid), time.time(),
+            self.node.recall(str(sid), self.node.now(),
                              float(order.get("within_s") or RECALL_MOVE_S))
         if order.get("wake"):
             self.poke()

@@ -326,7 +326,7 @@ class AudioLoop:
     def _answer(self, conn: Conn, frames: np.ndarray, n: int, out: np.ndarray | None) -> None:
         assert conn.processor is not None
         self._send_audio(conn, conn.processor.process(frames) if out is None else out)
-        conn.unmetered.append((n / conn.rate, time.time()))
+        conn.unmetered.append((n / conn.rate, self.node.now()))
 
     def _start(self, conn: Conn, rate: int) -> None:
         processor = self.processor_for(rate)

@@ -66,6 +66,13 @@ class NodeRuntime:
     lock: threading.Lock = field(default_factory=threading.Lock)
     served: Loaded | None = None  # the loaded package, once loaded
     used_tickets: dict[tuple[str, int], float] = field(default_factory=dict)   # -> expiry
+    clock_offset_s: float = 0.0   # the control plane's clock minus ours (agent.py keeps it)
+    local_clock: Callable[[], float] = time.time   # this machine's (tests skew it)
+
+    def now(self) -> float:
+        """The control plane's time as this node best knows it: tickets, drain deadlines
+        and usage minutes are in it, whatever this machine's clock says."""
+        return self.local_clock() + self.clock_offset_s
     load_error: str = ""          # why it could not load (state DEAD)
     started: int = 0              # streams started since it loaded what it serves
     failed: int = 0               # of those, closed because the model failed (1011)
@@ -111,7 +118,7 @@ class NodeRuntime:
             self.progress = 1.0
             if self.state is NodeState.LOADING:
                 self.state = NodeState.READY
-                self.ready_at = time.time()
+                self.ready_at = self.now()
         on_done()
 
     def retarget(self, model: str, version: str, digest: str, capacity: int,

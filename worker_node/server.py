@@ -10,7 +10,6 @@ the node's one audio thread (worker_node/audio_loop.py) reads, processes and ans
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from flask import Flask, Response, jsonify, request
@@ -68,7 +67,7 @@ def _stream(ws, node: NodeRuntime, secret: str,  # type: ignore[no-untyped-def]
             on_close: Callable[[Stream, bool], None],
             admit: Callable[[Stream], str | None]) -> None:
     try:
-        ticket = verify(request.args.get("ticket", ""), secret, node=node.id, now=time.time())
+        ticket = verify(request.args.get("ticket", ""), secret, node=node.id, now=node.now())
         _check_ticket(node, ticket)
     except TicketError as e:
         _refuse(ws, 4401, str(e))
@@ -111,7 +110,7 @@ def _check_ticket(node: NodeRuntime, t: Ticket) -> None:
     if (t.model, t.version) != (node.model, node.version):
         raise TicketError(f"ticket is for model {t.model} v{t.version}, this node serves "
                           f"{node.model} v{node.version}; reconnect through the lobby")
-    if not node.use_ticket(t.session, t.fence, t.exp, time.time()):
+    if not node.use_ticket(t.session, t.fence, t.exp, node.now()):
         raise TicketError("this ticket was used already (a ticket opens one stream); "
                           "reconnect through the lobby for a new one")
 
