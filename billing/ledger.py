@@ -247,12 +247,16 @@ class Ledger:
                     conn.execute(select(node_costs).order_by(node_costs.c.started_at))]
 
     def check(self) -> str:
+        """"ok" if the database takes a write (into a temporary table, rolled back): a
+        read-only or full database answers SELECT 1 but cannot bill."""
         try:
-            with self.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+            with self.engine.connect() as conn, conn.begin() as tx:
+                conn.execute(text("CREATE TEMPORARY TABLE IF NOT EXISTS health_check (x int)"))
+                conn.execute(text("INSERT INTO health_check VALUES (1)"))
+                tx.rollback()
             return "ok"
         except SQLAlchemyError as e:
-            return f"unreachable: {type(e).__name__}"
+            return f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
 def day_totals(rows: Iterable[UsageRow]) -> list[dict[str, Any]]:

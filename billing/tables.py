@@ -69,11 +69,19 @@ usage_counters = Table(
 )
 
 
+CONNECT_TIMEOUT_S = 5       # a database that does not answer is down, not slow
+STATEMENT_TIMEOUT_MS = 15000   # no statement of ours takes longer; a hung one is cut
+
+
 def open_db(url: str) -> Engine:
     """An engine for `url` (the schema is billing.schema's); SQLite gets WAL and a busy
-    timeout."""
+    timeout; PostgreSQL a connect and a statement timeout, so a hung database fails the
+    call that met it (and the tick retries) instead of holding a worker thread forever."""
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"future": True}
+    kwargs: dict[str, Any] = {"future": True, "pool_timeout": CONNECT_TIMEOUT_S}
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S,
+                                  "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             from pathlib import Path

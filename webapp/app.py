@@ -20,6 +20,7 @@ from pathlib import Path
 import redis
 from flask import Flask, Response, jsonify, request, send_from_directory
 from flask_sock import Sock
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from billing.ledger import Ledger
@@ -188,7 +189,13 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
         if ledger is None:
             return jsonify({"error": "unavailable",
                             "message": "no billing database is configured"}), 503
-        rows = ledger.usage(user, since)
+        try:
+            rows = ledger.usage(user, since)
+        except SQLAlchemyError as e:
+            log.warning("usage of %s: the billing database failed: %s", user, e)
+            return jsonify({"error": "unavailable", "message": (
+                "the billing database cannot be reached right now; usage is kept and "
+                "billed once it is back: try again in a minute")}), 503
         return jsonify({
             "user": user, "seconds": round(sum(r.seconds for r in rows), 3),
             "minutes": [{"minute": r.minute.strftime("%Y-%m-%dT%H:%M:00Z"), "model": r.model,
