@@ -380,3 +380,31 @@ def test_page_names_its_user_without_dev_users(stack, browser: Browser) -> None:
             page.context.close()
     finally:
         server.shutdown()
+
+
+def test_the_page_retries_the_lobby_while_the_server_is_unavailable(
+        browser: Browser, cfg, tmp_path: Path) -> None:  # noqa: ANN001
+    """The control plane's state store goes away after the page loaded: Start is answered
+    `unavailable`, and the page says it tries again, and does, with backoff, until the
+    store is back and the user is queued (no node exists here)."""
+    from conftest import serve
+
+    from provisioner.state import State, connect
+    from voicectl import procs
+    from webapp.app import create_app
+
+    url, redis_proc = procs.start_redis(data_dir=tmp_path / "redis")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    host, server = serve(create_app(cfg.with_overrides(redis_url=url), State(connect(url))))
+    try:
+        page = open_page(browser, f"http://{host}")
+        procs.stop([redis_proc])                      # the state store goes away
+        page.click("#start")
+        expect(page.locator("#status")).to_contain_text("trying again in", timeout=20_000)
+        first = page.inner_text("#status")
+        _, redis_proc = procs.start_redis(port=port, data_dir=tmp_path / "redis")   # back
+        expect(page.locator("#status")).to_contain_text("Queued", timeout=30_000)
+        assert "unavailable" in first, first
+    finally:
+        procs.stop([redis_proc])
+        server.shutdown()

@@ -37,10 +37,21 @@ export function openLobby(opts) {
   if (!opts.resume) setStatus("Connecting to the server…", "busy", "connecting");
   ws.onopen = () => { opened = true; };
   ws.onmessage = (e) => {
-    const m = JSON.parse(e.data);
+    let m;
+    try {
+      m = JSON.parse(e.data);
+    } catch {
+      return; // not a message of ours: ignore it
+    }
+    if (!m || typeof m.type !== "string") return;
     if (m.type === "error") refused = true;
     if (m.type === "ready") readied = true;
-    if (state.lobby === ws) onLobbyMessage(m);
+    if (state.lobby !== ws) return;
+    if (m.type === "error" && m.code === "unavailable") {
+      retryLater(opts, "The server is briefly unavailable");
+      return;
+    }
+    onLobbyMessage(m);
   };
   ws.onclose = () => {
     if (state.lobby !== ws) return; // replaced or closed on purpose
@@ -52,11 +63,28 @@ export function openLobby(opts) {
       const why = opened ? "the server closed the lobby" : "the server is unreachable";
       nodeLost(why, "Connection to the server lost");
     } else if (!opened) {
-      fail(`Cannot reach the server at ${location.host}: is it running? Press Start to retry.`);
+      retryLater(opts, `Cannot reach the server at ${location.host}`);
     } else {
       fail("The server closed the connection before a voice node was ready. Press Start to retry.");
     }
   };
+}
+
+// The server unreachable or its state store briefly away: try again, 1, 2, 4 ... 15 s apart,
+// telling the user, and give up after RETRIES (then Start tries again).
+const RETRIES = 8;
+
+function retryLater(opts, why) {
+  state.lobbyRetries += 1;
+  if (state.lobbyRetries > RETRIES) {
+    fail(`${why}. Press Start to try again.`);
+    return;
+  }
+  const delayS = Math.min(15, 2 ** (state.lobbyRetries - 1));
+  setStatus(`${why}; trying again in ${delayS} s (attempt ${state.lobbyRetries} of ${RETRIES})…`,
+    "busy", "connecting");
+  clearTimeout(state.retryTimer);
+  state.retryTimer = setTimeout(() => { if (state.active) openLobby(opts); }, delayS * 1000);
 }
 
 export function closeLobby() {
@@ -70,6 +98,7 @@ const note = (m) => (m.note ? ` (${m.note})` : "");
 
 function onLobbyMessage(m) {
   if (m.session_id) state.session.id = m.session_id;
+  if (m.type !== "error") state.lobbyRetries = 0; // the server answers again
   switch (m.type) {
     case "queued":
     case "booting":

@@ -11,6 +11,7 @@ export async function start(takeover = false) {
   const mine = ++state.attempt;
   state.active = true;
   state.retries = 0;
+  state.lobbyRetries = 0;
   state.startedAt = 0;
   state.session = { id: null, region: null, nodeId: null };
   ui.takeover.hidden = true;

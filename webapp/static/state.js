@@ -38,6 +38,7 @@ export const state = {
   streaming: false, // node answered "started"
   session: { id: null, region: null, nodeId: null },
   retries: 0,
+  lobbyRetries: 0, // lobby attempts in a row the server could not take (lobby.js retryLater)
   retryTimer: null,
   startedAt: 0, // performance.now() of the last "started"
   boot: null, // {start, deadline} in performance.now() ms while a node boots
