@@ -42,7 +42,7 @@ from provisioner.state import (
 from provisioner.versions import Entry, Version
 from webapp.fleetview import FleetCache, FleetView
 from webapp.requests import LobbyRequest
-from webapp.waiting import Waiter, WaitingRoom
+from webapp.waiting import WAITING_LOCK_TTL_S, Waiter, WaitingRoom
 
 log = logging.getLogger("webapp.lobby")
 
@@ -97,7 +97,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     got = state.admit(req.user, session_id, model.model, model.version, home.name, now,
                       candidates_for(cfg, model.model, model.version, home.name,
                                      view.records(model.model), now),
-                      lock_ttl_s=cfg.ticket_ttl_s, takeover=req.takeover,
+                      lock_ttl_s=min(cfg.ticket_ttl_s, WAITING_LOCK_TTL_S), takeover=req.takeover,
                       resume=req.resume is not None, tau_s=cfg.arrival_tau_s,
                       hold_s=cfg.ticket_ttl_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
                       scales=req.scales)
@@ -108,6 +108,10 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         return
     waiter = Waiter(req.user, session_id, fence, pool, model, home.name,
                     position=got.position if isinstance(got, Admitted) else 1)
+    # waiting is a session too: the page may resume it through any webapp if this one dies
+    state.note_waiting(session_id, {"user": req.user, "model": model.model,
+                                    "version": model.version, "region": home.name,
+                                    "fence": fence, "created_at": now})
     room.enter(waiter)
     kick_scaler()   # event-driven scale-up: no slot for this user right now
     placed = False
@@ -342,6 +346,8 @@ def _ready(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-
     """Give the session its node: a ticket for it. A user placed beyond the latency budget
     of the nearest region, because it is down, is marked displaced: recalled there once it
     serves again (a node within the budget is where placement may put anyone)."""
+    # the lock now waits for the node's stream to take it: a ticket's life, not a lobby's
+    state.refresh_locks(node.id, [(req.user, session_id, fence)], cfg.ticket_ttl_s)
     nearest = home_region(cfg, req.lat, req.lon)
     away = (req.region is None and nearest.name in down
             and node.region not in near_regions(cfg, nearest.name))

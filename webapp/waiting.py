@@ -31,6 +31,9 @@ log = logging.getLogger("webapp.waiting")
 
 BACKSTOP_S = 1.0
 LOCK_CHECK_S = 2.0   # how often waiters' locks are refreshed (and take-overs noticed)
+# A waiting lobby's lock lives this long unrefreshed: the webapp holding it died, and its
+# user (resuming through another) or another tab of theirs is not locked out for long.
+WAITING_LOCK_TTL_S = 3 * LOCK_CHECK_S
 
 
 @dataclass(eq=False)
@@ -122,7 +125,7 @@ class WaitingRoom:
             self._checked_at = now
             self._lost = set(self.state.refresh_locks(
                 "lobby", [(w.user, w.session_id, w.fence) for w in waiters],
-                self.cfg.ticket_ttl_s))
+                min(self.cfg.ticket_ttl_s, WAITING_LOCK_TTL_S)))
         lost = self._lost
         pools: dict[str, Waiter] = {}
         for w in waiters:

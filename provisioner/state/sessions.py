@@ -32,6 +32,16 @@ class Sessions(StateBase):
             pipe.srem(DISPLACED, session_id)
         pipe.execute()
 
+    def note_waiting(self, session_id: str, fields: Mapping[str, Any]) -> None:
+        """A session waiting for a node (user, model, version, region, fence, created_at):
+        resumable through any webapp (its lobby's webapp may die); placing it adds the
+        node (save_session)."""
+        key = session_key(session_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
+        pipe.expire(key, 86400)
+        pipe.execute()
+
     def displaced(self) -> list[str]:
         """Sessions placed away from their nearest region while it was down."""
         return sorted(self.r.smembers(DISPLACED))
