@@ -154,6 +154,28 @@ def request_node(state: State, cfg: Config, key: PoolKey, now: float) -> str | N
     return node_id
 
 
+RESEND_S = 3.0   # a node still `requested` this long after its provision was sent: again
+
+
+def resend_lost(state: State, cfg: Config, now: float,
+                provision: Callable[[str], None]) -> list[str]:
+    """Nodes still `requested` RESEND_S after their provision task was sent: a worker that
+    held it died (Redis redelivers an unacked task only after the visibility timeout,
+    minutes). Send it again; `provision` is idempotent (the node id names the machine, or
+    is EC2's client token), so two deliveries make one machine. Returns the node ids."""
+    again = []
+    for rec in state.nodes():
+        if rec.state is NodeState.REQUESTED and not rec.retired and \
+                now - max(rec.requested_at, rec.sent_at or 0.0) > RESEND_S:
+            state.set_node(rec.id, sent_at=now)
+            provision(rec.id)
+            again.append(rec.id)
+    if again:
+        log.warning("provisioning %s again: still requested %.0f s after it was sent",
+                    again, RESEND_S)
+    return again
+
+
 def _placed(cfg: Config, region: Region, now: float) -> dict[str, object]:
     """A requested node's fields that follow from where it boots."""
     provider = cfg.provider(region.provider)

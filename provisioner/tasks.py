@@ -152,6 +152,9 @@ def _scale(task: Any, reap: bool = False) -> bool:
             _step("draining old versions",
                   lambda: fleet.drain_old_versions(rt.state, rt.cfg, time.time()))
             _step("reaping", lambda: fleet.reap(rt.state, rt.cfg, time.time(), rt.on_end))
+            _step("re-sending lost provisions", lambda: fleet.resend_lost(
+                rt.state, rt.cfg, time.time(),
+                lambda node_id: task.app.send_task("provisioner.provision", (node_id,))))
         fleet.scale(rt.state, rt.cfg, time.time(),
                     lambda node_id: task.app.send_task("provisioner.provision", (node_id,)),
                     rt.on_end)

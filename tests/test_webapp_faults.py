@@ -59,3 +59,20 @@ def test_a_dead_lobbys_lock_goes_within_seconds(webapp: Webapp, cfg: Config,
         assert time.monotonic() - t0 < WAITING_LOCK_TTL_S + 3, "the dead lobby's lock lives on"
         time.sleep(0.5)
     assert cfg.ticket_ttl_s >= 30   # what it would have lived
+
+
+def test_a_lost_provision_is_sent_again_within_seconds(control_plane) -> None:  # noqa: ANN001
+    """A node requested whose provision task died with its worker (here: never sent):
+    the tick sends it again, the same node boots, once."""
+    from provisioner import fleet
+    from provisioner.policy import PoolKey
+
+    cp = control_plane
+    node_id = fleet.request_node(cp.state, cp.config, PoolKey("miku", "1", "us-west"),
+                                 time.time() - 10)
+    assert node_id is not None
+    t0 = time.monotonic()
+    cp.wait(lambda: (n := cp.state.node(node_id)) is not None and n.state.value == "ready",
+            30, "the lost provision was never sent again")
+    assert time.monotonic() - t0 < 20
+    assert [vm["name"] for vm in cp.state.vms()].count(node_id) == 1

@@ -97,6 +97,7 @@ class NodeRecord:
     consolidating: bool = False    # drained to move its users into its pool, not to stop
     dropped: int = 0               # reports refused: of sessions never placed on it
     suspect: str = ""              # why it was drained for lying (beat.lua), or ""
+    sent_at: float | None = None   # its provision task was last sent then (fleet.resend_lost)
 
     def view(self) -> NodeView:
         return NodeView(self.id, self.region, self.model, self.version, self.state,
@@ -171,7 +172,7 @@ def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
         idle_since=_float(h, "idle_since") or None,
         home=h.get("home") or h.get("region", ""), lost_at=_float(h, "lost_at") or None,
         consolidating=bool(h.get("consolidating")), dropped=int(h.get("dropped") or 0),
-        suspect=h.get("suspect") or "")
+        suspect=h.get("suspect") or "", sent_at=_float(h, "sent_at") or None)
 
 
 
@@ -181,7 +182,7 @@ ROW_FIELDS = ("id", "provider", "region", "model", "version", "state", "progress
               "capacity", "started_at", "requested_at", "deadline", "last_seen",
               "price_per_hour", "eta_ready", "drain_deadline", "retired", "digest",
               "ready_at", "idle_since", "home", "lost_at", "consolidating", "dropped",
-              "suspect")
+              "suspect", "sent_at")
 
 
 def row_record(row: str) -> NodeRecord:
