@@ -167,6 +167,7 @@ def roll_back_failures(state: State, cfg: Config, now: float,
                 return e
             return versions.rollback(e, now, cfg.drain_limit_s, failed=reason)
         state.change_model(name, fail)
+        state.count("voice_model_rollbacks", model=name)
         log.warning("model %s v%s failed (%s): rolled back to v%s", name, bad, reason, good)
         out.append(f"{name} v{bad}: {reason}")
     if out:

@@ -284,6 +284,7 @@ def stop(state: State, cfg: Config, rec: NodeRecord, now: float, reason: str,
                 clouds.destroy(cfg, region, vm)
     on_end(NodeEnd(rec, now, reason))   # first: if the bill fails, the next tick retries
     state.forget_node(rec.id)
+    state.count("voice_nodes_ended", reason=reason.split(":")[0].replace(" ", "_"))
     log.info("node %s (%s v%s in %s) stopped: %s", rec.id, rec.model, rec.version,
              rec.region, reason)
 

@@ -6,7 +6,22 @@ given (`voicectl run` gives its own), and the billing schema must be migrated al
 (`voicectl migrate`).
 """
 
+import os
+
+from celery.signals import worker_init
+
 from common.config import load_config
 from provisioner.tasks import make_celery
 
-app = make_celery(load_config(deployed=True))
+cfg = load_config(deployed=True)
+app = make_celery(cfg)
+
+
+@worker_init.connect
+def _metrics(**_: object) -> None:
+    """VOICE_METRICS_PORT: the worker serves /metrics there too (Prometheus scrapes it)."""
+    port = os.environ.get("VOICE_METRICS_PORT")
+    if port:
+        from provisioner import metrics
+        from provisioner.state import State, connect
+        metrics.serve(State(connect(cfg.redis_url or "")), int(port))

@@ -32,7 +32,7 @@ OURS = {name: svc for name, svc in COMPOSE["services"].items() if "build" in svc
 # What an operator puts in .env (see .env.example).
 DOTENV = {"POSTGRES_PASSWORD": "pw", "TICKET_SECRET": SECRET, "FLOWER_BASIC_AUTH": "ops:s3cret",
           "USER_TOKEN_SECRET": USER_SECRET, "VOICE_PUBLIC_URL": "http://127.0.0.1:8000",
-          "TLS_CERT_DIR": "/tmp"}
+          "TLS_CERT_DIR": "/tmp", "GRAFANA_ADMIN_PASSWORD": "ci"}
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import redis
 from flask import Flask, Response, jsonify, request, send_from_directory
 from flask_sock import Sock
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -27,7 +28,7 @@ from billing.ledger import Ledger
 from common.config import Config
 from common.errors import IdentityError
 from common.identity import COOKIE, HOW_TO, read_cookie, sign_cookie
-from provisioner import catalog
+from provisioner import catalog, metrics
 from provisioner.placement import candidates_for
 from provisioner.state import State
 from webapp import lobby, nodes_api
@@ -147,6 +148,13 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
             "queues": queues,
             "cost_per_hour": float(sum((Decimal(n.price_per_hour) for n in nodes), Decimal(0))),
         })
+
+    scrape = metrics.registry(state)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        """The fleet, queues, streams, cost, settlement lag, counters (Prometheus)."""
+        return Response(generate_latest(scrape), mimetype=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:

@@ -64,6 +64,7 @@ def run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-unt
     try:
         _run(ws, state, cfg, req, kick_scaler, fleet, room)
     except Refused as e:
+        state.count("voice_lobby_errors", code=e.code)
         error(ws, e.code, str(e))
     except ConnectionClosed:
         pass   # the user left; the finally blocks below cleaned up
@@ -102,10 +103,15 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                       hold_s=cfg.ticket_ttl_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
                       scales=req.scales)
     fence = _locked(state, cfg, req, session_id, got, moving)
+    if req.resume is not None:
+        state.count("voice_resumes", kind="planned" if moving else "lost")
     if isinstance(got, Admitted) and got.node is not None:      # room at once
+        state.count("voice_admissions", outcome="placed")
         _ready(ws, state, cfg, req, session_id, fence, _node(state, got.node), now,
                down)
+        state.observe_wait(time.time() - started)
         return
+    state.count("voice_admissions", outcome="queued")
     waiter = Waiter(req.user, session_id, fence, pool, model, home.name,
                     position=got.position if isinstance(got, Admitted) else 1)
     # waiting is a session too: the page may resume it through any webapp if this one dies
@@ -130,6 +136,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                 _ready(ws, state, cfg, req, session_id, fence,
                        _node(state, waiter.node_id), now, view.down)
                 placed = True
+                state.observe_wait(time.time() - started)
                 return
             if _follow_version(state, waiter, view):
                 model, pool, looked = waiter.model, waiter.pool, (0, 0, 0)

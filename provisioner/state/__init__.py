@@ -47,6 +47,7 @@ from provisioner.state.keys import (
 from provisioner.state.lobby import Lobby
 from provisioner.state.lock import UserLock
 from provisioner.state.membership import Membership
+from provisioner.state.metrics import Metrics
 from provisioner.state.models import Models
 from provisioner.state.nodes import Nodes
 from provisioner.state.records import (
@@ -78,7 +79,7 @@ __all__ = [
 
 
 class State(Nodes, Membership, Lobby, UserLock, Usage, Sessions, Models, RegionHealth,
-            LocalVMs, Attempts):
+            LocalVMs, Attempts, Metrics):
     """Typed access to the live state. Construct with a redis client (decode_responses=True)."""
 
 

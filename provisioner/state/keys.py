@@ -64,6 +64,9 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
                                      counter, removed only by the settle step that billed it
     vc:usage-rejected         LIST   counters settlement skipped as malformed (what, why),
                                      newest first, the last USAGE_REJECTED_KEEP
+    vc:metrics                HASH   "name|k=v,..." -> count: /metrics' counters, shared by
+                                     every process (admissions, resumes, lobby errors, ...)
+    vc:metrics:wait           HASH   the wait histogram: bucket bound -> count, "+Inf", "sum"
     vc:join:{sha256(token)}   STRING one-time join token -> JSON {"node": id} (a node we
                                      booted) or {"byo": region, "model": name}; expires
     vc:cred:{sha256(cred)}    STRING a joined node's credential -> node id (revoked: deleted;
@@ -97,6 +100,8 @@ REGION_DOWN = PREFIX + "region-down"
 SCALE_KICK = PREFIX + "scale-kick"
 USAGE_DIRTY = PREFIX + "usage-dirty"
 USAGE_REJECTED = PREFIX + "usage-rejected"
+METRIC_COUNTS = PREFIX + "metrics"
+METRIC_WAIT = PREFIX + "metrics:wait"
 USAGE_REJECTED_KEEP = 1000
 CONSTRAINED = PREFIX + "constrained"
 LOBBY_WAKE = PREFIX + "lobby-wake"   # PUBSUB: room may have appeared; waiting lobbies look now
