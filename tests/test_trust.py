@@ -237,3 +237,15 @@ def test_a_node_with_a_wrong_clock_keeps_the_control_planes(fleet: Fleet,
              "the stream's usage never arrived in the control plane's minute")
     assert fleet.state.node(node_id).dropped == 0   # type: ignore[union-attr]
     assert "clock is" in (fleet.tmp / f"{node_id}.log").read_text()
+
+
+def test_the_join_token_is_not_in_the_nodes_arguments(fleet: Fleet) -> None:
+    """The user-data passes the one-time token as an argument (the contract's form); the
+    node hides it from `ps` as soon as it starts."""
+    from pathlib import Path
+
+    node_id, token = fleet.enroll("miku")
+    proc = fleet.join(token, node_id)
+    fleet.wait_state(node_id, "ready")
+    shown = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert "--token ***" in shown and token not in shown, shown

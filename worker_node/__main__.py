@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from setproctitle import setproctitle
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from common.config import NODE_PORT
@@ -174,6 +175,9 @@ def control_endpoint(app: Flask, key: str, agent: Agent) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.token or args.ticket_key:   # `ps` shows arguments to every local user
+        hide = {args.token, args.ticket_key} - {None}
+        setproctitle(" ".join("***" if a in hide else a for a in sys.argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s node %(message)s")
     if not args.standalone and not (args.join and args.token):
         print("voicectl node: give --join URL --token T (a join token from the control plane: "
