@@ -1,7 +1,6 @@
 // The lobby socket (/ws/session): queued -> booting -> ready, or an error.
 import { state } from "./state.js";
 import { userToken } from "./api.js";
-import { fail } from "./session.js";
 import { connectNode, nodeLost } from "./node.js";
 import { hideBoot, setStatus, showBoot, ui } from "./ui.js";
 
@@ -27,8 +26,10 @@ function lobbyUrl({ takeover, resume }) {
   return `${proto}//${location.host}/ws/session?${q}`;
 }
 
-export function openLobby(opts) {
+// `flow` is the session's {fail(message)}: what to do when the lobby cannot go on.
+export function openLobby(opts, flow) {
   closeLobby();
+  const next = { fail: flow.fail, openLobby: (o) => openLobby(o, flow) }; // for the node
   const ws = new WebSocket(lobbyUrl(opts));
   let opened = false;
   let refused = false; // the server sent an error message
@@ -48,10 +49,10 @@ export function openLobby(opts) {
     if (m.type === "ready") readied = true;
     if (state.lobby !== ws) return;
     if (m.type === "error" && m.code === "unavailable") {
-      retryLater(opts, "The server is briefly unavailable");
+      retryLater(opts, flow, "The server is briefly unavailable");
       return;
     }
-    onLobbyMessage(m);
+    onLobbyMessage(m, next);
   };
   ws.onclose = () => {
     if (state.lobby !== ws) return; // replaced or closed on purpose
@@ -61,11 +62,11 @@ export function openLobby(opts) {
     if (opts.resume || state.session.id) {
       // We hold a session (queued, booting or resuming): rejoin it, a few times.
       const why = opened ? "the server closed the lobby" : "the server is unreachable";
-      nodeLost(why, "Connection to the server lost");
+      nodeLost(next, why, "Connection to the server lost");
     } else if (!opened) {
-      retryLater(opts, `Cannot reach the server at ${location.host}`);
+      retryLater(opts, flow, `Cannot reach the server at ${location.host}`);
     } else {
-      fail("The server closed the connection before a voice node was ready. Press Start to retry.");
+      flow.fail("The server closed the connection before a voice node was ready. Press Start to retry.");
     }
   };
 }
@@ -74,17 +75,18 @@ export function openLobby(opts) {
 // telling the user, and give up after RETRIES (then Start tries again).
 const RETRIES = 8;
 
-function retryLater(opts, why) {
+function retryLater(opts, flow, why) {
   state.lobbyRetries += 1;
   if (state.lobbyRetries > RETRIES) {
-    fail(`${why}. Press Start to try again.`);
+    flow.fail(`${why}. Press Start to try again.`);
     return;
   }
   const delayS = Math.min(15, 2 ** (state.lobbyRetries - 1));
   setStatus(`${why}; trying again in ${delayS} s (attempt ${state.lobbyRetries} of ${RETRIES})…`,
     "busy", "connecting");
   clearTimeout(state.retryTimer);
-  state.retryTimer = setTimeout(() => { if (state.active) openLobby(opts); }, delayS * 1000);
+  state.retryTimer = setTimeout(() => { if (state.active) openLobby(opts, flow); },
+    delayS * 1000);
 }
 
 export function closeLobby() {
@@ -96,7 +98,7 @@ export function closeLobby() {
 // What the server says about regions (an outage, a provider out of capacity).
 const note = (m) => (m.note ? ` (${m.note})` : "");
 
-function onLobbyMessage(m) {
+function onLobbyMessage(m, next) {
   if (m.session_id) state.session.id = m.session_id;
   if (m.type !== "error") state.lobbyRetries = 0; // the server answers again
   switch (m.type) {
@@ -118,7 +120,7 @@ function onLobbyMessage(m) {
     case "ready":
       clearTimeout(state.retryTimer);
       hideBoot();
-      connectNode(m);
+      connectNode(m, next);
       break;
     case "drain":
       if (state.streaming && !ui.status.textContent.includes("draining")) {
@@ -126,7 +128,7 @@ function onLobbyMessage(m) {
       }
       break;
     case "error":
-      fail(m.message || `The server refused: ${m.code}`);
+      next.fail(m.message || `The server refused: ${m.code}`);
       if (m.code === "already_streaming") ui.takeover.hidden = false;
       break;
     default:

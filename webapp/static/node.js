@@ -7,11 +7,11 @@
 // then stops the old stream.
 import { config, state } from "./state.js";
 import { answerReceived, frameSent, playbackReport, resetLatency } from "./latency.js";
-import { openLobby } from "./lobby.js";
-import { fail } from "./session.js";
 import { setStatus, ui } from "./ui.js";
 
-export function connectNode(m) {
+// `flow` is what the session gives the node socket to go on with: {fail(message),
+// openLobby(opts)} (the session owns the lobby; this module imports neither).
+export function connectNode(m, flow) {
   const moving = state.moveFrom !== null && state.moveFrom.readyState === WebSocket.OPEN;
   if (moving) {
     const extra = state.node; // a second "ready" during the move: drop the first new one
@@ -28,6 +28,7 @@ export function connectNode(m) {
   const ws = new WebSocket(`${m.node_url}?ticket=${encodeURIComponent(m.ticket)}`);
   ws.binaryType = "arraybuffer";
   ws.nodeId = m.node_id;
+  ws.flow = flow;
   ws.started = false; // answered "started": frames may go to it
   state.node = ws;
   if (moving) {
@@ -38,7 +39,13 @@ export function connectNode(m) {
   ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: state.audio.ctx.sampleRate }));
   ws.onmessage = (e) => {
     if (typeof e.data !== "string") return onNodeAudio(ws, e.data);
-    const msg = JSON.parse(e.data);
+    let msg;
+    try {
+      msg = JSON.parse(e.data);
+    } catch {
+      return; // not a message of ours
+    }
+    if (!msg || typeof msg.type !== "string") return;
     if (msg.type === "started") onStarted(ws, msg);
     else if (msg.type === "move") onMove(ws, msg);
     else if (msg.type === "error") state.lastNodeError = msg.message || msg.code || "";
@@ -71,7 +78,7 @@ function onMove(ws, m) {
   state.moveStart = performance.now();
   state.moveNoticeAt = state.audio.ctx.currentTime;
   setStatus(`${ui.status.textContent} (moving: ${m.message || "the node is draining"})`, "ok", "streaming");
-  openLobby({ resume: state.session.id, moving: true });
+  ws.flow.openLobby({ resume: state.session.id, moving: true });
 }
 
 // The playback worklet's report, or its word that a move's crossfade is over.
@@ -155,6 +162,7 @@ function onNodeClose(ws, code) {
   state.moveFrom = null;
   state.streaming = false;
   if (!state.active) return;
+  const { fail } = ws.flow;
   if (code === 4409) {
     fail("Taken over: you started streaming somewhere else (another tab or device), so this stream stopped.");
   } else if (code === 4401) {
@@ -162,26 +170,26 @@ function onNodeClose(ws, code) {
   } else if (code === 4400) {
     fail(`The voice node rejected our audio: ${state.lastNodeError || "malformed message"}. Press Start to try again.`);
   } else {
-    nodeLost(`close code ${code}`); // 1011 model failed, 4503 full/draining, 1006 dropped, ...
+    nodeLost(ws.flow, `close code ${code}`); // 1011 model failed, 4503 full/draining, 1006 dropped, ...
   }
 }
 
 // Resume the same session through the lobby, with backoff, a few times.
 // `what` starts the status line ("Node lost, reconnecting…").
-export function nodeLost(why, what = "Node lost") {
+export function nodeLost(flow, why, what = "Node lost") {
   // Reset only after a stable stretch, so a crash loop (or two tabs fighting over
   // one user's stream) still ends after MAX_RETRIES.
   if (state.startedAt && performance.now() - state.startedAt > config.STABLE_MS) state.retries = 0;
   state.startedAt = 0;
   if (state.retries >= config.MAX_RETRIES) {
     const detail = state.lastNodeError ? `: ${state.lastNodeError}` : ` (${why})`;
-    fail(`${what} and ${config.MAX_RETRIES} reconnects failed${detail}. Press Start to try again.`);
+    flow.fail(`${what} and ${config.MAX_RETRIES} reconnects failed${detail}. Press Start to try again.`);
     return;
   }
   state.retries++;
   setStatus(`${what}, reconnecting… (attempt ${state.retries} of ${config.MAX_RETRIES})`, "busy", "reconnecting");
   clearTimeout(state.retryTimer);
-  state.retryTimer = setTimeout(() => openLobby({ resume: state.session.id }),
+  state.retryTimer = setTimeout(() => flow.openLobby({ resume: state.session.id }),
     config.RETRY_BASE_MS * 2 ** (state.retries - 1));
 }
 

@@ -27,7 +27,7 @@ export async function start(takeover = false) {
   if (mine !== state.attempt || !state.active) return closeAudio(opened); // Stop pressed meanwhile
   state.audio = opened;
   await state.nodeClosing; // let a just-stopped stream release the single-stream lock
-  if (mine === state.attempt && state.active) openLobby({ takeover });
+  if (mine === state.attempt && state.active) openLobby({ takeover }, { fail });
 }
 
 export function stop() {
