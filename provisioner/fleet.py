@@ -418,8 +418,8 @@ def drain_old_versions(state: State, cfg: Config, now: float) -> None:
         if entry is None:
             continue
         if entry.state(rec.version, now) in (VersionState.LIVE, VersionState.CANARY):
-            if rec.drain_deadline is not None and not rec.consolidating:
-                state.undrain(rec.id)
+            if rec.drain_deadline is not None and not rec.consolidating and not rec.suspect:
+                state.undrain(rec.id)   # (a suspect node stays drained: see membership)
             continue
         v = entry.versions.get(rec.version)
         deadline = v.deadline if v is not None and v.deadline is not None else (

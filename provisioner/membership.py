@@ -43,6 +43,7 @@ NODE_STATES = {NodeState.LOADING.value, NodeState.READY.value, NodeState.DRAININ
 CONN_RE = re.compile(r"^[0-9a-f]{1,16}$")
 URL_RE = re.compile(r"^wss?://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[A-Za-z0-9_./\-]*)?$")
 MAX_COUNTERS = 2000          # per heartbeat: a node with 4 streams reports a handful
+STALL_S = 2.0               # a model call hung this long: the node's users move (a frame: ms)
 MAX_INT = 2**53             # fences and minutes: exact in Lua's doubles (and JSON's)
 MAX_STREAMS = 64             # per heartbeat: far above any node's capacity
 NOTIFY_TIMEOUT_S = 1.0
@@ -214,7 +215,8 @@ def parse_beat(body: Mapping[str, Any]) -> Beat:
                 serving=str(body.get("serving") or "")[:200], streams=live, usage=counters,
                 closed=ended, started=max(0, _int(counts.get("started", 0), "started")),
                 failed=max(0, _int(counts.get("failed", 0), "failed")),
-                load_error=str(body.get("load_error") or "")[:500])
+                load_error=str(body.get("load_error") or "")[:500],
+                stalled_s=max(0.0, _float(body.get("stalled_s") or 0, "stalled_s")))
 
 
 def _rows(body: Mapping[str, Any], key: str, width: int, most: int,
@@ -301,6 +303,11 @@ def heartbeats(state: State, cfg: Config, reports: list[tuple[str, str, Mapping[
             if (beat.started or loaded or load_failed) and state.report_health(
                     node_id, beat.serving, beat.started, beat.failed, loaded, load_failed):
                 failing.add(beat.serving.partition(":")[0])   # judged now, not next tick
+            if beat.stalled_s > STALL_S and not state.node_suspect(node_id):
+                why = f"its model call has hung for {beat.stalled_s:.1f} s"
+                log.warning("node %s: %s: drained, its users move", node_id, why)
+                state.mark_suspect(node_id, why, now)
+                wake = True
             if load_failed:
                 log.warning("node %s could not load %s: %s", node_id, beat.serving,
                             beat.load_error or "no reason given")

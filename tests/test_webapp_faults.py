@@ -76,3 +76,59 @@ def test_a_lost_provision_is_sent_again_within_seconds(control_plane) -> None:  
             30, "the lost provision was never sent again")
     assert time.monotonic() - t0 < 20
     assert [vm["name"] for vm in cp.state.vms()].count(node_id) == 1
+
+
+STALLING = '''
+import time
+
+class Stalls:
+    latency_samples = 0
+
+    def __init__(self):
+        self.calls = 0
+
+    def process(self, frames):
+        self.calls += 1
+        if self.calls == 10:
+            time.sleep(4.0)   # a GPU call that hangs, while the process and heartbeats live
+        return frames
+
+def make(sample_rate, params, files):
+    return Stalls()
+'''
+
+
+def test_a_stalled_model_is_seen_and_its_node_drained(fleet, tmp_path: Path) -> None:  # noqa: ANN001
+    """The model call hangs 4 s: the node's heartbeats (its agent thread lives) say so,
+    the control plane drains it as suspect within seconds, and the stream is never closed
+    as the client's fault (4400) for the silence the stall made."""
+    import numpy as np
+    from conftest import push_version
+    from test_node import open_stream, ticket
+
+    pkg = tmp_path / "stall"
+    pkg.mkdir()
+    (pkg / "model.toml").write_text('name = "miku"\nentry = "stall:make"\n')
+    (pkg / "stall.py").write_text(STALLING)
+    push_version(fleet.state, fleet.cfg, "miku", package=pkg)
+    node_id = fleet.start("miku")
+    ws, _ = open_stream(fleet.url(node_id), ticket(node_id, user="st", version="2",
+                                                   state=fleet.state))
+    frame = np.zeros(960, np.int16).tobytes()
+    t0 = time.monotonic()
+    for _ in range(12):
+        ws.send(frame)
+    rec = wait_until_suspect(fleet, node_id)
+    assert "hung" in rec.suspect and rec.drain_deadline is not None
+    assert time.monotonic() - t0 < 4.0 + 2 * fleet.cfg.heartbeat_interval_s
+    try:
+        while True:
+            ws.receive(timeout=10)
+    except ConnectionClosed as e:
+        assert e.reason != 4400, e   # drained (4503), never blamed on the client
+
+
+def wait_until_suspect(fleet, node_id: str):  # noqa: ANN001, ANN201
+    from conftest import wait_for
+    return wait_for(lambda: (r := fleet.state.node(node_id)) is not None and r.suspect and r,
+                    10, "the stalled node was never drained")

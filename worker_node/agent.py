@@ -80,7 +80,8 @@ class Agent:
                 "eta_ready_s": snap["eta_ready_s"], "ready_at": snap["ready_at"],
                 "serving": f"{self.node.model}:{self.node.version}", "streams": live,
                 "usage": self._usage(streams), "closed": [list(c) for c in closed],
-                "counts": counts, **({"load_error": self.node.load_error}
+                "counts": counts, "stalled_s": round(self.node.stalled(), 2),
+                **({"load_error": self.node.load_error}
                                      if self.node.load_error else {})}
 
     def _usage(self, streams: list[Stream]) -> list[list[Any]]:

@@ -77,6 +77,9 @@ def raise_priority(thread_id: int) -> str:
         return "normal"
 
 
+STALL_S = 1.0   # a model call this long is a stall, not work (a 20 ms frame takes < 1 ms)
+
+
 @dataclass(eq=False)
 class Conn:
     """One stream's socket as the loop sees it. Made by the request thread; owned by the
@@ -108,6 +111,9 @@ class Conn:
         self.loop.post(("text", self, text))
 
 
+Pending = tuple["Conn", np.ndarray, int, float]   # a frame read: its stream, samples, size, when
+
+
 class AudioLoop:
     """The node's audio thread. `serve(conn, stream)` blocks the calling request thread
     until the stream ends and returns how to close it."""
@@ -117,7 +123,8 @@ class AudioLoop:
         self.node, self.processor_for, self.clock = node, processor_for, clock
         self.conns: set[Conn] = set()
         self._commands: deque[tuple[str, Conn, Any]] = deque()
-        self._pending: list[tuple[Conn, np.ndarray, int]] = []   # frames read this turn
+        self._pending: list[Pending] = []   # frames read this turn
+        self.busy_since: float | None = None   # a model call runs since (the loop's clock)
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -289,7 +296,9 @@ class AudioLoop:
             self._start(conn, protocol.parse_start(msg))
         elif isinstance(msg, bytes):
             n = protocol.check_frame(len(msg), conn.rate, conn.bounds)
-            self._pending.append((conn, np.frombuffer(msg, dtype="<i2"), n))
+            # metered at the time it came, not when processed: a stalled model's backlog
+            # never lands in one minute
+            self._pending.append((conn, np.frombuffer(msg, dtype="<i2"), n, self.node.now()))
         else:
             protocol.check_text(msg)
             self._process_pending()   # the frames it sent before its stop
@@ -301,32 +310,48 @@ class AudioLoop:
         model's batch step per round where it has one (what a GPU wants), else a call per
         frame. A batch that fails is retried per stream, so only the failing stream ends."""
         pending, self._pending = self._pending, []
+        if not pending:
+            return
         served = self.node.served
         batch = served.batch if served is not None else None
+        self.busy_since = started = self.clock()
         while pending:
-            first: list[tuple[Conn, np.ndarray, int]] = []
-            later: list[tuple[Conn, np.ndarray, int]] = []
+            first: list[Pending] = []
+            later: list[Pending] = []
             for item in pending:
-                (later if any(item[0] is c for c, _, _ in first) else first).append(item)
+                (later if any(item[0] is c for c, *_ in first) else first).append(item)
             pending = later
             now = [item for item in first if item[0] in self.conns]
             outs: list[np.ndarray | None] = [None] * len(now)
             if batch is not None and len(now) > 1:
                 try:
-                    got = list(batch([c.processor for c, _, _ in now], [f for _, f, _ in now]))
+                    got = list(batch([c.processor for c, *_ in now], [f for _, f, *_ in now]))
                     if len(got) == len(now):
                         outs = list(got)
                 except Exception:  # process boundary: find the failing stream per stream
                     log.exception("batch step failed; processing per stream")
-            for (conn, frames, n), out in zip(now, outs, strict=True):
+            for (conn, frames, n, at), out in zip(now, outs, strict=True):
                 if conn in self.conns:
                     self._guard(conn, functools.partial(self._answer, frames=frames, n=n,
-                                                        out=out))
+                                                        at=at, out=out))
+        self.busy_since = None
+        took = self.clock() - started
+        if took > STALL_S:   # the model stalled: nobody's silence meanwhile was the client's
+            log.warning("the model stalled for %.1f s", took)
+            for c in self.conns:
+                c.deadline += took
 
-    def _answer(self, conn: Conn, frames: np.ndarray, n: int, out: np.ndarray | None) -> None:
+    def stalled_s(self) -> float:
+        """How long the model call now running has run (0: none runs): a GPU hang leaves
+        the process and its heartbeats alive, and only this shows it."""
+        since = self.busy_since
+        return 0.0 if since is None else max(0.0, self.clock() - since)
+
+    def _answer(self, conn: Conn, frames: np.ndarray, n: int, at: float,
+                out: np.ndarray | None) -> None:
         assert conn.processor is not None
         self._send_audio(conn, conn.processor.process(frames) if out is None else out)
-        conn.unmetered.append((n / conn.rate, self.node.now()))
+        conn.unmetered.append((n / conn.rate, at))
 
     def _start(self, conn: Conn, rate: int) -> None:
         processor = self.processor_for(rate)

@@ -68,6 +68,7 @@ class NodeRuntime:
     used_tickets: dict[tuple[str, int], float] = field(default_factory=dict)   # -> expiry
     clock_offset_s: float = 0.0   # the control plane's clock minus ours (agent.py keeps it)
     local_clock: Callable[[], float] = time.time   # this machine's (tests skew it)
+    stalled: Callable[[], float] = lambda: 0.0     # seconds the model call now running has run
 
     def now(self) -> float:
         """The control plane's time as this node best knows it: tickets, drain deadlines

@@ -46,6 +46,7 @@ def create_app(node: NodeRuntime, secret: str,
     may refuse a stream whose user's lock belongs to another session (4409)."""
     app = Flask(__name__)
     loop = AudioLoop(node, make_processor or node.make_processor)
+    node.stalled = loop.stalled_s   # reported in every heartbeat (a hung GPU call)
     app.extensions["audio_loop"] = loop
 
     @app.get("/healthz")

@@ -89,6 +89,14 @@ class Nodes(StateBase):
             return None
         return _record(h, int(taken), int(live))
 
+    def node_suspect(self, node_id: str) -> str:
+        return self.r.hget(node_key(node_id), "suspect") or ""
+
+    def mark_suspect(self, node_id: str, why: str, now: float) -> None:
+        """Drain a node at once for `why` (it lies, or its model hangs): its users move, it
+        takes nobody new, and `voicectl nodes` says why. An operator stops or keeps it."""
+        self.r.hset(node_key(node_id), mapping={"suspect": why, "drain_deadline": now})
+
     def forget_node(self, node_id: str) -> None:
         """Remove a node and its slots (it stopped or died)."""
         pipe = self.r.pipeline(transaction=True)

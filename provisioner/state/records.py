@@ -24,6 +24,7 @@ class Beat:
     started: int = 0       # streams started since it loaded what it serves (cumulative)
     failed: int = 0        # of those, closed because the model failed (1011)
     load_error: str = ""   # why the model did not load (state dead)
+    stalled_s: float = 0.0  # how long the model call now running has run (a hung GPU)
 
 
 @dataclass(frozen=True)

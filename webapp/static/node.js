@@ -55,6 +55,7 @@ export function connectNode(m, flow) {
 
 function onStarted(ws, m) {
   ws.started = true;
+  ws.lastAnswer = performance.now();
   state.streaming = true;
   state.startedAt = performance.now();
   resetLatency(m.latency_ms);
@@ -111,6 +112,18 @@ export function sendFrame(buf, frameEnd, meanFillMs) {
   if (!ws || !canSend(ws)) return;
   ws.send(buf);
   frameSent(buf.byteLength >> 1, frameEnd, meanFillMs, state.audio.ctx);
+  if (state.moveFrom === null && performance.now() - ws.lastAnswer > config.STALL_MS) stalled(ws);
+}
+
+// The node stopped answering though its socket is open (its model call hung): leave it
+// and resume elsewhere now; the control plane drains it once its heartbeat shows the hang.
+function stalled(ws) {
+  console.warn(`node ${ws.nodeId} gave no audio for ${config.STALL_MS} ms: moving on`);
+  ws.onopen = ws.onmessage = ws.onclose = null;
+  ws.close();
+  state.node = null;
+  state.streaming = false;
+  nodeLost(ws.flow, "no audio from the node", "The voice node stopped answering");
 }
 
 // Open, started, and not congested (drop, never queue).
@@ -120,6 +133,7 @@ function canSend(ws) {
 
 function onNodeAudio(ws, buf) {
   if (!state.audio) return;
+  ws.lastAnswer = performance.now();
   if (ws === state.node) {
     answerReceived(buf.byteLength >> 1, performance.now());
     if (state.moveFrom !== null && state.moveFrom !== ws) {

@@ -18,6 +18,9 @@ export const config = {
   // the stream, then resume (a gap of a second or more; tests use it as the baseline).
   MAKE_BEFORE_BREAK: true,
   FADE_MS: 30,
+  // No answer from the node for this long while we send: its model is stalled (a hung GPU
+  // call leaves its socket and heartbeats alive), so resume elsewhere at once.
+  STALL_MS: 1500,
 };
 
 export const state = {
