@@ -46,7 +46,11 @@ from webapp.waiting import WAITING_LOCK_TTL_S, Waiter, WaitingRoom
 
 log = logging.getLogger("webapp.lobby")
 
-POLL_S = 0.25         # how often a waiting lobby looks at its Waiter (no Redis)
+# A waiting lobby sleeps until the waiting room has news for it (a node, its position, a
+# take-over), its client sends or leaves, or this long: a second while it shows an ETA that
+# counts down, else a few (a region's outage or a version change is noticed then).
+ETA_TICK_S = 1.0
+LOOK_S = 3.0
 WAIT_LIMIT_S = 300.0  # after this long without a node the user is told no_capacity
 
 
@@ -113,7 +117,8 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         return
     state.count("voice_admissions", outcome="queued")
     waiter = Waiter(req.user, session_id, fence, pool, model, home.name,
-                    position=got.position if isinstance(got, Admitted) else 1)
+                    position=got.position if isinstance(got, Admitted) else 1,
+                    wake=ws.event.set)   # the socket's own event: the same wait serves both
     # waiting is a session too: the page may resume it through any webapp if this one dies
     state.note_waiting(session_id, {"user": req.user, "model": model.model,
                                     "version": model.version, "region": home.name,
@@ -169,10 +174,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
             if now - started > WAIT_LIMIT_S:
                 raise Refused("no_capacity", f"no node became free within {WAIT_LIMIT_S:.0f} s;"
                               " try again in a few minutes")
-            if ws.receive(timeout=POLL_S) is not None:   # ConnectionClosed: the user left
-                # Nothing is read from the client: a flood would only queue up in memory.
-                raise Refused("bad_request", "the lobby takes no messages from the client; "
-                              "wait for ready or an error, or close the lobby to leave")
+            _sleep(ws, ETA_TICK_S if eta is not None else LOOK_S)
             now = time.time()
     finally:
         given = room.leave(waiter)
@@ -181,6 +183,19 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                 state.release_slot(given, session_id)
             state.abandon(pool, session_id)
             state.release_lock(req.user, session_id)
+
+
+def _sleep(ws, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+    """Until the room wakes this lobby, its client sends or leaves, or `timeout_s`: all set
+    the socket's event (a greenlet's wait, no poll). ConnectionClosed if the user left."""
+    if ws.event.wait(timeout_s):
+        ws.event.clear()
+    if ws.input_buffer:
+        # Nothing is read from the client: a flood would only queue up in memory.
+        raise Refused("bad_request", "the lobby takes no messages from the client; wait for "
+                      "ready or an error, or close the lobby to leave")
+    if not ws.connected:
+        raise ConnectionClosed(ws.close_reason, ws.close_message)
 
 
 def _node(state: State, node_id: str) -> NodeRecord:

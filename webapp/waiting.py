@@ -49,6 +49,7 @@ class Waiter:
     node_id: str | None = None   # assigned: its slot is reserved for this session
     lost: bool = False           # another session took the user's lock over
     position: int = 1
+    wake: Callable[[], None] = lambda: None   # the lobby's: something above changed
 
 
 Candidates = Callable[[Config, str, str, str, list[NodeRecord], float], list[str]]
@@ -138,7 +139,8 @@ class WaitingRoom:
                                                     w.home, view.records(w.model.model), now),
                               now, self.cfg.ticket_ttl_s, self.cfg.heartbeat_timeout_s)
         got = self.state.take_assignments([w.session_id for w in waiters])
-        order = self.state.queues(list(pools))
+        order = {pool: {sid: i + 1 for i, sid in enumerate(queue)}   # a lookup, not a scan:
+                 for pool, queue in self.state.queues(list(pools)).items()}   # 5,000 wait
         with self._lock:
             for w in waiters:
                 node = got.pop(w.session_id, None)
@@ -146,8 +148,10 @@ class WaitingRoom:
                     if node:   # it left meanwhile: give the reserved slot back
                         self.state.release_slot(node, w.session_id)
                     continue
+                was = (w.lost, w.node_id, w.position)
                 w.lost = w.session_id in lost
                 if node:
                     w.node_id = node
-                queue = order.get(w.pool, [])
-                w.position = queue.index(w.session_id) + 1 if w.session_id in queue else 1
+                w.position = order.get(w.pool, {}).get(w.session_id, 1)
+                if (w.lost, w.node_id, w.position) != was:
+                    w.wake()   # its lobby acts now, not at its next look
