@@ -46,7 +46,8 @@ class Stack:
                                 env=self.env, log=self.logfile)
         self._done = threading.Event()
         threading.Thread(target=self._follow, daemon=True).start()
-        self.redis_url = self._wait_line("Redis ready at").rsplit(" ", 1)[1].strip()
+        shown = self._wait_line("Redis ready at").rsplit(" ", 1)[1].strip()   # password: ***
+        self.redis_url = shown.replace("***", (tmp / "redis" / "password").read_text().strip())
         self._wait_line("open http://")
         self.env["REDIS_URL"] = self.redis_url     # for voicectl kill-node / kill-region
 
