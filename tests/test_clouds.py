@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,8 @@ def test_cheapest_provider_boots_from_user_data_and_streams(
     assert vm.id in init.running()                  # its user-data is what runs the node
     user_data = devcloud.read_user_data(aws_driver(plane), vm.id)   # type: ignore[arg-type]
     assert user_data.startswith("#!/bin/sh\n")
+    # the control plane's own version of the project, not whatever is newest
+    assert f"pip install --quiet 'voicechanger=={metadata.version('voicechanger')}'" in user_data
     assert f"\nexec voicectl node --join {plane.base_url} --token j-" in user_data
     assert user_data.rstrip().endswith(" --public-url auto --port 0")
     # the address it announced is the one the instance metadata service gave, and streams
