@@ -255,8 +255,10 @@ def floor(rounds: int, users: int, rate: float) -> dict[str, Any]:
     """The same arrivals (Poisson, then bursts) against Flask + flask-sock with an empty
     handler (bench/floor_server.py): the part of the figures no lobby code can remove."""
     port = procs.free_port()
-    server = procs.spawn([sys.executable, str(Path(__file__).with_name("floor_server.py")),
-                          str(port)], log=procs.ROOT / "var" / "logs" / "bench-floor.log")
+    server = procs.spawn([sys.executable, "-m", "gunicorn", "-k", "gevent", "--workers", "1",
+                          "--worker-connections", "10000", "--bind", f"127.0.0.1:{port}",
+                          "--chdir", str(Path(__file__).parent), "floor_server:app"],
+                         log=procs.ROOT / "var" / "logs" / "bench-floor.log")
     latencies: list[float] = []
     poisson: list[float] = []
     rng = np.random.default_rng(7)      # the same arrival times as the warm measure

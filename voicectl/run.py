@@ -82,7 +82,8 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             env=env, log=logs / "flower.log"))
         say(f"starting the webapp on http://{args.host}:{args.port} (gunicorn, gevent) ...")
         supervisor.add("webapp", lambda: procs.spawn(   # as deployed: a greenlet a socket
-            procs.webapp_command(args.host, args.port), env=env, log=logs / "webapp.log"))
+            procs.webapp_command(args.host, args.port, workers=2), env=env,
+            log=logs / "webapp.log"))   # two: a flood of refusals fills one core
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         # Ctrl-C stops everything even when we were started in the background (`make run &`),

@@ -47,10 +47,10 @@ from webapp.waiting import WAITING_LOCK_TTL_S, Waiter, WaitingRoom
 log = logging.getLogger("webapp.lobby")
 
 # A waiting lobby sleeps until the waiting room has news for it (a node, its position, a
-# take-over), its client sends or leaves, or this long: a second while it shows an ETA that
-# counts down, else a few (a region's outage or a version change is noticed then).
+# take-over, an outage, a refusal, a new version), its client sends or leaves, or this long:
+# a second while it shows an ETA that counts down, else ten (the wait limit's granularity).
 ETA_TICK_S = 1.0
-LOOK_S = 3.0
+LOOK_S = 10.0
 WAIT_LIMIT_S = 300.0  # after this long without a node the user is told no_capacity
 
 

@@ -70,6 +70,7 @@ class WaitingRoom:
         self._started = False
         self._checked_at = float("-inf")
         self._lost: set[str] = set()
+        self._news: object = None   # what every waiter hears of: outages, refusals, versions
         self.steps = 0
 
     def enter(self, waiter: Waiter) -> None:
@@ -132,6 +133,12 @@ class WaitingRoom:
         for w in waiters:
             pools.setdefault(w.pool, w)
         self.view = view = self.read()
+        news = (view.down, tuple(sorted(view.constrained.items())),
+                tuple((n, e.live, e.canary) for n, e in sorted(view.models.items())))
+        if news != self._news:   # a region down or back, a refusal, a version: all look now
+            self._news = news
+            for w in waiters:
+                w.wake()
         for pool, w in pools.items():
             if all(x.session_id in lost for x in waiters if x.pool == pool):
                 continue
