@@ -34,6 +34,10 @@ LOCK_CHECK_S = 2.0   # how often waiters' locks are refreshed (and take-overs no
 # A waiting lobby's lock lives this long unrefreshed: the webapp holding it died, and its
 # user (resuming through another) or another tab of theirs is not locked out for long.
 WAITING_LOCK_TTL_S = 3 * LOCK_CHECK_S
+# Waiters per Redis call and per stretch of the room's step: thousands waiting in one
+# process otherwise hold Redis (one script over every lock) and the process (one loop)
+# for tens of ms, and every request behind them waits.
+CHUNK = 250
 
 
 @dataclass(eq=False)
@@ -125,9 +129,13 @@ class WaitingRoom:
         self.steps += 1
         if now - self._checked_at >= LOCK_CHECK_S:   # keep their locks; notice take-overs
             self._checked_at = now
-            self._lost = set(self.state.refresh_locks(
-                "lobby", [(w.user, w.session_id, w.fence) for w in waiters],
-                min(self.cfg.ticket_ttl_s, WAITING_LOCK_TTL_S)))
+            lost_now: set[str] = set()
+            for at in range(0, len(waiters), CHUNK):   # Redis is held a moment at a time
+                lost_now.update(self.state.refresh_locks(
+                    "lobby", [(w.user, w.session_id, w.fence) for w in waiters[at:at + CHUNK]],
+                    min(self.cfg.ticket_ttl_s, WAITING_LOCK_TTL_S)))
+                time.sleep(0)   # (a greenlet's yield: requests between the chunks go on)
+            self._lost = lost_now
         lost = self._lost
         pools: dict[str, Waiter] = {}
         for w in waiters:
@@ -145,11 +153,17 @@ class WaitingRoom:
             self.state.assign(pool, self.candidates(self.cfg, w.model.model, w.model.version,
                                                     w.home, view.records(w.model.model), now),
                               now, self.cfg.ticket_ttl_s, self.cfg.heartbeat_timeout_s)
-        got = self.state.take_assignments([w.session_id for w in waiters])
+        got: dict[str, str] = {}
+        for at in range(0, len(waiters), CHUNK):
+            got.update(self.state.take_assignments([w.session_id
+                                                    for w in waiters[at:at + CHUNK]]))
+            time.sleep(0)
         order = {pool: {sid: i + 1 for i, sid in enumerate(queue)}   # a lookup, not a scan:
                  for pool, queue in self.state.queues(list(pools)).items()}   # 5,000 wait
         with self._lock:
-            for w in waiters:
+            for i, w in enumerate(waiters):
+                if i % CHUNK == CHUNK - 1:
+                    time.sleep(0)
                 node = got.pop(w.session_id, None)
                 if self._waiters.get(w.session_id) is not w:
                     if node:   # it left meanwhile: give the reserved slot back
