@@ -9,7 +9,7 @@ import pytest
 
 from common.config import load_config
 from common.errors import ConfigError, TicketError
-from common.tickets import Ticket, sign, verify
+from common.tickets import LEEWAY_S, Ticket, sign, verify
 
 
 def test_defaults_and_environment_knobs() -> None:
@@ -58,8 +58,9 @@ def test_ticket_round_trip_and_refusals() -> None:
     t = Ticket("u", "s", "n1", "miku", "1", 3, exp=100.0)
     token = sign(t, "k")
     assert verify(token, "k", node="n1", now=50.0) == t
+    assert verify(token, "k", node="n1", now=100.0 + LEEWAY_S - 1) == t   # clocks differ
     for args, needle in [(("k", "n2", 50.0), "for node"), (("x", "n1", 50.0), "forged"),
-                         (("k", "n1", 101.0), "expired")]:
+                         (("k", "n1", 100.0 + LEEWAY_S + 1), "expired")]:
         with pytest.raises(TicketError, match=needle):
             verify(token, args[0], node=args[1], now=args[2])
     with pytest.raises(TicketError, match="malformed"):

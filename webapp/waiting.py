@@ -141,9 +141,13 @@ class WaitingRoom:
         for w in waiters:
             pools.setdefault(w.pool, w)
         self.view = view = self.read()
+        coming = sorted((n.id, n.state.value) for m in {w.model.model for w in waiters}
+                        for n in view.records(m) if n.state.coming)
         news = (view.down, tuple(sorted(view.constrained.items())),
-                tuple((n, e.live, e.canary) for n, e in sorted(view.models.items())))
-        if news != self._news:   # a region down or back, a refusal, a version: all look now
+                tuple((n, e.live, e.canary) for n, e in sorted(view.models.items())),
+                tuple(coming))
+        if news != self._news:   # a region down or back, a refusal, a version, a node
+            # coming (an ETA to show): every waiter looks now
             self._news = news
             for w in waiters:
                 w.wake()
