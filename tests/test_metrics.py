@@ -38,7 +38,9 @@ def test_metrics_from_the_running_stack(control_plane: ControlPlane) -> None:
     bad = lobby(cp.ws_url, "user=m2&model=nope&region=us-west")[-1]
     assert bad["code"] == "unknown_model"
     m = wait_for(lambda: (got := scrape(f"{cp.base_url}/metrics"))
-                 and value(got, "voice_streams") == 1 and got, 15, "no live stream shown")
+                 and value(got, "voice_streams") == 1
+                 and value(got, "voice_lobby_errors_total") == 1 and got, 15,
+                 "no live stream shown")
     assert value(m, "voice_nodes", state="ready", region="us-west", model="miku") >= 1
     assert value(m, "voice_admissions_total") >= 1
     assert value(m, "voice_lobby_errors_total", code="unknown_model") == 1

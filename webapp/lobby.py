@@ -111,9 +111,9 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         state.count("voice_resumes", kind="planned" if moving else "lost")
     if isinstance(got, Admitted) and got.node is not None:      # room at once
         state.count("voice_admissions", outcome="placed")
+        state.observe_wait(time.time() - started)   # before the user hears: counted once seen
         _ready(ws, state, cfg, req, session_id, fence, _node(state, got.node), now,
                down)
-        state.observe_wait(time.time() - started)
         return
     state.count("voice_admissions", outcome="queued")
     waiter = Waiter(req.user, session_id, fence, pool, model, home.name,
@@ -138,10 +138,10 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                               "another tab or device")
             view = room.view or fleet.get()   # the room's last read: no Redis per lobby
             if waiter.node_id is not None:
+                state.observe_wait(time.time() - started)
                 _ready(ws, state, cfg, req, session_id, fence,
                        _node(state, waiter.node_id), now, view.down)
                 placed = True
-                state.observe_wait(time.time() - started)
                 return
             if _follow_version(state, waiter, view):
                 model, pool, looked = waiter.model, waiter.pool, (0, 0, 0)
