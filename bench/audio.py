@@ -32,7 +32,7 @@ from simple_websocket import Client  # noqa: E402
 
 from common.tickets import Ticket, sign  # noqa: E402
 from voicectl import procs  # noqa: E402
-from worker_node.audio_loop import raise_priority  # noqa: E402
+from worker_node.priority import raise_priority  # noqa: E402
 
 RATE, FRAME = 48000, 960   # 20 ms frames at 48 kHz
 SECRET = "bench-secret"

@@ -21,7 +21,7 @@ from werkzeug.serving import make_server
 
 from common.tickets import Ticket, sign
 from provisioner.states import NodeState
-from worker_node import audio_loop
+from worker_node import audio_loop, priority
 from worker_node.audio_loop import AudioLoop
 from worker_node.runtime import NodeRuntime, Stream
 from worker_node.server import create_app
@@ -119,12 +119,12 @@ def test_no_deflate_heap_frozen_audio_thread_raised(
     if loop.scheduling.startswith("SCHED_RR"):
         assert os.sched_getscheduler(loop.thread_id) == os.SCHED_RR
         assert os.sched_getparam(loop.thread_id).sched_priority == \
-            audio_loop.AUDIO_THREAD_RT_PRIORITY
+            priority.AUDIO_THREAD_RT_PRIORITY
         assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
     elif loop.scheduling.startswith("nice"):
-        assert os.getpriority(os.PRIO_PROCESS, loop.thread_id) == audio_loop.AUDIO_THREAD_NICE
+        assert os.getpriority(os.PRIO_PROCESS, loop.thread_id) == priority.AUDIO_THREAD_NICE
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != \
-            audio_loop.AUDIO_THREAD_NICE
+            priority.AUDIO_THREAD_NICE
     else:
         assert loop.scheduling == "normal"
     ws.send(json.dumps({"type": "stop"}))

@@ -15,7 +15,7 @@ from simple_websocket import Client
 from test_node import open_stream, ticket
 
 from billing.ledger import Ledger
-from provisioner.state import Beat, lock_key
+from provisioner.state import Beat, lock_key, node_key
 from provisioner.state.membership import LIE_LIMIT
 
 
@@ -50,7 +50,7 @@ def test_a_node_cannot_take_over_another_users_stream(fleet: Fleet) -> None:
     assert isinstance(ws.receive(timeout=5), bytes)
     rec = fleet.state.node(evil)
     assert rec is not None and rec.dropped == 2 and "not placed here" in (
-        fleet.state.r.hget(f"vc:node:{evil}", "dropped_why") or "")
+        fleet.state.r.hget(node_key(evil), "dropped_why") or "")
 
 
 def test_a_node_bills_only_its_own_sessions_in_their_time(fleet: Fleet) -> None:
