@@ -4,7 +4,12 @@ librosa approach) and the WebSocket round trip through a real node on loopback w
 driven by one client thread so that the client's own threads add no GIL hand-offs to what
 is measured; `rtt_p99_over_p50_4streams` is the tail's ratio to the median.
 
-    python bench/audio.py [--seconds 10] [--json]
+    python bench/audio.py [--seconds 10] [--baseline-ref REV] [--json]
+
+The node runs three ways in one run, so the figures sit beside their baselines: as shipped
+(its loop thread at real-time priority where allowed), without CAP_SYS_NICE (`normal`: what
+the priority buys), and, with --baseline-ref, the node of an earlier commit (its `_base`
+figures; e.g. the hand-written selector loop this asyncio server replaced).
 
 With --json the last line is one JSON object.
 """
@@ -14,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import selectors
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -146,15 +153,17 @@ def _client_thread(url: str, n: int, seconds: float, figures: dict[str, Any]) ->
     return out[0]
 
 
-def rtt_figures(seconds: float) -> dict[str, Any]:
+def rtt_figures(seconds: float, suffix: str = "", prefix: tuple[str, ...] = (),
+                root: Path = ROOT) -> dict[str, Any]:
     """Round trip of one 20 ms frame through a real node process on loopback (standalone:
-    serving tickets signed with the key it is given, no control plane)."""
+    serving tickets signed with the key it is given, no control plane). `prefix` runs it
+    under another command (setpriv), `root` from another checkout."""
     port = procs.free_port()
-    node = procs.spawn([sys.executable, "-m", "worker_node", "--standalone",
+    node = procs.spawn([*prefix, sys.executable, "-m", "worker_node", "--standalone",
                         "--package", str(ROOT / "models" / "miku"), "--ticket-key", SECRET,
                         "--node-id", "bench-node",
                         "--port", str(port), "--load-s", "0.2"],
-                       log=ROOT / "var" / "logs" / "bench-audio-node.log")
+                       log=ROOT / "var" / "logs" / f"bench-audio-node{suffix}.log", cwd=root)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -166,32 +175,54 @@ def rtt_figures(seconds: float) -> dict[str, Any]:
                 pass
             if time.monotonic() > deadline or node.poll() is not None:
                 raise RuntimeError("bench node did not become ready; see "
-                                   "var/logs/bench-audio-node.log")
+                                   f"var/logs/bench-audio-node{suffix}.log")
             time.sleep(0.1)
         figures: dict[str, Any] = {}
         for n in (1, 4):
-            log(f"round trip with {n} concurrent real-time stream(s) for {seconds:g} s ...")
+            log(f"round trip{suffix} with {n} concurrent real-time stream(s) for {seconds:g} s")
             rtts = _client_thread(f"ws://127.0.0.1:{port}/ws", n, seconds, figures)
-            label = "1stream" if n == 1 else f"{n}streams"
+            label = ("1stream" if n == 1 else f"{n}streams") + suffix
             figures[f"rtt_ms_p50_{label}"] = round(float(np.percentile(rtts, 50)), 3)
             figures[f"rtt_ms_p99_{label}"] = round(float(np.percentile(rtts, 99)), 3)
             figures[f"frames_{label}"] = len(rtts)
             time.sleep(0.5)   # let the node settle the closed streams
-        figures["rtt_p99_over_p50_4streams"] = round(
-            figures["rtt_ms_p99_4streams"] / figures["rtt_ms_p50_4streams"], 2)
+        figures[f"rtt_p99_over_p50_4streams{suffix}"] = round(
+            figures[f"rtt_ms_p99_4streams{suffix}"] / figures[f"rtt_ms_p50_4streams{suffix}"], 2)
         return figures
     finally:
         procs.stop([node])
 
 
+def _checkout(ref: str) -> Path:
+    """The tree of commit `ref`, unpacked beside the var/ folder (no git state changes)."""
+    dest = ROOT / "var" / f"bench-base-{ref}"
+    if not dest.is_dir():
+        dest.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=10.0, help="per round-trip run")
+    p.add_argument("--baseline-ref", metavar="REV",
+                   help="also measure the node of this commit (figures ending _base)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     log("offline shifter figures (CPU, latency, quality, naive baseline) ...")
     figures = offline_figures()
     figures.update(rtt_figures(args.seconds))
+    if shutil.which("setpriv"):   # no CAP_SYS_NICE: the loop thread at the normal priority
+        figures.update(rtt_figures(args.seconds, "_normal", (
+            "setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--")))
+    if args.baseline_ref:
+        figures.update(rtt_figures(args.seconds, "_base", root=_checkout(args.baseline_ref)))
+    for suffix in ("_normal", "_base"):
+        if f"rtt_ms_p99_4streams{suffix}" in figures:
+            figures[f"rtt_p99_4streams_vs{suffix}"] = round(
+                figures["rtt_ms_p99_4streams"] / figures[f"rtt_ms_p99_4streams{suffix}"], 2)
     report(figures, args.json)
     return 0
 

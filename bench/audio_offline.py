@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from worker_node.shifter import Processor
+    from worker_node.package import Processor
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 CHART_PATH = _REPO_ROOT / "docs" / "voicing-vs-latency.png"
@@ -64,10 +64,9 @@ def offline_figures(chart: Path | None = None, samples: Path | None = None) -> d
     # on sys.path; imported by bench/audio.py, this module must have no side effects.
     from audio_speech import speech_figures
 
-    from worker_node.quality import NaiveChunkShifter, measure_delay_samples
-    from worker_node.shifter import PitchShifter, warm_up
+    from research.quality import NaiveChunkShifter, measure_delay_samples
+    from worker_node.splice import SpliceShifter as PitchShifter
 
-    warm_up(SR_HZ)
     chunk = SR_HZ * CHUNK_MS // 1000
     figures: dict[str, Any] = {
         "sample_rate_hz": SR_HZ,
@@ -97,8 +96,8 @@ def _cpu_figures(shifter: Processor, chunk: int) -> dict[str, float]:
     every chunk in turn, so all three see the same machine load (timings on a shared
     machine vary 2-4x between runs: compare within one run).
     """
-    from worker_node.quality import NaiveChunkShifter, chunked, speech_like
-    from worker_node.shifter import PhaseVocoderShifter
+    from research.quality import NaiveChunkShifter, chunked, speech_like
+    from research.vocoder import PhaseVocoderShifter
 
     chunks = [c for c in chunked(speech_like(SR_HZ, CPU_SECONDS), [chunk]) if len(c) == chunk]
     processors: dict[str, Processor] = {
@@ -137,7 +136,7 @@ def _quality_figures(
     make: Callable[[float], Processor], chunk: int, prefix: str
 ) -> dict[str, float]:
     """Worst pitch error, HF leak, d2 ratio and RMS dip over SHIFTS for one processor."""
-    from worker_node import quality as q
+    from research import quality as q
 
     pitch: list[float] = []
     leak: list[float] = []

@@ -1,7 +1,7 @@
 """Speech figures for the stream processor: voicing kept and pitch shift on espeak-ng voices.
 
 `speech_figures()` is a plain function that `bench/audio_offline.py` calls (and through
-it `bench/audio.py`): for every voice of `worker_node.speech.VOICES` and every shift,
+it `bench/audio.py`): for every voice of `research.speech.VOICES` and every shift,
 streamed in 20 ms chunks at 48 kHz, the share of voiced frames (pyin) kept and the
 frame-wise pitch shift, for the node's shifter, for the 20 ms phase vocoder it replaced
 and for librosa's offline `pitch_shift` on the whole utterance (the reference). Given
@@ -13,6 +13,7 @@ writes short before/after WAV samples of each voice.
 from __future__ import annotations
 
 import wave
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,18 @@ def speech_figures(
     librosa_voicing_kept_..., vocoder_voicing_kept_..., shift_error_cents_...; the
     median F0 of each voice. Without espeak-ng: {"speech": "skipped ..."}.
     """
-    from worker_node.quality import run_processor
-    from worker_node.shifter import make_processor
-    from worker_node.speech import VOICES, compare, have_espeak, librosa_offline, pitch_track
-    from worker_node.speech import voice as speak
+    from research.quality import run_processor
+    from research.speech import VOICES, compare, have_espeak, librosa_offline, pitch_track
+    from research.speech import voice as speak
+    from research.vocoder import PhaseVocoderShifter
+    from worker_node.splice import SpliceShifter
 
     if not have_espeak():
         return {"speech": "skipped: espeak-ng is not installed (apt-get install espeak-ng)"}
-    methods = ["splice", *(f"vocoder{w}" for w in VOCODER_WINDOWS_MS), "librosa"]
+    makers: dict[str, Any] = {"splice": SpliceShifter, **{
+        f"vocoder{w}": partial(PhaseVocoderShifter, window_ms=float(w))
+        for w in VOCODER_WINDOWS_MS}}
+    methods = [*makers, "librosa"]
     kept: dict[str, dict[str, float]] = {m: {} for m in methods}
     error: dict[str, dict[str, float]] = {m: {} for m in methods}
     latency_ms: dict[str, float] = {}
@@ -71,7 +76,7 @@ def speech_figures(
                 if method == "librosa":
                     out, delay = librosa_offline(speech, SR_HZ, st), 0
                 else:
-                    shifter = make_processor(SR_HZ, st, method)
+                    shifter = makers[method](SR_HZ, st)
                     out, delay = run_processor(shifter, speech, [CHUNK]), shifter.latency_samples
                     latency_ms[method] = shifter.latency_ms
                     max_latency_ms[method] = float(
@@ -157,8 +162,8 @@ def write_samples(
     """<voice>.wav (the input) and <voice>_<shift>.wav (the node's shifter), 16-bit mono."""
     import librosa
 
-    from worker_node.speech import VOICES
-    from worker_node.speech import voice as speak
+    from research.speech import VOICES
+    from research.speech import voice as speak
 
     folder.mkdir(parents=True, exist_ok=True)
     n = round(SAMPLE_SECONDS * SR_HZ)

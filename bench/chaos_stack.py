@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import redis
 
-from provisioner.local_driver import pid_alive
+from provisioner.clouds.local import pid_alive
 from provisioner.state import State, connect, fence_key
 from provisioner.states import NodeState
 from voicectl import procs

@@ -28,7 +28,7 @@ from connect import lobby, log  # noqa: E402
 from report import report  # noqa: E402
 
 from common.config import load_config  # noqa: E402
-from provisioner import ec2  # noqa: E402
+from provisioner.clouds import ec2  # noqa: E402
 from voicectl import devcloud, procs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -267,8 +267,3 @@ def day_totals(rows: Iterable[UsageRow]) -> list[dict[str, Any]]:
         totals[key] = totals.get(key, 0.0) + r.seconds
     return [{"user": u, "day": d, "seconds": round(s, 3), "minutes": round(s / 60, 2)}
             for (u, d), s in sorted(totals.items())]
-
-
-def start_of_day(t: datetime) -> datetime:
-    return t - timedelta(hours=t.hour, minutes=t.minute, seconds=t.second,
-                         microseconds=t.microsecond)

@@ -65,10 +65,6 @@ def vanished(open_bills: Iterable[tuple[str, float | None]], fleet: Set[str],
             for node_id, seen in open_bills if node_id not in fleet}
 
 
-def minute_start(t: float) -> int:
-    return int(t // 60) * 60
-
-
 def utc(t: float) -> datetime:
     """Naive UTC datetime (what both SQLite and PostgreSQL store here)."""
     return datetime.fromtimestamp(t, UTC).replace(tzinfo=None)

@@ -39,14 +39,23 @@ class Region:
     max_nodes: int | None = None  # the provider's quota here; creating more fails over
 
 
-DRIVERS_OF_OUR_OWN = ("local", "byo")   # any other driver name is a libcloud provider
+DRIVERS_OF_OUR_OWN = ("local", "byo")
+# The libcloud drivers we have a module for (provisioner/clouds/), each with the options it
+# cannot do without (docs/clouds.md says what each is; EC2's keys come from the environment).
+DRIVER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ec2": ("instance_type", "image"),
+    "gce": ("instance_type", "image", "project", "user_id", "key"),
+    "azure_arm": ("instance_type", "image", "tenant_id", "subscription_id", "key", "secret",
+                  "resource_group", "network"),
+    "openstack": ("instance_type", "image", "auth_url", "user", "password", "tenant"),
+}
 
 
 @dataclass(frozen=True)
 class Provider:
     """Where nodes come from: `driver` is `local`, `byo` (own machines that join with a
-    token; never booted or destroyed by us), `ec2`, or another libcloud compute provider,
-    with its own `options` (ec2: instance_type, image, spot, endpoint)."""
+    token; never booted or destroyed by us) or a libcloud provider of DRIVER_OPTIONS, with
+    its own `options` (ec2: instance_type, image, spot, endpoint; docs/clouds.md)."""
 
     name: str
     price_per_hour: Decimal
@@ -223,9 +232,15 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
             raise ConfigError(f"region {r.name!r} uses provider {r.provider!r}, which has no "
                               f"[providers.{r.provider}] table in {source}")
     for p in providers:
-        if p.driver == "ec2":
-            for key in ("instance_type", "image"):
-                _need(p.options, key, f"{source} [providers.{p.name}] (driver ec2)")
+        if p.driver not in (*DRIVERS_OF_OUR_OWN, *DRIVER_OPTIONS):
+            raise ConfigError(f"[providers.{p.name}] in {source}: driver {p.driver!r} is none "
+                              f"of {[*DRIVERS_OF_OUR_OWN, *DRIVER_OPTIONS]}; another cloud "
+                              "needs its module in provisioner/clouds/")
+        for key in DRIVER_OPTIONS.get(p.driver, ()):
+            _need(p.options, key, f"{source} [providers.{p.name}] (driver {p.driver})")
+        if p.spot and p.driver in ("azure_arm", "openstack"):
+            raise ConfigError(f"[providers.{p.name}] in {source}: driver {p.driver} makes no "
+                              "spot machines; remove `spot = true`")
         port = p.options.get("node_port", NODE_PORT)
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(f"[providers.{p.name}] node_port {port!r} in {source} must be a "

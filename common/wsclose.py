@@ -1,5 +1,4 @@
-"""Server-side WebSocket plumbing shared by the webapp and the nodes: accepting a socket
-that one loop thread will read, and closing so browsers see the close frame.
+"""The webapp's WebSocket closing, so browsers see the close frame.
 
 Under werkzeug's server, flask-sock writes an HTTP response onto the socket after the
 handler returns; Chrome reads it as an invalid frame, drops the last messages and reports
@@ -10,31 +9,11 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
-from simple_websocket import ConnectionClosed, Server
+from simple_websocket import ConnectionClosed
 
 CLOSE_LINGER_S = 0.05   # between our close frame and the end of the TCP stream (see close)
-
-
-class _NoReaderThread:
-    """simple_websocket starts a reader thread per socket; `accept`ed sockets are read by
-    one loop thread for all of them instead."""
-
-    def __init__(self, target: Callable[[], None]) -> None:
-        self.name = "no-reader"
-
-    def start(self) -> None:
-        pass
-
-
-def accept(environ: dict[str, Any], max_message_size: int) -> Server:
-    """The WebSocket handshake, without permessage-deflate (small or incompressible
-    messages, each deflated in Python both ways) and without a reader thread: the caller
-    hands `ws.sock` and `ws.ws` (the wsproto connection) to its loop thread."""
-    env = {k: v for k, v in environ.items() if k != "HTTP_SEC_WEBSOCKET_EXTENSIONS"}
-    return Server(env, max_message_size=max_message_size, thread_class=_NoReaderThread)
 
 
 def fit(reason: str) -> str:

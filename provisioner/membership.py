@@ -375,10 +375,9 @@ def notify(cfg: Config, rec: NodeRecord, payload: Mapping[str, Any],
 
     def send() -> bool:
         try:
-            return requests.post(control_url(rec.url), data=body, timeout=NOTIFY_TIMEOUT_S,
-                                 headers={"Content-Type": "application/json",
-                                          "X-Signature": sig},
-                                 verify=cfg.node_ca_file or True).ok
+            return requests.get(control_url(rec.url), timeout=NOTIFY_TIMEOUT_S,
+                                headers={"X-Order": body.decode(), "X-Signature": sig},
+                                verify=cfg.node_ca_file or True).ok
         except requests.RequestException as e:
             log.info("order to node %s not delivered (%s)", rec.id, e)
             return False

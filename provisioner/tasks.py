@@ -21,6 +21,7 @@ from celery import Celery, shared_task
 
 from billing.ledger import Ledger
 from common.config import Config
+from common.errors import ConfigError
 from provisioner import catalog, clouds, fleet, membership
 from provisioner.inputs import TICK_S
 from provisioner.state import State, connect
@@ -33,10 +34,19 @@ RETRY = {"autoretry_for": clouds.PROVIDER_ERRORS, "retry_backoff": 2, "retry_bac
          "retry_jitter": True, "max_retries": 6}   # ~2 min of a provider's errors
 
 
+def _redis_url(cfg: Config) -> str:
+    """The live-state Redis (Celery's broker too), or ConfigError when none is configured."""
+    if not cfg.redis_url:
+        raise ConfigError("REDIS_URL is unset: the Celery worker and beat need the live-state "
+                          "Redis as their broker; set REDIS_URL=redis://HOST:6379/0 (`voicectl "
+                          "run` starts an embedded one and sets it for its own workers)")
+    return cfg.redis_url
+
+
 def make_celery(cfg: Config) -> Celery:
     """The Celery app for this config: broker = the live-state Redis."""
-    assert cfg.redis_url, "Celery needs REDIS_URL"
-    app = Celery("voice", broker=cfg.redis_url, backend=cfg.redis_url,
+    url = _redis_url(cfg)
+    app = Celery("voice", broker=url, backend=url,
                  include=["provisioner.tasks"])
     app.conf.update(
         # A task a dead worker held comes back after this (tasks are idempotent; the tick
@@ -65,8 +75,7 @@ class Runtime:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        assert cfg.redis_url
-        self.state = State(connect(cfg.redis_url))
+        self.state = State(connect(_redis_url(cfg)))
         self._ledger: Ledger | None = None
 
     @property

@@ -23,7 +23,8 @@ from conftest import (
 )
 from libcloud.compute.base import NodeImage, NodeSize
 
-from provisioner import clouds, ec2, fleet
+from provisioner import clouds, fleet
+from provisioner.clouds import ec2
 from provisioner.errors import CapacityError
 from voicectl import devcloud
 

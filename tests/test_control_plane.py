@@ -23,7 +23,7 @@ from common.config import Config
 from provisioner.placement import candidates_for
 from provisioner.state import Admitted, State
 from provisioner.states import NodeState
-from worker_node.quality import harmonic_tone
+from research.quality import harmonic_tone
 
 
 def fake_node(state: State, node_id: str, model: str = "miku", capacity: int = 4) -> None:
@@ -94,9 +94,9 @@ def test_assign_hands_out_in_order_and_never_overfills(state: State) -> None:
         t.start()
     for t in threads:
         t.join()
-    got = {f"s{i:02d}": state.take_assignment(f"s{i:02d}") for i in range(12)}
-    assert [got[f"s{i:02d}"] for i in range(8)] == ["a"] * 4 + ["b"] * 4   # oldest first
-    assert all(got[f"s{i:02d}"] is None for i in range(8, 12))
+    got = state.take_assignments([f"s{i:02d}" for i in range(12)])
+    assert [got.get(f"s{i:02d}") for i in range(8)] == ["a"] * 4 + ["b"] * 4   # oldest first
+    assert all(got.get(f"s{i:02d}") is None for i in range(8, 12))
     assert state.position(pool, "s08") == 1 and state.position(pool, "s11") == 4
 
 

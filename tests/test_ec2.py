@@ -1,4 +1,4 @@
-"""provisioner.ec2 against a real moto EC2 server (our child on a free port), and the dev
+"""provisioner.clouds.ec2 against a real moto EC2 server (our child on a free port), and the dev
 cloud around it: the capacity fault proxy and CloudInit running user-data as processes."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import wait_for
 from libcloud.common.exceptions import BaseHTTPError
 from libcloud.compute.base import NodeDriver, NodeImage, NodeSize
 
-from provisioner import ec2
+from provisioner.clouds import ec2
 from provisioner.errors import CapacityError
 from voicectl import devcloud
 

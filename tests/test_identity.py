@@ -41,10 +41,10 @@ from common.identity import (
 from provisioner import fleet as fleet_adapter
 from provisioner.policy import decide
 from provisioner.state import State
+from research.quality import harmonic_tone
 from voicectl import procs
 from voicectl.util import local_user_secret
 from webapp.app import create_app
-from worker_node.quality import harmonic_tone
 
 ADMIN = "op-" + "x" * 40
 HOW = "voicectl user-token"   # every refusal says how to authenticate

@@ -14,7 +14,7 @@ from simple_websocket import Client
 from test_node import stream_tone
 
 from provisioner.state import node_key
-from worker_node.quality import harmonic_tone
+from research.quality import harmonic_tone
 
 
 def get(url: str) -> tuple[int, object, dict[str, str]]:

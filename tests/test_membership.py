@@ -19,8 +19,8 @@ from simple_websocket import Client
 from common.tickets import Ticket, node_key, sign
 from provisioner import membership
 from provisioner.state import State
+from research.quality import harmonic_tone
 from voicectl import procs
-from worker_node.quality import harmonic_tone
 
 
 def post(fleet: Fleet, path: str, body: object, credential: str = "") -> requests.Response:

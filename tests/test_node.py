@@ -14,10 +14,10 @@ from simple_websocket import Client
 from common.states import NodeState
 from common.tickets import Ticket, node_key, sign
 from provisioner.state import State
+from research.quality import cents, harmonic_tone, pitch_hz
 from voicectl import procs
 from worker_node.agent import Agent
 from worker_node.control import ControlClient
-from worker_node.quality import cents, harmonic_tone, pitch_hz
 from worker_node.runtime import NodeRuntime
 
 RATE = 48000

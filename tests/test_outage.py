@@ -20,8 +20,8 @@ from billing.ledger import Ledger
 from common.config import ORPHAN_SERVING_S, Config
 from provisioner import fleet as fleet_ops
 from provisioner.state import NodeRecord, State, connect
+from research.quality import harmonic_tone
 from voicectl import procs
-from worker_node.quality import harmonic_tone
 
 SERVE = """
 import sys

@@ -38,7 +38,7 @@ CHROMIUM_ARGS = [
 REPO = Path(__file__).resolve().parent.parent
 
 try:
-    from worker_node.quality import pitch_hz
+    from research.quality import pitch_hz
 except ImportError:  # the shared helper is not there yet: same measure, inline
 
     def pitch_hz(signal: np.ndarray, sr: int) -> float:

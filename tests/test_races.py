@@ -14,8 +14,8 @@ from test_node import stream_tone, ticket
 from common.config import Config
 from provisioner import catalog
 from provisioner.state import State, connect, slots_key
+from research.quality import harmonic_tone
 from webapp.app import create_app
-from worker_node.quality import harmonic_tone
 from worker_node.runtime import NodeRuntime, Stream
 
 
@@ -69,7 +69,7 @@ def test_abandoned_assignment_gives_the_slot_back(state: State) -> None:
     state.enqueue(pool, "s1", time.time())
     assert state.assign(pool, ["a"], time.time(), 60, 6) == 1
     state.abandon(pool, "s1")                         # the user left before picking it up
-    assert state.take_assignment("s1") is None
+    assert state.take_assignments(["s1"]) == {}
     assert state.r.zcard(slots_key("a")) == 0 and state.position(pool, "s1") is None
 
 
@@ -79,7 +79,7 @@ def test_retire_twice_and_live_slots_repaired(state: State) -> None:
                     time.time())
     assert state.retire("b", time.time()) is True
     assert state.retire("b", time.time()) is False    # only one of two racing stops wins
-    state.mark_live("b", "ghost")                     # a release that never happened
+    state.sync_live("b", ["ghost"])                   # a release that never happened
     state.sync_live("b", ["real"])
     assert state.live_sessions("b") == ["real"]
 

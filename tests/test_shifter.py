@@ -1,6 +1,7 @@
 """Table tests for the streaming pitch shifters (pure numpy, no I/O).
 
-The spec, for each method (the node's "splice" and the older phase "vocoder"): the
+The spec, for each method (the node's "splice" and the older phase "vocoder", a research
+baseline in research/vocoder.py): the
 right pitch, no clicks (no high-frequency leak, no second-difference spikes, no RMS
 dropouts), as many samples out as in on every call, output independent of chunking, a
 fixed declared latency equal to the measured one (the splice method's delay wanders by
@@ -12,12 +13,13 @@ wrap-around. A negative control proves the measures catch the clicks of per-chun
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from worker_node.quality import (
+from research.quality import (
     NaiveChunkShifter,
     cents,
     chunked,
@@ -33,15 +35,13 @@ from worker_node.quality import (
     steady,
     worst_rms_dip_db,
 )
-from worker_node.shifter import (
-    METHODS,
-    PhaseVocoderShifter,
-    PitchShifter,
-    Processor,
-    SpliceShifter,
-    make_processor,
-    warm_up,
-)
+from research.vocoder import PhaseVocoderShifter
+from worker_node import package
+from worker_node.splice import SpliceShifter
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+SHIFTERS = {"splice": SpliceShifter, "vocoder": PhaseVocoderShifter}
+METHODS = tuple(SHIFTERS)
 
 RATES_HZ = (48000, 16000)
 SHIFTS = (-5.0, 4.0, 7.0, 0.0)
@@ -56,6 +56,10 @@ MAX_D2_RATIO = 3.0
 MIN_RMS_DIP_DB = -6.0
 
 Int16Array = npt.NDArray[np.int16]
+
+
+def make_shifter(sr: int, semitones: float, method: str) -> SpliceShifter | PhaseVocoderShifter:
+    return SHIFTERS[method](sr, semitones)
 
 
 def frame_20ms(sr: int) -> int:
@@ -82,7 +86,7 @@ def shifted(
         harmonic_tone(TONE_F0_HZ, sr, SECONDS) if kind == "tone" else sine(SINE_HZ, sr, SECONDS)
     )
     sizes = list(chunking) or [frame_20ms(sr)]
-    return run_processor(make_processor(sr, semitones, method), signal, sizes)
+    return run_processor(make_shifter(sr, semitones, method), signal, sizes)
 
 
 @functools.cache
@@ -138,7 +142,7 @@ def test_odd_chunkings_give_the_same_output_as_20ms(method: str, sr: int, semito
 def test_every_call_returns_as_many_samples_as_it_was_given(
     method: str, sr: int, semitones: float
 ) -> None:
-    shifter = make_processor(sr, semitones, method)
+    shifter = make_shifter(sr, semitones, method)
     rng = np.random.default_rng(7)
     for size in (0, 1, 128, 441, frame_20ms(sr), 4800, 5 * frame_20ms(sr), 3):
         chunk = rng.integers(-8000, 8000, size, dtype=np.int16)
@@ -149,12 +153,12 @@ def test_every_call_returns_as_many_samples_as_it_was_given(
 @table
 def test_measured_latency_equals_the_declared_one(method: str, sr: int, semitones: float) -> None:
     """Exact for the phase vocoder; within half a splice (the documented wander) else."""
-    declared = make_processor(sr, semitones, method).latency_samples
-    shifter = make_processor(sr, semitones, method)
+    declared = make_shifter(sr, semitones, method).latency_samples
+    shifter = make_shifter(sr, semitones, method)
     slack = shifter.max_splice / 2.0 if isinstance(shifter, SpliceShifter) else 0.0
     for chunking in ([frame_20ms(sr)], [441], [128]):
         measured = measure_latency_samples(
-            lambda: make_processor(sr, semitones, method), sr, chunking
+            lambda: make_shifter(sr, semitones, method), sr, chunking
         )
         assert abs(measured - declared) <= slack, (
             f"chunking {chunking}: measured {measured}, declared {declared} +- {slack:g}"
@@ -165,10 +169,10 @@ def test_measured_latency_equals_the_declared_one(method: str, sr: int, semitone
 @pytest.mark.parametrize("sr", [8000, 11025, 16000, 22050, 44100, 48000])
 def test_latency_is_fixed_and_at_most_20ms(method: str, sr: int) -> None:
     latencies = {
-        make_processor(sr, st, method).latency_samples for st in (*SHIFTS, -12.0, 12.0, 0.5)
+        make_shifter(sr, st, method).latency_samples for st in (*SHIFTS, -12.0, 12.0, 0.5)
     }
     assert len(latencies) == 1, f"latency depends on the shift: {sorted(latencies)}"
-    shifter = make_processor(sr, 4.0, method)
+    shifter = make_shifter(sr, 4.0, method)
     assert shifter.latency_ms <= 20.0
     if sr == 48000:
         assert shifter.latency_samples <= 960
@@ -197,10 +201,10 @@ def test_splice_delay_stays_within_its_band_on_a_gliding_voice(semitones: float)
 def test_bypass_at_0_semitones_is_the_input_delayed_bit_exact(method: str, sr: int) -> None:
     rng = np.random.default_rng(3)
     signal = rng.integers(-32768, 32767, sr // 2, dtype=np.int16, endpoint=True)
-    latency = make_processor(sr, 0.0, method).latency_samples
+    latency = make_shifter(sr, 0.0, method).latency_samples
     expected = np.concatenate((np.zeros(latency, dtype=np.int16), signal[:-latency]))
     for chunking in ([frame_20ms(sr)], [128], [441]):
-        out = run_processor(make_processor(sr, 0.0, method), signal, chunking)
+        out = run_processor(make_shifter(sr, 0.0, method), signal, chunking)
         assert np.array_equal(out, expected), f"chunking {chunking}"
 
 
@@ -208,7 +212,7 @@ def test_bypass_at_0_semitones_is_the_input_delayed_bit_exact(method: str, sr: i
 def test_loud_input_clips_without_wrapping(method: str, sr: int, semitones: float) -> None:
     # A tone driven twice past full scale (flat-topped): its shifted peaks overshoot.
     loud = harmonic_tone(TONE_F0_HZ, sr, 0.5, amplitude=2.0)
-    shifter = make_processor(sr, semitones, method)
+    shifter = make_shifter(sr, semitones, method)
     out = run_processor(shifter, loud, [frame_20ms(sr)]).astype(np.int32)
     assert out.max() == 32767 or out.min() == -32768, "the test did not reach the rails"
     # Wrap-around turns +32768 into -32768: a step of about the whole range.
@@ -226,25 +230,25 @@ def test_naive_per_chunk_librosa_fails_the_click_criteria() -> None:
 
 @each_method
 def test_every_method_is_a_processor(method: str) -> None:
-    assert isinstance(make_processor(48000, 4.0, method), Processor)
+    """What `worker_node.package.Loaded.make` asks of a model's processor."""
+    shifter = make_shifter(48000, 4.0, method)
+    assert isinstance(shifter.latency_samples, int) and shifter.latency_samples >= 0
+    assert callable(shifter.process)
 
 
-def test_the_node_default_is_the_speech_shifter() -> None:
-    """worker_node.server builds `PitchShifter(rate, semitones)`: the splice method."""
-    assert isinstance(PitchShifter(48000, 4.0), SpliceShifter)
-    assert isinstance(make_processor(48000, 4.0), SpliceShifter)
-    assert isinstance(make_processor(48000, 4.0, "vocoder"), PhaseVocoderShifter)
-    longer = make_processor(48000, 4.0, "vocoder40")
-    assert isinstance(longer, PhaseVocoderShifter) and longer.latency_samples == 1919
-    with pytest.raises(ValueError, match="method"):
-        make_processor(48000, 4.0, "psola")
+def test_the_pitch_voices_serve_the_speech_shifter() -> None:
+    """The shipped pitch voices (models/miku, teto, kaito) build the splice method."""
+    for name in ("miku", "teto", "kaito"):
+        assert isinstance(package.load(MODELS / name).make(48000), SpliceShifter), name
+    longer = PhaseVocoderShifter(48000, 4.0, window_ms=40.0)
+    assert longer.latency_samples == 1919
 
 
 @each_method
 def test_reset_restores_the_fresh_state(method: str) -> None:
     sr = 16000
     tone = harmonic_tone(TONE_F0_HZ, sr, 0.3)
-    shifter = make_processor(sr, 4.0, method)
+    shifter = make_shifter(sr, 4.0, method)
     first = run_processor(shifter, tone, [320])
     shifter.reset()
     assert np.array_equal(run_processor(shifter, tone, [320]), first)
@@ -254,28 +258,24 @@ def test_reset_restores_the_fresh_state(method: str) -> None:
 def test_other_rates_keep_length_and_chunking_invariance(method: str) -> None:
     for sr in (8000, 11025, 22050, 44100):
         tone = harmonic_tone(TONE_F0_HZ, sr, 0.3)
-        a = run_processor(make_processor(sr, 7.0, method), tone, [frame_20ms(sr)])
-        b = run_processor(make_processor(sr, 7.0, method), tone, [128, 441])
+        a = run_processor(make_shifter(sr, 7.0, method), tone, [frame_20ms(sr)])
+        b = run_processor(make_shifter(sr, 7.0, method), tone, [128, 441])
         assert np.array_equal(a, b), f"{sr} Hz"
 
 
 @each_method
 def test_rejects_what_it_cannot_process(method: str) -> None:
     with pytest.raises(ValueError, match="sample_rate"):
-        make_processor(96000, 4.0, method)
+        make_shifter(96000, 4.0, method)
     with pytest.raises(ValueError, match="semitones"):
-        make_processor(48000, 30.0, method)
+        make_shifter(48000, 30.0, method)
     with pytest.raises(TypeError, match="int16"):
-        make_processor(48000, 4.0, method).process(np.zeros(960, dtype=np.float32))
-
-
-def test_warm_up_runs() -> None:
-    warm_up(16000)
+        make_shifter(48000, 4.0, method).process(np.zeros(960, dtype=np.float32))
 
 
 @each_method
 def test_dc_offset_stays_a_dc_offset(method: str) -> None:
     sr = 48000
     dc = np.full(sr // 2, 5000, dtype=np.int16)
-    out = run_processor(make_processor(sr, 4.0, method), dc, [960])
+    out = run_processor(make_shifter(sr, 4.0, method), dc, [960])
     assert np.all(np.abs(steady(out, sr) - 5000.0) <= 100.0)

@@ -26,10 +26,9 @@ from provisioner.policy import (
     decide_reactive,
     static_fleet,
 )
-from provisioner.simmetrics import perfect_packing
-from provisioner.simreport import undominated
-from provisioner.simtrace import BURST_S, BURSTY_MAX_SESSION_S
-from provisioner.simulate import (
+from sim.metrics import perfect_packing
+from sim.report import undominated
+from sim.run import (
     SWEEP,
     Session,
     TraceError,
@@ -43,6 +42,7 @@ from provisioner.simulate import (
     spot_scaling,
     sweep,
 )
+from sim.trace import BURST_S, BURSTY_MAX_SESSION_S
 
 KEYS = {"gpu_hours", "lower_bound_gpu_hours", "cost_ratio", "wait_fraction", "wait_s_p50",
         "wait_s_p95", "wait_s_p99", "wait_s_max", "sessions", "cost_usd",

@@ -17,9 +17,8 @@ import pytest
 
 from common.config import load_config
 from common.package import load_manifest
-from worker_node.quality import run_processor
-from worker_node.shifter import PitchShifter, make_processor
-from worker_node.speech import (
+from research.quality import run_processor
+from research.speech import (
     VOICES,
     PitchTrack,
     SpeechScore,
@@ -29,6 +28,8 @@ from worker_node.speech import (
     pitch_track,
     voice,
 )
+from research.vocoder import PhaseVocoderShifter
+from worker_node.splice import SpliceShifter
 
 pytestmark = pytest.mark.skipif(
     not have_espeak(),
@@ -45,6 +46,7 @@ MIN_KEPT_OF_LIBROSA = 0.9
 MIN_KEPT = 0.9
 MIN_KEPT_FROM_HZ = 100.0
 NAMES = [v.name for v in VOICES]
+SHIFTERS = {"splice": SpliceShifter, "vocoder": PhaseVocoderShifter}   # the node's; the old one
 
 every_voice_and_shift = pytest.mark.parametrize(
     ("name", "semitones"), [(n, st) for n in NAMES for st in SHIFTS]
@@ -63,7 +65,7 @@ def score(name: str, semitones: float, method: str) -> SpeechScore:
     if method == "librosa":
         out, delay = librosa_offline(speech, SR_HZ, semitones), 0
     else:
-        shifter = make_processor(SR_HZ, semitones, method)
+        shifter = SHIFTERS[method](SR_HZ, semitones)
         out, delay = run_processor(shifter, speech, [CHUNK]), shifter.latency_samples
     return compare(speech, out, SR_HZ, delay, semitones, inp_track=input_track(name))
 
@@ -119,15 +121,15 @@ def test_the_20ms_phase_vocoder_fails_the_low_voice() -> None:
 @pytest.mark.parametrize("semitones", SHIFTS)
 def test_speech_output_does_not_depend_on_chunking(semitones: float) -> None:
     speech = voice("low-male", SR_HZ)[: SR_HZ * 2]
-    reference = run_processor(PitchShifter(SR_HZ, semitones), speech, [CHUNK])
+    reference = run_processor(SpliceShifter(SR_HZ, semitones), speech, [CHUNK])
     for chunking in ([441], [1, 7, 1000, 3, 0, 333], [4800]):
-        out = run_processor(PitchShifter(SR_HZ, semitones), speech, chunking)
+        out = run_processor(SpliceShifter(SR_HZ, semitones), speech, chunking)
         assert np.array_equal(out, reference), f"chunking {chunking} changed the output"
 
 
 def test_speech_at_0_semitones_is_the_input_delayed_bit_exact() -> None:
     speech = voice("male", SR_HZ)
-    shifter = PitchShifter(SR_HZ, 0.0)
+    shifter = SpliceShifter(SR_HZ, 0.0)
     out = run_processor(shifter, speech, [CHUNK])
     latency = shifter.latency_samples
     assert np.array_equal(out[latency:], speech[:-latency])
@@ -135,5 +137,5 @@ def test_speech_at_0_semitones_is_the_input_delayed_bit_exact() -> None:
 
 
 def test_latency_is_at_most_20ms() -> None:
-    shifter = PitchShifter(SR_HZ, 4.0)
+    shifter = SpliceShifter(SR_HZ, 4.0)
     assert shifter.latency_ms <= 20.0 and shifter.max_latency_ms <= 20.0

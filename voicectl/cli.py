@@ -232,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["simulate"]:   # the simulator owns its flags (voicectl simulate --help)
-        from provisioner.simulate import main as simulate
+        from sim.run import main as simulate
 
         return simulate(argv[1:])
     if argv[:1] == ["node"]:       # a node needs no config: the control plane gives it all

@@ -30,7 +30,7 @@ from libcloud.compute.base import NodeDriver
 from libcloud.compute.drivers.ec2 import NAMESPACE
 from libcloud.compute.types import NodeState
 
-from provisioner import ec2
+from provisioner.clouds import ec2
 from voicectl import procs
 
 __all__ = ["MOTO_AMI", "FAKE_KEY", "start_moto", "default_image", "read_user_data",

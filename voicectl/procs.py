@@ -54,14 +54,15 @@ def port_free(host: str, port: int) -> bool:
 
 
 def spawn(cmd: Sequence[str], env: Mapping[str, str] | None = None,
-          log: Path | None = None, inherit: bool = False) -> subprocess.Popen[bytes]:
-    """Start a child; its output goes to `log` (its folder is made), our own stdout
-    (`inherit`), or nowhere."""
+          log: Path | None = None, inherit: bool = False, cwd: Path = ROOT
+          ) -> subprocess.Popen[bytes]:
+    """Start a child in `cwd`; its output goes to `log` (its folder is made), our own
+    stdout (`inherit`), or nowhere."""
     if log is not None and not inherit:
         log.parent.mkdir(parents=True, exist_ok=True)
     out = None if inherit else open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stdout=out,
-                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, cwd=ROOT)
+                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, cwd=cwd)
 
 
 def stop(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float = 5.0) -> None:

@@ -35,8 +35,9 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     procs.private_dir(procs.ROOT / "var")   # billing, logs, secrets, the append-only file
     logs = procs.private_dir(procs.ROOT / "var" / "logs")
     try:
-        if cfg.redis_url:
-            say(f"using Redis at {procs.redacted(cfg.redis_url)}")
+        redis_url = cfg.redis_url
+        if redis_url:
+            say(f"using Redis at {procs.redacted(redis_url)}")
         else:
             say(f"starting embedded Redis (REDIS_URL is unset; data in {args.data}) ...")
             port = procs.free_port()
@@ -47,9 +48,9 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
                 urls.append(url)
                 return proc
             supervisor.add("redis", redis_server)
-            cfg = cfg.with_overrides(redis_url=urls[0])
-            say(f"Redis ready at {procs.redacted(cfg.redis_url)}")
-        assert cfg.redis_url is not None
+            redis_url = urls[0]
+            cfg = cfg.with_overrides(redis_url=redis_url)
+            say(f"Redis ready at {procs.redacted(redis_url)}")
         if cfg.public_url == Config.public_url:   # VOICE_PUBLIC_URL unset: nodes join us here
             cfg = cfg.with_overrides(public_url=f"http://{args.host}:{args.port}")
         cfg = with_user_secret(cfg)
@@ -57,12 +58,12 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         if args.moto:
             dev_env = _start_moto(cfg, infra, clouds_init, logs)
             cfg = load_config({**os.environ, **dev_env}).with_overrides(
-                redis_url=cfg.redis_url, public_url=cfg.public_url)
-        state = State(connect(cfg.redis_url))
+                redis_url=redis_url, public_url=cfg.public_url)
+        state = State(connect(redis_url))
         catalog.seed(state, cfg)
         say(f"billing database: {cfg.database_url}")
         Ledger.open(cfg.database_url).engine.dispose()   # migrated before the others check
-        env = {**os.environ, "REDIS_URL": cfg.redis_url, "TICKET_SECRET": cfg.ticket_secret,
+        env = {**os.environ, "REDIS_URL": redis_url, "TICKET_SECRET": cfg.ticket_secret,
                "USER_TOKEN_SECRET": cfg.user_token_secret,
                "DATABASE_URL": cfg.database_url,
                "MODEL_LOAD_SECONDS": str(cfg.model_load_s), "CRASH_RATE": str(cfg.crash_rate),

@@ -132,9 +132,6 @@ class FrontDoor:
         got = client_of(environ, self.cfg.trusted_proxies)
         return Client(got.address, got.key, is_exempt(got.address, self._exempt))
 
-    def open_sockets(self, client: Client) -> int:
-        return self._open.get(client.key, 0)
-
     @contextmanager
     def socket(self, client: Client) -> Iterator[None]:
         """Hold one of the client's lobby sockets while the block runs; RateLimited at once

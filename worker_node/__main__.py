@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import json
 import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -27,24 +26,20 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from flask import Flask, Response, jsonify, request
 from setproctitle import setproctitle
-from werkzeug.serving import WSGIRequestHandler, make_server
 
 from common.config import NODE_PORT
 from common.errors import PackageError
 from common.grant import Grant
 from common.package import load_manifest, unpack
-from common.tickets import verify_control
 from worker_node import package
 from worker_node.agent import ORPHAN_AFTER_S, Agent
 from worker_node.control import ControlClient, ControlError, Refused
 from worker_node.metadata import DEFAULT_METADATA_URL, MetadataError, public_address
 from worker_node.package import Loaded
 from worker_node.runtime import NodeRuntime
-from worker_node.server import create_app
+from worker_node.server import NodeServer
 
 log = logging.getLogger("worker_node")
 JOIN_PATIENCE_S = 60.0     # keep trying an unreachable control plane this long at boot
@@ -129,15 +124,6 @@ def _join(control: ControlClient, token: str, url: str) -> Grant:
             time.sleep(1.0)
 
 
-class QuietHandler(WSGIRequestHandler):
-    """Request log lines without the query string: a stream's URL carries its ticket."""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        method, _, rest = self.requestline.partition(" ")
-        path, _, proto = rest.partition(" ")
-        self.log("info", '"%s %s %s" %s %s', method, path.split("?", 1)[0], proto, code, size)
-
-
 def package_loader(control: ControlClient, local: Path | None) -> Callable[[str], Loaded]:
     """How this node loads a model: fetch the package by digest with its own credential,
     check the digest, unpack it into a directory of its own per version, import it, and
@@ -155,22 +141,6 @@ def package_loader(control: ControlClient, local: Path | None) -> Callable[[str]
         loaded.make(package.CHECK_RATE).process(package.test_audio(package.CHECK_RATE, 0.2))
         return loaded
     return load
-
-
-def control_endpoint(app: Flask, key: str, agent: Agent) -> None:
-    """POST /control: orders the control plane pushes (kick, recall, wake), signed with our
-    key."""
-    @app.post("/control")
-    def control() -> tuple[Response, int]:
-        body = request.get_data()
-        if not verify_control(body, request.headers.get("X-Signature", ""), key):
-            return jsonify({"error": "forbidden", "message": "bad or missing signature"}), 403
-        try:
-            order: dict[str, Any] = json.loads(body)
-        except ValueError:
-            return jsonify({"error": "bad_request", "message": "body is not JSON"}), 400
-        agent.control_order(order)
-        return jsonify({"ok": True}), 200
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     warm_up = package_loader(control, Path(args.package) if args.standalone else None)
     agent = Agent(node, control, grant.heartbeat_interval_s, grant.crash_rate, warm_up=warm_up,
                   orphan_s=args.orphan_s)
-    hooks = {} if args.standalone else {"on_open": agent.on_open, "on_close": agent.on_close}
-    app = create_app(node, grant.ticket_key, **hooks)
-    control_endpoint(app, grant.ticket_key, agent)
-    ssl = (args.cert, args.key) if args.cert else None
-    server = make_server(host, port, app, threaded=True, ssl_context=ssl,
-                         request_handler=QuietHandler)
+    hooks = {} if args.standalone else {"on_open": agent.on_open, "on_close": agent.on_close,
+                                        "on_order": agent.control_order}
+    server = NodeServer(node, grant.ticket_key, **hooks)   # type: ignore[arg-type]
+    tls = None
+    if args.cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.cert, args.key)
     if not args.standalone:
         agent.start()
     threading.Thread(target=node.load, args=(warm_up, agent.poke), name="load",
@@ -238,18 +209,19 @@ def main(argv: list[str] | None = None) -> int:
                                                         args.drain_s, args.standalone),
                          name="leave", daemon=True).start()
     signal.signal(signal.SIGTERM, leave)
-    gc.freeze()   # start-up objects out of the collector's way: no long pauses mid-stream
+    server.start(host, port, tls)
     log.info("%s serving %s v%s in %s at %s (loading %.1f s)", node.id, node.model,
              node.version, node.region, node.url, grant.model_load_s)
     try:
-        server.serve_forever()
+        server.stopped.wait()
     except KeyboardInterrupt:
         pass
     agent.stop()
     return 0
 
 
-def _drain_and_leave(node: NodeRuntime, agent: Agent, control: ControlClient, server: Any,
+def _drain_and_leave(node: NodeRuntime, agent: Agent, control: ControlClient,
+                     server: NodeServer,
                      drain_s: float, standalone: bool) -> None:
     """SIGTERM: take no new streams, let live ones finish, move the rest, leave, stop."""
     deadline = time.time() + drain_s
@@ -271,7 +243,7 @@ def _drain_and_leave(node: NodeRuntime, agent: Agent, control: ControlClient, se
             log.info("left the fleet")
         except ControlError as e:
             log.warning("could not say goodbye (%s); the control plane will reap us", e)
-    server.shutdown()
+    server.stop()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import numpy as np
 import numpy.typing as npt
 
 Int16Array = npt.NDArray[np.int16]
-FloatArray = npt.NDArray[np.float64]
 
 
 def checked(frames: Int16Array) -> Int16Array:
@@ -25,8 +24,3 @@ def delayed(line: Int16Array, samples: Int16Array) -> tuple[Int16Array, Int16Arr
     joined = np.concatenate((line, samples))
     count = samples.shape[0]
     return joined[:count].copy(), joined[count:]
-
-
-def to_int16(x: FloatArray) -> Int16Array:
-    out: Int16Array = np.clip(np.rint(x), -32768, 32767).astype(np.int16)
-    return out

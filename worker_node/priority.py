@@ -34,3 +34,13 @@ def raise_priority(thread_id: int) -> str:
         log.info("audio thread at normal priority (%s); grant CAP_SYS_NICE for real-time "
                  "scheduling", e)
         return "normal"
+
+
+def normal() -> None:
+    """Back to the normal priority in a thread the audio thread starts (threads inherit
+    their creator's scheduling): the agent's heartbeats are not audio."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:
+        pass   # never raised, or not allowed to lower: stays as it is

@@ -1,110 +1,382 @@
-"""The node's HTTP and WebSocket server: `/healthz` and the audio stream `/ws?ticket=T`.
+"""The node's server: audio streams on `/ws?ticket=T`, `/healthz`, and the control plane's
+signed orders on `/control`, all on one asyncio loop (the `websockets` library) in one
+thread.
 
 Protocol (docs/protocol.md): text `start` -> text `started` -> binary Int16 frames both
 ways, same length, in order -> `stop` -> close 1000. Close codes: 4401 ticket, 4409 taken
 over, 4503 full/loading/draining, 4400 malformed (after a text error), 1011 model failed.
 
-A socket's request thread checks the ticket and admits the stream; from `start` to the end
-the node's one audio thread (worker_node/audio_loop.py) reads, processes and answers it.
+Each stream is a coroutine. The frames that arrive in one turn of the loop are processed
+together in the next, through the model's batch step where it has one (what a GPU wants).
+What blocks (the agent's heartbeat when a stream opens or closes) runs in worker threads.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import json
+import logging
+import ssl
+import sys
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from flask import Flask, Response, jsonify, request
+import numpy as np
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
-from common import wsclose
 from common.errors import TicketError
-from common.tickets import Ticket, verify
-from worker_node.audio_loop import AudioLoop
+from common.tickets import Ticket, verify, verify_control
+from common.wsclose import fit
+from worker_node import priority, protocol
 from worker_node.package import Processor
-from worker_node.protocol import (  # noqa: F401  re-exported: the protocol's limits
-    IDLE_TIMEOUT_S,
-    MAX_FRAME_S,
-    MAX_MESSAGE_BYTES,
-    MAX_RATE_HZ,
-    MIN_FRAME_S,
-    MIN_RATE_HZ,
-    START_TIMEOUT_S,
-    Malformed,
-)
+from worker_node.protocol import MAX_MESSAGE_BYTES, Malformed
 from worker_node.runtime import NodeRuntime, Stream
 
+log = logging.getLogger("worker_node")
+logging.getLogger("websockets").setLevel(logging.WARNING)   # one line per connection, else
 
-def _refuse(ws, code: int, reason: str) -> None:  # type: ignore[no-untyped-def]
-    wsclose.after_handshake()
-    wsclose.close(ws, code, reason)
-
-
-def create_app(node: NodeRuntime, secret: str,
-               make_processor: Callable[[int], Processor] | None = None,
-               on_open: Callable[[Stream], None] = lambda s: None,
-               on_close: Callable[[Stream, bool], None] = lambda s, current: None,
-               admit: Callable[[Stream], str | None] = lambda s: None) -> Flask:
-    """The node app. `on_open`/`on_close` let the agent mirror streams into Redis; `admit`
-    may refuse a stream whose user's lock belongs to another session (4409)."""
-    app = Flask(__name__)
-    loop = AudioLoop(node, make_processor or node.make_processor)
-    node.stalled = loop.stalled_s   # reported in every heartbeat (a hung GPU call)
-    app.extensions["audio_loop"] = loop
-
-    @app.get("/healthz")
-    def healthz():  # type: ignore[no-untyped-def]
-        return jsonify(node.snapshot())
-
-    @app.route("/ws", websocket=True)
-    def stream() -> Response:
-        ws = wsclose.accept(request.environ, MAX_MESSAGE_BYTES)
-        _stream(ws, node, secret, loop, on_open, on_close, admit)
-        # werkzeug writes this response after the handler; wsclose shut the socket first.
-        return Response()
-
-    return app
+STALL_S = 1.0   # a model call this long is a stall, not work (a 20 ms frame takes < 1 ms)
+SWITCH_INTERVAL_S = 0.0005    # a woken thread waits at most this for the GIL (default 5 ms)
+CLOSE_TIMEOUT_S = 2.0         # for the client's answer to our close frame
+# simple_websocket's client keeps only the first event of the read that ends its handshake:
+# a refusal that shares a TCP segment with the 101 would reach it as 1005, without reason.
+REFUSAL_GAP_S = 0.02
+Outcome = tuple[int, str] | None   # close code and reason; None: the client closed
 
 
-def _stream(ws, node: NodeRuntime, secret: str,  # type: ignore[no-untyped-def]
-            loop: AudioLoop, on_open: Callable[[Stream], None],
-            on_close: Callable[[Stream, bool], None],
-            admit: Callable[[Stream], str | None]) -> None:
+@dataclass(eq=False)
+class Conn:
+    """One stream's socket and where its coroutine is."""
+
+    ws: ServerConnection
+    task: asyncio.Task[None]
+    stream: Stream | None = None
+    processor: Processor | None = None
+    deadline: float = 0.0             # loop time: the start or idle timeout
+    serving: bool = False             # between start and end: a kick cancels the task
+    kicked: tuple[int, str] | None = None
+
+
+class NodeServer:
+    """`start(host, port)` serves in a thread of its own; `on_open`/`on_close` (run in
+    worker threads) let the agent mirror streams to the control plane; `on_order` takes
+    a verified order pushed to /control."""
+
+    def __init__(self, node: NodeRuntime, secret: str,
+                 make_processor: Callable[[int], Processor] | None = None,
+                 on_open: Callable[[Stream], None] = lambda s: None,
+                 on_close: Callable[[Stream, bool], None] = lambda s, current: None,
+                 on_order: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.node, self.secret = node, secret
+        self.make_processor = make_processor or node.make_processor
+        self.on_open, self.on_close, self.on_order = on_open, on_close, on_order
+        self.conns: set[Conn] = set()
+        self.port = 0
+        self.thread_id: int | None = None
+        self.scheduling = "normal"     # what the loop's thread got: see priority.py
+        self.busy_since: float | None = None   # a model call runs since (monotonic)
+        self._pending: list[tuple[Conn, np.ndarray, asyncio.Future[np.ndarray]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._frozen = False
+        self.stopped = threading.Event()   # set once the server has stopped
+        node.stalled = self.stalled_s   # reported in every heartbeat (a hung GPU call)
+
+    # ---- running --------------------------------------------------------------------
+
+    def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Serve from a new thread; returns the port once listening."""
+        ready = threading.Event()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            self.thread_id = threading.get_native_id()
+            self.scheduling = priority.raise_priority(self.thread_id)
+            try:
+                asyncio.run(self._main(host, port, ssl_context, ready))
+            except BaseException as e:  # thread boundary: say why it never listened
+                failed.append(e)
+                ready.set()
+            finally:
+                self.stopped.set()
+        threading.Thread(target=run, name="audio-loop", daemon=True).start()
+        ready.wait()
+        if failed:
+            raise failed[0]
+        return self.port
+
+    def stop(self) -> None:
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(stop.set)
+
+    async def _main(self, host: str, port: int, ssl_context: ssl.SSLContext | None,
+                    ready: threading.Event) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        # The agent's heartbeats run here, at the normal priority, not the loop's.
+        self._loop.set_default_executor(ThreadPoolExecutor(
+            8, "settle", initializer=priority.normal))
+        async with serve(self._handler, host, port, ssl=ssl_context,
+                         process_request=self._http, compression=None, ping_interval=None,
+                         max_size=MAX_MESSAGE_BYTES, close_timeout=CLOSE_TIMEOUT_S) as server:
+            self.port = int(next(iter(server.sockets)).getsockname()[1])
+            ready.set()
+            await self._stop.wait()
+            for conn in self.conns:   # a client that reads nothing would hold up the close
+                conn.ws.transport.abort()
+
+    # ---- plain HTTP: /healthz, /control -----------------------------------------------
+
+    def _http(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        log.info('"GET %s"', path)   # never the query: a stream's URL carries its ticket
+        if path == "/ws":
+            return None   # the WebSocket handshake goes on
+        if path == "/healthz":
+            return _json(ws, HTTPStatus.OK, self.node.snapshot())
+        if path == "/control" and self.on_order is not None:
+            return self._control(ws, request)
+        return _json(ws, HTTPStatus.NOT_FOUND, {"error": "not_found", "message":
+                     f"no {path}; streams connect to /ws?ticket=T"})
+
+    def _control(self, ws: ServerConnection, request: Request) -> Response:
+        """An order the control plane pushes (kick, recall, wake): its JSON in `X-Order`,
+        signed with our key in `X-Signature`."""
+        body = request.headers.get("X-Order", "").encode()
+        if not verify_control(body, request.headers.get("X-Signature", ""), self.secret):
+            return _json(ws, HTTPStatus.FORBIDDEN, {"error": "forbidden",
+                                                    "message": "bad or missing signature"})
+        try:
+            order = json.loads(body)
+            if not isinstance(order, dict):
+                raise ValueError
+        except ValueError:
+            return _json(ws, HTTPStatus.BAD_REQUEST, {"error": "bad_request",
+                                                      "message": "X-Order is not a JSON object"})
+        assert self.on_order is not None
+        self.on_order(order)
+        return _json(ws, HTTPStatus.OK, {"ok": True})
+
+    # ---- a stream ---------------------------------------------------------------------
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        if not self._frozen:
+            # The first stream comes after the model loaded: what exists now lives for the
+            # process, so move it out of the collector's sight. Full collections then scan
+            # only what streams allocate (milliseconds, not the ~40 ms of the start-up heap).
+            self._frozen = True
+            gc.collect()
+            gc.freeze()
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
+        task = asyncio.current_task()
+        assert task is not None
+        conn = Conn(ws, task)
+        node = self.node
+        query = parse_qs(urlsplit(ws.request.path if ws.request else "").query)
+        try:
+            ticket = verify((query.get("ticket") or [""])[0], self.secret, node=node.id,
+                            now=node.now())
+            _check_ticket(node, ticket)
+        except TicketError as e:
+            await _refuse(ws, 4401, str(e))
+            return
+        entry = Stream(ticket.session, ticket.user, ticket.fence,
+                       kick=lambda code, why: self._threadsafe(self._kick, conn, code, why),
+                       notify=lambda text: self._threadsafe(self._notify, conn, text))
+        conn.stream = entry
+        refused = _take_over(node, entry)
+        if refused:
+            await _refuse(ws, 4401, refused)
+            return
+        refused = node.open(entry)
+        if refused:
+            await _refuse(ws, 4503, refused)
+            return
+        loop = asyncio.get_running_loop()
+        outcome: Outcome = None
+        self.conns.add(conn)
+        try:
+            await loop.run_in_executor(None, self.on_open, entry)
+            outcome = await self._serve(conn)
+        except Exception as e:  # process boundary: the model failed, tell the client
+            log.exception("model failed on session %s", entry.session_id)
+            outcome = (1011, f"model failed: {e}; resume through the lobby")
+        finally:
+            self.conns.discard(conn)
+            if outcome is not None and outcome[0] == 1011:
+                node.model_failed()   # in the close's heartbeat: a failing version rolls back
+            # Slot, lock and last seconds settle before the client hears the close, so a
+            # page that reconnects at once finds them free.
+            await loop.run_in_executor(None, self.on_close, entry, node.close(entry))
+        if outcome is not None:
+            await _bounded(ws, ws.close(outcome[0], fit(outcome[1])))
+
+    async def _serve(self, conn: Conn) -> Outcome:
+        """Run the stream until it stops, fails, is kicked or its client leaves."""
+        if conn.kicked is not None:
+            return conn.kicked
+        conn.serving = True
+        try:
+            return await self._stream(conn)
+        except asyncio.CancelledError:
+            if conn.kicked is None:
+                raise
+            conn.task.uncancel()
+            return conn.kicked
+        except Malformed as e:
+            await _bounded(conn.ws, conn.ws.send(json.dumps(
+                {"type": "error", "code": "bad_request", "message": str(e)})))
+            return (4400, str(e))
+        except ConnectionClosed:
+            return None
+        finally:
+            conn.serving = False
+
+    async def _stream(self, conn: Conn) -> Outcome:
+        node, stream, ws = self.node, conn.stream, conn.ws
+        assert stream is not None
+        rate = protocol.parse_start(await self._receive(conn, protocol.START_TIMEOUT_S))
+        bounds = protocol.frame_bounds(rate)
+        processor = conn.processor = self.make_processor(rate)
+        await ws.send(json.dumps({
+            "type": "started", "session_id": stream.session_id, "model": node.model,
+            "version": node.version,
+            "latency_ms": round(1000.0 * processor.latency_samples / rate, 3)}))
+        while True:
+            msg = await self._receive(conn, protocol.IDLE_TIMEOUT_S)
+            if isinstance(msg, str):
+                protocol.check_text(msg)
+                return (1000, "stopped")
+            n = protocol.check_frame(len(msg), rate, bounds)
+            # metered at the time it came, not when processed: a stalled model's backlog
+            # never lands in one minute
+            at = node.now()
+            out = await self._process(conn, np.frombuffer(msg, dtype="<i2"))
+            try:   # a client that does not read its answers is held back (TCP), then let go
+                async with asyncio.timeout_at(conn.deadline):
+                    await ws.send(np.ascontiguousarray(out, dtype="<i2").tobytes())
+            except TimeoutError:
+                raise Malformed(f"answers unread for {protocol.IDLE_TIMEOUT_S:.0f} s; read "
+                                "the frames the node sends back") from None
+            node.add_seconds(stream, n / rate, at)
+
+    async def _receive(self, conn: Conn, timeout_s: float) -> str | bytes:
+        """The next message, or Malformed once the client was silent `timeout_s` (a
+        stall of the model moves the deadline: that silence was not the client's)."""
+        loop = asyncio.get_running_loop()
+        conn.deadline = loop.time() + timeout_s
+        while True:
+            try:
+                async with asyncio.timeout_at(conn.deadline):
+                    return await conn.ws.recv()
+            except TimeoutError:
+                if loop.time() < conn.deadline:
+                    continue
+                if conn.processor is None:
+                    raise Malformed(f"no start message within {timeout_s:.0f} s; send "
+                                    '{"type": "start", "sample_rate": 48000} first') from None
+                raise Malformed(f"no audio for {timeout_s:.0f} s; stream frames or send "
+                                "stop") from None
+
+    # ---- processing: a round per turn ---------------------------------------------------
+
+    def _process(self, conn: Conn, frames: np.ndarray) -> asyncio.Future[np.ndarray]:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((conn, frames, future))
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self._process_pending)
+        return future
+
+    def _process_pending(self) -> None:
+        """Every stream's frame of this turn: one call of the model's batch step where it
+        has one, else a call per stream. A batch that fails is retried per stream, so only
+        the failing stream ends."""
+        pending, self._pending = self._pending, []
+        served = self.node.served
+        batch = served.batch if served is not None else None
+        self.busy_since = started = time.monotonic()
+        outs: list[np.ndarray | None] = [None] * len(pending)
+        if batch is not None and len(pending) > 1:
+            try:
+                got = list(batch([c.processor for c, *_ in pending], [f for _, f, _ in pending]))
+                if len(got) == len(pending):
+                    outs = list(got)
+            except Exception:  # process boundary: find the failing stream per stream
+                log.exception("batch step failed; processing per stream")
+        for (conn, frames, future), out in zip(pending, outs, strict=True):
+            if future.done():
+                continue   # its stream was kicked meanwhile
+            try:
+                assert conn.processor is not None
+                future.set_result(conn.processor.process(frames) if out is None else out)
+            except Exception as e:  # the model failed on this stream: its handler says 1011
+                future.set_exception(e)
+        self.busy_since = None
+        took = time.monotonic() - started
+        if took > STALL_S:   # the model stalled: nobody's silence meanwhile was the client's
+            log.warning("the model stalled for %.1f s", took)
+            for c in self.conns:
+                c.deadline += took
+
+    def stalled_s(self) -> float:
+        """How long the model call now running has run (0: none runs): a GPU hang leaves
+        the process and its heartbeats alive, and only this shows it."""
+        since = self.busy_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
+
+    # ---- from other threads -------------------------------------------------------------
+
+    def _threadsafe(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _kick(self, conn: Conn, code: int, reason: str) -> None:
+        """End a stream (take-over, drain): its handler settles it, then closes with code."""
+        if conn.kicked is None and conn in self.conns:
+            conn.kicked = (code, reason)
+            if conn.serving:
+                conn.task.cancel()
+
+    def _notify(self, conn: Conn, text: str) -> None:
+        """A text message to one stream (a planned move's notice)."""
+        if conn.serving:
+            task = asyncio.ensure_future(_bounded(conn.ws, conn.ws.send(text)))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+
+async def _bounded(ws: ServerConnection, sending: Any) -> None:
+    """Send or close, giving up on a client that does not read: the library's write waits
+    for the socket to drain without a limit."""
     try:
-        ticket = verify(request.args.get("ticket", ""), secret, node=node.id, now=node.now())
-        _check_ticket(node, ticket)
-    except TicketError as e:
-        _refuse(ws, 4401, str(e))
-        return
-    conn = loop.connection(ws)
-    entry = Stream(ticket.session, ticket.user, ticket.fence, kick=conn.kick,
-                   notify=conn.notify)
-    refused = _take_over(node, entry)
-    if refused:
-        _refuse(ws, 4401, refused)
-        return
-    refused = admit(entry)
-    if refused:
-        _refuse(ws, 4409, refused)
-        return
-    refused = node.open(entry)
-    if refused:
-        _refuse(ws, 4503, refused)
-        return
-    outcome: tuple[int, str] | None = None
-    try:
-        on_open(entry)
-        outcome = loop.serve(conn, entry)
-    except Exception as e:  # process boundary: the model failed, tell the client
-        outcome = (1011, f"model failed: {e}; resume through the lobby")
-    finally:
-        loop.settle(conn)
-        if outcome is not None and outcome[0] == 1011:
-            node.model_failed()   # in the close's heartbeat: a failing version rolls back
-        # Slot, lock and last seconds settle before the client hears the close, so a
-        # page that reconnects at once finds them free.
-        on_close(entry, node.close(entry))
-    if outcome is not None:
-        wsclose.close(ws, *outcome)
-    else:
-        wsclose.close(ws, 1000, "")   # already closed: only end the TCP stream
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await sending
+    except TimeoutError:
+        ws.transport.abort()
+    except ConnectionClosed:
+        pass   # the client left: its handler settles the stream
+
+
+async def _refuse(ws: ServerConnection, code: int, reason: str) -> None:
+    await asyncio.sleep(REFUSAL_GAP_S)
+    await _bounded(ws, ws.close(code, fit(reason)))
+
+
+def _json(ws: ServerConnection, status: HTTPStatus, body: object) -> Response:
+    response = ws.respond(status, json.dumps(body))
+    response.headers["Content-Type"] = "application/json"
+    return response
 
 
 def _check_ticket(node: NodeRuntime, t: Ticket) -> None:

@@ -1,6 +1,6 @@
 """Streaming pitch shifter for speech: a resampling delay line with pitch-synchronous splices.
 
-The node's default model (`worker_node.shifter.PitchShifter`). Pure numpy.
+The pitch voices' model (models/miku, teto, kaito: `entry = "pitch:make"`). Pure numpy.
 
 Algorithm. The output reads the input through a delay line at `ratio` input samples per
 output sample (cubic interpolation), which scales every frequency by `ratio` exactly:

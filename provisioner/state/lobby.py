@@ -121,14 +121,6 @@ class Lobby(StateBase):
         """The node's streams are exactly these (run under the node's own lock)."""
         self._sync_live(keys=[slots_key(node_id)], args=list(sessions))
 
-    def take_assignment(self, session_id: str) -> str | None:
-        """The node the assign script gave this session, if any (read once)."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hget(ASSIGNED, session_id)
-        pipe.hdel(ASSIGNED, session_id)
-        node_id = pipe.execute()[0]
-        return str(node_id) if node_id else None
-
     def queue_lengths(self) -> dict[str, int]:
         pools = sorted(self.r.smembers(QUEUES))
         pipe = self.r.pipeline(transaction=False)
@@ -158,10 +150,6 @@ class Lobby(StateBase):
     def drop_expired(self, node_id: str, now: float) -> int:
         """Free the slots of tickets that were never used before they expired."""
         return int(self.r.zremrangebyscore(slots_key(node_id), "-inf", f"({now}"))
-
-    def mark_live(self, node_id: str, session_id: str) -> None:
-        """The stream connected: its slot no longer expires."""
-        self.r.zadd(slots_key(node_id), {session_id: "+inf"})
 
     def release_slot(self, node_id: str, session_id: str) -> None:
         self.r.zrem(slots_key(node_id), session_id)

@@ -44,10 +44,6 @@ class Nodes(StateBase):
         flags = self.r.hmget(node_key(node_id), "drain_deadline", "retarget")
         return {"drain_deadline": flags[0] or "", "retarget": flags[1] or ""}
 
-    def finish_retarget(self, node_id: str) -> None:
-        """The node has switched model: it may take sessions again once loaded."""
-        self.r.hdel(node_key(node_id), "retarget", "retired", "idle_since")
-
     def touch_idle(self, rec: NodeRecord, now: float) -> float | None:
         """When the node last became empty (tracked for scale-down grace), None if busy."""
         if rec.state is NodeState.READY and rec.sessions == 0:

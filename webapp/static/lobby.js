@@ -122,11 +122,6 @@ function onLobbyMessage(m, next) {
       hideBoot();
       connectNode(m, next);
       break;
-    case "drain":
-      if (state.streaming && !ui.status.textContent.includes("draining")) {
-        setStatus(`${ui.status.textContent} (node draining: you will be moved)`, "ok", "streaming");
-      }
-      break;
     case "error":
       next.fail(m.message || `The server refused: ${m.code}`);
       if (m.code === "already_streaming") ui.takeover.hidden = false;

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import VoiceError
-from provisioner.simmetrics import RunResult
+from sim.metrics import RunResult
 
 __all__ = ["ChartUnavailable", "chart", "frontier_chart", "report", "require_charts", "table",
            "undominated"]

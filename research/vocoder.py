@@ -1,11 +1,10 @@
-"""Streaming pitch shifters: the stand-in voice model a worker node runs per stream.
+"""The phase-vocoder pitch shifter the node served before `worker_node.splice`: a research
+baseline for the tests and benches, never served.
 
-`Processor` is the seam a real ML model fills later; `PitchShifter` is today's model,
-the speech shifter of `worker_node.splice` (resampling delay line, pitch-synchronous
-splices, 12 ms mean latency). `make_processor(rate, semitones, method=...)` builds any
-of the methods by name; `PhaseVocoderShifter` (below) is the previous model, kept for
-comparison: exact on tones, but its 20 ms window cannot resolve the harmonics of a low
-voice, which then loses its voicing. Pure numpy: no librosa at import or run time.
+Exact on tones, but its 20 ms window cannot resolve the harmonics of a low voice, which
+then loses its voicing (tests/test_speech.py keeps that as a negative control; the bench's
+voicing-against-latency chart runs it at other window lengths via `window_ms`).
+Pure numpy.
 
 Phase vocoder (Laroche and Dolson 1999, "New phase-vocoder techniques for pitch-shifting"):
 a short-time Fourier transform with a 20 ms periodic Hann window, a 5 ms hop and a
@@ -24,23 +23,12 @@ on how the input is chunked and there is no discontinuity at chunk boundaries.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
-
 import numpy as np
 import numpy.typing as npt
 
 from worker_node.pcm import checked, delayed
-from worker_node.splice import SpliceShifter
 
-__all__ = [
-    "METHODS",
-    "PhaseVocoderShifter",
-    "PitchShifter",
-    "Processor",
-    "SpliceShifter",
-    "make_processor",
-    "warm_up",
-]
+__all__ = ["PhaseVocoderShifter"]
 
 Int16Array = npt.NDArray[np.int16]
 FloatArray = npt.NDArray[np.float64]
@@ -54,25 +42,6 @@ HOP_MS = 5.0  # a quarter of the window: Hann analysis x Hann synthesis sums to 
 ZERO_PAD = 4  # FFT size = 4x the window's power of two: fine bins, small shift rounding
 _INT16_MIN = -32768
 _INT16_MAX = 32767
-
-
-@runtime_checkable
-class Processor(Protocol):
-    """The seam a real ML voice model fills: a stateful stream transform of int16 PCM.
-
-    One instance serves one stream. `process` takes mono int16 samples of any length and
-    returns exactly as many int16 samples: the transformed input delayed by exactly
-    `latency_samples` (for a method that repeats or drops pitch periods, its mean delay),
-    whatever the chunking (the first `latency_samples` outputs are the start-up silence).
-    It must be deterministic and never wrap on overflow.
-    Optionally a processor also has `reset()`, returning it to its fresh state; callers
-    check with `hasattr` (it is not part of the protocol, so a model need not have it).
-    """
-
-    sample_rate: int
-    latency_samples: int
-
-    def process(self, frames: Int16Array) -> Int16Array: ...
 
 
 class PhaseVocoderShifter:
@@ -109,7 +78,6 @@ class PhaseVocoderShifter:
             )
         self.sample_rate = int(sample_rate)
         self.semitones = float(semitones)
-        self.method = f"vocoder{window_ms:g}" if window_ms != WINDOW_MS else "vocoder"
         self.ratio = float(2.0 ** (self.semitones / 12.0))
         self.hop_samples = hop
         self.window_samples = hop * overlap
@@ -253,51 +221,3 @@ class PhaseVocoderShifter:
         real = np.bincount(target, weights=moved.real, minlength=length)[offset:length]
         imag = np.bincount(target, weights=moved.imag, minlength=length)[offset:length]
         return real + 1j * imag
-
-
-# The node's model: `PitchShifter(rate, semitones)` is what worker_node.server builds.
-PitchShifter = SpliceShifter
-
-Method = Literal["splice", "vocoder"]
-METHODS: tuple[Method, ...] = ("splice", "vocoder")
-DEFAULT_METHOD: Method = "splice"
-
-
-def make_processor(
-    sample_rate: int, semitones: float, method: str = DEFAULT_METHOD
-) -> SpliceShifter | PhaseVocoderShifter:
-    """A fresh per-stream shifter by method name: "splice" (default) or "vocoder".
-
-    "vocoder" is the 20 ms phase vocoder; "vocoderNN" is one with an NN ms window
-    (latency NN ms; for comparisons such as the voicing-against-latency chart).
-    """
-    if method == "splice":
-        return SpliceShifter(sample_rate, semitones)
-    if method == "vocoder":
-        return PhaseVocoderShifter(sample_rate, semitones)
-    if method.startswith("vocoder"):
-        try:
-            window_ms = float(method.removeprefix("vocoder"))
-        except ValueError:
-            window_ms = -1.0
-        if window_ms > 0:
-            return PhaseVocoderShifter(sample_rate, semitones, window_ms=window_ms)
-    raise ValueError(
-        f"method={method!r} is unknown: expected one of {METHODS} or 'vocoderNN' "
-        "(a phase vocoder with an NN ms window, NN a multiple of 10)"
-    )
-
-
-def warm_up(sample_rate: int = 48000) -> None:
-    """Run the shifter once so the first real stream pays no cold-start cost.
-
-    The node calls this while loading its model. The shifter needs no librosa at run
-    time, so this only touches numpy's FFT plan caches and allocators.
-    """
-    shifter = PitchShifter(sample_rate, 4.0)
-    seconds = 0.25
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    tone = (8000.0 * np.sin(2.0 * np.pi * 150.0 * t)).astype(np.int16)
-    chunk = max(1, sample_rate // 50)
-    for start in range(0, tone.shape[0], chunk):
-        shifter.process(tone[start : start + chunk])

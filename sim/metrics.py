@@ -17,7 +17,7 @@ import numpy as np
 from common.config import Config
 from provisioner.placement import boot_regions
 from provisioner.policy import PoolKey
-from provisioner.simtrace import Session
+from sim.trace import Session
 
 __all__ = ["RunResult", "lower_bound_usd", "perfect_packing"]
 

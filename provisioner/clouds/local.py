@@ -7,6 +7,7 @@ secrets of the control plane). The driver's state lives in Redis (through provis
 so every process, the Celery worker, the webapp and voicectl, sees the same VMs. Liveness is
 read from /proc, so a zombie (a dead child nobody waited for) counts as dead. A region may
 have a quota (`max_nodes`): creating past it fails with a libcloud error, as a cloud's would.
+The driver is registered with libcloud as `voice-local`; tags are kept as given.
 """
 
 from __future__ import annotations
@@ -18,16 +19,75 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeLocation, NodeSize
+from libcloud.compute.providers import get_driver, set_driver
 from libcloud.compute.types import NodeState as LibcloudState
 
+from common.config import Config, Provider, Region
+from common.errors import ConfigError
+from provisioner.clouds.protocol import CLUSTER_TAG, NODE_TAG
 from provisioner.state import State, connect
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+LOCAL = "voice-local"   # our driver's name in libcloud's registry
+CAPACITY_CODES = frozenset({"InstanceLimitExceeded"})   # past a region's max_nodes
+
+
+def register() -> None:
+    """Register our driver with libcloud once (set_driver raises on a second call)."""
+    try:
+        get_driver(LOCAL)
+    except AttributeError:
+        # libcloud's type comment asks for the module and class: it takes their names
+        set_driver(LOCAL, __name__, "LocalNodeDriver")  # type: ignore[arg-type]
+
+
+def make_driver(cfg: Config, provider: Provider, region: Region) -> NodeDriver:
+    """One driver for every local region (their quotas inside), shared per arguments."""
+    if not cfg.redis_url:
+        raise ConfigError("the local cloud keeps its VMs in Redis: set REDIS_URL")
+    quotas = tuple(sorted((r.name, r.max_nodes) for r in cfg.regions
+                          if r.provider == provider.name and r.max_nodes is not None))
+    return _driver(cfg.redis_url, provider.boot_s, quotas)
+
+
+@lru_cache(maxsize=64)
+def _driver(redis_url: str, boot_s: float, max_nodes: tuple[tuple[str, int], ...]
+            ) -> NodeDriver:
+    register()
+    return get_driver(LOCAL)(redis_url, boot_s=boot_s, max_nodes=dict(max_nodes))
+
+
+def create(driver: NodeDriver, *, name: str, user_data: str, tags: Mapping[str, str],
+           instance_type: str, image: str, location: str, spot: bool,
+           options: Mapping[str, Any]) -> Node:
+    """A "VM" in region `location` running `user_data`; the same name returns the running
+    one. Every local VM is the one stand-in size and this checkout: type and image are
+    not read."""
+    ours: Any = driver   # NodeDriver's create_node types no ex_* arguments
+    made: Node = ours.create_node(name=name, size=driver.list_sizes()[0],
+                                  image=NodeImage("voice-node", "voice worker node", driver),
+                                  location=NodeLocation(location, location, "", driver),
+                                  ex_userdata=user_data, ex_metadata=dict(tags))
+    return made
+
+
+def list_ours(driver: NodeDriver, cluster: str) -> list[Node]:
+    return [n for n in driver.list_nodes() if n.extra["tags"].get(CLUSTER_TAG) == cluster]
+
+
+def destroy(driver: NodeDriver, node: Node) -> bool:
+    return bool(driver.destroy_node(node))
+
+
+def node_id(vm: Node) -> str:
+    return str(vm.extra["tags"].get(NODE_TAG) or vm.name)
 
 
 def start_ticks(pid: int) -> str:
@@ -47,11 +107,11 @@ def pid_alive(pid: int, started: str) -> bool:
     return bool(started) and start_ticks(pid) == started
 
 
-class LocalNodeDriver(NodeDriver):  # type: ignore[misc]
+class LocalNodeDriver(NodeDriver):
     """`key` is the Redis URL; locations are region names; the image is ignored (every
     "VM" runs this checkout's Python)."""
 
-    type = "voice-local"
+    type = "local"   # the config's driver name: which module reads a Node's tags
     name = "Local worker_node processes"
     website = "http://127.0.0.1"
 
@@ -66,7 +126,7 @@ class LocalNodeDriver(NodeDriver):  # type: ignore[misc]
         bindir = str(Path(sys.executable).parent)
         self.env = {"PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin",
                     "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
-        self.connection = None
+        self.connection = None  # type: ignore[assignment]  # no HTTP: the VMs are in Redis
 
     def list_sizes(self, location: NodeLocation | None = None) -> list[NodeSize]:
         return [NodeSize("gpu-local", "local stand-in GPU (4 streams)", ram=0, disk=0,

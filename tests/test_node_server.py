@@ -1,5 +1,5 @@
-"""The node's one audio loop, in process: a real werkzeug server and real sockets, the
-node's runtime built directly (no Redis), processors injected through `make_processor`."""
+"""The node's server in process: real sockets on its asyncio loop, the node's runtime built
+directly (no Redis), processors injected through `make_processor`."""
 
 from __future__ import annotations
 
@@ -15,17 +15,17 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+import requests
 from conftest import closed_code
 from simple_websocket import Client
-from werkzeug.serving import make_server
 
-from common.tickets import Ticket, sign
+from common.tickets import Ticket, sign, sign_control
 from provisioner.states import NodeState
-from worker_node import audio_loop, priority
-from worker_node.audio_loop import AudioLoop
+from worker_node import priority, server
+from worker_node.package import Processor
 from worker_node.runtime import NodeRuntime, Stream
-from worker_node.server import create_app
-from worker_node.shifter import PitchShifter, Processor
+from worker_node.server import NodeServer
+from worker_node.splice import SpliceShifter
 
 SECRET = "loop-secret"
 RATE, FRAME = 48000, 960
@@ -49,26 +49,28 @@ class Recording:
 
 
 def serve_node(make_processor: Callable[[int], Processor],
-               closed: list[Stream] | None = None) -> tuple[str, AudioLoop, object]:
+               closed: list[Stream] | None = None,
+               orders: list[dict[str, object]] | None = None) -> tuple[str, NodeServer]:
     node = NodeRuntime(id="n-loop", model="miku", version="1", region="us-west",
                        provider="local", digest="", capacity=8, load_s=0.0,
                        state=NodeState.READY)
-    app = create_app(node, SECRET, make_processor=make_processor,
-                     on_close=lambda s, current: (closed if closed is not None else []).append(s))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"ws://127.0.0.1:{server.server_port}/ws", app.extensions["audio_loop"], server
+    srv = NodeServer(node, SECRET, make_processor=make_processor,
+                     on_close=lambda s, current: (closed if closed is not None else []).append(s),
+                     on_order=(orders if orders is not None else []).append)
+    port = srv.start("127.0.0.1", 0)
+    return f"ws://127.0.0.1:{port}/ws", srv
 
 
 @pytest.fixture
-def shifting() -> Iterator[tuple[str, AudioLoop, list[Stream]]]:
+def shifting() -> Iterator[tuple[str, NodeServer, list[Stream]]]:
     Recording.threads = []
     closed: list[Stream] = []
-    url, loop, server = serve_node(
-        lambda rate: Recording(PitchShifter(rate, 4.0), fail_after=3 if rate == 16000 else None),
+    url, srv = serve_node(
+        lambda rate: Recording(SpliceShifter(rate, 4.0), fail_after=3 if rate == 16000 else None),
         closed)
-    yield url, loop, closed
-    server.shutdown()  # type: ignore[attr-defined]
+    yield url, srv, closed
+    srv.stop()
+    assert srv.stopped.wait(10)
 
 
 def open_stream(url: str, user: str, rate: int = RATE) -> Client:
@@ -84,18 +86,19 @@ def tone(hz: float, seconds: float, rate: int = RATE) -> np.ndarray:
     return (8000 * np.sin(2 * np.pi * hz * t)).astype("<i2")
 
 
-def test_accepted_socket_has_nodelay(shifting: tuple[str, AudioLoop, list[Stream]]) -> None:
+def test_accepted_socket_has_nodelay(shifting: tuple[str, NodeServer, list[Stream]]) -> None:
     """Nagle off on the node's side: an answer never waits for the last one's ACK."""
-    url, loop, _ = shifting
+    url, srv, _ = shifting
     ws = open_stream(url, "nagle")
-    (conn,) = loop.conns
-    assert conn.ws.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    (conn,) = srv.conns
+    sock = conn.ws.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     ws.send(json.dumps({"type": "stop"}))
     assert closed_code(ws)[0] == 1000
 
 
 def test_no_deflate_heap_frozen_audio_thread_raised(
-        shifting: tuple[str, AudioLoop, list[Stream]]) -> None:
+        shifting: tuple[str, NodeServer, list[Stream]]) -> None:
     """Chromium offers permessage-deflate; inflating and deflating every PCM frame in
     Python cost the old node CPU per frame for nothing. And once a stream runs, what the
     process built at start-up is out of the collector's sight (no 40 ms full passes)."""
@@ -113,8 +116,8 @@ def test_no_deflate_heap_frozen_audio_thread_raised(
     assert head.startswith(b"http/1.1 101") and b"sec-websocket-extensions" not in head
     ws = open_stream(url, "frozen")
     assert gc.get_freeze_count() > 0
-    assert sys.getswitchinterval() == audio_loop.SWITCH_INTERVAL_S
-    loop = shifting[1]
+    assert sys.getswitchinterval() == server.SWITCH_INTERVAL_S
+    loop = shifting[1]   # with CAP_SYS_NICE: the audio thread raised, its helpers not
     assert loop.thread_id is not None      # with CAP_SYS_NICE: the audio thread, only it, raised
     if loop.scheduling.startswith("SCHED_RR"):
         assert os.sched_getscheduler(loop.thread_id) == os.SCHED_RR
@@ -132,7 +135,7 @@ def test_no_deflate_heap_frozen_audio_thread_raised(
 
 
 def test_streams_share_one_loop_each_in_order_and_exact(
-        shifting: tuple[str, AudioLoop, list[Stream]]) -> None:
+        shifting: tuple[str, NodeServer, list[Stream]]) -> None:
     """Four interleaved streams, one thread runs every processor, and each stream gets
     exactly what its own processor run directly on its frames gives, in order."""
     url, _, closed = shifting
@@ -149,7 +152,7 @@ def test_streams_share_one_loop_each_in_order_and_exact(
     for k, ws in enumerate(sockets):
         ws.send(json.dumps({"type": "stop"}))
         assert closed_code(ws)[0] == 1000
-        direct = PitchShifter(RATE, 4.0)
+        direct = SpliceShifter(RATE, 4.0)
         want = b"".join(direct.process(signals[k][i:i + FRAME]).astype("<i2").tobytes()
                         for i in range(0, len(signals[k]), FRAME))
         assert b"".join(got[k]) == want, f"stream {k} differs from a direct run"
@@ -157,25 +160,78 @@ def test_streams_share_one_loop_each_in_order_and_exact(
     assert sorted(round(s.seconds, 6) for s in closed) == [0.4] * 4   # every frame metered
 
 
-def test_answers_flow_while_the_heartbeat_holds_the_node_lock(
-        shifting: tuple[str, AudioLoop, list[Stream]]) -> None:
-    """The agent holds the node's lock across Redis calls; the loop meters seconds later
-    instead of waiting for it, and loses none."""
-    url, loop, closed = shifting
-    ws = open_stream(url, "metered")
-    (conn,) = loop.conns
-    with loop.node.lock:     # as the heartbeat does while it talks to Redis
-        for _ in range(5):
-            ws.send(tone(200.0, 0.02).tobytes())
-            assert len(ws.receive(timeout=5)) == 2 * FRAME
-        assert conn.stream is not None and conn.stream.seconds == 0.0
-    ws.send(json.dumps({"type": "stop"}))
-    assert closed_code(ws)[0] == 1000
-    assert [round(s.seconds, 6) for s in closed] == [0.1]
+def test_healthz_control_and_unknown_paths_over_plain_http() -> None:
+    """The same port answers /healthz, takes the control plane's signed orders on /control
+    (the order in a header: the WebSocket library parses GETs only), and refuses the rest."""
+    orders: list[dict[str, object]] = []
+    url, srv = serve_node(lambda rate: SpliceShifter(rate, 4.0), orders=orders)
+    http = url.replace("ws://", "http://").removesuffix("/ws")
+    try:
+        health = requests.get(f"{http}/healthz", timeout=5)
+        assert health.status_code == 200 and health.json()["state"] == "ready"
+        order = json.dumps({"kick": ["s-x"]})
+        ok = requests.get(f"{http}/control", timeout=5, headers={
+            "X-Order": order, "X-Signature": sign_control(order.encode(), SECRET)})
+        assert ok.status_code == 200 and orders == [{"kick": ["s-x"]}]
+        forged = requests.get(f"{http}/control", timeout=5, headers={
+            "X-Order": order, "X-Signature": sign_control(order.encode(), "not-the-key")})
+        assert forged.status_code == 403 and "signature" in forged.json()["message"]
+        assert orders == [{"kick": ["s-x"]}]
+        junk = requests.get(f"{http}/control", timeout=5, headers={
+            "X-Order": "[1]", "X-Signature": sign_control(b"[1]", SECRET)})
+        assert junk.status_code == 400 and "JSON object" in junk.json()["message"]
+        missing = requests.get(f"{http}/nothing", timeout=5)
+        assert missing.status_code == 404 and "/ws?ticket" in missing.json()["message"]
+    finally:
+        srv.stop()
+
+
+def test_a_kick_settles_before_the_close_and_a_notice_arrives(
+        shifting: tuple[str, NodeServer, list[Stream]]) -> None:
+    """Take-over and drain come from other threads: a notice reaches the page as text, and
+    a kicked stream is settled (metered, slot freed) before its client hears the code."""
+    url, srv, closed = shifting
+    ws = open_stream(url, "kicked")
+    ws.send(tone(200.0, 0.02).tobytes())
+    assert len(ws.receive(timeout=5)) == 2 * FRAME
+    stream = srv.node.streams["s-kicked"]
+    threading.Thread(target=stream.notify, args=('{"type": "move"}',)).start()
+    assert json.loads(ws.receive(timeout=5)) == {"type": "move"}
+    threading.Thread(target=srv.node.kick, args=("s-kicked", 4409, "taken over")).start()
+    code, reason = closed_code(ws)
+    assert (code, reason) == (4409, "taken over")
+    assert [round(s.seconds, 6) for s in closed] == [0.02] and not srv.node.streams
+
+
+def test_a_stalled_model_does_not_blame_the_client(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model call that hangs longer than the idle timeout: the silence was the node's, so
+    the stream goes on afterwards instead of closing 4400 'no audio'."""
+    monkeypatch.setattr("worker_node.protocol.IDLE_TIMEOUT_S", 0.5)
+    stall = {"s": 1.5}
+
+    class Hanging(SpliceShifter):
+        def process(self, frames: np.ndarray) -> np.ndarray:
+            time.sleep(stall.pop("s", 0.0))   # the first frame hangs, as a GPU driver can
+            return super().process(frames)
+
+    url, srv = serve_node(lambda rate: Hanging(rate, 4.0))
+    try:
+        ws = open_stream(url, "patient")
+        ws.send(tone(200.0, 0.02).tobytes())
+        ws.send(tone(200.0, 0.02).tobytes())   # waits out the stall in the socket
+        assert len(ws.receive(timeout=5)) == 2 * FRAME
+        assert len(ws.receive(timeout=5)) == 2 * FRAME
+        ws.send(tone(200.0, 0.02).tobytes())
+        assert len(ws.receive(timeout=5)) == 2 * FRAME
+        ws.send(json.dumps({"type": "stop"}))
+        assert closed_code(ws)[0] == 1000
+    finally:
+        srv.stop()
 
 
 def test_failing_model_closes_its_stream_only(
-        shifting: tuple[str, AudioLoop, list[Stream]]) -> None:
+        shifting: tuple[str, NodeServer, list[Stream]]) -> None:
     url, _, _ = shifting
     good = open_stream(url, "good")
     bad = open_stream(url, "bad", rate=16000)    # its processor fails on the 4th frame
@@ -191,11 +247,12 @@ def test_failing_model_closes_its_stream_only(
 
 
 def test_client_that_never_reads_does_not_stall_others(
-        shifting: tuple[str, AudioLoop, list[Stream]], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A loop that blocked on one socket's full send buffer would stop every stream; the
-    answers wait in that stream's backlog, and past its cap the loop stops reading it."""
-    url, loop, _ = shifting
-    monkeypatch.setattr(audio_loop, "MAX_BACKLOG_BYTES", 16_000)   # throttled sooner
+        shifting: tuple[str, NodeServer, list[Stream]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends and never reads: its answers fill its own buffers, its
+    coroutine waits to write and stops reading it (TCP then holds its sender back), every
+    other stream flows meanwhile, and after the idle timeout the node lets it go."""
+    monkeypatch.setattr("worker_node.protocol.IDLE_TIMEOUT_S", 3.0)
+    url, srv, closed = shifting
     tok = sign(Ticket("deaf", "s-deaf", "n-loop", "miku", "1", 1, time.time() + 60), SECRET)
     deaf = Client.connect(f"{url}?ticket={tok}", thread_class=_NoThread)
     deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -205,7 +262,7 @@ def test_client_that_never_reads_does_not_stall_others(
 
     def flood() -> None:
         try:
-            while sent[0] < 2000:
+            while sent[0] < 5000:
                 deaf.send(frame100)
                 sent[0] += 1
         except OSError:
@@ -213,16 +270,20 @@ def test_client_that_never_reads_does_not_stall_others(
 
     threading.Thread(target=flood, daemon=True).start()
     good = open_stream(url, "good")
+    held_at, still = -1, 0
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(not c.reading for c in loop.conns):
+    while time.monotonic() < deadline and still < 20:
         good.send(tone(200.0, 0.02).tobytes())   # flows all along
         assert len(good.receive(timeout=5)) == 2 * FRAME
-    assert any(not c.reading for c in loop.conns), "the deaf client was never throttled"
-    blocked_at = sent[0]
-    for _ in range(20):
+        still = still + 1 if sent[0] == held_at else 0
+        held_at = sent[0]
+        time.sleep(0.01)
+    assert still >= 20 and sent[0] < 5000, "the deaf sender was never held back"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and "s-deaf" not in [c.session_id for c in closed]:
         good.send(tone(200.0, 0.02).tobytes())
         assert len(good.receive(timeout=5)) == 2 * FRAME
-    assert sent[0] < 2000 and sent[0] - blocked_at < 200   # the deaf sender is held back
+    assert "s-deaf" in [c.session_id for c in closed], "the deaf client holds its slot"
     good.send(json.dumps({"type": "stop"}))
     assert closed_code(good)[0] == 1000
     deaf.sock.close()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from worker_node.shifter import Processor
+from worker_node.package import Processor
 
 __all__ = [
     "NaiveChunkShifter",

@@ -1,10 +1,10 @@
 """`voicectl simulate`: replay a trace against the autoscaler and its baselines.
 
 A trace of sessions (the built-in diurnal day, a bursty heavy-tailed day, or a CSV as in
-docs/protocol.md) runs through the engine (`simengine`) against the autoscaler
+docs/protocol.md) runs through the engine (`sim.engine`) against the autoscaler
 (`policy.decide`) and three baselines: Agones-style fixed buffer, reactive (no buffer),
 and a static fleet sized for the peak. Each run reports GPU-hours (request to stop, per
-node), the lower bound (`simmetrics`), waits, billed dollars and, with `--spot`, spot
+node), the lower bound (`sim.metrics`), waits, billed dollars and, with `--spot`, spot
 interruptions. `--sweep` runs each scaling policy over a range of its main knob and
 draws the cost/wait frontier.
 """
@@ -33,9 +33,9 @@ from provisioner.policy import (
     decide_reactive,
     static_fleet,
 )
-from provisioner.simengine import Route, Sim, SimulationError, routes
-from provisioner.simmetrics import RunResult, lower_bound_usd, perfect_packing
-from provisioner.simreport import (
+from sim.engine import Route, Sim, SimulationError, routes
+from sim.metrics import RunResult, lower_bound_usd, perfect_packing
+from sim.report import (
     chart,
     frontier_chart,
     report,
@@ -43,7 +43,7 @@ from provisioner.simreport import (
     table,
     undominated,
 )
-from provisioner.simtrace import (
+from sim.trace import (
     SIM_SPOT,
     Session,
     TraceError,

@@ -29,9 +29,9 @@ from common.errors import VoiceError
 from provisioner.inputs import Arrivals, policy_inputs
 from provisioner.placement import NodeView, boot_regions, claim_order, home_region, near_regions
 from provisioner.policy import Decisions, NodeSnap, Policy, PoolKey, ScalingConfig
-from provisioner.simmetrics import RunResult
-from provisioner.simtrace import Session
 from provisioner.states import NodeState
+from sim.metrics import RunResult
+from sim.trace import Session
 
 __all__ = ["Route", "SimulationError", "Sim", "routes"]
 

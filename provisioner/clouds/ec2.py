@@ -21,14 +21,15 @@ from libcloud.compute.drivers.ec2 import NAMESPACE, EC2Connection, EC2NodeDriver
 from libcloud.compute.providers import Provider, get_driver
 from libcloud.compute.types import NodeState
 
+from common.config import Config, Region
+from common.config import Provider as ProviderConfig
+from provisioner.clouds.protocol import CLUSTER_TAG, NODE_TAG, POOL_TAG
 from provisioner.errors import CapacityError
 
 __all__ = ["CLUSTER_TAG", "POOL_TAG", "NODE_TAG", "TOKEN_TAG", "CAPACITY_CODES",
-           "CapacityError", "ec2_driver", "create", "list_ours", "destroy", "is_gone"]
+           "CapacityError", "ec2_driver", "make_driver", "create", "list_ours", "destroy",
+           "node_id", "is_gone"]
 
-CLUSTER_TAG = "voice:cluster"
-POOL_TAG = "voice:pool"
-NODE_TAG = "voice:node"
 TOKEN_TAG = "voice:client-token"   # see _existing: moto ignores ClientToken
 
 # EC2 error codes meaning "not now, not here": capacity, quota or an offer this zone lacks.
@@ -89,14 +90,25 @@ def ec2_driver(provider_region: str, *, access_key: str, secret_key: str,
         signature_version="4")   # with SigV2 moto cannot tell the service, answers as S3
 
 
+def make_driver(cfg: Config, provider: ProviderConfig, region: Region) -> NodeDriver:
+    """The driver for `region` (its provider_region, e.g. "us-west-2"); keys from the
+    environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), `endpoint` from the options."""
+    return ec2_driver(region.provider_region or region.name,
+                      access_key=cfg.aws_access_key_id, secret_key=cfg.aws_secret_access_key,
+                      endpoint=provider.options.get("endpoint"))
+
+
 def create(driver: NodeDriver, *, name: str, user_data: str, tags: Mapping[str, str],
-           client_token: str, instance_type: str, image: str, spot: bool = False) -> Node:
+           instance_type: str, image: str, spot: bool = False, client_token: str = "",
+           location: str = "", options: Mapping[str, Any] | None = None) -> Node:
     """RunInstances for one VM named `name`, tagged at create, booting `user_data`.
 
     `tags` must hold `voice:cluster` (or `list_ours` would never see the VM); `voice:node`
-    and `Name` default to `name`. A retry with the same `client_token` returns the first
-    call's instance instead of a second VM. Raises CapacityError on a capacity or quota
+    and `Name` default to `name`. A retry with the same `client_token` (default: `name`)
+    returns the first call's instance instead of a second VM. `location` and `options` are
+    not read: the driver is the region's. Raises CapacityError on a capacity or quota
     refusal; other libcloud errors propagate."""
+    client_token = client_token or name
     if CLUSTER_TAG not in tags:
         raise ValueError(f"tags {dict(tags)!r} lack {CLUSTER_TAG!r}: list_ours could never "
                          "find this VM, and nothing would ever destroy it")
@@ -140,6 +152,10 @@ def list_ours(driver: NodeDriver, cluster: str, *, include_gone: bool = False) -
 def destroy(driver: NodeDriver, node: Node) -> bool:
     """TerminateInstances; True once the cloud accepted it (it stays `shutting-down` a while)."""
     return bool(driver.destroy_node(node))
+
+
+def node_id(vm: Node) -> str:
+    return str(vm.extra.get("tags", {}).get(NODE_TAG) or vm.name)
 
 
 def is_gone(node: Node) -> bool:
