@@ -44,6 +44,7 @@ CONN_RE = re.compile(r"^[0-9a-f]{1,16}$")
 URL_RE = re.compile(r"^wss?://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[A-Za-z0-9_./\-]*)?$")
 MAX_COUNTERS = 2000          # per heartbeat: a node with 4 streams reports a handful
 STALL_S = 2.0               # a model call hung this long: the node's users move (a frame: ms)
+SLOW_MS = 40.0              # answers this late (p95 over the node's last seconds): they move too
 MAX_INT = 2**53             # fences and minutes: exact in Lua's doubles (and JSON's)
 MAX_STREAMS = 64             # per heartbeat: far above any node's capacity
 NOTIFY_TIMEOUT_S = 1.0
@@ -185,6 +186,10 @@ def parse_beat(body: Mapping[str, Any]) -> Beat:
     streams = _rows(body, "streams", 4, MAX_STREAMS, "[user, session, fence, conn]")
     usage = _rows(body, "usage", 5, MAX_COUNTERS, "[minute_s, user, session, conn, seconds]")
     closed = _rows(body, "closed", 2, MAX_COUNTERS, "[user, session]")
+    progress = _rows(body, "stream_progress", 4, MAX_STREAMS,
+                     "[session, frames_in, frames_out, owed_s]")
+    owed_s = max((_float(row[3], "owed_s") for row in progress), default=0.0)
+    lag = body.get("lag_ms")
     live = []
     for user, session, fence, _conn in streams:
         fence = _int(fence, "fence")
@@ -216,7 +221,8 @@ def parse_beat(body: Mapping[str, Any]) -> Beat:
                 closed=ended, started=max(0, _int(counts.get("started", 0), "started")),
                 failed=max(0, _int(counts.get("failed", 0), "failed")),
                 load_error=str(body.get("load_error") or "")[:500],
-                stalled_s=max(0.0, _float(body.get("stalled_s") or 0, "stalled_s")))
+                stalled_s=max(0.0, owed_s, _float(body.get("stalled_s") or 0, "stalled_s")),
+                lag_ms=None if lag is None else max(0.0, _float(lag, "lag_ms")))
 
 
 def _rows(body: Mapping[str, Any], key: str, width: int, most: int,
@@ -303,8 +309,11 @@ def heartbeats(state: State, cfg: Config, reports: list[tuple[str, str, Mapping[
             if (beat.started or loaded or load_failed) and state.report_health(
                     node_id, beat.serving, beat.started, beat.failed, loaded, load_failed):
                 failing.add(beat.serving.partition(":")[0])   # judged now, not next tick
-            if beat.stalled_s > STALL_S and not state.node_suspect(node_id):
-                why = f"its model call has hung for {beat.stalled_s:.1f} s"
+            why = (f"its model call has hung for {beat.stalled_s:.1f} s"
+                   if beat.stalled_s > STALL_S else
+                   f"it answers {beat.lag_ms:.0f} ms late (p95; over {SLOW_MS:.0f} ms is slow)"
+                   if beat.lag_ms is not None and beat.lag_ms > SLOW_MS else "")
+            if why and not state.node_suspect(node_id):
                 log.warning("node %s: %s: drained, its users move", node_id, why)
                 state.mark_suspect(node_id, why, now)
                 wake = True

@@ -132,3 +132,68 @@ def wait_until_suspect(fleet, node_id: str):  # noqa: ANN001, ANN201
     from conftest import wait_for
     return wait_for(lambda: (r := fleet.state.node(node_id)) is not None and r.suspect and r,
                     10, "the stalled node was never drained")
+
+
+SLOW = '''
+import time
+
+class Slow:
+    latency_samples = 0
+
+    def __init__(self):
+        self.calls = 0
+
+    def process(self, frames):
+        self.calls += 1
+        if self.calls > 60:   # after the push's check: each 20 ms frame takes 60 ms
+            time.sleep(0.06)
+        return frames
+
+
+def make(sample_rate, params, files):
+    return Slow()
+'''
+
+
+def test_a_slow_node_is_seen_and_its_users_move(fleet, tmp_path: Path) -> None:  # noqa: ANN001
+    """Answers 40-60 ms late, real-time frames: the node reports how late its answers go
+    out and each stream's progress in its beats; the control plane drains it as suspect
+    ('late') and its user is told to move make-before-break, within seconds."""
+    import threading
+
+    import numpy as np
+    from conftest import push_version
+    from test_node import open_stream, ticket
+
+    pkg = tmp_path / "slow"
+    pkg.mkdir()
+    (pkg / "model.toml").write_text('name = "miku"\nentry = "slow:make"\n')
+    (pkg / "slow.py").write_text(SLOW)
+    push_version(fleet.state, fleet.cfg, "miku", package=pkg)
+    node_id = fleet.start("miku")
+    ws, _ = open_stream(fleet.url(node_id), ticket(node_id, user="sl", version="2",
+                                                   state=fleet.state))
+    stop = threading.Event()
+
+    def pace() -> None:   # a browser: a frame every 20 ms, whatever comes back
+        frame = np.zeros(960, np.int16).tobytes()
+        while not stop.is_set():
+            try:
+                ws.send(frame)
+            except (ConnectionClosed, OSError):
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=pace, daemon=True).start()
+    t0, move = time.monotonic(), None
+    try:
+        while move is None and time.monotonic() - t0 < 20:
+            msg = ws.receive(timeout=1)
+            if isinstance(msg, str) and json.loads(msg)["type"] == "move":
+                move = json.loads(msg)
+    finally:
+        stop.set()
+    assert move is not None and move["reason"] == "drain", "the slow node's user never moved"
+    assert time.monotonic() - t0 < 10
+    rec = fleet.state.node(node_id)
+    assert rec is not None and "late" in rec.suspect, rec

@@ -71,6 +71,7 @@ class Agent:
     def report(self) -> dict[str, Any]:
         """What this node says of itself: nothing the control plane decides."""
         snap = self.node.snapshot()
+        progress, lag_ms = self.node.stream_progress()
         with self.node.lock:
             streams = list(self.node.streams.values())
             live = [[s.user, s.session_id, s.fence, s.conn] for s in streams]
@@ -81,6 +82,7 @@ class Agent:
                 "serving": f"{self.node.model}:{self.node.version}", "streams": live,
                 "usage": self._usage(streams), "closed": [list(c) for c in closed],
                 "counts": counts, "stalled_s": round(self.node.stalled(), 2),
+                "stream_progress": progress, **({"lag_ms": lag_ms} if lag_ms is not None else {}),
                 **({"load_error": self.node.load_error}
                                      if self.node.load_error else {})}
 

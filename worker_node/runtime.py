@@ -12,9 +12,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.config import RECALL_MOVE_S
+from common.errors import TicketError
 from common.states import NodeState
+from common.tickets import Ticket
 from worker_node.package import Loaded, Processor
 
 # A planned move (drain deadline) is make-before-break: each live stream is told to move
@@ -69,6 +72,8 @@ class NodeRuntime:
     clock_offset_s: float = 0.0   # the control plane's clock minus ours (agent.py keeps it)
     local_clock: Callable[[], float] = time.time   # this machine's (tests skew it)
     stalled: Callable[[], float] = lambda: 0.0     # seconds the model call now running has run
+    # per stream [session, frames in, out, age of the frame owed]; answers' p95 lateness (ms)
+    stream_progress: Callable[[], tuple[list[list[Any]], float | None]] = lambda: ([], None)
 
     def now(self) -> float:
         """The control plane's time as this node best knows it: tickets, drain deadlines
@@ -87,6 +92,31 @@ class NodeRuntime:
                 return False
             self.used_tickets[(session, fence)] = exp
             return True
+
+    def check_ticket(self, t: Ticket) -> None:
+        """TicketError unless `t` is for what this node serves and was never used."""
+        if (t.model, t.version) != (self.model, self.version):
+            raise TicketError(f"ticket is for model {t.model} v{t.version}, this node serves "
+                              f"{self.model} v{self.version}; reconnect through the lobby")
+        if not self.use_ticket(t.session, t.fence, t.exp, self.now()):
+            raise TicketError("this ticket was used already (a ticket opens one stream); "
+                              "reconnect through the lobby for a new one")
+
+    def take_over(self, entry: Stream) -> str | None:
+        """Fencing: refuse a stale ticket (returns why); a newer one closes the user's
+        older stream (4409)."""
+        with self.lock:
+            seen = self.fences.get(entry.user, 0)
+            if entry.fence < seen:
+                return (f"stale ticket: fence {entry.fence} < {seen}; the user has a newer "
+                        "session, reconnect through the lobby")
+            self.fences[entry.user] = entry.fence
+            older = [s for s in self.streams.values()
+                     if s.user == entry.user and s.session_id != entry.session_id]
+        for s in older:
+            if s.kick:
+                s.kick(4409, "this user started streaming elsewhere; this stream was taken over")
+        return None
 
     def make_processor(self, rate: int) -> Processor:
         """A processor of the loaded model for one stream at `rate`."""

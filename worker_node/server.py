@@ -21,6 +21,7 @@ import ssl
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from common.errors import TicketError
-from common.tickets import Ticket, verify, verify_control
+from common.tickets import verify, verify_control
 from common.wsclose import fit
 from worker_node import priority, protocol
 from worker_node.package import Processor
@@ -45,6 +46,7 @@ log = logging.getLogger("worker_node")
 logging.getLogger("websockets").setLevel(logging.WARNING)   # one line per connection, else
 
 STALL_S = 1.0   # a model call this long is a stall, not work (a 20 ms frame takes < 1 ms)
+LAG_WINDOW_S, MIN_LAGS = 3.0, 25   # answer lateness is judged over this many recent answers
 SWITCH_INTERVAL_S = 0.0005    # a woken thread waits at most this for the GIL (default 5 ms)
 CLOSE_TIMEOUT_S = 2.0         # for the client's answer to our close frame
 # simple_websocket's client keeps only the first event of the read that ends its handshake:
@@ -64,6 +66,9 @@ class Conn:
     deadline: float = 0.0             # loop time: the start or idle timeout
     serving: bool = False             # between start and end: a kick cancels the task
     kicked: tuple[int, str] | None = None
+    frames_in: int = 0
+    frames_out: int = 0
+    waiting_since: float | None = None  # monotonic: the frame read and not answered yet
 
 
 class NodeServer:
@@ -89,8 +94,10 @@ class NodeServer:
         self._stop: asyncio.Event | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._frozen = False
+        self._lags: deque[tuple[float, float]] = deque(maxlen=1000)   # (answered, lag s)
         self.stopped = threading.Event()   # set once the server has stopped
         node.stalled = self.stalled_s   # reported in every heartbeat (a hung GPU call)
+        node.stream_progress = self.progress   # ... and each stream's progress, answers' lateness
 
     # ---- running --------------------------------------------------------------------
 
@@ -186,7 +193,7 @@ class NodeServer:
         try:
             ticket = verify((query.get("ticket") or [""])[0], self.secret, node=node.id,
                             now=node.now())
-            _check_ticket(node, ticket)
+            node.check_ticket(ticket)
         except TicketError as e:
             await _refuse(ws, 4401, str(e))
             return
@@ -194,7 +201,7 @@ class NodeServer:
                        kick=lambda code, why: self._threadsafe(self._kick, conn, code, why),
                        notify=lambda text: self._threadsafe(self._notify, conn, text))
         conn.stream = entry
-        refused = _take_over(node, entry)
+        refused = node.take_over(entry)
         if refused:
             await _refuse(ws, 4401, refused)
             return
@@ -261,6 +268,8 @@ class NodeServer:
             # metered at the time it came, not when processed: a stalled model's backlog
             # never lands in one minute
             at = node.now()
+            conn.frames_in += 1
+            conn.waiting_since = read = time.monotonic()
             out = await self._process(conn, np.frombuffer(msg, dtype="<i2"))
             try:   # a client that does not read its answers is held back (TCP), then let go
                 async with asyncio.timeout_at(conn.deadline):
@@ -268,6 +277,10 @@ class NodeServer:
             except TimeoutError:
                 raise Malformed(f"answers unread for {protocol.IDLE_TIMEOUT_S:.0f} s; read "
                                 "the frames the node sends back") from None
+            conn.frames_out += 1
+            conn.waiting_since = None
+            answered = time.monotonic()
+            self._lags.append((answered, answered - read))
             node.add_seconds(stream, n / rate, at)
 
     async def _receive(self, conn: Conn, timeout_s: float) -> str | bytes:
@@ -328,6 +341,18 @@ class NodeServer:
             for c in self.conns:
                 c.deadline += took
 
+    def progress(self) -> tuple[list[list[Any]], float | None]:
+        """Each stream's [session, frames in, frames out, age of the frame it owes] and the
+        95th percentile of how late answers went out over the last LAG_WINDOW_S (None with
+        too few answers to say): a slow node, not only a hung one, moves its users."""
+        now = time.monotonic()
+        rows = [[c.stream.session_id, c.frames_in, c.frames_out,
+                 round(now - c.waiting_since, 3) if c.waiting_since is not None else 0.0]
+                for c in list(self.conns) if c.stream is not None]
+        lags = [lag for at, lag in list(self._lags) if at > now - LAG_WINDOW_S]
+        p95 = float(np.percentile(lags, 95)) if len(lags) >= MIN_LAGS else None
+        return rows, None if p95 is None else round(1000 * p95, 1)
+
     def stalled_s(self) -> float:
         """How long the model call now running has run (0: none runs): a GPU hang leaves
         the process and its heartbeats alive, and only this shows it."""
@@ -377,28 +402,3 @@ def _json(ws: ServerConnection, status: HTTPStatus, body: object) -> Response:
     response = ws.respond(status, json.dumps(body))
     response.headers["Content-Type"] = "application/json"
     return response
-
-
-def _check_ticket(node: NodeRuntime, t: Ticket) -> None:
-    if (t.model, t.version) != (node.model, node.version):
-        raise TicketError(f"ticket is for model {t.model} v{t.version}, this node serves "
-                          f"{node.model} v{node.version}; reconnect through the lobby")
-    if not node.use_ticket(t.session, t.fence, t.exp, node.now()):
-        raise TicketError("this ticket was used already (a ticket opens one stream); "
-                          "reconnect through the lobby for a new one")
-
-
-def _take_over(node: NodeRuntime, entry: Stream) -> str | None:
-    """Fencing: refuse a stale ticket; a newer one closes the user's older stream (4409)."""
-    with node.lock:
-        seen = node.fences.get(entry.user, 0)
-        if entry.fence < seen:
-            return (f"stale ticket: fence {entry.fence} < {seen}; the user has a newer "
-                    "session, reconnect through the lobby")
-        node.fences[entry.user] = entry.fence
-        older = [s for s in node.streams.values()
-                 if s.user == entry.user and s.session_id != entry.session_id]
-    for s in older:
-        if s.kick:
-            s.kick(4409, "this user started streaming elsewhere; this stream was taken over")
-    return None

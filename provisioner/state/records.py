@@ -24,7 +24,8 @@ class Beat:
     started: int = 0       # streams started since it loaded what it serves (cumulative)
     failed: int = 0        # of those, closed because the model failed (1011)
     load_error: str = ""   # why the model did not load (state dead)
-    stalled_s: float = 0.0  # how long the model call now running has run (a hung GPU)
+    stalled_s: float = 0.0  # the longest a frame has waited for its answer (a hung GPU)
+    lag_ms: float | None = None   # how late answers go out (p95 of its last seconds)
 
 
 @dataclass(frozen=True)
