@@ -355,10 +355,12 @@ def increment_s(cfg: Config, provider: str) -> int:
     return next((p.billing_increment_s for p in cfg.providers if p.name == provider), 1)
 
 
-def leave(state: State, node_id: str) -> NodeRecord | None:
-    """A node leaves (an own machine drained on SIGTERM): revoke it and forget it; the
-    caller closes its bill."""
+def leave(state: State, cfg: Config, node_id: str, now: float) -> NodeRecord | None:
+    """A node leaves (an own machine drained on SIGTERM): note its bill's end (the billing
+    worker writes it), revoke it and forget it."""
     rec = state.node(node_id)
+    if rec is not None:
+        state.note_node_end(bill_row(rec), now, increment_s(cfg, rec.provider))
     state.revoke(node_id)
     state.forget_node(node_id)
     return rec

@@ -4,8 +4,10 @@ Every task is idempotent, so it is acknowledged late (a worker that dies mid-tas
 to be delivered again) and a provider's error retries it with backoff. Countdowns are
 seconds, far below the broker visibility timeout. The beat runs `tick` every couple of
 seconds as the backstop; events (a user who found no slot, a node lost) call `scale` at
-once. The scale step holds a lease it renews while it runs; the tick's steps (reap, scale,
-settle usage, keep the GPU bill) fail alone, so a provider's outage never stops billing.
+once. The scale step holds a lease it renews while it runs; the tick's steps fail alone.
+Billing (`billing.*`: settle usage, keep the GPU bill) runs on its own queue and worker, so
+a hung database never holds up provisioning: a node's end is noted in Redis at its death
+and written to the bill when the database answers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from provisioner.state import State, connect
 log = logging.getLogger("provisioner.tasks")
 
 VISIBILITY_S = 600
+BILLING_QUEUE = "billing"   # its own worker: provisioning never waits on the database
+NODE_ENDS_PER_TICK = 500
 SOFT_LIMIT_S = 120
 RETRY = {"autoretry_for": clouds.PROVIDER_ERRORS, "retry_backoff": 2, "retry_backoff_max": 60,
          "retry_jitter": True, "max_retries": 6}   # ~2 min of a provider's errors
@@ -64,7 +68,9 @@ def make_celery(cfg: Config) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
-        beat_schedule={"tick": {"task": "provisioner.tick", "schedule": TICK_S}},
+        task_routes={"billing.*": {"queue": BILLING_QUEUE}},
+        beat_schedule={"tick": {"task": "provisioner.tick", "schedule": TICK_S},
+                       "billing": {"task": "billing.tick", "schedule": TICK_S}},
     )
     app.voice = Runtime(cfg)  # type: ignore[attr-defined]
     return app
@@ -86,10 +92,11 @@ class Runtime:
         return self._ledger
 
     def on_end(self, end: fleet.NodeEnd) -> None:
-        """Close the node's bill: from its request to now, in its provider's increments."""
+        """The node's bill closes at its end, from its request, in its provider's
+        increments: noted now, written by the billing worker."""
         rec = end.record
-        self.ledger.close_node(membership.bill_row(rec), end.ended_at,
-                               membership.increment_s(self.cfg, rec.provider))
+        self.state.note_node_end(membership.bill_row(rec), end.ended_at,
+                                 membership.increment_s(self.cfg, rec.provider))
 
 
 def _rt(task: Any) -> Runtime:
@@ -179,12 +186,16 @@ def scale(self: Any) -> None:
 
 @shared_task(bind=True, ignore_result=True, name="provisioner.tick")
 def tick(self: Any) -> None:
-    """The beat's backstop: reap the dead, drain old versions, scale, settle the usage, keep
-    the GPU bill; each step fails alone."""
+    """The beat's backstop: reap the dead, drain old versions, scale."""
+    _scale(self, reap=True)
+
+
+@shared_task(bind=True, ignore_result=True, name="billing.tick")
+def billing_tick(self: Any) -> None:
+    """The billing worker's beat: keep the GPU bill, settle the usage; each step alone."""
     rt = _rt(self)
-    _step("scaling", lambda: _scale(self, reap=True))
-    _step("settling usage", lambda: _settle(rt, time.time()))
     _step("keeping the GPU bill", lambda: _bill_nodes(rt, time.time()))
+    _step("settling usage", lambda: _settle(rt, time.time()))
 
 
 def _settle(rt: Runtime, now: float) -> int:
@@ -192,12 +203,18 @@ def _settle(rt: Runtime, now: float) -> int:
 
 
 def _bill_nodes(rt: Runtime, now: float) -> dict[str, float]:
-    """Open a bill for every node in the fleet (noting its last heartbeat), and stop the
-    meters of nodes that vanished with the live state (nothing else would stop them)."""
+    """Open a bill for every node in the fleet (noting its last heartbeat), close the bills
+    of nodes that ended at their end, and stop the meters of nodes that vanished with the
+    live state (nothing else would stop them)."""
     rt.ledger.open_nodes(membership.bill_row(n) for n in rt.state.nodes())
     bills = rt.ledger.open_bills()      # the bills first, then the fleet: a node that joins
     fleet_ids = set(rt.state.node_ids())   # between the two reads is in neither
-    return rt.ledger.close_vanished(bills, fleet_ids, now,
+    ends = rt.state.node_ends(NODE_ENDS_PER_TICK)   # after the fleet: a node is forgotten
+    for end in ends:                                 # only after its end is noted
+        rt.ledger.close_node(end["node"], float(end["ended_s"]), int(end["increment_s"]))
+    rt.state.drop_node_ends(len(ends))
+    ended = {str(end["node"]["id"]) for end in ends}
+    return rt.ledger.close_vanished([b for b in bills if b[0] not in ended], fleet_ids, now,
                                     lambda provider: membership.increment_s(rt.cfg, provider))
 
 

@@ -287,7 +287,7 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
     from celery.contrib.testing.worker import start_worker
 
     from provisioner import clouds
-    from provisioner.tasks import make_celery
+    from provisioner.tasks import BILLING_QUEUE, make_celery
 
     port = procs.free_port()
     cfg = cfg.with_overrides(public_url=f"http://127.0.0.1:{port}")   # where nodes join
@@ -299,12 +299,15 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
     def beat() -> None:
         while not stop.wait(tick_s):
             app.send_task("provisioner.tick")
+            app.send_task("billing.tick")
 
     ledger = Ledger.open(cfg.database_url)
     host, server = serve(create_app(cfg, state, lambda: app.send_task("provisioner.scale"),
                                     ledger), port)
     with start_worker(app, pool="threads", concurrency=4, perform_ping_check=True,
-                      loglevel="WARNING"):
+                      loglevel="WARNING", queues=["celery"], hostname="provision@test"), \
+            start_worker(app, pool="threads", concurrency=2, perform_ping_check=False,
+                         loglevel="WARNING", queues=[BILLING_QUEUE], hostname="billing@test"):
         threading.Thread(target=beat, daemon=True).start()
         stamp_beat_path(cfg, state, stop)   # as a serving webapp does: the reaper may reap
         try:

@@ -77,3 +77,37 @@ def test_healthz_takes_a_write(db_url: str, cfg: Config, state: State) -> None:
     finally:
         server.shutdown()
         ledger.engine.dispose()
+
+
+def test_reaping_needs_no_database_and_the_bill_closes_at_the_death(
+        hung_db: str, redis_url: str, db_url: str, state: State,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database hangs: the provisioning tick still reaps a dead node at once (its end is
+    noted in Redis); when the database answers, the billing worker closes that node's bill
+    at its death, not at the time it was written."""
+    import billing.tables
+    from conftest import make_config
+
+    from billing.math import epoch
+    from provisioner.tasks import make_celery
+    monkeypatch.setattr(billing.tables, "CONNECT_TIMEOUT_S", 1)
+    now = time.time()
+    state.add_node({"id": "n-dead", "home": "us-west", "region": "us-west",
+                    "provider": "local", "model": "miku", "version": "1", "digest": "",
+                    "state": "ready", "requested_at": now - 120, "started_at": now - 120,
+                    "last_seen": now - 60, "capacity": 4, "price_per_hour": "1.10"})
+    state.stamp_beat_path(now - 60, gap_s=60)   # a webapp took heartbeats all along
+    hung = make_celery(make_config(redis_url, DATABASE_URL=hung_db))
+    t0 = time.monotonic()
+    hung.tasks["provisioner.tick"].apply().get()
+    assert time.monotonic() - t0 < 5 and state.node("n-dead") is None   # reaped, no database
+    (end,) = state.node_ends(10)
+    assert end["node"]["id"] == "n-dead" and abs(end["ended_s"] - time.time()) < 5
+    hung.tasks["billing.tick"].apply()            # the billing worker fails alone, keeps it
+    assert len(state.node_ends(10)) == 1
+    time.sleep(1.5)
+    back = make_celery(make_config(redis_url, DATABASE_URL=db_url))
+    back.tasks["billing.tick"].apply().get()      # the database is back
+    (bill,) = back.voice.ledger.node_costs()       # type: ignore[attr-defined]
+    assert abs(epoch(bill["stopped_at"]) - end["ended_s"]) < 0.01 and not state.node_ends(10)
+    back.voice.ledger.engine.dispose()             # type: ignore[attr-defined]

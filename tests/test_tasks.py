@@ -1,6 +1,6 @@
-"""The Celery tasks as production runs them: a lease renewed while a slow step holds it, and
-a tick whose failing step (a provider's outage) never stops reaping or billing, and the bills
-of nodes that vanished with the live state closed."""
+"""The Celery tasks as production runs them: a lease renewed while a slow step holds it, a
+tick whose failing step (a provider's outage) never stops reaping or billing, the bills of
+nodes that vanished with the live state closed, and billing on its own queue."""
 
 from __future__ import annotations
 
@@ -46,8 +46,10 @@ def test_a_providers_outage_stops_neither_reaping_nor_billing(redis_url: str, st
     app = make_celery(cfg)
     app.tasks["provisioner.tick"].apply().get()
     assert state.node("n-dead") is None                     # reaped
+    app.tasks["billing.tick"].apply().get()
     ledger = Ledger.open(cfg.database_url)
     assert [r.seconds for r in ledger.usage("u1")] == [42.0]   # settled
+    assert [r["stopped_at"] is not None for r in ledger.node_costs()] == [True]   # its bill
     ledger.engine.dispose()
 
 
@@ -66,14 +68,14 @@ def test_the_bills_of_nodes_that_vanished_with_the_live_state_are_closed(
                         "state": "booting" if not seen else "ready", "requested_at": now - 600,
                         "started_at": now - 600, "deadline": now + 600, "capacity": 4,
                         "price_per_hour": "3.60", **({"last_seen": seen} if seen else {})})
-    app.tasks["provisioner.tick"].apply().get()
+    app.tasks["billing.tick"].apply().get()
     ledger = Ledger.open(cfg.database_url)
     assert {r["node_id"]: r["stopped_at"] for r in ledger.node_costs()} == {
         "n-live": None, "n-gone": None, "n-booting": None}
     state.forget_node("n-gone")                       # vanished, bill open
     state.forget_node("n-booting")
     before = time.time()
-    app.tasks["provisioner.tick"].apply().get()
+    app.tasks["billing.tick"].apply().get()
     bills = {r["node_id"]: r for r in ledger.node_costs()}
     assert bills["n-live"]["stopped_at"] is None
     gone = bills["n-gone"]
@@ -82,8 +84,19 @@ def test_the_bills_of_nodes_that_vanished_with_the_live_state_are_closed(
     assert gone["cost"] == node_cost(now - 600, last, Decimal("3.60"),
                                      membership.increment_s(cfg, "local"))
     assert before <= epoch(bills["n-booting"]["stopped_at"]) <= time.time()   # never seen
-    app.tasks["provisioner.tick"].apply().get()                     # closed once
+    app.tasks["billing.tick"].apply().get()                     # closed once
     assert {r["node_id"]: r["stopped_at"] for r in ledger.node_costs()} == {
         k: v["stopped_at"] for k, v in bills.items()}
     ledger.engine.dispose()
     app.voice.ledger.engine.dispose()   # type: ignore[attr-defined]
+
+
+def test_billing_runs_on_its_own_queue() -> None:
+    """A hung database holds the billing worker, never the provisioning one."""
+    app = make_celery(make_config("redis://127.0.0.1:9/0"))
+    route = app.amqp.router.route({}, "billing.tick")
+    assert route["queue"].name == "billing"
+    assert app.amqp.router.route({}, "provisioner.tick")["queue"].name == "celery"
+    assert app.amqp.router.route({}, "billing.settle")["queue"].name == "billing"
+    assert {e["task"] for e in app.conf.beat_schedule.values()} == {"provisioner.tick",
+                                                                    "billing.tick"}

@@ -19,6 +19,7 @@ from billing.ledger import Ledger
 from common.config import Config, load_config
 from provisioner import catalog, clouds
 from provisioner.state import State, connect
+from provisioner.tasks import BILLING_QUEUE
 from voicectl import procs
 from voicectl.util import FLOWER_SECRET_FILE, RUN_FILE, say, with_user_secret
 
@@ -74,8 +75,14 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         say(f"starting the Celery worker with beat (log: {logs / 'celery.log'}) ...")
         supervisor.add("celery worker", lambda: procs.spawn(
             celery + ["worker", "-B", "-E", "--pool", "threads", "--concurrency", "8",
+                      "-Q", "celery", "-n", "provision@%h",
                       "--loglevel", "INFO", "--schedule", str(logs / "beat-schedule")],
             env=env, log=logs / "celery.log"))
+        say(f"starting the billing worker (log: {logs / 'billing.log'}) ...")
+        supervisor.add("billing worker", lambda: procs.spawn(   # a hung database waits here
+            celery + ["worker", "-E", "--pool", "threads", "--concurrency", "2",
+                      "-Q", BILLING_QUEUE, "-n", "billing@%h", "--loglevel", "INFO"],
+            env=env, log=logs / "billing.log"))
         say(f"starting Flower on http://{args.host}:{args.flower_port} (user voice, password "
             f"in {FLOWER_SECRET_FILE}) ...")
         supervisor.add("flower", lambda: procs.spawn(
@@ -110,8 +117,8 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         # The Celery worker first, so no tick boots a node after we destroyed them all;
         # Redis (and moto) last, since the drivers read their VMs from them.
-        say("stopping the webapp, the Celery worker and Flower ...")
-        supervisor.stop(["webapp", "celery worker", "flower"])
+        say("stopping the webapp, the Celery workers and Flower ...")
+        supervisor.stop(["webapp", "celery worker", "billing worker", "flower"])
         say("destroying every node we started ...")
         _destroy_nodes(cfg)
         for init in clouds_init:

@@ -69,7 +69,7 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
     fleet = FleetCache(state, cfg)
     room = WaitingRoom(state, cfg, lambda: fleet.get(fresh=True), candidates_for,
                        waiting_backstop_s)
-    app.register_blueprint(nodes_api.blueprint(cfg, state, ledger))
+    app.register_blueprint(nodes_api.blueprint(cfg, state))
     door = FrontDoor(cfg, state)
 
     def kick() -> None:

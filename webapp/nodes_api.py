@@ -15,7 +15,6 @@ from typing import Any
 import redis
 from flask import Blueprint, Response, jsonify, request
 
-from billing.ledger import Ledger
 from common.config import Config
 from common.errors import PackageError
 from provisioner import catalog, membership
@@ -51,7 +50,7 @@ def stamp_beat_path(cfg: Config, state: State, stop: threading.Event) -> threadi
     return thread
 
 
-def blueprint(cfg: Config, state: State, ledger: Ledger | None) -> Blueprint:
+def blueprint(cfg: Config, state: State) -> Blueprint:
     bp = Blueprint("nodes", __name__, url_prefix="/api/nodes")
     packages = catalog.store(cfg)
 
@@ -108,10 +107,7 @@ def blueprint(cfg: Config, state: State, ledger: Ledger | None) -> Blueprint:
 
     @bp.post("/leave")
     def leave() -> Response:
-        rec = membership.leave(state, node_id())
-        if rec is not None and ledger is not None:
-            ledger.close_node(membership.bill_row(rec), time.time(),
-                              membership.increment_s(cfg, rec.provider))
+        rec = membership.leave(state, cfg, node_id(), time.time())
         return jsonify({"left": rec.id if rec else None})
 
     return bp

@@ -64,6 +64,9 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
                                      counter, removed only by the settle step that billed it
     vc:usage-rejected         LIST   counters settlement skipped as malformed (what, why),
                                      newest first, the last USAGE_REJECTED_KEEP
+    vc:node-ends              LIST   JSON {"node": bill row, "ended_s", "increment_s"} of nodes
+                                     stopped or dead whose GPU bill the billing worker has not
+                                     closed yet (it may be away with the database), oldest first
     vc:metrics                HASH   "name|k=v,..." -> count: /metrics' counters, shared by
                                      every process (admissions, resumes, lobby errors, ...)
     vc:metrics:wait           HASH   the wait histogram: bucket bound -> count, "+Inf", "sum"
@@ -100,6 +103,7 @@ REGION_DOWN = PREFIX + "region-down"
 SCALE_KICK = PREFIX + "scale-kick"
 USAGE_DIRTY = PREFIX + "usage-dirty"
 USAGE_REJECTED = PREFIX + "usage-rejected"
+NODE_ENDS = PREFIX + "node-ends"
 METRIC_COUNTS = PREFIX + "metrics"
 METRIC_WAIT = PREFIX + "metrics:wait"
 USAGE_REJECTED_KEEP = 1000

@@ -7,11 +7,13 @@ bills them, and only then marks them clean (settle_usage.lua), after which the h
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from provisioner.state.base import StateBase
 from provisioner.state.keys import (
+    NODE_ENDS,
     USAGE_DIRTY,
     USAGE_KEEP_S,
     USAGE_REJECTED,
@@ -61,3 +63,17 @@ class Usage(StateBase):
         for field, seconds in billed.items():
             args += [field, repr(seconds)]
         return bool(self._settle_usage(keys=[USAGE_DIRTY, usage_key(minute_s)], args=args))
+
+    def note_node_end(self, row: Mapping[str, Any], ended_s: float, increment_s: int) -> None:
+        """A node stopped or died at `ended_s`: its GPU bill closes at that time, written by
+        the billing worker (provisioning never waits for the database)."""
+        self.r.rpush(NODE_ENDS, json.dumps({"node": dict(row), "ended_s": ended_s,
+                                            "increment_s": increment_s}))
+
+    def node_ends(self, limit: int) -> list[dict[str, Any]]:
+        """The oldest `limit` node ends not written to the bill yet."""
+        return [json.loads(e) for e in self.r.lrange(NODE_ENDS, 0, limit - 1)]
+
+    def drop_node_ends(self, count: int) -> None:
+        """The oldest `count` node ends are in the bill."""
+        self.r.ltrim(NODE_ENDS, count, -1)
