@@ -408,3 +408,69 @@ def test_the_page_retries_the_lobby_while_the_server_is_unavailable(
     finally:
         procs.stop([redis_proc])
         server.shutdown()
+
+
+STALLS_ONCE = '''
+import os
+import time
+
+
+class Stalls:
+    latency_samples = 0
+
+    def __init__(self, marker):
+        self.marker, self.calls = marker, 0
+
+    def process(self, frames):
+        self.calls += 1
+        if self.calls == 30 and not os.path.exists(self.marker):   # the first node's only
+            open(self.marker, "w").close()
+            time.sleep(6.0)   # a GPU call that hangs, while the process and heartbeats live
+        return frames
+
+
+def make(sample_rate, params, files):
+    return Stalls(params["marker"])
+'''
+
+
+def test_the_page_leaves_a_node_that_stopped_answering(browser: Browser, webapp, fleet,
+                                                       tmp_path: Path) -> None:  # noqa: ANN001
+    """The node's model call hangs (its socket and heartbeats live on): the page's watchdog
+    leaves it after STALL_MS without audio and resumes through the lobby on another node,
+    long before the hang ends, and plays again there."""
+    from conftest import push_version
+
+    pkg = tmp_path / "stall"
+    pkg.mkdir()
+    (pkg / "model.toml").write_text('name = "miku"\nentry = "stall:make"\n\n[params]\n'
+                                    f'marker = "{tmp_path / "stalled"}"\n')
+    (pkg / "stall.py").write_text(STALLS_ONCE)
+    push_version(webapp.state, webapp.config, "miku", package=pkg)
+    first = fleet.start("miku")
+    page = open_page(browser, webapp.base_url)
+    opened: list[tuple[float, str]] = []
+    answers: dict[str, list[float]] = {}
+
+    def on_socket(ws) -> None:  # noqa: ANN001
+        if "ticket=" not in ws.url:
+            return   # the lobby's
+        opened.append((time.monotonic(), ws.url))
+        got = answers.setdefault(ws.url, [])
+        ws.on("framereceived", lambda payload: got.append(time.monotonic())
+              if isinstance(payload, bytes) else None)
+
+    page.on("websocket", on_socket)
+    page.select_option("#model", "miku")
+    page.select_option("#region", "us-west")
+    page.click("#start")
+    expect(page.locator("body")).to_have_attribute("data-state", "streaming", timeout=15_000)
+    fleet.start("miku")   # somewhere to go
+    wait_until(page, lambda: len(opened) >= 2, "the page to leave the stalled node")
+    left_at, second = opened[1]
+    silent_from = max(t for t in answers[opened[0][1]] if t < left_at)
+    assert 1.0 < left_at - silent_from < 5.0, left_at - silent_from   # STALL_MS, then the lobby
+    wait_until(page, lambda: len(answers.get(second, [])) > 50, "audio from the next node")
+    assert answers[second][0] - silent_from < 6.0   # playing again before the hang ended
+    assert first not in second
+    page.context.close()
