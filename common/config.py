@@ -99,7 +99,8 @@ class Config:
     regions: tuple[Region, ...]
     providers: tuple[Provider, ...]
     models: tuple[Model, ...]
-    redis_url: str | None = None
+    redis_url: str | None = None   # redis://..., or sentinel://HOST:PORT;sentinel://... (HA)
+    redis_master: str = "voice"    # the primary's name the sentinels know (sentinel:// only)
     database_url: str = DEFAULT_DATABASE_URL
     model_load_s: float = 10.0
     # Where model packages are kept, by digest: a directory, or s3://bucket/prefix?endpoint_url=
@@ -327,7 +328,8 @@ def _front_door(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
 # What a deployment must be given, because its processes share it: a value made up per
 # process (a random secret, an embedded Redis, a SQLite file, 127.0.0.1) silently splits them.
 DEPLOYMENT_NEEDS = {
-    "REDIS_URL": "the Redis every webapp, worker and beat shares (redis://HOST:6379/0)",
+    "REDIS_URL": "the Redis every webapp, worker and beat shares (redis://HOST:6379/0, or "
+                 "sentinel://HOST:26379;sentinel://HOST2:26379;... with REDIS_MASTER)",
     "DATABASE_URL": "the billing database they share "
                     "(postgresql+psycopg://USER:PASSWORD@HOST/DB)",
     "TICKET_SECRET": "the HMAC secret that signs tickets and node keys, the same in every "
@@ -371,6 +373,7 @@ def load_config(environ: Mapping[str, str] | None = None, deployed: bool = False
     cfg = parse_config(doc, str(path))
     changes: dict[str, Any] = {
         "redis_url": env.get("REDIS_URL") or None,
+        "redis_master": env.get("REDIS_MASTER") or cfg.redis_master,
         "model_load_s": _float(env, "MODEL_LOAD_SECONDS", cfg.model_load_s, 0.0, 3600.0),
         "crash_rate": _float(env, "CRASH_RATE", cfg.crash_rate, 0.0, 1.0),
     }

@@ -54,8 +54,11 @@ def make_celery(cfg: Config) -> Celery:
                  include=["provisioner.tasks"])
     app.conf.update(
         # A task a dead worker held comes back after this (tasks are idempotent; the tick
-        # is the backstop for everything but a node's provisioning).
-        broker_transport_options={"visibility_timeout": VISIBILITY_S},
+        # is the backstop for everything but a node's provisioning). With sentinel:// URLs
+        # broker and results follow the primary named `master_name` through a failover.
+        broker_transport_options={"visibility_timeout": VISIBILITY_S,
+                                  "master_name": cfg.redis_master},
+        result_backend_transport_options={"master_name": cfg.redis_master},
         broker_connection_retry_on_startup=True,
         result_expires=600,
         task_acks_late=True,
@@ -81,7 +84,7 @@ class Runtime:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.state = State(connect(_redis_url(cfg)))
+        self.state = State(connect(_redis_url(cfg), cfg.redis_master))
         self._ledger: Ledger | None = None
 
     @property

@@ -24,4 +24,4 @@ def _metrics(**_: object) -> None:
     if port:
         from provisioner import metrics
         from provisioner.state import State, connect
-        metrics.serve(State(connect(cfg.redis_url or "")), int(port))
+        metrics.serve(State(connect(cfg.redis_url or "", cfg.redis_master)), int(port))

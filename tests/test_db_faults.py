@@ -85,9 +85,9 @@ def test_reaping_needs_no_database_and_the_bill_closes_at_the_death(
     """The database hangs: the provisioning tick still reaps a dead node at once (its end is
     noted in Redis); when the database answers, the billing worker closes that node's bill
     at its death, not at the time it was written."""
-    import billing.tables
     from conftest import make_config
 
+    import billing.tables
     from billing.math import epoch
     from provisioner.tasks import make_celery
     monkeypatch.setattr(billing.tables, "CONNECT_TIMEOUT_S", 1)

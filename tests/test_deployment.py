@@ -66,7 +66,11 @@ def service_env(svc: dict[str, Any], redis_url: str, db_url: str) -> dict[str, s
 
 
 def test_compose_has_the_services_the_contract_names() -> None:
-    assert set(COMPOSE["services"]) >= {"redis", "postgres", "web", "worker", "beat", "flower"}
+    assert set(COMPOSE["services"]) >= {"redis", "postgres", "web", "worker", "beat", "flower",
+                                        "billing", "redis-replica", "sentinel-1", "sentinel-2",
+                                        "sentinel-3"}
+    env = COMPOSE["services"]["web"]["environment"]   # every process goes through the sentinels
+    assert env["REDIS_URL"].count("sentinel://") == 3 and env["REDIS_MASTER"] == "voice"
     assert "gunicorn" in COMPOSE["services"]["web"]["command"]
 
 
@@ -177,7 +181,8 @@ def test_flower_as_compose_runs_it_needs_its_credentials(redis_url: str, tmp_pat
     port = procs.free_port()
     cmd = [f"--port={port}" if a.startswith("--port") else a for a in svc["command"]]
     cmd = [a.replace("0.0.0.0", "127.0.0.1") for a in cmd]
-    proc = procs.spawn(cmd, env=service_env(svc, redis_url, ""), log=tmp_path / "flower.log")
+    proc = procs.spawn(cmd, env=service_env(svc, redis_url, f"sqlite:///{tmp_path / 'b.sqlite'}"),
+                       log=tmp_path / "flower.log")
     try:
         def status(auth: str | None, path: str = "/api/workers") -> int:
             req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")

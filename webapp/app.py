@@ -74,7 +74,10 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
 
     def kick() -> None:
         if state.kick_scaler():
-            kick_scaler()
+            try:
+                kick_scaler()
+            except Exception as e:  # the broker's boundary (a failover): the tick scales too
+                log.warning("could not kick the scaler (%s); the next tick scales", e)
 
     def operator() -> bool:
         """The request carries the operator token (VOICE_ADMIN_TOKEN; none: no operator)."""
@@ -214,6 +217,13 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
         """The client left mid-request, such as a lobby dropped during its handshake: no
         one to answer, and no traceback in the log per dropped socket."""
         return "", 400
+
+    @app.errorhandler(redis.RedisError)
+    def state_store_away(e: redis.RedisError) -> tuple[Response, int]:
+        """The state store is away (a failover takes seconds): say so, and when to retry."""
+        log.warning("%s %s: Redis failed: %s", request.method, request.path, e)
+        return jsonify({"error": "unavailable", "message": "the control plane cannot reach "
+                        "its state store right now; retry in a few seconds"}), 503
 
     @app.before_request
     def front_door() -> Response | None:   # cheap refusals, before the WebSocket handshake

@@ -9,6 +9,7 @@ user whose region goes down moves to the nearest healthy region's queue, and is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -68,8 +69,9 @@ def run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-unt
     try:
         _run(ws, state, cfg, req, kick_scaler, fleet, room)
     except Refused as e:
-        state.count("voice_lobby_errors", code=e.code)
         error(ws, e.code, str(e))
+        with contextlib.suppress(redis.RedisError):   # a failover: the user hears why anyway
+            state.count("voice_lobby_errors", code=e.code)
     except ConnectionClosed:
         pass   # the user left; the finally blocks below cleaned up
     except redis.RedisError as e:

@@ -53,9 +53,10 @@ def _build(config: Callable[[], Config], migrate: bool) -> Flask:
     except VoiceError as e:
         log.critical("the webapp cannot start: %s", e)
         raise
-    state = State(connect(cfg.redis_url or ""))   # load_config(deployed=True) required it
+    state = State(connect(cfg.redis_url or "", cfg.redis_master))   # deployed: required
     # only sends the scaler's kick by name: the webapp loads no task code, no cloud driver
     celery = Celery("voice", broker=cfg.redis_url)
+    celery.conf.broker_transport_options = {"master_name": cfg.redis_master}
     app = create_app(cfg, state, lambda: celery.send_task("provisioner.scale"), ledger)
     before_serving(cfg, state)
     return app
