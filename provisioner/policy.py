@@ -292,7 +292,7 @@ def consolidation(snapshot: Snapshot, cfg: ScalingConfig, now: float) -> tuple[s
     machine) is never emptied: it is what the others' users should move to. Nor is a node
     with much of a long billing increment paid and left (an hour-billed one early in its
     hour): once empty it could not stop before its grace and the increment's end anyway."""
-    waiting = {d.key: d.waiting for d in snapshot.demand}
+    demand = {d.key: d for d in snapshot.demand}
     busy: dict[PoolKey, list[NodeSnap]] = {}
     moving: dict[PoolKey, int] = {}
     for n in snapshot.nodes:
@@ -302,9 +302,18 @@ def consolidation(snapshot: Snapshot, cfg: ScalingConfig, now: float) -> tuple[s
             moving[n.key] = moving.get(n.key, 0) + n.sessions
     out: list[str] = []
     for key, nodes in busy.items():
-        if key not in waiting or len(nodes) < 2:
+        d = demand.get(key)
+        if d is None or len(nodes) < 2:
             continue   # not a live pool (its version drains) or nothing to merge into
-        room = sum(n.capacity - n.sessions for n in nodes) - waiting[key] - moving.get(key, 0)
+        # The room left must still hold the pool's warm buffer until the emptied node may
+        # stop: otherwise arrivals fill the moved users' slots, a node boots or the emptied
+        # one takes users again, and the moves bought nothing (bench/features.py: without
+        # this, 4 in 5 emptied nodes never stopped).
+        keep = cfg.stop_margin_slots + warm_buffer_slots(
+            sum(n.sessions for n in nodes), d.rate_per_s(cfg.fast_tau_s), d.mean_session_s,
+            cfg.reaction_s + cfg.idle_grace_s + cfg.stop_window_s, cfg.buffer_z_at(key.region))
+        room = (sum(n.capacity - n.sessions for n in nodes) - d.waiting - moving.get(key, 0)
+                - keep)
         left = len(nodes)
         for src in sorted(nodes, key=lambda n: (-cfg.node_price(n), n.sessions, n.id)):
             own_free = src.capacity - src.sessions   # its free slots leave with it

@@ -264,14 +264,23 @@ def test_a_user_placed_away_during_an_outage_is_recalled_without_a_gap(webapp, f
 
 
 def test_consolidation_moves_a_user_onto_another_node_of_its_pool_without_a_gap(
-        webapp, fleet) -> None:  # noqa: ANN001
+        webapp, fleet, monkeypatch) -> None:  # noqa: ANN001
     """One user left on each of two nodes of a pool: the autoscaler's step drains one of
     them into the pool; its stream is told to move, the resume lands on the other node
     while the old stream still answers (make-before-break, not reported lost), and once
     empty the drained node serves again (idle: the policy may stop, keep or reload it)."""
+    from dataclasses import replace
+
     from conftest import wait_for
 
     from provisioner import fleet as fleet_ops
+    # Two nodes of 4 and the five arrivals just made: the pool's warm buffer until a node
+    # could stop would take every free slot (policy.consolidation). No grace, stop window or
+    # margin and a calm rate estimate here: what is left to test is the move itself.
+    base = fleet_ops.scaling_config
+    monkeypatch.setattr(fleet_ops, "scaling_config", lambda *a, **k: replace(
+        base(*a, **k), stop_margin_slots=0, stop_window_s=0.0, idle_grace_s=0.0,
+        fast_tau_s=600.0))
 
     state, cfg = webapp.state, webapp.config
     west = "model=miku&lat=37.8&lon=-122.4"

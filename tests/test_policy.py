@@ -37,6 +37,8 @@ CFG = ScalingConfig(
 )
 
 
+FIT_ONLY = replace(CFG, stop_margin_slots=0)   # consolidation: whether users fit, alone
+
 def key(model: str = "miku", region: str = "west", version: str = "1") -> PoolKey:
     return PoolKey(model, version, region)
 
@@ -363,9 +365,22 @@ def test_spot_offered_the_buffer_boots_on_spot_demand_on_demand() -> None:
 ])
 def test_consolidation_empties_the_least_loaded_nodes_that_fit_elsewhere(
         sessions: tuple[int, ...], waiting: int, drained: tuple[str, ...]) -> None:
+    """No arrivals and no margin here: only whether the users fit (see the next test)."""
     nodes = [node(chr(ord("a") + i), sessions=n) for i, n in enumerate(sessions)]
-    d = decide(snap(*nodes, pools=(demand(key(), waiting=waiting),)), NOW, CFG)
+    d = decide(snap(*nodes, pools=(demand(key(), waiting=waiting),)), NOW, FIT_ONLY)
     assert d.drain == drained
+
+
+def test_consolidation_leaves_the_pool_its_warm_buffer_until_the_node_could_stop() -> None:
+    """Moves that eat the pool's buffer buy nothing: arrivals take the freed slots and the
+    emptied node serves again (or another boots). The room must hold the buffer the pool
+    wants over the time until the emptied node may stop, and the stop margin."""
+    nodes = [node("a", sessions=1), node("b", sessions=1), node("c", sessions=2)]
+    quiet = (demand(key()),)
+    assert decide(snap(*nodes, pools=quiet), NOW, FIT_ONLY).drain == ("a", "b")
+    assert decide(snap(*nodes, pools=quiet), NOW, CFG).drain == ("a",)   # the margin stays
+    busy = (demand(key(), rate=0.05),)       # an arrival every 20 s: a few slots to keep
+    assert decide(snap(*nodes, pools=busy), NOW, FIT_ONLY).drain == ()
 
 
 def test_consolidation_counts_users_already_moving_and_stays_in_its_pool() -> None:
@@ -375,18 +390,18 @@ def test_consolidation_counts_users_already_moving_and_stays_in_its_pool() -> No
     never emptied, and the dearest node empties first."""
     a, b = node("a", sessions=1), node("b", sessions=2)
     moving = node("m", sessions=2, state=DRAINING)
-    assert decide(snap(a, b, moving), NOW, CFG).drain == ()
+    assert decide(snap(a, b, moving), NOW, FIT_ONLY).drain == ()
     other_model = node("t", model="teto", sessions=0)
     east = node("e", region="east", sessions=0)
     pools = (demand(key()), demand(key("teto")), demand(key(region="east")))
-    assert decide(snap(a, other_model, east, pools=pools), NOW, CFG).drain == ()
+    assert decide(snap(a, other_model, east, pools=pools), NOW, FIT_ONLY).drain == ()
     old = [node("o1", version="0", sessions=1), node("o2", version="0", sessions=1)]
-    assert decide(snap(*old), NOW, CFG).drain == ()
+    assert decide(snap(*old), NOW, FIT_ONLY).drain == ()
     assert decide(snap(a, b), NOW, replace(CFG, consolidate=False)).drain == ()
     own = node("f", provider="own", sessions=1)      # free: the others move to it
-    assert decide(snap(own, node("p", sessions=1)), NOW, CFG).drain == ("p",)
+    assert decide(snap(own, node("p", sessions=1)), NOW, FIT_ONLY).drain == ("p",)
     pricey = node("x", provider="pricey", sessions=2)   # the dearest empties first
-    assert decide(snap(a, pricey), NOW, CFG).drain == ("x",)
+    assert decide(snap(a, pricey), NOW, FIT_ONLY).drain == ("x",)
 
 
 @pytest.mark.parametrize(("age_s", "drained"), [
@@ -397,5 +412,5 @@ def test_consolidation_empties_an_hour_billed_node_only_near_the_end_of_its_hour
         age_s: float, drained: tuple[str, ...]) -> None:
     a = node("a", region="east", sessions=1, age_s=age_s)
     b = node("b", region="east", sessions=2, age_s=100_000 + 3590)   # mid-hour, fuller
-    d = decide(snap(a, b, pools=(demand(key(region="east")),)), NOW, CFG)
+    d = decide(snap(a, b, pools=(demand(key(region="east")),)), NOW, FIT_ONLY)
     assert d.drain == drained
