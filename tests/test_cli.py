@@ -205,7 +205,7 @@ def test_run_restarts_what_dies_and_redis_keeps_its_data(tmp_path: Path) -> None
         r = redis.Redis.from_url(url)
         r.set("test:kept", "yes")
         ready("alice")
-        worker = child(" worker ")
+        worker = child("provision@")
         first_worker = [worker, *(c for c in worker.children(recursive=True)   # its beat
                                   if "celery" in " ".join(c.cmdline()))]
         assert len(first_worker) >= 2, "no beat process under the Celery worker"
