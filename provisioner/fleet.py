@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 
 from libcloud.compute.types import NodeState as LibcloudState
 
-from common.config import ORPHAN_SERVING_S, RECALL_MOVE_S, Config, Region
-from provisioner import catalog, clouds, membership
+from common.config import ORPHAN_SERVING_S, Config, Region
+from provisioner import catalog, clouds, membership, orders, outages
 from provisioner.errors import CapacityError
 from provisioner.inputs import policy_inputs
 from provisioner.placement import boot_regions, candidates_for
@@ -33,7 +33,6 @@ from provisioner.versions import Version, VersionState
 log = logging.getLogger("provisioner")
 
 PROVISION_SLACK_S = 30.0   # beyond boot + load, before a node that never became ready dies
-REGION_COOLOFF_S = 60.0    # a region whose nodes all failed is avoided this long
 CONSOLIDATE_S = 10.0       # a consolidated node's users move within this (told at once)
 POLL_S = 0.5               # poll countdown: far below the broker visibility timeout
 
@@ -131,7 +130,7 @@ def consolidate(state: State, cfg: Config, rec: NodeRecord, now: float) -> None:
     log.info("node %s (%s v%s in %s): moving its %d users into its pool", rec.id, rec.model,
              rec.version, rec.region, rec.sessions)
     state.drain(rec.id, now + CONSOLIDATE_S, consolidate=True)
-    membership.wake(cfg, rec)   # it hears of the drain now, not at its next beat
+    orders.wake(cfg, rec)   # it hears of the drain now, not at its next beat
 
 
 def request_node(state: State, cfg: Config, key: PoolKey, now: float) -> str | None:
@@ -237,7 +236,7 @@ def poll(state: State, cfg: Config, node_id: str, now: float, on_end: NodeEndHoo
     if now > rec.deadline:
         log.warning("node %s not ready by its deadline: destroying it", node_id)
         stop(state, cfg, rec, now, "boot timeout", on_end)
-        state.mark_region_down(rec.region, now + REGION_COOLOFF_S)
+        state.mark_region_down(rec.region, now + outages.REGION_COOLOFF_S)
         state.wake_lobbies()   # its waiting users move to the nearest healthy region
         return "gone"
     return "waiting"
@@ -269,7 +268,7 @@ def retarget(state: State, cfg: Config, rec: NodeRecord, key: PoolKey, now: floa
                    model=v.model, version=v.version, state=NodeState.LOADING.value,
                    progress=0.0, eta_ready=now + cfg.model_load_s, digest=v.digest,
                    capacity=v.streams_per_gpu, seen_started=0, seen_failed=0)
-    membership.wake(cfg, rec)
+    orders.wake(cfg, rec)
     return True
 
 
@@ -307,17 +306,12 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
             stop(state, cfg, rec, now, "dead: no heartbeat", on_end)
         except clouds.PROVIDER_ERRORS as e:
             log.warning("dead node %s not stopped yet (%s); the next tick retries", rec.id, e)
-    down = state.regions_down_until(now)
-    for region in outages(cfg, records, dead, now):
-        log.warning("region %s lost all its nodes: avoided for %.0f s", region,
-                    REGION_COOLOFF_S)
-        state.mark_region_down(region, now + REGION_COOLOFF_S)
-        state.wake_lobbies()   # its waiting users move to the nearest healthy region
+    down = outages.mark_down(state, cfg, records, dead, now)
     for rec in records:
         if rec.id in dead:
             continue
-        if rec.state is NodeState.READY and _answering(cfg, rec, now) and (
-                (rec.ready_at or 0.0) > down.get(rec.region, 0.0) - REGION_COOLOFF_S):
+        if rec.state is NodeState.READY and outages.answering(cfg, rec, now) and (
+                (rec.ready_at or 0.0) > down.get(rec.region, 0.0) - outages.REGION_COOLOFF_S):
             # a node that turned ready since the outage serves there: recovered (one of
             # those lost in it may beat a last time while it goes)
             state.mark_region_up(rec.region)
@@ -333,65 +327,12 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
             except clouds.PROVIDER_ERRORS as e:
                 log.warning("drained node %s not stopped yet (%s); the next tick retries",
                             rec.id, e)
-    recall(state, cfg, records, now)
+    outages.recall(state, cfg, records, now)
     try:
         sweep(state, cfg)
     except clouds.PROVIDER_ERRORS as e:
         log.warning("orphan sweep failed (%s); the next tick retries", e)
     return dead
-
-
-def recall(state: State, cfg: Config, records: list[NodeRecord], now: float) -> list[str]:
-    """Users placed away from their nearest region while it was down move back once a node
-    serves there again: their node tells each page to move, and it plays on there until it
-    streams in its own region (make-before-break; a node may have to boot for it there).
-    Returns the sessions recalled."""
-    displaced = state.displaced()
-    if not displaced:
-        return []
-    down = state.regions_down_until(now)
-    serving = {r.region for r in records if r.state is NodeState.READY
-               and _answering(cfg, r, now) and r.region not in down}
-    by_id = {r.id: r for r in records}
-    orders: dict[str, list[str]] = {}
-    for sid, session in zip(displaced, state.sessions(displaced), strict=True):
-        rec = by_id.get(session.get("node", ""))
-        if rec is None:   # its node went: the page resumes, and is placed anew
-            state.recalled(sid, None)
-        elif session.get("away_from") in serving:
-            orders.setdefault(rec.id, []).append(sid)
-    recalled = []
-    for node_id, sids in orders.items():
-        live = set(state.live_sessions(node_id))
-        moving = [sid for sid in sids if sid in live]
-        if moving and not membership.recall(cfg, by_id[node_id], moving):
-            continue   # still displaced: the next tick tries again
-        for sid in sids:   # one that is not live there ended: nothing to move
-            state.recalled(sid, now + RECALL_MOVE_S if sid in live else None)
-        if moving:
-            log.info("sessions %s recalled from %s", moving, by_id[node_id].region)
-            recalled += moving
-    return recalled
-
-
-def outages(cfg: Config, records: list[NodeRecord], dead: list[str], now: float) -> set[str]:
-    """Regions where `dead` leaves no serving node and two or more went at once: an outage.
-    One node dying alone is a crash (its users resume, a node boots there again); a region
-    whose provider is really down shows it when that boot fails (`poll`). A node that missed
-    its last beat or that a client reported lost counts as gone: the nodes of a region that
-    failed at once time out up to a beat apart, across two reaps."""
-    out = set()
-    for region in {r.region for r in records if r.id in dead}:
-        serving = [r for r in records if r.region == region and r.state.serving]
-        gone = [r for r in serving if r.id in dead or not _answering(cfg, r, now)]
-        if len(serving) >= 2 and len(gone) == len(serving):
-            out.add(region)
-    return out
-
-
-def _answering(cfg: Config, rec: NodeRecord, now: float) -> bool:
-    """Beat within the last one and a half intervals, and no client reported it lost since."""
-    return not rec.reported_lost and rec.last_seen >= now - 1.5 * cfg.heartbeat_interval_s
 
 
 def sweep(state: State, cfg: Config) -> list[str]:

@@ -4,18 +4,15 @@ A node holds no Redis or database credentials. It joins with a one-time token (m
 we boot its VM, or by `voicectl byo-token` for an own machine), gets a per-node credential
 that can be revoked and its own ticket key, and then reports only its own health, load and
 usage; what the control plane decided (model, region, capacity, price) stays ours. Orders
-that cannot wait for the next heartbeat (close a taken-over stream, reload now) are pushed
-to the node's `/control` endpoint, signed with its key. Views in webapp/nodes_api.py are
-thin adapters around these functions.
+that cannot wait for the next heartbeat are pushed (provisioner/orders.py). Views in
+webapp/nodes_api.py are thin adapters around these functions.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
-import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import replace
@@ -23,12 +20,10 @@ from importlib import metadata
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
-
-from common.config import NAME_RE, NODE_PORT, RECALL_MOVE_S, Config, Provider
+from common.config import NAME_RE, NODE_PORT, Config, Provider
 from common.grant import Grant
 from common.jsonobj import json_object
-from common.tickets import node_key, sign_control
+from common.tickets import node_key
 from provisioner import catalog
 from provisioner.errors import BadReport, JoinError
 from provisioner.packages import PackageStore
@@ -47,7 +42,6 @@ STALL_S = 2.0               # a model call hung this long: the node's users move
 SLOW_MS = 40.0              # answers this late (p95 over the node's last seconds): they move too
 MAX_INT = 2**53             # fences and minutes: exact in Lua's doubles (and JSON's)
 MAX_STREAMS = 64             # per heartbeat: far above any node's capacity
-NOTIFY_TIMEOUT_S = 1.0
 
 
 def user_data(cfg: Config, provider: Provider, token: str, note: str = "") -> str:
@@ -364,54 +358,3 @@ def leave(state: State, cfg: Config, node_id: str, now: float) -> NodeRecord | N
     state.revoke(node_id)
     state.forget_node(node_id)
     return rec
-
-
-# --- orders pushed to a node ---------------------------------------------------------------
-
-def control_url(node_url: str) -> str:
-    """ws://host:port/ws -> http://host:port/control (wss -> https)."""
-    scheme, _, rest = node_url.partition("://")
-    host = rest.split("/", 1)[0]
-    return f"{'https' if scheme == 'wss' else 'http'}://{host}/control"
-
-
-def notify(cfg: Config, rec: NodeRecord, payload: Mapping[str, Any],
-           wait: bool = False) -> bool:
-    """Push an order to a node now. Best effort, in the background, where its next
-    heartbeat is the backstop (kick, wake); with `wait`, whether the node took it."""
-    if not rec.url:
-        return False
-    body = json.dumps(dict(payload)).encode()
-    sig = sign_control(body, node_key(cfg.ticket_secret, rec.id))
-
-    def send() -> bool:
-        try:
-            return requests.get(control_url(rec.url), timeout=NOTIFY_TIMEOUT_S,
-                                headers={"X-Order": body.decode(), "X-Signature": sig},
-                                verify=cfg.node_ca_file or True).ok
-        except requests.RequestException as e:
-            log.info("order to node %s not delivered (%s)", rec.id, e)
-            return False
-    if wait:
-        return send()
-    threading.Thread(target=send, name="notify", daemon=True).start()
-    return True
-
-
-def recall(cfg: Config, rec: NodeRecord, session_ids: list[str]) -> bool:
-    """Tell these streams to move to their users' nearest region (make-before-break): they
-    play on here for up to RECALL_MOVE_S while the page gets a node there. No heartbeat
-    carries a recall: False if the node did not take it (the caller tries again)."""
-    return notify(cfg, rec, {"recall": list(session_ids), "within_s": RECALL_MOVE_S},
-                  wait=True)
-
-
-def kick(cfg: Config, rec: NodeRecord, session_id: str) -> None:
-    """Close a stream now (its user took it over, or resumed it, elsewhere) and heartbeat at
-    once: a live node that a resuming client reported lost is placeable again at once."""
-    notify(cfg, rec, {"kick": [session_id], "wake": True})
-
-
-def wake(cfg: Config, rec: NodeRecord) -> None:
-    """Heartbeat now and so read new orders (a retarget)."""
-    notify(cfg, rec, {"wake": True})

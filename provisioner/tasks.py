@@ -63,6 +63,7 @@ def make_celery(cfg: Config) -> Celery:
         result_expires=600,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,   # redelivered (idempotent)
         # Enforced by prefork workers (deployments); the local run's thread pool cannot
         # interrupt a thread, so every provider call also has its driver's own timeout.
         task_soft_time_limit=SOFT_LIMIT_S,

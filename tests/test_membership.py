@@ -17,7 +17,7 @@ from conftest import SECRET, Fleet, closed_code, place, start_stream
 from simple_websocket import Client
 
 from common.tickets import Ticket, node_key, sign
-from provisioner import membership
+from provisioner import orders
 from provisioner.state import State
 from research.quality import harmonic_tone
 from voicectl import procs
@@ -168,7 +168,7 @@ def test_a_node_serves_wss_with_a_certificate(fleet: Fleet, tmp_path: Path) -> N
     rec = fleet.state.node(node_id)
     assert rec is not None
     trusting = fleet.cfg.with_overrides(node_ca_file=str(cert))
-    membership.notify(trusting, rec, {"kick": ["s-alice"]}, wait=True)   # https://.../control
+    orders.notify(trusting, rec, {"kick": ["s-alice"]}, wait=True)   # https://.../control
     code, reason = closed_code(ws)
     assert code == 4409 and "taken over" in reason
 

@@ -226,6 +226,7 @@ def test_a_user_placed_away_during_an_outage_is_recalled_without_a_gap(webapp, f
     stream to move ("recall"), the resume lands in ap-northeast while the old stream still
     answers (make-before-break), and the old node is not reported lost."""
     from provisioner import fleet as fleet_ops
+    from provisioner import outages
 
     state, cfg = webapp.state, webapp.config
     far = fleet.start("miku", "us-west")
@@ -239,7 +240,7 @@ def test_a_user_placed_away_during_an_outage_is_recalled_without_a_gap(webapp, f
     assert len(old.receive(timeout=5)) == len(FRAME)
     assert state.displaced() == [ready["session_id"]]
     assert fleet_ops.reap(state, cfg, time.time(), print) == []
-    assert fleet_ops.recall(state, cfg, state.nodes(), time.time()) == []   # nowhere to go
+    assert outages.recall(state, cfg, state.nodes(), time.time()) == []   # nowhere to go
 
     home = fleet.start("miku", "ap-northeast")   # ap-northeast serves again
     assert fleet_ops.reap(state, cfg, time.time(), print) == []

@@ -113,7 +113,7 @@ def cmd_kill_node(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_kill_region(args: argparse.Namespace, cfg: Config) -> int:
-    from provisioner.fleet import REGION_COOLOFF_S
+    from provisioner.outages import REGION_COOLOFF_S
 
     if cfg.region(args.region) is None:
         raise VoiceError(f"unknown region {args.region!r}; known: "

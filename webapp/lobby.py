@@ -25,9 +25,8 @@ from common import wsclose
 from common.config import Config, Region
 from common.states import NodeState
 from common.tickets import Ticket, node_key, sign
-from provisioner import catalog, membership
+from provisioner import catalog, orders
 from provisioner.placement import (
-    boot_regions,
     candidates_for,
     home_region,
     near_regions,
@@ -41,6 +40,7 @@ from provisioner.state import (
     pool_id,
 )
 from provisioner.versions import Entry, Version
+from webapp import notes
 from webapp.fleetview import FleetCache, FleetView
 from webapp.requests import LobbyRequest
 from webapp.waiting import WAITING_LOCK_TTL_S, Waiter, WaitingRoom
@@ -159,7 +159,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                 looked = seen
                 eta = _eta_s(cfg, model, home.name, view.records(model.model), waiter.position,
                              now, view.down)
-                note = _note(cfg, req, home.name, view)
+                note = notes.waiting(cfg, req, home.name, view)
                 msg = (("booting", round(eta * 2) / 2, home.name, note) if eta is not None
                        else ("queued", waiter.position, home.name, note))
             if msg != last:
@@ -245,58 +245,8 @@ def _follow_version(state: State, waiter: Waiter, view: FleetView) -> bool:
     return True
 
 
-def _note(cfg: Config, req: LobbyRequest, home: str, view: FleetView) -> dict[str, str]:
-    """What a waiting user should know: outages and refusals near them, and whether
-    capacity boots for them at all."""
-    notes = [n for n in (_down_note(cfg, req, home, view.down),
-                         _constrained_note(cfg, home, view.constrained),
-                         None if req.scales else ANONYMOUS_NOTE) if n]
-    return {"note": " ".join(notes)} if notes else {}
-
-
-ANONYMOUS_NOTE = ("no capacity is booted for anonymous users: you keep your place and get "
-                  "the first slot that frees up; sign in (open the page through your login, "
-                  "or pass ?token= from your login system) to have a node started for you")
-
-
 def _no_kick() -> None:
     pass
-
-
-def _down_note(cfg: Config, req: LobbyRequest, home: str, down: frozenset[str]) -> str | None:
-    """Tell the user when the region nearest them, or the one they named, is down."""
-    if req.region is not None:
-        if req.region not in down:
-            return None
-        others = [f"{r.name} ({rtt:.0f} ms)"
-                  for r, rtt in rank_regions(cfg.regions, req.lat, req.lon) if r.name not in down]
-        return (f"region {req.region} is down (an outage): you keep your place and get a node "
-                "there when it recovers" + (f"; or leave and choose another region: "
-                                            f"{', '.join(others[:3])}" if others else ""))
-    nearest = home_region(cfg, req.lat, req.lon)
-    region = cfg.region(home)
-    if nearest.name not in down or nearest.name == home or region is None:
-        return None
-    rtt = rank_regions([region], req.lat, req.lon)[0][1]
-    return (f"region {nearest.name} is down (an outage): you are placed in {home} instead, "
-            f"about {rtt:.0f} ms away")
-
-
-def _constrained_note(cfg: Config, home: str, constrained: dict[str, str]) -> str | None:
-    """Tell waiting users when a provider near them refused to boot nodes."""
-    region = cfg.region(home)
-    if region is None or not constrained:
-        return None
-    near = [r for r, _ in rank_regions(cfg.regions, region.lat, region.lon)
-            if r.name in constrained]
-    if not near:
-        return None
-    names = ", ".join(r.name for r in near[:3])
-    if not boot_regions(cfg, home, frozenset(constrained)):
-        return (f"out of GPU capacity in {names}, and no other region within reach can boot "
-                "one: you keep your place and get the first slot that frees up")
-    return (f"out of GPU capacity in {names}: booting in the next cheapest region within "
-            "reach, which may take longer")
 
 
 def _session_id(state: State, req: LobbyRequest) -> tuple[str, dict[str, str]]:
@@ -343,7 +293,7 @@ def _locked(state: State, cfg: Config, req: LobbyRequest, session_id: str,
         # old stream closes now (its node would find its fence stale within a beat anyway).
         rec = state.node(taken.previous_node)
         if rec is not None:
-            membership.kick(cfg, rec, taken.previous_session)
+            orders.kick(cfg, rec, taken.previous_session)
     return taken.fence
 
 
@@ -379,7 +329,7 @@ def _ready(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-
                                     "version": node.version, "region": node.region,
                                     "node": node.id, "fence": fence, "created_at": now},
                        ttl_s=7 * 86400, away_from=nearest.name if away else None)
-    note = _down_note(cfg, req, node.home, down)
+    note = notes.region_down(cfg, req, node.home, down)
     ticket = sign(Ticket(user=req.user, session=session_id, node=node.id, model=node.model,
                          version=node.version, fence=fence, exp=now + cfg.ticket_ttl_s),
                   node_key(cfg.ticket_secret, node.id))

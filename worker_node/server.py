@@ -1,12 +1,6 @@
-"""The node's server: audio streams on `/ws?ticket=T`, `/healthz`, and the control plane's
-signed orders on `/control`, all on one asyncio loop (the `websockets` library) in one
-thread.
-
-Protocol (docs/protocol.md): text `start` -> text `started` -> binary Int16 frames both
-ways, same length, in order -> `stop` -> close 1000. Close codes: 4401 ticket, 4409 taken
-over, 4503 full/loading/draining, 4400 malformed (after a text error), 1011 model failed.
-
-Each stream is a coroutine. The frames that arrive in one turn of the loop are processed
+"""The node's server: audio streams on `/ws?ticket=T` (docs/protocol.md), `/healthz`, and
+the control plane's signed orders on `/control`, all on one asyncio loop (the `websockets`
+library) in one thread. Each stream is a coroutine. The frames that arrive in one turn of the loop are processed
 together in the next, through the model's batch step where it has one (what a GPU wants).
 What blocks (the agent's heartbeat when a stream opens or closes) runs in worker threads.
 """
@@ -35,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from common.errors import TicketError
+from common.jsonobj import json_object
 from common.tickets import verify, verify_control
 from common.wsclose import fit
 from worker_node import priority, protocol
@@ -151,7 +146,7 @@ class NodeServer:
             return None   # the WebSocket handshake goes on
         if path == "/healthz":
             return _json(ws, HTTPStatus.OK, self.node.snapshot())
-        if path == "/control" and self.on_order is not None:
+        if path == "/control":
             return self._control(ws, request)
         return _json(ws, HTTPStatus.NOT_FOUND, {"error": "not_found", "message":
                      f"no {path}; streams connect to /ws?ticket=T"})
@@ -164,14 +159,12 @@ class NodeServer:
             return _json(ws, HTTPStatus.FORBIDDEN, {"error": "forbidden",
                                                     "message": "bad or missing signature"})
         try:
-            order = json.loads(body)
-            if not isinstance(order, dict):
-                raise ValueError
-        except ValueError:
+            order = json_object(body.decode())
+        except ValueError as e:
             return _json(ws, HTTPStatus.BAD_REQUEST, {"error": "bad_request",
-                                                      "message": "X-Order is not a JSON object"})
-        assert self.on_order is not None
-        self.on_order(order)
+                                                      "message": f"X-Order is {e}"})
+        if self.on_order is not None:
+            self.on_order(order)
         return _json(ws, HTTPStatus.OK, {"ok": True})
 
     # ---- a stream ---------------------------------------------------------------------
