@@ -1,8 +1,9 @@
 """The node's server: audio streams on `/ws?ticket=T` (docs/protocol.md), `/healthz`, and
 the control plane's signed orders on `/control`, all on one asyncio loop (the `websockets`
-library) in one thread. Each stream is a coroutine. The frames that arrive in one turn of the loop are processed
-together in the next, through the model's batch step where it has one (what a GPU wants).
-What blocks (the agent's heartbeat when a stream opens or closes) runs in worker threads.
+library) in one thread. Each stream is a coroutine. The frames that arrive in one turn of
+the loop are processed together in the next, through the model's batch step where it has
+one (what a GPU wants). What blocks (the agent's heartbeat when a stream opens or closes)
+runs in worker threads.
 """
 
 from __future__ import annotations
