@@ -37,6 +37,8 @@ class Region:
     lon: float
     provider_region: str = ""   # the provider's own name for it (EC2: "us-west-2")
     max_nodes: int | None = None  # the provider's quota here; creating more fails over
+    beacon_url: str = ""          # answers fast from inside the region: pages time it
+    beacon_delay_ms: float = 0.0  # local runs: the webapp's /beacon/NAME answers this late
 
 
 DRIVERS_OF_OUR_OWN = ("local", "byo")
@@ -221,7 +223,10 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
                lat=float(_need(r, "lat", f"{source} region")),
                lon=float(_need(r, "lon", f"{source} region")),
                provider_region=str(r.get("provider_region", "")),
-               max_nodes=int(r["max_nodes"]) if "max_nodes" in r else None)
+               max_nodes=int(r["max_nodes"]) if "max_nodes" in r else None,
+               beacon_url=str(r.get("beacon_url", "")),
+               beacon_delay_ms=_float({"beacon_delay_ms": str(r.get("beacon_delay_ms", ""))},
+                                      "beacon_delay_ms", 0.0, 0.0, 5000.0))
         for r in doc.get("regions", [])
     )
     models = tuple(_model(m, source) for m in doc.get("models", []))

@@ -7,7 +7,7 @@ for an order of candidates, and lets one atomic Redis script claim the first wit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,9 +34,11 @@ def estimate_rtt_ms(lat: float, lon: float, region: Region) -> float:
 
 
 def rank_regions(regions: Iterable[Region], lat: float, lon: float,
-                 avoid: frozenset[str] = frozenset()) -> list[tuple[Region, float]]:
-    """Regions nearest first, with their estimated RTT; avoided regions (outage) go last."""
-    ranked = [(r, estimate_rtt_ms(lat, lon, r)) for r in regions]
+                 avoid: frozenset[str] = frozenset(),
+                 measured: Mapping[str, float] | None = None) -> list[tuple[Region, float]]:
+    """Regions nearest first, with their RTT: `measured` (the page timed the region's
+    beacon) where present, else estimated from (lat, lon); avoided regions (outage) last."""
+    ranked = [(r, (measured or {}).get(r.name, estimate_rtt_ms(lat, lon, r))) for r in regions]
     return sorted(ranked, key=lambda pair: (pair[0].name in avoid, pair[1], pair[0].name))
 
 
@@ -124,12 +126,14 @@ def candidates_for(cfg: Config, model: str, version: str, home: str,
 
 
 def home_region(cfg: Config, lat: float, lon: float, only: str | None = None,
-                avoid: frozenset[str] = frozenset()) -> Region:
+                avoid: frozenset[str] = frozenset(),
+                measured: Mapping[str, float] | None = None) -> Region:
     """The region whose queue a user at (lat, lon) waits in: the nearest one we can boot
     nodes in (own machines are used when free, but nobody can boot one for a queue), or
-    `only` when the user named a region."""
+    `only` when the user named a region. Nearest by `measured` RTT where the page timed a
+    region's beacon (see rank_regions)."""
     pool = [r for r in cfg.regions if only in (None, r.name)]
-    ranked = rank_regions(pool, lat, lon, avoid)
+    ranked = rank_regions(pool, lat, lon, avoid, measured)
     bootable = [r for r, _ in ranked if cfg.provider(r.provider).bootable]
     return bootable[0] if bootable and only is None else ranked[0][0]
 

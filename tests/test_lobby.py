@@ -50,6 +50,9 @@ def test_ready_ticket_streams_on_the_node(webapp: Webapp, fleet: Fleet) -> None:
     ("user=alice&model=miku&region=mars", "bad_request", "unknown region"),
     ("user=alice&model=miku&lat=95&lon=0", "bad_request", "out of range"),
     ("user=alice&model=miku&lat=x&lon=0", "bad_request", "not a number"),
+    ("user=alice&model=miku&lat=0&lon=0&rtt=mars:5", "bad_request", "REGION:MS"),
+    ("user=alice&model=miku&lat=0&lon=0&rtt=us-west:-1", "bad_request", "0-10000 ms"),
+    ("user=alice&model=miku&lat=0&lon=0&rtt=us-west:fast", "bad_request", "known region"),
 ])
 def test_bad_lobby_requests_get_clear_errors(webapp: Webapp, query: str, code: str,
                                              needle: str) -> None:
@@ -142,3 +145,18 @@ def test_node_that_stops_heartbeating_is_not_placed(webapp: Webapp, fleet: Fleet
     assert json.loads(ws.receive(timeout=5))["type"] == "queued"
     assert ws.receive(timeout=1.0) is None      # waits; never handed to the dead node
     ws.close()
+
+
+def test_measured_round_trips_beat_the_guess_from_lat_lon(webapp: Webapp, fleet: Fleet) -> None:
+    """A user the time zone puts near San Francisco whose page timed us-east's beacon at
+    20 ms and us-west's at 90 ms is placed in us-east, and `ready` says the 20 ms it
+    placed by; without measurements the guess places them in us-west."""
+    west = fleet.start("miku", region="us-west", wait=False)
+    east = fleet.start("miku", region="us-east", wait=False)
+    fleet.wait_state(west, "ready")
+    fleet.wait_state(east, "ready")
+    sf = "model=miku&lat=37.7&lon=-122.4"
+    measured = lobby(webapp.ws_url, f"user=m&{sf}&rtt=us-west:90,us-east:20")[-1]
+    assert (measured["node_id"], measured["region"], measured["rtt_ms"]) == (east, "us-east", 20)
+    guessed = lobby(webapp.ws_url, f"user=g&{sf}")[-1]
+    assert (guessed["node_id"], guessed["region"]) == (west, "us-west")

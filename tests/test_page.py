@@ -474,3 +474,41 @@ def test_the_page_leaves_a_node_that_stopped_answering(browser: Browser, webapp,
     assert answers[second][0] - silent_from < 6.0   # playing again before the hang ended
     assert first not in second
     page.context.close()
+
+
+def test_the_page_places_by_the_round_trips_it_measured(browser: Browser, cfg, state,
+                                                        tmp_path: Path) -> None:  # noqa: ANN001
+    """Each region's beacon answers late to play geography (us-east 2 ms, the others
+    150 ms): the page times them within a second of loading, sends them with its lobby
+    request, and streams from us-east, though its time zone guesses it elsewhere."""
+    from dataclasses import replace
+
+    from conftest import Fleet, serve
+
+    from voicectl import procs
+    from webapp.app import create_app
+
+    regions = tuple(replace(r, beacon_delay_ms=2.0 if r.name == "us-east" else 150.0)
+                    for r in cfg.regions)
+    cfg = cfg.with_overrides(regions=regions)
+    host, server = serve(create_app(cfg, state))
+    fleet = Fleet(cfg, state, tmp_path, f"http://{host}")
+    try:
+        east = fleet.start("miku", "us-east")
+        fleet.start("miku", "us-west")
+        page = open_page(browser, f"http://{host}")
+        wait_until(page, lambda: len(page.evaluate("window.voiceState.rtts")) == len(regions),
+                   "every region's beacon to be timed")
+        rtts = page.evaluate("window.voiceState.rtts")
+        assert rtts["us-east"] + 10 < min(v for k, v in rtts.items() if k != "us-east"), rtts
+        nodes: list[str] = []
+        page.on("websocket", lambda ws: nodes.append(ws.url) if "ticket=" in ws.url else None)
+        page.select_option("#model", "miku")
+        page.click("#start")
+        expect(page.locator("body")).to_have_attribute("data-state", "streaming",
+                                                       timeout=15_000)
+        assert nodes and nodes[0].startswith(fleet.url(east)), (nodes, fleet.url(east))
+        page.context.close()
+    finally:
+        procs.stop(fleet.procs)
+        server.shutdown()

@@ -7,8 +7,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from common.config import Config, Model, Provider, Region
+from common.config import Config, Model, Provider, Region, load_config
+from provisioner.placement import home_region
 from provisioner.policy import (
     Decisions,
     NodeSnap,
@@ -37,6 +40,7 @@ CFG = ScalingConfig(
 )
 
 
+DEFAULT = load_config(environ={})   # the shipped regions (common/default.toml)
 FIT_ONLY = replace(CFG, stop_margin_slots=0)   # consolidation: whether users fit, alone
 
 def key(model: str = "miku", region: str = "west", version: str = "1") -> PoolKey:
@@ -414,3 +418,17 @@ def test_consolidation_empties_an_hour_billed_node_only_near_the_end_of_its_hour
     b = node("b", region="east", sessions=2, age_s=100_000 + 3590)   # mid-hour, fuller
     d = decide(snap(a, b, pools=(demand(key(region="east")),)), NOW, FIT_ONLY)
     assert d.drain == drained
+
+
+@given(st.dictionaries(st.sampled_from(sorted(r.name for r in DEFAULT.regions)),
+                       st.floats(0.0, 2000.0), min_size=1),
+       st.floats(-60.0, 60.0), st.floats(-180.0, 180.0))
+def test_measured_placement_picks_the_lowest_round_trip_when_it_is_clearly_lowest(
+        measured: dict[str, float], lat: float, lon: float) -> None:
+    """Wherever the user's guessed place is, the region whose measured round trip is more
+    than 10 ms below every other region's is the one placed in (regions the page could
+    not time count as far away here: 5 s)."""
+    everyone = {r.name: measured.get(r.name, 5000.0) for r in DEFAULT.regions}
+    best = min(everyone, key=everyone.__getitem__)
+    if all(v - everyone[best] > 10.0 for k, v in everyone.items() if k != best):
+        assert home_region(DEFAULT, lat, lon, measured=everyone).name == best

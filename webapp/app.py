@@ -128,7 +128,21 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
     def regions() -> Response:
         down = state.regions_down(time.time())
         return jsonify([{"name": r.name, "provider": r.provider, "lat": r.lat, "lon": r.lon,
-                         "state": "down" if r.name in down else "up"} for r in cfg.regions])
+                         "state": "down" if r.name in down else "up",
+                         "beacon_url": r.beacon_url or (
+                             f"/beacon/{r.name}" if r.beacon_delay_ms else None)}
+                        for r in cfg.regions])
+
+    @app.get("/beacon/<name>")
+    def beacon(name: str) -> Response:
+        """A region's beacon as a local run plays geography: it answers `beacon_delay_ms`
+        late (a deployment's beacons are `beacon_url`s inside each region)."""
+        region = cfg.region(name)
+        if region is None or not region.beacon_delay_ms:
+            return Response(f"no beacon for region {name[:64]!r} here", 404)
+        time.sleep(region.beacon_delay_ms / 1000)   # a greenlet's sleep under gevent
+        return Response(status=204, headers={"Cache-Control": "no-store",
+                                             "Access-Control-Allow-Origin": "*"})
 
     @app.get("/api/cluster")
     def cluster() -> Response:

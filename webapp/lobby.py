@@ -97,7 +97,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     moving = _planned_move(state, lost_node, previous, now)
     # a recall follows its region's recovery by milliseconds: read outages fresh for a move
     down = state.regions_down(now) if moving else view.down
-    home = home_region(cfg, req.lat, req.lon, only=req.region, avoid=down)
+    home = home_region(cfg, req.lat, req.lon, only=req.region, avoid=down, measured=req.rtts)
     if lost_node and not moving:   # the client lost it: its slots stop counting as room
         state.report_lost(lost_node, now)
     pool = pool_id(model.model, model.version, home.name)
@@ -216,7 +216,7 @@ def _leave_down_region(state: State, cfg: Config, req: LobbyRequest, waiter: Wai
     given meanwhile."""
     if req.region is not None or home.name not in down:
         return home
-    to = home_region(cfg, req.lat, req.lon, avoid=down)
+    to = home_region(cfg, req.lat, req.lon, avoid=down, measured=req.rtts)
     pool = pool_id(waiter.model.model, waiter.model.version, to.name)
     if to.name in down or not state.move_waiting(waiter.session_id, waiter.pool, pool):
         return home
@@ -322,7 +322,7 @@ def _ready(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-
     serves again (a node within the budget is where placement may put anyone)."""
     # the lock now waits for the node's stream to take it: a ticket's life, not a lobby's
     state.refresh_locks(node.id, [(req.user, session_id, fence)], cfg.ticket_ttl_s)
-    nearest = home_region(cfg, req.lat, req.lon)
+    nearest = home_region(cfg, req.lat, req.lon, measured=req.rtts)
     away = (req.region is None and nearest.name in down
             and node.region not in near_regions(cfg, nearest.name))
     state.save_session(session_id, {"user": req.user, "model": node.model,
@@ -334,7 +334,7 @@ def _ready(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-
                          version=node.version, fence=fence, exp=now + cfg.ticket_ttl_s),
                   node_key(cfg.ticket_secret, node.id))
     region = cfg.region(node.region)
-    rtt = rank_regions([region], req.lat, req.lon)[0][1] if region else 0.0
+    rtt = rank_regions([region], req.lat, req.lon, measured=req.rtts)[0][1] if region else 0.0
     send(ws, type="ready", session_id=session_id, node_url=node.url, ticket=ticket,
          region=node.region, node_id=node.id, rtt_ms=round(rtt, 1), version=node.version,
          **({"note": note} if note else {}))

@@ -29,15 +29,16 @@ def region_down(cfg: Config, req: LobbyRequest, home: str, down: frozenset[str])
         if req.region not in down:
             return None
         others = [f"{r.name} ({rtt:.0f} ms)"
-                  for r, rtt in rank_regions(cfg.regions, req.lat, req.lon) if r.name not in down]
+                  for r, rtt in rank_regions(cfg.regions, req.lat, req.lon, measured=req.rtts)
+                  if r.name not in down]
         return (f"region {req.region} is down (an outage): you keep your place and get a node "
                 "there when it recovers" + (f"; or leave and choose another region: "
                                             f"{', '.join(others[:3])}" if others else ""))
-    nearest = home_region(cfg, req.lat, req.lon)
+    nearest = home_region(cfg, req.lat, req.lon, measured=req.rtts)
     region = cfg.region(home)
     if nearest.name not in down or nearest.name == home or region is None:
         return None
-    rtt = rank_regions([region], req.lat, req.lon)[0][1]
+    rtt = rank_regions([region], req.lat, req.lon, measured=req.rtts)[0][1]
     return (f"region {nearest.name} is down (an outage): you are placed in {home} instead, "
             f"about {rtt:.0f} ms away")
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -13,6 +14,7 @@ from common.errors import IdentityError
 from common.identity import COOKIE, Identity, identify
 
 USER_RE = NAME_RE   # user ids, session ids: the names of the whole system
+MAX_RTTS, MAX_RTT_MS = 64, 10_000.0   # a measured round trip per region, at most
 
 
 class BadRequest(Exception):
@@ -33,6 +35,7 @@ class LobbyRequest:
     resume: str | None
     takeover: bool
     scales: bool = True       # waiting counts as demand the autoscaler boots nodes for
+    rtts: Mapping[str, float] = field(default_factory=dict)   # region -> ms the page timed
 
 
 def parse_user(args: Mapping[str, str], cookies: Mapping[str, str], cfg: Config,
@@ -83,7 +86,25 @@ def parse_lobby(args: Mapping[str, str], cookies: Mapping[str, str],
         raise BadRequest(f"resume={resume[:64]!r} is not a session id")
     takeover = args.get("takeover", "") in ("1", "true", "yes")
     return LobbyRequest(who.user, name, lat, lon, region_name, resume, takeover,
-                        scales=who.scales(cfg))
+                        scales=who.scales(cfg), rtts=_rtts(args.get("rtt", ""), cfg))
+
+
+def _rtts(raw: str, cfg: Config) -> dict[str, float]:
+    """`?rtt=us-west:23.5,us-east:81`: the round trips (ms) the page timed to each region's
+    beacon; placement prefers them to the estimate from lat/lon."""
+    out: dict[str, float] = {}
+    for item in filter(None, raw.split(",")[:MAX_RTTS + 1]):
+        name, _, ms = item.partition(":")
+        try:
+            value = float(ms)
+        except ValueError:
+            value = math.nan
+        if cfg.region(name) is None or not 0.0 <= value <= MAX_RTT_MS or len(out) == MAX_RTTS:
+            raise BadRequest(f"rtt item {item[:60]!r} is not REGION:MS for a known region and "
+                             f"0-{MAX_RTT_MS:.0f} ms; send rtt=us-west:23.5,us-east:81 (at "
+                             f"most {MAX_RTTS}) or leave it out")
+        out[name] = value
+    return out
 
 
 def check_origin(origin: str | None, host_url: str, cfg: Config) -> None:

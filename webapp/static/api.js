@@ -2,6 +2,7 @@
 // The server names the user: the uid cookie it set when it served this page (HttpOnly,
 // signed), or a user token an integration put in the page's URL (?token=T), passed on.
 import { state } from "./state.js";
+import { measureRegions } from "./beacons.js";
 import { setButtons, setStatus, ui } from "./ui.js";
 
 export const userToken = new URLSearchParams(location.search).get("token");
@@ -48,9 +49,11 @@ export async function loadModels() {
 
 export async function loadRegions() {
   try {
-    for (const r of await getJson("/api/regions")) {
+    const regions = await getJson("/api/regions");
+    for (const r of regions) {
       ui.region.add(new Option(`${r.name} (${r.provider})`, r.name));
     }
+    measureRegions(regions);
   } catch (err) {
     /* keep "Nearest (auto)" only */
   }

@@ -5,6 +5,7 @@
 //   state.js   the one state object and the tunables
 //   ui.js      elements, status, buttons, boot bar, scopes, latency read-out
 //   api.js     identity (the server's) and the JSON API (voices, regions, minutes used)
+//   beacons.js each region's round trip, measured (the lobby places by it)
 //   audio.js   the audio graph (capture and playback worklets)
 //   lobby.js   the lobby socket;  node.js  the node socket, frames and resuming
 //   latency.js every term of the mouth-to-ear latency, measured

@@ -1,5 +1,6 @@
 // The lobby socket (/ws/session): queued -> booting -> ready, or an error.
 import { state } from "./state.js";
+import { rttParam } from "./beacons.js";
 import { userToken } from "./api.js";
 import { connectNode, nodeLost } from "./node.js";
 import { hideBoot, setStatus, showBoot, ui } from "./ui.js";
@@ -19,6 +20,7 @@ function lobbyUrl({ takeover, resume }) {
     const loc = guessLocation();
     q.set("lat", loc.lat);
     q.set("lon", loc.lon);
+    if (rttParam()) q.set("rtt", rttParam()); // measured: placement prefers it
   }
   if (resume) q.set("resume", resume);
   if (takeover) q.set("takeover", "1");

@@ -27,6 +27,7 @@ export async function start(takeover = false) {
   if (mine !== state.attempt || !state.active) return closeAudio(opened); // Stop pressed meanwhile
   state.audio = opened;
   await state.nodeClosing; // let a just-stopped stream release the single-stream lock
+  await state.rttsReady; // the regions' beacons, measured within a second of page load
   if (mine === state.attempt && state.active) openLobby({ takeover }, { fail });
 }
 

@@ -48,6 +48,8 @@ export const state = {
   lastNodeError: "",
   // Measured latency terms (ms), null until measured; see latency.js.
   latency: null,
+  rtts: {}, // region -> round trip (ms) to its beacon, as measured (beacons.js)
+  rttsReady: Promise.resolve(), // settles once the beacons are measured (within 1 s)
 };
 
 window.voiceState = state;
