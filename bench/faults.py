@@ -13,12 +13,8 @@ does (a 1.5 s no-audio watchdog, resume with backoff, make-before-break moves).
 1. The main stack: embedded Redis; billing in PostgreSQL (a database of its own on the
    machine's server, --pg-url) reached through a TCP proxy of ours that can hang (accept
    connections, forward nothing either way, then go on: a database that stops answering).
-   The faults, in this order:
-   - `cold_user_s_baseline`: a cold user (kaito in eu-west, no node there): lobby opened to
-     `ready`, with everything healthy.
-   - `worker_killed_cold_user_s`: a cold user (robot in us-west); the provisioning Celery
-     worker (with its beat) is SIGKILLed as soon as the node for it is recorded
-     `requested`; `voicectl run` restarts it. Lobby to `ready`.
+   A cold user below is a user of a model in a local region where no node of that model
+   is (`cold_pool`): lobby opened to `ready`. The faults, in this order:
    - `webapp_killed_waiting_resume_s`: a user waits in a region whose quota is 0
      (`nowhere`); the gunicorn worker holding that lobby's socket is SIGKILLed; the user
      resumes as the page does (1 s after the lobby closed, `resume=` the session id of its
@@ -30,17 +26,25 @@ does (a 1.5 s no-audio watchdog, resume with backoff, make-before-break moves).
    - Then 4 users stream on miku in us-west and 4 on teto in us-east, each model's live
      version a pass-through package pushed for the bench whose model call a file turns
      slow or stalled, one node at a time (its pid names the file).
-   - `db_hung_cold_user_s`: the database hangs for --db-hang-s (90 s); 3 s in, a cold user
-     arrives (kaito in ap-northeast): lobby to `ready`.
-   - `slow_node_moved_s`: the busiest teto node's model then answers 50-100 ms late (each
-     processing turn waits U(50, 100) ms, then 20 ms of work: a client's round trip p95
-     about 90 ms, `slow_node_rtt_ms_p95`); per user on it, from then until its stream
-     moved (make-before-break done) or resumed elsewhere; the worst.
+   - `cold_user_s_baseline`: a cold user, everything healthy, just before:
+   - `db_hung_cold_user_s`: the database hangs for --db-hang-s (90 s); 3 s in (/healthz
+     then says so: `db_hung_healthz`), a cold user arrives.
+   - `slow_node_moved_s`: the busiest teto node's model then answers 50-100 ms late: each
+     processing turn, at most once per 20 ms of work, first waits U(50, 100) ms, so an
+     answer is 0-100 ms late (a client's round trip p95 about 80 ms, `slow_node_rtt_ms_p95`;
+     the node could keep up); per user on it, from then until its stream moved
+     (make-before-break done) or resumed elsewhere; the worst. `slow_node_drained_s`: until
+     the control plane marked it suspect; `slow_node_move_notices`: the `move` notices and
+     what came of them.
    - `model_stall_gap_s`: at second 45-50 of a minute, the busiest miku node's model call
      blocks 25 s (its heartbeats go on, the stall crosses the minute); per user on it, the
      longest time between two answers (any node); the worst.
    The stall and the slow node happen while the database still hangs (it matters only to
    billing, which must come out right when it is back); the cold user is measured first.
+   - `worker_killed_cold_user_s` (last: when the kill catches the scale lease, boots stop
+     for its TTL): a cold user; the provisioning Celery worker (with its beat) is SIGKILLed
+     as soon as the node for it is recorded `requested` (`worker_killed_holding_scale_lease`
+     says whether the dead worker held the autoscaler's lease); `voicectl run` restarts it.
 2. The Sentinel stack: Redis as a primary, a replica and three sentinels (tests/sentinels.py:
    Debian's redis-server and redis-sentinel, down-after 1 s), REDIS_URL=sentinel://...,
    SQLite billing; 4 users stream on miku in us-west; the primary is SIGKILLed.
@@ -79,6 +83,7 @@ import websockets.sync.client
 
 from common.config import load_config
 from provisioner.state import State, connect
+from provisioner.state.keys import flight_key
 from voicectl import procs
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -254,7 +259,7 @@ class HangingProxy:
                     break
                 self.flowing.wait()
                 dst.sendall(data)
-        except OSError:
+        except (OSError, ValueError):   # ValueError: the other direction closed it
             pass
         for s in (src, dst):
             with suppress(OSError):
@@ -322,10 +327,22 @@ def since_lobby(u: User) -> float | None:
             if u.first_ready is not None and u.first_lobby is not None else None)
 
 
-def cold_user(loop: Loop, stack: FaultStack, user: str, query: str,
-              timeout_s: float = 60.0) -> User:
+def cold_pool(stack: FaultStack) -> tuple[str, str]:
+    """A model and a local region with no node of that model there (none booting either):
+    a user there needs a boot. Earlier users' warm buffers are elsewhere."""
+    nodes = stack.state.nodes()
+    for model in ("kaito", "robot", "miku", "teto"):
+        for region in ("eu-west", "ap-northeast", "us-west", "us-east"):
+            if not any(n.model == model and region in (n.region, n.home) for n in nodes):
+                return model, region
+    raise RuntimeError("every model has a node in every region: no cold pool left")
+
+
+def cold_user(loop: Loop, stack: FaultStack, user: str, timeout_s: float = 60.0) -> User:
     """A user who needs a boot: opened to ready (and 2 s of streaming, to be billed)."""
-    u = loop.start(User(stack.ws_url, user, query))
+    model, region = cold_pool(stack)
+    log(f"a cold user ({model} in {region}) ...")
+    u = loop.start(User(stack.ws_url, user, f"model={model}&region={region}"))
     wait(lambda: u.first_answer, timeout_s, 0.02)
     time.sleep(2.0)
     u.stop()
@@ -353,27 +370,36 @@ def pct(xs: list[float], q: float) -> float | None:
 
 # --- the faults -------------------------------------------------------------------------
 
-def worker_killed(loop: Loop, stack: FaultStack, tag: str) -> tuple[dict[str, Any], User]:
-    log("worker killed: a cold user (robot, us-west); kill -9 the provisioning worker as "
-        "soon as its node is requested ...")
+def worker_killed(loop: Loop, stack: FaultStack, tag: str,
+                  timeout_s: float = 100.0) -> tuple[dict[str, Any], User]:
+    model, region = cold_pool(stack)
+    log(f"worker killed: a cold user ({model} in {region}); kill -9 the provisioning worker "
+        "as soon as its node is requested ...")
     known = {n.id for n in stack.state.nodes()}
-    u = loop.start(User(stack.ws_url, f"faults-{tag}-worker", "model=robot&region=us-west"))
+    u = loop.start(User(stack.ws_url, f"faults-{tag}-worker", f"model={model}&region={region}"))
     node = wait(lambda: next((n for n in stack.state.nodes()
-                              if n.id not in known and n.model == "robot"), None), 30, 0.003)
+                              if n.id not in known and n.model == model
+                              and region in (n.region, n.home)), None), 30, 0.003)
     worker = stack.child("provision@")
     out: dict[str, Any] = {}
     if node is None or worker is None:
         out["worker_killed_cold_user_s_note"] = ("no node was requested for the cold user"
                                                  if node is None else "no provisioning worker")
     else:
+        lease = bool(stack.state.r.exists(flight_key("scale")))
         worker.kill()
         out["worker_killed_node_state_at_kill"] = node.state.value
+        out["worker_killed_holding_scale_lease"] = lease
         log(f"killed the provisioning worker (pid {worker.pid}) with node {node.id} "
-            f"{node.state.value}")
-    wait(lambda: u.first_answer, 60, 0.02)
-    time.sleep(2.0)
+            f"{node.state.value}{' and the scale lease held' if lease else ''}")
+    if wait(lambda: u.first_answer, timeout_s, 0.02):
+        time.sleep(2.0)
     u.stop()
     out["worker_killed_cold_user_s"] = since_lobby(u)
+    if u.first_ready is None:
+        out["worker_killed_cold_user_s_note"] = (
+            f"not ready {timeout_s:g} s after the kill; told: "
+            + ", ".join(sorted({m.get("note", m["type"])[:100] for _, m in u.queued})))
     return out, u
 
 
@@ -490,20 +516,25 @@ def slow_node(stack: FaultStack, users: list[User], trigger: Path) -> dict[str, 
                 return after[0] - t0 if after and u.node != node else None
         return None
 
-    wait(lambda: all(moved(u) is not None for u in on), 25.0, 0.1)
+    suspect = wait(lambda: (r := stack.state.node(node)) is not None and r.suspect, 25, 0.05)
+    detected = time.monotonic() - t0 if suspect else None
+    wait(lambda: all(moved(u) is not None for u in on), max(5.0, t0 + 25.0 - time.monotonic()),
+         0.1)
     times = [moved(u) for u in on]
     rtts = [r * 1000 for u in on for t, n, r in u.rtt if n == node and t > t0 + 0.5]
-    rec = stack.state.node(node)
     out = {"slow_node_moved_s": (round(max(t for t in times if t is not None), 3)
                                  if times and all(t is not None for t in times) else None),
            "slow_node_users": len(on),
            "slow_node_users_moved": sum(t is not None for t in times),
-           "slow_node_move_notice_s": [round(m["notice"] - t0, 3) for u in on
-                                       for m in u.moves if m["from"] == node],
+           "slow_node_move_notices": [f"{n['t'] - t0:.2f} s: {n['outcome']}" for u in on
+                                      for n in u.notices if n["from"] == node],
+           "slow_node_left_by": [d["why"] for u in on for d in u.drops
+                                 if d["node"] == node and d["t"] >= t0],
            "slow_node_moves_make_before_break": sum(
                any(m["from"] == node and m.get("done") for m in u.moves) for u in on),
            "slow_node_rtt_ms_p50": pct(rtts, 50), "slow_node_rtt_ms_p95": pct(rtts, 95),
-           "slow_node_suspect": rec.suspect if rec else "(gone)"}
+           "slow_node_drained_s": round(detected, 3) if detected is not None else None,
+           "slow_node_suspect": suspect or ""}
     if out["slow_node_moved_s"] is None:
         out["slow_node_moved_s_note"] = (f"{out['slow_node_users_moved']} of {len(on)} users "
                                          "left the slow node within 25 s")
@@ -575,11 +606,6 @@ def main_stack(loop: Loop, args: argparse.Namespace, tag: str, tmp: Path
         out["faulty_versions"] = {m: push_faulty(stack, m, trigger) for m in ("miku", "teto")}
 
         time.sleep(5.0)   # the Celery workers start after the webapp listens
-        got, u = worker_killed(loop, stack, tag)
-        out.update(got)
-        users.append(u)
-        log(f"worker killed: cold user ready in {out['worker_killed_cold_user_s']} s")
-
         out.update(webapp_killed(stack, tag))
 
         got, skewed, byo = clock_skew(loop, stack, tag)
@@ -597,8 +623,8 @@ def main_stack(loop: Loop, args: argparse.Namespace, tag: str, tmp: Path
         users += stall_users + slow_users
         streaming(stall_users + slow_users)
         time.sleep(5.0)   # the warm buffer boots
-        log("baseline: a cold user (kaito, eu-west) with the database healthy ...")
-        u = cold_user(loop, stack, f"faults-{tag}-cold", "model=kaito&region=eu-west")
+        log("baseline: a cold user with the database healthy ...")
+        u = cold_user(loop, stack, f"faults-{tag}-cold")
         users.append(u)
         out["cold_user_s_baseline"] = since_lobby(u)
         log(f"baseline cold user: ready in {out['cold_user_s_baseline']} s")
@@ -610,8 +636,8 @@ def main_stack(loop: Loop, args: argparse.Namespace, tag: str, tmp: Path
             log(f"the database hangs for {args.db_hang_s:g} s ...")
             time.sleep(3.0)
             out["db_hung_healthz"] = healthz(stack)
-            log("a cold user (kaito, ap-northeast) arrives while the database hangs ...")
-            u = cold_user(loop, stack, f"faults-{tag}-dbcold", "model=kaito&region=ap-northeast")
+            log("a cold user arrives while the database hangs ...")
+            u = cold_user(loop, stack, f"faults-{tag}-dbcold")
             users.append(u)
             out["db_hung_cold_user_s"] = since_lobby(u)
             out["db_hung_s"] = args.db_hang_s
@@ -627,6 +653,11 @@ def main_stack(loop: Loop, args: argparse.Namespace, tag: str, tmp: Path
             time.sleep(max(0.0, hang_end - time.monotonic()))
             proxy.flowing.set()
             log("the database answers again")
+        # last: a kill that catches the scale lease stops boots in its region for minutes
+        got, u = worker_killed(loop, stack, tag)
+        out.update(got)
+        users.append(u)
+        log(f"worker killed: cold user ready in {out['worker_killed_cold_user_s']} s")
         log("waiting for settlement ...")
         time.sleep(4.0)   # the last beats of closed streams
         billed = settle(direct_db, [u.user for u in users], timeout_s=60.0)

@@ -22,6 +22,7 @@ import json
 import threading
 import time
 from collections import Counter, deque
+from contextlib import suppress
 from typing import Any
 
 import numpy as np
@@ -78,6 +79,8 @@ class User:
         self.first_ready: float | None = None
         self.first_answer: float | None = None
         self.queued: list[tuple[float, dict[str, Any]]] = []
+        self.notices: list[dict[str, Any]] = []   # every `move`: when, from, what came of it
+        self._next: dict[str, Any] | None = None  # a move's `ready` that came after the close
 
     # --- what the bench reads -------------------------------------------------------
 
@@ -89,9 +92,14 @@ class User:
         return float(np.diff(ts).max()) if len(ts) > 1 else 0.0
 
     def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop streaming (`stop`, the node's last answers); a user still waiting in the
+        lobby leaves it."""
         self.stopping = True
         if self.future is not None:
-            self.future.result(timeout_s)
+            try:
+                self.future.result(timeout_s)
+            except (TimeoutError, asyncio.CancelledError):
+                self.future.cancel()
 
     # --- the page ---------------------------------------------------------------------
 
@@ -115,7 +123,7 @@ class User:
             asked = self.session
             self.first_lobby = self.first_lobby or time.monotonic()
             try:
-                msg = await self.lobby(asked)
+                msg, self._next = self._next or await self.lobby(asked), None
             except (OSError, ConnectionError, TimeoutError, websockets.WebSocketException) as e:
                 self.lobby_errors[f"lobby {type(e).__name__}"] += 1
                 if self.session:      # node.js nodeLost: rejoin the session we hold
@@ -149,6 +157,8 @@ class User:
             if why == "end":
                 return
             self.drops.append({"t": time.monotonic(), "why": why, "node": msg["node_id"]})
+            if self._next is not None:
+                continue      # the move's new node: no backoff
             if time.monotonic() - began > STABLE_S:
                 retries = 0
             retries += 1
@@ -181,7 +191,8 @@ class User:
                 if conn.owed:
                     self.rtt.append((now, conn.node, now - conn.owed.popleft()))
             elif json.loads(msg).get("type") == "move" and not moving and conn.node == self.node:
-                moving.append({"notice": now, "from": conn.node,
+                self.notices.append({"t": now, "from": conn.node, "outcome": "pending"})
+                moving.append({"notice": now, "from": conn.node, "record": self.notices[-1],
                                "lobby": asyncio.create_task(self.lobby(self.session))})
 
     async def stream(self, ready: dict[str, Any]) -> str:
@@ -212,12 +223,15 @@ class User:
                     new = None
                     try:
                         got = move["lobby"].result()
+                        move["record"]["outcome"] = f"lobby {got.get('code', got['type'])}"
                         if got["type"] == "ready":
                             new = await self._open(got)
                     except (OSError, ConnectionError, TimeoutError, ValueError,
-                            websockets.WebSocketException):
+                            websockets.WebSocketException) as e:
+                        move["record"]["outcome"] = f"failed: {type(e).__name__}"
                         new = None
                     if new is not None:    # make-before-break: both until the new answers
+                        move["record"]["outcome"] = "moved"
                         old = (cur, reader)
                         cur, self.node = new, new.node
                         reader = asyncio.create_task(self._read(cur, moving))
@@ -235,6 +249,15 @@ class User:
                     return "no audio for 1.5 s"
                 next_t = max(next_t + FRAME_S, time.monotonic() - 0.2)
                 await asyncio.sleep(max(0.0, next_t - time.monotonic()))
+            if reader.done() and moving:
+                # node.js: closed before the new node was ready; the move's lobby goes on
+                move = moving.pop()
+                move["record"]["outcome"] = "old stream closed first"
+                with suppress(OSError, ConnectionError, TimeoutError,
+                              websockets.WebSocketException):
+                    got = await asyncio.wait_for(move["lobby"], 60)
+                    if got["type"] == "ready":
+                        self._next = got
             if reader.done():
                 code = cur.ws.close_code
                 self.closes[str(code)] += 1

@@ -124,7 +124,7 @@ def test_api_endpoints(webapp: Webapp, fleet: Fleet) -> None:
     status, regions, _ = get(webapp.base_url + "/api/regions")
     assert status == 200 and regions[0] == {"name": "us-west", "provider": "local",
                                             "lat": 37.8, "lon": -122.4,
-                                            "state": "up"}
+                                            "state": "up", "beacon_url": None}
     status, cluster, _ = get(webapp.base_url + "/api/cluster")
     node = cluster["nodes"][0]
     assert {"id", "provider", "region", "model", "version", "state", "sessions", "capacity",
