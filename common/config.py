@@ -1,8 +1,5 @@
-"""The one configuration object, built once at start-up from the environment and a TOML file.
-
-Nothing else reads the environment: processes call `load_config()` once and pass the
-result down; tests build `Config` directly or with `load_config(environ={...})`.
-"""
+"""The one configuration object, built once at start-up from the environment and a TOML file:
+nothing else reads the environment (tests build `Config`, or `load_config(environ={...})`)."""
 
 from __future__ import annotations
 
@@ -225,8 +222,7 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
                provider_region=str(r.get("provider_region", "")),
                max_nodes=int(r["max_nodes"]) if "max_nodes" in r else None,
                beacon_url=str(r.get("beacon_url", "")),
-               beacon_delay_ms=_float({"beacon_delay_ms": str(r.get("beacon_delay_ms", ""))},
-                                      "beacon_delay_ms", 0.0, 0.0, 5000.0))
+               beacon_delay_ms=min(5000.0, max(0.0, float(r.get("beacon_delay_ms", 0.0)))))
         for r in doc.get("regions", [])
     )
     models = tuple(_model(m, source) for m in doc.get("models", []))
@@ -254,9 +250,8 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
     for name in [m.name for m in models] + [r.name for r in regions]:
         if not NAME_RE.match(name):
             raise ConfigError(f"name {name!r} in {source} must be 1-64 of [A-Za-z0-9_.-]")
-    known_settings = {f for f in Config.__dataclass_fields__} - {"regions", "providers", "models",
-                                                                  "deployed"}
-    unknown = set(settings) - known_settings
+    unknown = set(settings) - set(Config.__dataclass_fields__) - {"regions", "providers",
+                                                                   "models", "deployed"}
     if unknown:
         raise ConfigError(f"unknown [settings] keys {sorted(unknown)} in {source}")
     flag = settings.get("anonymous_demand_scales", True)
