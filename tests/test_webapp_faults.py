@@ -78,24 +78,40 @@ def test_a_lost_provision_is_sent_again_within_seconds(control_plane) -> None:  
     assert [vm["name"] for vm in cp.state.vms()].count(node_id) == 1
 
 
-STALLING = '''
+SLEEPY = '''
 import time
 
-class Stalls:
+
+class Sleepy:
+    """Call `after` sleeps `sleep_s` (a GPU call that hangs), or with `every` so does each
+    call after it (a slow GPU): the process and its heartbeats live on meanwhile."""
     latency_samples = 0
 
-    def __init__(self):
+    def __init__(self, params):
+        self.after, self.sleep_s, self.every = params["after"], params["sleep_s"], params["every"]
         self.calls = 0
 
     def process(self, frames):
         self.calls += 1
-        if self.calls == 10:
-            time.sleep(4.0)   # a GPU call that hangs, while the process and heartbeats live
+        if self.calls == self.after or (self.every and self.calls > self.after):
+            time.sleep(self.sleep_s)
         return frames
 
+
 def make(sample_rate, params, files):
-    return Stalls()
+    return Sleepy(params)
 '''
+
+
+def sleepy_package(tmp: Path, after: int, sleep_s: float, every: bool) -> Path:
+    """A version of miku whose model sleeps (see SLEEPY)."""
+    pkg = tmp / "sleepy"
+    pkg.mkdir()
+    (pkg / "model.toml").write_text(f'name = "miku"\nentry = "sleepy:make"\n\n[params]\n'
+                                    f"after = {after}\nsleep_s = {sleep_s}\n"
+                                    f"every = {str(every).lower()}\n")
+    (pkg / "sleepy.py").write_text(SLEEPY)
+    return pkg
 
 
 def test_a_stalled_model_is_seen_and_its_node_drained(fleet, tmp_path: Path) -> None:  # noqa: ANN001
@@ -106,10 +122,7 @@ def test_a_stalled_model_is_seen_and_its_node_drained(fleet, tmp_path: Path) -> 
     from conftest import push_version
     from test_node import open_stream, ticket
 
-    pkg = tmp_path / "stall"
-    pkg.mkdir()
-    (pkg / "model.toml").write_text('name = "miku"\nentry = "stall:make"\n')
-    (pkg / "stall.py").write_text(STALLING)
+    pkg = sleepy_package(tmp_path, after=10, sleep_s=4.0, every=False)   # hangs 4 s
     push_version(fleet.state, fleet.cfg, "miku", package=pkg)
     node_id = fleet.start("miku")
     ws, _ = open_stream(fleet.url(node_id), ticket(node_id, user="st", version="2",
@@ -134,27 +147,6 @@ def wait_until_suspect(fleet, node_id: str):  # noqa: ANN001, ANN201
                     10, "the stalled node was never drained")
 
 
-SLOW = '''
-import time
-
-class Slow:
-    latency_samples = 0
-
-    def __init__(self):
-        self.calls = 0
-
-    def process(self, frames):
-        self.calls += 1
-        if self.calls > 60:   # after the push's check: each 20 ms frame takes 60 ms
-            time.sleep(0.06)
-        return frames
-
-
-def make(sample_rate, params, files):
-    return Slow()
-'''
-
-
 def test_a_slow_node_is_seen_and_its_users_move(fleet, tmp_path: Path) -> None:  # noqa: ANN001
     """Answers 40-60 ms late, real-time frames: the node reports how late its answers go
     out and each stream's progress in its beats; the control plane drains it as suspect
@@ -165,10 +157,7 @@ def test_a_slow_node_is_seen_and_its_users_move(fleet, tmp_path: Path) -> None: 
     from conftest import push_version
     from test_node import open_stream, ticket
 
-    pkg = tmp_path / "slow"
-    pkg.mkdir()
-    (pkg / "model.toml").write_text('name = "miku"\nentry = "slow:make"\n')
-    (pkg / "slow.py").write_text(SLOW)
+    pkg = sleepy_package(tmp_path, after=60, sleep_s=0.06, every=True)   # after the check
     push_version(fleet.state, fleet.cfg, "miku", package=pkg)
     node_id = fleet.start("miku")
     ws, _ = open_stream(fleet.url(node_id), ticket(node_id, user="sl", version="2",
