@@ -27,8 +27,9 @@ does (a 1.5 s no-audio watchdog, resume with backoff, make-before-break moves).
      version a pass-through package pushed for the bench whose model call a file turns
      slow or stalled, one node at a time (its pid names the file).
    - `cold_user_s_baseline`: a cold user, everything healthy, just before:
-   - `db_hung_cold_user_s`: the database hangs for --db-hang-s (90 s); 3 s in (/healthz
-     then says so: `db_hung_healthz`), a cold user arrives.
+   - `db_hung_cold_user_s`: the database hangs for --db-hang-s (90 s); 3 s in, a cold user
+     arrives. `db_hung_healthz`, `db_hung_api_usage`: what /healthz and /api/usage, asked
+     then, answered and how long they took.
    - `slow_node_moved_s`: the busiest teto node's model then answers 50-100 ms late: each
      processing turn, at most once per 20 ms of work, first waits U(50, 100) ms, so an
      answer is 0-100 ms late (a client's round trip p95 about 80 ms, `slow_node_rtt_ms_p95`;
@@ -44,7 +45,8 @@ does (a 1.5 s no-audio watchdog, resume with backoff, make-before-break moves).
    - `worker_killed_cold_user_s` (last: when the kill catches the scale lease, boots stop
      for its TTL): a cold user; the provisioning Celery worker (with its beat) is SIGKILLed
      as soon as the node for it is recorded `requested` (`worker_killed_holding_scale_lease`
-     says whether the dead worker held the autoscaler's lease); `voicectl run` restarts it.
+     says whether the dead worker held the autoscaler's lease; `..._region_marked_down_at_s`
+     when its region was seen marked down, as in an outage); `voicectl run` restarts it.
 2. The Sentinel stack: Redis as a primary, a replica and three sentinels (tests/sentinels.py:
    Debian's redis-server and redis-sentinel, down-after 1 s), REDIS_URL=sentinel://...,
    SQLite billing; 4 users stream on miku in us-west; the primary is SIGKILLed.
@@ -83,7 +85,7 @@ import websockets.sync.client
 
 from common.config import load_config
 from provisioner.state import State, connect
-from provisioner.state.keys import flight_key
+from provisioner.state.keys import flight_key, node_key
 from voicectl import procs
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -105,6 +107,36 @@ provider = "local"
 lat = -45.0
 lon = 170.0
 max_nodes = 0
+
+[[regions]]
+name = "cold-a"   # cold users, one each: >3000 km (60 ms) from other regions (Nairobi)
+provider = "local"
+lat = -1.3
+lon = 36.8
+
+[[regions]]
+name = "cold-b"   # Honolulu
+provider = "local"
+lat = 21.3
+lon = -157.9
+
+[[regions]]
+name = "cold-c"   # Singapore
+provider = "local"
+lat = 1.35
+lon = 103.8
+
+[[regions]]
+name = "cold-d"   # Cape Town
+provider = "local"
+lat = -33.9
+lon = 18.4
+
+[[regions]]
+name = "cold-e"   # Anchorage
+provider = "local"
+lat = 61.2
+lon = -149.9
 
 [providers.own]
 driver = "byo"
@@ -328,14 +360,20 @@ def since_lobby(u: User) -> float | None:
 
 
 def cold_pool(stack: FaultStack) -> tuple[str, str]:
-    """A model and a local region with no node of that model there (none booting either):
-    a user there needs a boot. Earlier users' warm buffers are elsewhere."""
+    """kaito in a region of the bench's own where no node is at all (none booting, none
+    idle that could be retargeted): a user there needs a boot."""
     nodes = stack.state.nodes()
-    for model in ("kaito", "robot", "miku", "teto"):
-        for region in ("eu-west", "ap-northeast", "us-west", "us-east"):
-            if not any(n.model == model and region in (n.region, n.home) for n in nodes):
-                return model, region
-    raise RuntimeError("every model has a node in every region: no cold pool left")
+    for region in ("cold-a", "cold-b", "cold-c", "cold-d", "cold-e"):
+        if not any(region in (n.region, n.home) for n in nodes):
+            return "kaito", region
+    raise RuntimeError("no cold region left")
+
+
+def booted_for(stack: FaultStack, u: User) -> bool | None:
+    """Was the node `u` was placed on requested after `u` opened the lobby (a boot)?"""
+    rec = stack.state.node(u.placed[0][1]) if u.placed else None
+    return None if rec is None or u.first_lobby_wall is None else (
+        rec.requested_at >= u.first_lobby_wall - 0.5)
 
 
 def cold_user(loop: Loop, stack: FaultStack, user: str, timeout_s: float = 60.0) -> User:
@@ -344,24 +382,32 @@ def cold_user(loop: Loop, stack: FaultStack, user: str, timeout_s: float = 60.0)
     log(f"a cold user ({model} in {region}) ...")
     u = loop.start(User(stack.ws_url, user, f"model={model}&region={region}"))
     wait(lambda: u.first_answer, timeout_s, 0.02)
+    u.booted = booted_for(stack, u)
     time.sleep(2.0)
     u.stop()
     return u
 
 
-def healthz(stack: FaultStack) -> str:
-    """What /healthz says (and how long it took): the hang is real if it says so."""
+def ask(stack: FaultStack, path: str, timeout_s: float, into: dict[str, Any], key: str
+        ) -> threading.Thread:
+    """GET `path` in a thread: `into[key]` = its status and body, and how long it took."""
     import urllib.error
     import urllib.request
-    t0 = time.monotonic()
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{stack.port}/healthz", timeout=30) as r:
-            body = r.read().decode()
-    except urllib.error.HTTPError as e:
-        body = f"{e.code} {e.read().decode()}"
-    except OSError as e:
-        body = f"{type(e).__name__}"
-    return f"{body.strip()[:160]} ({time.monotonic() - t0:.1f} s)"
+
+    def go() -> None:
+        t0 = time.monotonic()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{stack.port}{path}",
+                                        timeout=timeout_s) as r:
+                body = f"{r.status} {r.read().decode()}"
+        except urllib.error.HTTPError as e:
+            body = f"{e.code} {e.read().decode()}"
+        except OSError as e:
+            body = f"no answer ({type(e).__name__})"
+        into[key] = f"{' '.join(body.split())[:150]} ({time.monotonic() - t0:.1f} s)"
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -371,16 +417,21 @@ def pct(xs: list[float], q: float) -> float | None:
 # --- the faults -------------------------------------------------------------------------
 
 def worker_killed(loop: Loop, stack: FaultStack, tag: str,
-                  timeout_s: float = 100.0) -> tuple[dict[str, Any], User]:
+                  timeout_s: float = 130.0) -> tuple[dict[str, Any], User]:
     model, region = cold_pool(stack)
     log(f"worker killed: a cold user ({model} in {region}); kill -9 the provisioning worker "
         "as soon as its node is requested ...")
-    known = {n.id for n in stack.state.nodes()}
-    u = loop.start(User(stack.ws_url, f"faults-{tag}-worker", f"model={model}&region={region}"))
-    node = wait(lambda: next((n for n in stack.state.nodes()
-                              if n.id not in known and n.model == model
-                              and region in (n.region, n.home)), None), 30, 0.003)
     worker = stack.child("provision@")
+    known = set(stack.state.node_ids())
+    u = loop.start(User(stack.ws_url, f"faults-{tag}-worker", f"model={model}&region={region}"))
+
+    def requested() -> Any:   # cheap: new ids, then only their home
+        for node_id in set(stack.state.node_ids()) - known:
+            known.add(node_id)
+            if stack.state.r.hget(node_key(node_id), "home") == region:
+                return stack.state.node(node_id)
+        return None
+    node = wait(requested, 30, 0.002)
     out: dict[str, Any] = {}
     if node is None or worker is None:
         out["worker_killed_cold_user_s_note"] = ("no node was requested for the cold user"
@@ -392,10 +443,19 @@ def worker_killed(loop: Loop, stack: FaultStack, tag: str,
         out["worker_killed_holding_scale_lease"] = lease
         log(f"killed the provisioning worker (pid {worker.pid}) with node {node.id} "
             f"{node.state.value}{' and the scale lease held' if lease else ''}")
-    if wait(lambda: u.first_answer, timeout_s, 0.02):
+    down: list[float] = []   # when the cold user's region was seen marked down (an outage)
+
+    def served() -> bool:
+        if not down and region in stack.state.regions_down(time.time()):
+            down.append(time.monotonic() - u.first_lobby if u.first_lobby else 0.0)
+        return bool(u.first_answer)
+    if wait(served, timeout_s, 0.05):
+        out["worker_killed_user_booted_for"] = booted_for(stack, u)
         time.sleep(2.0)
+    out["worker_killed_region_marked_down_at_s"] = round(down[0], 1) if down else None
     u.stop()
     out["worker_killed_cold_user_s"] = since_lobby(u)
+    out["worker_killed_placed"] = [f"{n} in {r}" for _, n, r in u.placed][:3]
     if u.first_ready is None:
         out["worker_killed_cold_user_s_note"] = (
             f"not ready {timeout_s:g} s after the kill; told: "
@@ -627,6 +687,7 @@ def main_stack(loop: Loop, args: argparse.Namespace, tag: str, tmp: Path
         u = cold_user(loop, stack, f"faults-{tag}-cold")
         users.append(u)
         out["cold_user_s_baseline"] = since_lobby(u)
+        out["cold_user_baseline_booted_for"] = u.booted
         log(f"baseline cold user: ready in {out['cold_user_s_baseline']} s")
         hang_end = None
         if proxy is not None:
@@ -635,11 +696,14 @@ def main_stack(loop: Loop, args: argparse.Namespace, tag: str, tmp: Path
             hang_end = hung + args.db_hang_s
             log(f"the database hangs for {args.db_hang_s:g} s ...")
             time.sleep(3.0)
-            out["db_hung_healthz"] = healthz(stack)
+            asked = [ask(stack, "/healthz", args.db_hang_s + 20, out, "db_hung_healthz"),
+                     ask(stack, f"/api/usage?user=faults-{tag}-cold", args.db_hang_s + 20, out,
+                         "db_hung_api_usage")]
             log("a cold user arrives while the database hangs ...")
             u = cold_user(loop, stack, f"faults-{tag}-dbcold")
             users.append(u)
             out["db_hung_cold_user_s"] = since_lobby(u)
+            out["db_hung_cold_user_booted_for"] = u.booted
             out["db_hung_s"] = args.db_hang_s
             log(f"database hung: cold user ready in {out['db_hung_cold_user_s']} s")
         else:
@@ -653,6 +717,8 @@ def main_stack(loop: Loop, args: argparse.Namespace, tag: str, tmp: Path
             time.sleep(max(0.0, hang_end - time.monotonic()))
             proxy.flowing.set()
             log("the database answers again")
+            for t in asked:
+                t.join(25.0)
         # last: a kill that catches the scale lease stops boots in its region for minutes
         got, u = worker_killed(loop, stack, tag)
         out.update(got)

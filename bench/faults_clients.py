@@ -76,9 +76,12 @@ class User:
         self.refused_resumes = 0
         self.page_gave_up: list[str] = []  # where the page would have stopped (fatal)
         self.first_lobby: float | None = None
+        self.first_lobby_wall: float | None = None
+        self.booted: bool | None = None     # the bench's: was a node booted for it
         self.first_ready: float | None = None
         self.first_answer: float | None = None
         self.queued: list[tuple[float, dict[str, Any]]] = []
+        self.placed: list[tuple[float, str, str]] = []   # every `ready`: when, node, region
         self.notices: list[dict[str, Any]] = []   # every `move`: when, from, what came of it
         self._next: dict[str, Any] | None = None  # a move's `ready` that came after the close
 
@@ -121,7 +124,8 @@ class User:
         retries, lobby_retries = 0, 0
         while not self.stopping:
             asked = self.session
-            self.first_lobby = self.first_lobby or time.monotonic()
+            if self.first_lobby is None:
+                self.first_lobby, self.first_lobby_wall = time.monotonic(), time.time()
             try:
                 msg, self._next = self._next or await self.lobby(asked), None
             except (OSError, ConnectionError, TimeoutError, websockets.WebSocketException) as e:
@@ -149,6 +153,7 @@ class User:
             if asked and msg["session_id"] != asked:
                 self.refused_resumes += 1      # resumed as another session: lost
             self.session = msg["session_id"]
+            self.placed.append((time.monotonic(), msg["node_id"], msg["region"]))
             self.first_ready = self.first_ready or time.monotonic()
             if self.drops and "ready" not in self.drops[-1]:
                 self.drops[-1]["ready"] = time.monotonic()
