@@ -166,7 +166,9 @@ def resend_lost(state: State, cfg: Config, now: float,
     for rec in state.nodes():
         if rec.state is NodeState.REQUESTED and not rec.retired and \
                 now - max(rec.requested_at, rec.sent_at or 0.0) > RESEND_S:
-            state.set_node(rec.id, sent_at=now)
+            # its boot starts now: the deadline moves with it (not a boot timeout, then)
+            state.set_node(rec.id, sent_at=now, deadline=max(
+                rec.deadline, now + rec.deadline - max(rec.requested_at, rec.sent_at or 0.0)))
             provision(rec.id)
             again.append(rec.id)
     if again:

@@ -297,3 +297,38 @@ class _NoThread:
 
     def start(self) -> None:
         pass
+
+
+def test_lateness_counts_frames_that_waited_unread_not_a_clients_pauses() -> None:
+    """A real-time client, 20 ms frames: a model that takes 30 ms a frame falls behind and
+    its frames wait unread, which the node's lateness (p95, reported in its beats) shows;
+    a fast model's client that pauses 300 ms, then sends a burst, is not late."""
+    def lateness(model_s: float, pause: bool) -> float | None:
+        class Model(SpliceShifter):
+            def process(self, frames: np.ndarray) -> np.ndarray:
+                time.sleep(model_s)
+                return super().process(frames)
+
+        url, srv = serve_node(lambda rate: Model(rate, 4.0))
+        try:
+            ws = open_stream(url, "paced")
+            next_at = time.monotonic()
+            for i in range(60):
+                if pause and i == 30:
+                    next_at += 0.3                   # the client's own hiccup
+                time.sleep(max(0.0, next_at - time.monotonic()))
+                ws.send(tone(200.0, 0.02).tobytes())
+                next_at += 0.02
+            for _ in range(60):
+                assert len(ws.receive(timeout=10)) == 2 * FRAME
+            late = srv.progress()[1]
+            ws.send(json.dumps({"type": "stop"}))
+            closed_code(ws)
+            return late
+        finally:
+            srv.stop()
+
+    slow = lateness(0.03, pause=False)
+    assert slow is not None and slow > 100, slow     # ~10 ms more behind each frame
+    fine = lateness(0.0, pause=True)
+    assert fine is not None and fine < 40, fine

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -43,6 +43,7 @@ logging.getLogger("websockets").setLevel(logging.WARNING)   # one line per conne
 
 STALL_S = 1.0   # a model call this long is a stall, not work (a 20 ms frame takes < 1 ms)
 LAG_WINDOW_S, MIN_LAGS = 3.0, 25   # answer lateness is judged over this many recent answers
+IDLE_READ_S = 0.002   # a read that waited this long found no frame queued: it came on time
 SWITCH_INTERVAL_S = 0.0005    # a woken thread waits at most this for the GIL (default 5 ms)
 CLOSE_TIMEOUT_S = 2.0         # for the client's answer to our close frame
 # simple_websocket's client keeps only the first event of the read that ends its handshake:
@@ -65,6 +66,12 @@ class Conn:
     frames_in: int = 0
     frames_out: int = 0
     waiting_since: float | None = None  # monotonic: the frame read and not answered yet
+    # A real-time client's frames arrive one frame's audio apart: how far a read runs
+    # behind that clock (its least over the last LAG_WINDOW_S is on time) is time the frame
+    # waited unread, which a loop too slow to keep up never sees otherwise.
+    audio_s: float = 0.0              # audio read before this frame
+    idle: bool = True                 # the last read waited for its frame: it was on time
+    behind: deque[tuple[float, float]] = field(default_factory=deque)   # (read, offset)
 
 
 class NodeServer:
@@ -264,6 +271,7 @@ class NodeServer:
             at = node.now()
             conn.frames_in += 1
             conn.waiting_since = read = time.monotonic()
+            waited = _behind(conn, read, n / rate)
             out = await self._process(conn, np.frombuffer(msg, dtype="<i2"))
             try:   # a client that does not read its answers is held back (TCP), then let go
                 async with asyncio.timeout_at(conn.deadline):
@@ -274,7 +282,7 @@ class NodeServer:
             conn.frames_out += 1
             conn.waiting_since = None
             answered = time.monotonic()
-            self._lags.append((answered, answered - read))
+            self._lags.append((answered, answered - read + waited))
             node.add_seconds(stream, n / rate, at)
 
     async def _receive(self, conn: Conn, timeout_s: float) -> str | bytes:
@@ -285,7 +293,10 @@ class NodeServer:
         while True:
             try:
                 async with asyncio.timeout_at(conn.deadline):
-                    return await conn.ws.recv()
+                    asked = loop.time()
+                    msg = await conn.ws.recv()
+                    conn.idle = loop.time() - asked > IDLE_READ_S   # it came while we waited
+                    return msg
             except TimeoutError:
                 if loop.time() < conn.deadline:
                     continue
@@ -373,6 +384,20 @@ class NodeServer:
             task = asyncio.ensure_future(_bounded(conn.ws, conn.ws.send(text)))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+
+def _behind(conn: Conn, read: float, frame_s: float) -> float:
+    """How long the frame read at `read` waited unread: how far reads run behind the
+    stream's audio clock now, beyond the least they did over the last LAG_WINDOW_S. A read
+    that had to wait for its frame is on time (a client's pause or jitter is not ours)."""
+    offset = read - conn.audio_s
+    conn.audio_s += frame_s
+    if conn.idle:
+        conn.behind.clear()
+    conn.behind.append((read, offset))
+    while conn.behind[0][0] < read - LAG_WINDOW_S:
+        conn.behind.popleft()
+    return offset - min(o for _, o in conn.behind)
 
 
 async def _bounded(ws: ServerConnection, sending: Any) -> None:
