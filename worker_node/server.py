@@ -34,6 +34,7 @@ from common.jsonobj import json_object
 from common.tickets import verify, verify_control
 from common.wsclose import fit
 from worker_node import priority, protocol
+from worker_node.pace import Pace, p95_ms
 from worker_node.package import Processor
 from worker_node.protocol import MAX_MESSAGE_BYTES, Malformed
 from worker_node.runtime import NodeRuntime, Stream
@@ -42,8 +43,6 @@ log = logging.getLogger("worker_node")
 logging.getLogger("websockets").setLevel(logging.WARNING)   # one line per connection, else
 
 STALL_S = 1.0   # a model call this long is a stall, not work (a 20 ms frame takes < 1 ms)
-LAG_WINDOW_S, MIN_LAGS = 3.0, 25   # answer lateness is judged over this many recent answers
-IDLE_READ_S = 0.002   # a read that waited this long found no frame queued: it came on time
 SWITCH_INTERVAL_S = 0.0005    # a woken thread waits at most this for the GIL (default 5 ms)
 CLOSE_TIMEOUT_S = 2.0         # for the client's answer to our close frame
 # simple_websocket's client keeps only the first event of the read that ends its handshake:
@@ -63,15 +62,8 @@ class Conn:
     deadline: float = 0.0             # loop time: the start or idle timeout
     serving: bool = False             # between start and end: a kick cancels the task
     kicked: tuple[int, str] | None = None
-    frames_in: int = 0
-    frames_out: int = 0
-    waiting_since: float | None = None  # monotonic: the frame read and not answered yet
-    # A real-time client's frames arrive one frame's audio apart: how far a read runs
-    # behind that clock (its least over the last LAG_WINDOW_S is on time) is time the frame
-    # waited unread, which a loop too slow to keep up never sees otherwise.
-    audio_s: float = 0.0              # audio read before this frame
-    idle: bool = True                 # the last read waited for its frame: it was on time
-    behind: deque[tuple[float, float]] = field(default_factory=deque)   # (read, offset)
+    pace: Pace = field(default_factory=Pace)
+    idle_s: float = 0.0               # how long the last read waited for its frame
 
 
 class NodeServer:
@@ -269,9 +261,7 @@ class NodeServer:
             # metered at the time it came, not when processed: a stalled model's backlog
             # never lands in one minute
             at = node.now()
-            conn.frames_in += 1
-            conn.waiting_since = read = time.monotonic()
-            waited = _behind(conn, read, n / rate)
+            conn.pace.read(time.monotonic(), n / rate, conn.idle_s)
             out = await self._process(conn, np.frombuffer(msg, dtype="<i2"))
             try:   # a client that does not read its answers is held back (TCP), then let go
                 async with asyncio.timeout_at(conn.deadline):
@@ -279,10 +269,8 @@ class NodeServer:
             except TimeoutError:
                 raise Malformed(f"answers unread for {protocol.IDLE_TIMEOUT_S:.0f} s; read "
                                 "the frames the node sends back") from None
-            conn.frames_out += 1
-            conn.waiting_since = None
             answered = time.monotonic()
-            self._lags.append((answered, answered - read + waited))
+            self._lags.append((answered, conn.pace.answered(answered)))
             node.add_seconds(stream, n / rate, at)
 
     async def _receive(self, conn: Conn, timeout_s: float) -> str | bytes:
@@ -295,7 +283,7 @@ class NodeServer:
                 async with asyncio.timeout_at(conn.deadline):
                     asked = loop.time()
                     msg = await conn.ws.recv()
-                    conn.idle = loop.time() - asked > IDLE_READ_S   # it came while we waited
+                    conn.idle_s = loop.time() - asked
                     return msg
             except TimeoutError:
                 if loop.time() < conn.deadline:
@@ -347,16 +335,11 @@ class NodeServer:
                 c.deadline += took
 
     def progress(self) -> tuple[list[list[Any]], float | None]:
-        """Each stream's [session, frames in, frames out, age of the frame it owes] and the
-        95th percentile of how late answers went out over the last LAG_WINDOW_S (None with
-        too few answers to say): a slow node, not only a hung one, moves its users."""
+        """Each stream's progress row and the p95 lateness of answers (worker_node/pace.py):
+        a slow node, not only a hung one, moves its users."""
         now = time.monotonic()
-        rows = [[c.stream.session_id, c.frames_in, c.frames_out,
-                 round(now - c.waiting_since, 3) if c.waiting_since is not None else 0.0]
-                for c in list(self.conns) if c.stream is not None]
-        lags = [lag for at, lag in list(self._lags) if at > now - LAG_WINDOW_S]
-        p95 = float(np.percentile(lags, 95)) if len(lags) >= MIN_LAGS else None
-        return rows, None if p95 is None else round(1000 * p95, 1)
+        return ([c.pace.row(c.stream.session_id, now) for c in list(self.conns)
+                 if c.stream is not None], p95_ms(self._lags, now))
 
     def stalled_s(self) -> float:
         """How long the model call now running has run (0: none runs): a GPU hang leaves
@@ -384,20 +367,6 @@ class NodeServer:
             task = asyncio.ensure_future(_bounded(conn.ws, conn.ws.send(text)))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-
-
-def _behind(conn: Conn, read: float, frame_s: float) -> float:
-    """How long the frame read at `read` waited unread: how far reads run behind the
-    stream's audio clock now, beyond the least they did over the last LAG_WINDOW_S. A read
-    that had to wait for its frame is on time (a client's pause or jitter is not ours)."""
-    offset = read - conn.audio_s
-    conn.audio_s += frame_s
-    if conn.idle:
-        conn.behind.clear()
-    conn.behind.append((read, offset))
-    while conn.behind[0][0] < read - LAG_WINDOW_S:
-        conn.behind.popleft()
-    return offset - min(o for _, o in conn.behind)
 
 
 async def _bounded(ws: ServerConnection, sending: Any) -> None:
