@@ -49,8 +49,12 @@ class UsageRow:
 
 
 class Ledger:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    """The billing tables. `reader` answers the webapp's requests (a user's usage, the
+    health check) on a fresh connection each, so a hung database fails them within the
+    connect timeout; billing's own work uses the pooled `engine`."""
+
+    def __init__(self, engine: Engine, reader: Engine | None = None) -> None:
+        self.engine, self.reader = engine, reader or engine
 
     @classmethod
     def open(cls, url: str, migrate: bool = True) -> Ledger:
@@ -62,7 +66,7 @@ class Ledger:
             schema.upgrade(engine)
         else:
             schema.check(engine)
-        return cls(engine)
+        return cls(engine, open_db(url, pooled=False))
 
     @property
     def _dialect(self) -> Any:
@@ -162,7 +166,7 @@ class Ledger:
             q = q.where(usage_minutes.c.user_id == user)
         if since is not None:
             q = q.where(usage_minutes.c.minute >= since)
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return [UsageRow(r.user_id, r.minute, r.model, r.region, float(r.seconds))
                     for r in conn.execute(q)]
 
@@ -250,7 +254,7 @@ class Ledger:
         """"ok" if the database takes a write (into a temporary table, rolled back): a
         read-only or full database answers SELECT 1 but cannot bill."""
         try:
-            with self.engine.connect() as conn, conn.begin() as tx:
+            with self.reader.connect() as conn, conn.begin() as tx:
                 conn.execute(text("CREATE TEMPORARY TABLE IF NOT EXISTS health_check (x int)"))
                 conn.execute(text("INSERT INTO health_check VALUES (1)"))
                 tx.rollback()

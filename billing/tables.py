@@ -23,6 +23,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 metadata = MetaData()
 
@@ -73,12 +74,15 @@ CONNECT_TIMEOUT_S = 5       # a database that does not answer is down, not slow
 STATEMENT_TIMEOUT_MS = 15000   # no statement of ours takes longer; a hung one is cut
 
 
-def open_db(url: str) -> Engine:
+def open_db(url: str, pooled: bool = True) -> Engine:
     """An engine for `url` (the schema is billing.schema's); SQLite gets WAL and a busy
     timeout; PostgreSQL a connect and a statement timeout, so a hung database fails the
-    call that met it (and the tick retries) instead of holding a worker thread forever."""
+    call that met it (and the tick retries) instead of holding a worker thread forever.
+    Not `pooled`: a new connection per call, for requests that must fail fast: a pooled
+    one waits as long as a hung server stays silent (no client-side read timeout exists)."""
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"future": True, "pool_timeout": CONNECT_TIMEOUT_S}
+    kwargs: dict[str, Any] = ({"future": True, "pool_timeout": CONNECT_TIMEOUT_S} if pooled
+                              else {"future": True, "poolclass": NullPool})
     if parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S,
                                   "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"}
@@ -88,7 +92,7 @@ def open_db(url: str) -> Engine:
 
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
-    engine = create_engine(url, pool_pre_ping=True, **kwargs)
+    engine = create_engine(url, pool_pre_ping=pooled, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -17,14 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-# Two test processes (pytest-xdist) compiling librosa's numba functions into one shared
-# cache at once can corrupt it (seen: a segfault in yin on a fresh venv): a cache each.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
-        os.environ.get("TMPDIR", "/tmp"), f"voice-numba-{os.environ['PYTEST_XDIST_WORKER']}"))
-
-import pytest  # noqa: E402
-import redis  # noqa: E402
+import pytest
+import redis
+import testenv  # noqa: F401  first: this process's own numba cache and database
 from helpers import local_webapp, place, push_version  # noqa: F401  (re-exported)
 from simple_websocket import Client, ConnectionClosed
 from werkzeug.serving import make_server

@@ -111,3 +111,64 @@ def test_reaping_needs_no_database_and_the_bill_closes_at_the_death(
     (bill,) = back.voice.ledger.node_costs()       # type: ignore[attr-defined]
     assert abs(epoch(bill["stopped_at"]) - end["ended_s"]) < 0.01 and not state.node_ends(10)
     back.voice.ledger.engine.dispose()             # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def freezable_pg() -> Iterator[tuple[str, threading.Event]]:
+    """PostgreSQL (TEST_DATABASE_URL) behind a proxy that, once the event is set, keeps
+    every connection open and forwards nothing more: a database that hangs mid-life."""
+    import os
+
+    from sqlalchemy.engine import make_url
+    if not os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("PostgreSQL only: set TEST_DATABASE_URL (.ci/run does)")
+    upstream = make_url(os.environ["TEST_DATABASE_URL"])
+    frozen = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def pump(a: socket.socket, b: socket.socket) -> None:
+        while (data := a.recv(65536)) and not frozen.is_set():
+            b.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                client = listener.accept()[0]
+            except OSError:
+                return
+            if frozen.is_set():
+                continue   # held open, never answered
+            server = socket.create_connection((upstream.host or "127.0.0.1",
+                                               upstream.port or 5432))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield str(upstream.set(host="127.0.0.1", port=listener.getsockname()[1])
+              .render_as_string(hide_password=False)), frozen
+    listener.close()
+
+
+def test_usage_and_health_fail_fast_when_a_working_database_hangs(
+        freezable_pg: tuple[str, threading.Event], cfg: Config, state: State,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database answered, then hangs: a pooled connection would wait for as long as
+    it stays silent; /api/usage and /healthz use a new connection each, so they answer
+    JSON 503 within the connect timeout."""
+    import billing.tables
+    monkeypatch.setattr(billing.tables, "CONNECT_TIMEOUT_S", 1)
+    url, frozen = freezable_pg
+    ledger = Ledger.open(url)
+    host, server = serve(create_app(cfg, state, ledger=ledger))
+    try:
+        assert requests.get(f"http://{host}/api/usage?user=alice", timeout=30).status_code == 200
+        frozen.set()
+        t0 = time.monotonic()
+        usage = requests.get(f"http://{host}/api/usage?user=alice", timeout=60)
+        assert usage.status_code == 503 and usage.json()["error"] == "unavailable"
+        assert requests.get(f"http://{host}/healthz", timeout=60).status_code == 503
+        assert time.monotonic() - t0 < 6 * 1 + 3
+    finally:
+        server.shutdown()
