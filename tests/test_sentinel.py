@@ -24,8 +24,8 @@ def back_after(state: State, since: float, limit_s: float = 20.0) -> float:
     """Seconds from `since` until a write and a read of the live state work again."""
     while time.monotonic() - since < limit_s:
         try:
-            state.r.set("vc:probe", "1")
-            if state.r.get("vc:probe") == "1":
+            state.r.set("test:probe", "1")
+            if state.r.get("test:probe") == "1":
                 return time.monotonic() - since
         except Exception:  # noqa: BLE001  any redis error: not back yet
             time.sleep(0.05)
@@ -35,13 +35,13 @@ def back_after(state: State, since: float, limit_s: float = 20.0) -> float:
 def test_the_live_state_follows_a_failover(tmp_path: Path) -> None:
     with sentinel_redis(tmp_path) as deployment:
         state = State(connect(deployment.url, "voice"))
-        state.r.set("vc:kept", "yes")
+        state.r.set("test:kept", "yes")
         state.r.execute_command("WAIT", 1, 1000)      # on the replica before the crash
         deployment.primary.kill()
         killed = time.monotonic()
         gap = back_after(state, killed)
         assert gap < 10, gap
-        assert state.r.get("vc:kept") == "yes"
+        assert state.r.get("test:kept") == "yes"
         assert deployment.current_primary() != deployment.primary_port
 
 
