@@ -135,13 +135,17 @@ def first(ws: Client) -> dict[str, object]:
     return dict(json.loads(raw))
 
 
-def test_attempts_per_user_and_per_client(strict: tuple[str, FrontDoor]) -> None:
+def test_attempts_per_user_and_per_client(strict: tuple[str, FrontDoor], state: State) -> None:
+    from conftest import wait_for
+
+    from provisioner.state.keys import lock_key
     ws_url, _ = strict
     query = "user=alice&model=miku&region=us-west"   # no node: each attempt queues
     for _ in range(3):
         ws = open_lobby(ws_url, query, "198.51.100.1")
         assert first(ws)["type"] == "queued"
-        ws.close()
+        ws.close()   # its lobby lets go of alice's waiting lock (else: already streaming)
+        wait_for(lambda: not state.r.exists(lock_key("alice")), 10, "lock never released")
     refused = first(open_lobby(ws_url, query, "198.51.100.2"))   # another address: same user
     assert (refused["type"], refused["code"]) == ("error", "rate_limited"), refused
     assert "user alice: at most 3 per 60 s; try again in" in str(refused["message"])
