@@ -1,8 +1,7 @@
 """Flask app factory: the page, the JSON API and the lobby socket.
 
-Views are thin: parse, read state, call policy, answer. `create_app(cfg, state, kick)` takes
-everything it needs explicitly so tests build it directly; `kick` asks the control plane to
-scale now (a Celery task in the real stack).
+`create_app` takes everything it needs, so tests build it directly; `kick_scaler` asks the
+control plane to scale now (a Celery task in the real stack).
 """
 
 from __future__ import annotations
@@ -33,16 +32,9 @@ from provisioner.placement import candidates_for
 from provisioner.state import State
 from webapp import lobby, nodes_api
 from webapp.fleetview import FleetCache
-from webapp.frontdoor import FrontDoor, RateLimited
+from webapp.frontdoor import FrontDoor, RateLimited, json_error
 from webapp.nodes_api import stamp_beat_path
-from webapp.requests import (
-    USER_RE,
-    BadRequest,
-    check_origin,
-    parse_lobby,
-    parse_since,
-    parse_user,
-)
+from webapp.requests import USER_RE, BadRequest, check_origin, parse_lobby, parse_since, parse_user
 from webapp.waiting import BACKSTOP_S, WaitingRoom
 
 log = logging.getLogger("webapp")
@@ -66,7 +58,7 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
                                 x_host=cfg.trusted_proxies)
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": 65536}   # a node's report fits
     sock = Sock(app)
-    fleet = FleetCache(state, cfg)
+    fleet = FleetCache(state)
     room = WaitingRoom(state, cfg, lambda: fleet.get(fresh=True), candidates_for,
                        waiting_backstop_s)
     app.register_blueprint(nodes_api.blueprint(cfg, state))
@@ -86,15 +78,13 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
             token.encode(), cfg.admin_token.encode())
 
     @app.before_request
-    def utf8_query() -> tuple[Response, int] | None:
+    def utf8_query() -> None:
         """Browsers percent-encode every byte outside ASCII; a raw one that is not UTF-8 makes
         werkzeug raise as a view reads the query, so it is refused before any view runs."""
         try:
             request.query_string.decode()
         except UnicodeDecodeError:
-            return jsonify({"error": "bad_request", "message": "the query string is not "
-                            "UTF-8: percent-encode it (%XX)"}), 400
-        return None
+            raise BadRequest("the query string is not UTF-8: percent-encode it (%XX)") from None
 
     @app.get("/")
     def index() -> Response:
@@ -111,14 +101,11 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
         return resp
 
     @app.get("/api/me")
-    def me() -> tuple[Response, int]:
+    def me() -> Response:
         """Who this request is: what the page shows as its user."""
-        try:
-            who = parse_user(request.args, request.cookies, cfg)
-        except BadRequest as e:
-            return jsonify({"error": "bad_request", "message": str(e)}), 400
+        who = parse_user(request.args, request.cookies, cfg)
         return jsonify({"user": who.user, "via": who.via.value,
-                        "authenticated": who.authenticated}), 200
+                        "authenticated": who.authenticated})
 
     @app.get("/api/models")
     def models() -> Response:
@@ -148,12 +135,9 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
     def cluster() -> Response:
         now = time.time()
         nodes = [n for n in state.nodes() if n.alive(now, cfg.heartbeat_timeout_s)]
-        queues = []
-        for pool, waiting in state.queue_lengths().items():
-            model, version, region = pool.split("|")
-            if waiting:
-                queues.append({"model": model, "version": version, "region": region,
-                               "waiting": waiting})
+        queues = [dict(zip(("model", "version", "region"), pool.split("|"), strict=True),
+                       waiting=waiting)
+                  for pool, waiting in state.queue_lengths().items() if waiting]
         return jsonify({
             "nodes": [{"id": n.id, "provider": n.provider, "region": n.region,
                        "model": n.model, "version": n.version, "state": n.state.value,
@@ -187,44 +171,43 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
         return jsonify({"ok": ok, **checks}), 200 if ok else 503
 
     @app.get("/api/usage")
-    def usage() -> tuple[Response, int]:
+    def usage() -> Response:
         """The caller's usage; `?user=U` names whose (another's: operators, dev users)."""
         named = request.args.get("user") or None
-        try:
-            since = parse_since(request.args.get("since"))
-            if named is not None and not USER_RE.match(named):
-                raise BadRequest(f"user={named[:80]!r} is not a user id: use 1-64 characters "
-                                 "of A-Z a-z 0-9 _ . -")
-        except BadRequest as e:
-            return jsonify({"error": "bad_request", "message": str(e)}), 400
+        since = parse_since(request.args.get("since"))
+        if named is not None and not USER_RE.match(named):
+            raise BadRequest(f"user={named[:80]!r} is not a user id: use 1-64 characters "
+                             "of A-Z a-z 0-9 _ . -")
         if named is not None and (cfg.dev_users or operator()):
             user = named
         else:
             try:
                 user = parse_user(request.args, request.cookies, cfg, named=False).user
-            except BadRequest as e:
+            except BadRequest:
                 if named is None:
-                    return jsonify({"error": "bad_request", "message": str(e)}), 400
+                    raise
                 user = ""   # nobody, asking for someone's usage
             if named not in (None, user):
-                return jsonify({"error": "forbidden", "message": (
-                    f"the usage of {named!r} is for that user only: ask as that user "
-                    f"({HOW_TO}), or as an operator with Authorization: Bearer "
-                    "$VOICE_ADMIN_TOKEN")}), 403
+                return json_error(403, "forbidden", f"the usage of {named!r} is for that user "
+                                  f"only: ask as that user ({HOW_TO}), or as an operator with "
+                                  "Authorization: Bearer $VOICE_ADMIN_TOKEN")
         if ledger is None:
-            return jsonify({"error": "unavailable",
-                            "message": "no billing database is configured"}), 503
+            return json_error(503, "unavailable", "no billing database is configured")
         try:
             rows = ledger.usage(user, since)
         except SQLAlchemyError as e:
             log.warning("usage of %s: the billing database failed: %s", user, e)
-            return jsonify({"error": "unavailable", "message": (
-                "the billing database cannot be reached right now; usage is kept and "
-                "billed once it is back: try again in a minute")}), 503
+            return json_error(503, "unavailable", "the billing database cannot be reached "
+                              "right now; usage is kept and billed once it is back: try again "
+                              "in a minute")
         return jsonify({
             "user": user, "seconds": round(sum(r.seconds for r in rows), 3),
             "minutes": [{"minute": r.minute.strftime("%Y-%m-%dT%H:%M:00Z"), "model": r.model,
-                         "region": r.region, "seconds": r.seconds} for r in rows]}), 200
+                         "region": r.region, "seconds": r.seconds} for r in rows]})
+
+    @app.errorhandler(BadRequest)
+    def bad_request(e: BadRequest) -> Response:
+        return json_error(400, e.code, str(e))
 
     @app.errorhandler(ConnectionError)
     def dropped(e: ConnectionError) -> tuple[str, int]:
@@ -233,11 +216,11 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
         return "", 400
 
     @app.errorhandler(redis.RedisError)
-    def state_store_away(e: redis.RedisError) -> tuple[Response, int]:
+    def state_store_away(e: redis.RedisError) -> Response:
         """The state store is away (a failover takes seconds): say so, and when to retry."""
         log.warning("%s %s: Redis failed: %s", request.method, request.path, e)
-        return jsonify({"error": "unavailable", "message": "the control plane cannot reach "
-                        "its state store right now; retry in a few seconds"}), 503
+        return json_error(503, "unavailable", "the control plane cannot reach its state "
+                          "store right now; retry in a few seconds")
 
     @app.before_request
     def front_door() -> Response | None:   # cheap refusals, before the WebSocket handshake
@@ -253,30 +236,26 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
                                  f"{'https' if request.is_secure else 'http'}://{request.host}",
                                  cfg)
                     req = parse_lobby(request.args, request.cookies, cfg)
-                except BadRequest as e:
+                except BadRequest:
                     door.bad_request(client, time.time())   # spends the client's attempts
-                    lobby.error(ws, e.code, str(e))
-                    return
+                    raise
                 door.attempt(req.user, client, time.time())   # per user and per client
                 lobby.run(ws, state, cfg, req, kick, fleet, room)
         except RateLimited as e:
             lobby.error(ws, e.code, str(e), retry_after_s=e.retry_after_s)
-        except lobby.Refused as e:
+        except lobby.Refused as e:   # BadRequest too
             lobby.error(ws, e.code, str(e))
 
     return app
 
 
 def before_serving(cfg: Config, state: State) -> threading.Event:
-    """Start what a serving process runs beside its requests, and tune it; set the event
-    returned to stop it.
+    """Start what a serving process runs beside its requests; set the event returned to stop it.
 
-    It stamps the beat path (webapp.nodes_api.stamp_beat_path): while no webapp serves, the
-    reaper does not take the nodes' silence for death. Its start-up objects live as long as
-    the process, so they go out of the collector's way (`gc.freeze()`): a full collection no
-    longer stalls every open lobby (measured: 40 ms pauses). A shorter GIL switch interval
-    was tried: 0.5-1 ms cut the lobby p99 beside 300 heartbeating nodes threefold, but halved
-    a burst's admissions per second; Python's 5 ms stays."""
+    It stamps the beat path (while no webapp serves, the reaper does not take the nodes'
+    silence for death), and freezes the start-up heap out of the collector, whose full passes
+    otherwise stall every open lobby. (A shorter GIL switch interval than Python's 5 ms cut
+    the lobbies' tail latency but halved a burst's admissions per second.)"""
     stop = threading.Event()
     stamp_beat_path(cfg, state, stop)
     gc.freeze()

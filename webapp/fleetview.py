@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 
 import redis
 
-from common.config import Config
 from provisioner.state import NodeRecord, State, row_record
 from provisioner.versions import Entry
 
 log = logging.getLogger("webapp.fleetview")
+
+MAX_AGE_S = 0.25      # an older view is served while one background read replaces it
+STALE_LIMIT_S = 1.0   # a view older than this is read again before it is used
+READ_SHARE_INVERSE = 10   # a view is read again after at least 10x the last read's time
 
 
 @dataclass(frozen=True)
@@ -36,21 +39,15 @@ class FleetView:
         return got
 
 
-STALE_LIMIT_S = 1.0   # a view older than this is read again before it is used
-READ_SHARE_INVERSE = 10   # a view is read again after at least 10x the last read's time
-
-
 class FleetCache:
-    """The fleet, live models and regions in outage as last read from Redis, shared by
-    every lobby of this process: a hundred users arriving or waiting do not each read every
-    node. A view older than `max_age_s` is served while one background read replaces it,
-    so no lobby waits for a read of a thousand nodes while lobbies keep coming, and nothing
-    is read while none asks (the first after STALE_LIMIT_S reads it). Staleness only
-    affects the order candidates are tried in (the admit and assign scripts re-check them)
-    and the ETA; the waiting room reads it fresh when an event says a node changed."""
+    """The fleet, live models and regions in outage as last read, shared by every lobby of
+    this process. No lobby waits for a read of a thousand nodes while lobbies keep coming
+    (a background read replaces a view past MAX_AGE_S), and nothing is read while none asks.
+    Staleness only affects the order candidates are tried in (the admit and assign scripts
+    re-check them) and the ETA; the waiting room reads it fresh when a node changed."""
 
-    def __init__(self, state: State, cfg: Config, max_age_s: float = 0.25) -> None:
-        self.state, self.cfg, self.max_age_s = state, cfg, max_age_s
+    def __init__(self, state: State) -> None:
+        self.state = state
         self._lock = threading.Lock()
         self._view: FleetView | None = None
         self._read_at = float("-inf")
@@ -81,7 +78,7 @@ class FleetCache:
         age = time.monotonic() - self._read_at
         # Reading a big fleet takes the process's time from its lobbies: read at most so
         # often that reading takes a tenth of one core.
-        if age > max(self.max_age_s, READ_SHARE_INVERSE * self._read_s):
+        if age > max(MAX_AGE_S, READ_SHARE_INVERSE * self._read_s):
             with self._lock:
                 start, self._reading = not self._reading, True
             if start:

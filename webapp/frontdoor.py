@@ -1,23 +1,10 @@
-"""The lobby's front door: who a client is, how many lobby sockets it holds open, and how
-many lobby attempts a user and a client may make (docs/architecture.md, "Limits at the
-front door").
+"""The lobby's front door: who a client is, and the limits on its open lobby sockets and on
+a user's and a client's lobby attempts (docs/architecture.md, "Limits at the front door").
 
-A client is the peer address of the connection; behind `trusted_proxies` proxies, each of
-which appends the address it was connected from to X-Forwarded-For, it is the entry that
-many from the right (what the client itself wrote there is never believed). IPv6 clients
-count per /64, what one host or home gets. Attempt limits are token buckets in Redis, shared
-by every webapp process: one script takes a token from the user's and the client's bucket,
-or from neither. The cap on open lobby sockets protects this process's threads, so this
-process counts it. Addresses in `lobby_limit_exempt` are never limited.
-
-Refusals cost little: the first one a client gets is a lobby error (`rate_limited`, with
-the limit and `retry_after_s`); until that time is up (a little longer, at random, so
-clients refused together come back apart), its lobby requests are answered before the
-WebSocket handshake with HTTP 429 and Retry-After, without Redis, and queries far longer
-than any lobby's with 414. Under werkzeug (`voicectl run`, a thread per connection)
-a 429 or 414 waits out part of the retry time first (1-2 s), in its own thread: a client
-that reconnects at once cannot loop faster than that. A bad request spends
-one of the client's attempts.
+Attempt limits are token buckets in Redis shared by every webapp process; the open-socket
+cap protects this process's threads, so this process counts it. A refused client hears why
+once over the lobby protocol; until its retry time is up, this process answers its lobby
+requests before the WebSocket handshake (HTTP 429, no Redis).
 """
 
 from __future__ import annotations
@@ -38,7 +25,7 @@ from flask import Request, Response, jsonify
 
 from common.config import Config
 from provisioner.state import Limit, State, Throttled
-from webapp.lobby import Refused
+from webapp.requests import Refused
 
 log = logging.getLogger("webapp.frontdoor")
 
@@ -51,6 +38,8 @@ HOLD_MAX_S = 2.0         # the most a 429 waits under werkzeug before it is sent
 HOLD_MIN_S = 1.0         # and the least, even when the client may retry sooner
 MAX_REMEMBERED = 10_000  # refused clients remembered in this process; past it, expired go
 RETRY_SPREAD = 0.25      # a refused client waits up to this share longer (see _remember)
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
 class RateLimited(Refused):
@@ -102,35 +91,26 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
-Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-
-def exempt_networks(cfg: Config) -> Networks:
-    """The networks no limit applies to (`lobby_limit_exempt`, checked by the config)."""
-    return tuple(ipaddress.ip_network(n, strict=False) for n in cfg.lobby_limit_exempt)
-
-
-def is_exempt(address: str, exempt: Networks) -> bool:
-    ip = _ip(address)
-    return ip is not None and any(ip.version == n.version and ip in n for n in exempt)
-
-
 class FrontDoor:
     """The limits of one webapp process: `client(environ)`, then `socket(client)` around the
     lobby and `attempt(user, client, now)` once the request names its user."""
 
     def __init__(self, cfg: Config, state: State) -> None:
         self.cfg, self.state = cfg, state
-        self._exempt = exempt_networks(cfg)
+        self._exempt: Networks = tuple(ipaddress.ip_network(n, strict=False)
+                                       for n in cfg.lobby_limit_exempt)
         self._open: dict[str, int] = {}   # client key -> lobby sockets open in this process
         self._lock = threading.Lock()
-        self._refused: dict[str, Throttled] = {}   # client key -> its last refusal
-        self._refused_until: dict[str, float] = {}  # client key -> then (monotonic) + retry
+        # client key -> its last refusal, and until when (monotonic) it is refused here
+        self._refused: dict[str, tuple[Throttled, float]] = {}
         self._told: set[str] = set()   # of those, told why over the lobby protocol already
 
     def client(self, environ: Mapping[str, Any]) -> Client:
         got = client_of(environ, self.cfg.trusted_proxies)
-        return Client(got.address, got.key, is_exempt(got.address, self._exempt))
+        ip = _ip(got.address)
+        exempt = ip is not None and any(ip.version == n.version and ip in n
+                                        for n in self._exempt)
+        return Client(got.address, got.key, exempt)
 
     @contextmanager
     def socket(self, client: Client) -> Iterator[None]:
@@ -143,19 +123,14 @@ class FrontDoor:
         with self._lock:
             held = self._open.get(client.key, 0)
             if held >= cap:
-                raise RateLimited(
-                    f"{client.key} has {held} lobby sockets open already, the most one client "
-                    f"may; close one (a lobby closes once its user is placed) and try again in "
-                    f"{SOCKET_RETRY_S:.0f} s", SOCKET_RETRY_S)
+                raise RateLimited(_at_cap(client.key, held), SOCKET_RETRY_S)
             self._open[client.key] = held + 1
         try:
             yield
         finally:
             with self._lock:
-                left = self._open[client.key] - 1
-                if left:
-                    self._open[client.key] = left
-                else:
+                self._open[client.key] -= 1
+                if not self._open[client.key]:
                     del self._open[client.key]
 
     def limits(self, user: str, client: Client) -> list[Limit]:
@@ -203,13 +178,12 @@ class FrontDoor:
         got = Throttled(got.limit, got.retry_after_s * random.uniform(1.0, 1 + RETRY_SPREAD),
                         got.let_through)
         with self._lock:
-            if len(self._refused_until) >= MAX_REMEMBERED:
-                now = time.monotonic()
-                for key in [k for k, t in self._refused_until.items() if t <= now]:
-                    del self._refused_until[key], self._refused[key]
+            now = time.monotonic()
+            if len(self._refused) >= MAX_REMEMBERED:
+                for key in [k for k, (_, until) in self._refused.items() if until <= now]:
+                    del self._refused[key]
                     self._told.discard(key)
-            self._refused[client.key] = got
-            self._refused_until[client.key] = time.monotonic() + got.retry_after_s
+            self._refused[client.key] = got, now + got.retry_after_s
             if got.let_through:   # its next attempt is refused over the lobby protocol
                 self._told.discard(client.key)
             else:
@@ -217,19 +191,21 @@ class FrontDoor:
         return got
 
     def early(self, request: Request) -> Response | None:
-        """The answer to a lobby request that is refused before its WebSocket handshake
-        (see the module's docstring), or None to serve it."""
+        """The answer to a lobby request that is refused before its WebSocket handshake, or
+        None to serve it."""
         size = len(request.environ.get("QUERY_STRING") or "")
         if size > MAX_QUERY_BYTES:   # no browser sends one: held like a 429 (below)
-            if "werkzeug.socket" in request.environ:
-                time.sleep(_held(HOLD_MAX_S))
-            return _http_error(414, "bad_request", f"the query is {size} bytes; a lobby "
-                               f"query takes at most {MAX_QUERY_BYTES} (user, model, region "
-                               "or lat and lon, resume, takeover)")
+            _hold(HOLD_MAX_S)
+            resp = json_error(414, "bad_request", f"the query is {size} bytes; a lobby query "
+                              f"takes at most {MAX_QUERY_BYTES} (user, model, region or lat "
+                              "and lon, resume, takeover)")
+            resp.headers["Connection"] = "close"
+            return resp
         client = self.client(request.environ)
         if client.exempt:
             return None
-        wait = self._refused_until.get(client.key, 0.0) - time.monotonic()
+        got, until = self._refused.get(client.key, (None, 0.0))
+        wait = until - time.monotonic()
         cap = self.cfg.lobby_sockets_per_client
         if wait > 0 and client.key not in self._told:
             with self._lock:   # one of its requests goes on, to hear why over the lobby
@@ -237,36 +213,36 @@ class FrontDoor:
                 self._told.add(client.key)
             if tell:
                 return None
-        if wait > 0:
-            got = self._refused.get(client.key)
-            message = (refusal(Throttled(got.limit, wait)) if got
-                       else "too many lobby attempts")
+        if wait > 0 and got is not None:
+            message = refusal(Throttled(got.limit, wait))
         elif cap and self._open.get(client.key, 0) >= cap:
-            wait = SOCKET_RETRY_S
-            message = (f"{client.key} has {cap} lobby sockets open already, the most one "
-                       f"client may; close one and try again in {SOCKET_RETRY_S:.0f} s")
+            wait, message = SOCKET_RETRY_S, _at_cap(client.key, cap)
         else:
             return None
-        if "werkzeug.socket" in request.environ:   # a thread per connection: it may wait
-            held = _held(min(max(wait, HOLD_MIN_S), HOLD_MAX_S))
-            time.sleep(held)
-            wait = max(0.1, wait - held)
-        resp = _http_error(429, "rate_limited", message, retry_after_s=round(wait, 1))
-        resp.headers["Retry-After"] = str(math.ceil(wait))
+        wait = max(0.1, wait - _hold(min(max(wait, HOLD_MIN_S), HOLD_MAX_S)))
+        resp = json_error(429, "rate_limited", message, retry_after_s=round(wait, 1))
+        resp.headers.update({"Connection": "close", "Retry-After": str(math.ceil(wait))})
         return resp
 
 
-def _held(wait_s: float) -> float:
-    """How long a refusal waits: between half and all of `wait_s`, at random, so clients
-    refused in one instant do not all come back in one instant (each wave of them took the
-    process's CPU for 50-100 ms, and every request then waited)."""
-    return wait_s * random.uniform(0.5, 1.0)
+def _hold(wait_s: float) -> float:
+    """A refusal waits before it is sent (a greenlet's or thread's sleep), so a client that
+    reconnects at once cannot loop faster: between half and all of `wait_s`, at random, so
+    clients refused in one instant do not all come back in one. Returns the time waited."""
+    held = wait_s * random.uniform(0.5, 1.0)
+    time.sleep(held)
+    return held
 
 
-def _http_error(status: int, code: str, message: str, **fields: object) -> Response:
+def _at_cap(key: str, held: int) -> str:
+    return (f"{key} has {held} lobby sockets open already, the most one client may; close one "
+            f"(a lobby closes once its user is placed) and try again in {SOCKET_RETRY_S:.0f} s")
+
+
+def json_error(status: int, code: str, message: str, **fields: object) -> Response:
+    """The JSON refusal the webapp's endpoints answer with."""
     resp = jsonify({"error": code, "message": message, **fields})
     resp.status_code = status
-    resp.headers["Connection"] = "close"
     return resp
 
 

@@ -1,10 +1,8 @@
 """The lobby: turn a session request into a node and a ticket, telling the user what happens.
 
-Every request takes the user's single-stream lock, joins the FIFO queue of its pool (model,
-live version, nearest region) and runs the atomic assign script; a user with room on a ready
-node is therefore placed at once, and one without sees `queued` / `booting` with a position
-and an ETA from the real boot and load progress of the node that will take them. A waiting
-user whose region goes down moves to the nearest healthy region's queue, and is told.
+A user with room on a ready node is placed at once; one without waits in the process's
+waiting room (webapp.waiting) and sees `queued` / `booting` with a position and an ETA from
+the real progress of the node that will take them (docs/architecture.md, "Waiting lobbies").
 """
 
 from __future__ import annotations
@@ -26,23 +24,12 @@ from common.config import Config, Region
 from common.states import NodeState
 from common.tickets import Ticket, node_key, sign
 from provisioner import catalog, orders
-from provisioner.placement import (
-    candidates_for,
-    home_region,
-    near_regions,
-    rank_regions,
-)
-from provisioner.state import (
-    Admitted,
-    Lock,
-    NodeRecord,
-    State,
-    pool_id,
-)
+from provisioner.placement import candidates_for, home_region, near_regions, rank_regions
+from provisioner.state import Admitted, Lock, NodeRecord, State, pool_id
 from provisioner.versions import Entry, Version
 from webapp import notes
 from webapp.fleetview import FleetCache, FleetView
-from webapp.requests import LobbyRequest
+from webapp.requests import LobbyRequest, Refused
 from webapp.waiting import WAITING_LOCK_TTL_S, Waiter, WaitingRoom
 
 log = logging.getLogger("webapp.lobby")
@@ -53,14 +40,6 @@ log = logging.getLogger("webapp.lobby")
 ETA_TICK_S = 1.0
 LOOK_S = 10.0
 WAIT_LIMIT_S = 300.0  # after this long without a node the user is told no_capacity
-
-
-class Refused(Exception):
-    """The request cannot be served; `code` is the lobby error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
@@ -82,10 +61,9 @@ def run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-unt
 
 def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-untyped-def]
          kick_scaler: Callable[[], None], fleet: FleetCache, room: WaitingRoom) -> None:
-    now = time.time()
-    started = now
-    if not req.scales:   # nothing boots for this user: no reason to wake the autoscaler
-        kick_scaler = _no_kick
+    started = now = time.time()
+    # nothing boots for this user: no reason to wake the autoscaler
+    kick_scaler = kick_scaler if req.scales else (lambda: None)
     view = fleet.get()
     session_id, previous = _session_id(state, req)
     # one read: a push counts at once; a resume keeps its version while it still serves
@@ -100,7 +78,6 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     home = home_region(cfg, req.lat, req.lon, only=req.region, avoid=down, measured=req.rtts)
     if lost_node and not moving:   # the client lost it: its slots stop counting as room
         state.report_lost(lost_node, now)
-    pool = pool_id(model.model, model.version, home.name)
     got = state.admit(req.user, session_id, model.model, model.version, home.name, now,
                       candidates_for(cfg, model.model, model.version, home.name,
                                      view.records(model.model), now),
@@ -114,11 +91,11 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     if isinstance(got, Admitted) and got.node is not None:      # room at once
         state.count("voice_admissions", outcome="placed")
         state.observe_wait(time.time() - started)   # before the user hears: counted once seen
-        _ready(ws, state, cfg, req, session_id, fence, _node(state, got.node), now,
-               down)
+        _ready(ws, state, cfg, req, session_id, fence, _node(state, got.node), now, down)
         return
     state.count("voice_admissions", outcome="queued")
-    waiter = Waiter(req.user, session_id, fence, pool, model, home.name,
+    waiter = Waiter(req.user, session_id, fence, pool_id(model.model, model.version, home.name),
+                    model, home.name,
                     position=got.position if isinstance(got, Admitted) else 1,
                     wake=ws.event.set)   # the socket's own event: the same wait serves both
     # waiting is a session too: the page may resume it through any webapp if this one dies
@@ -130,10 +107,6 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
     placed = False
     try:
         last: tuple[object, ...] = ()
-        looked: tuple[int, int, int] = (0, 0, 0)
-        msg: tuple[object, ...] = ()
-        eta: float | None = None
-        note: dict[str, str] = {}
         while True:
             if waiter.lost:
                 raise Refused("already_streaming", "this session was taken over from "
@@ -145,25 +118,21 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
                        _node(state, waiter.node_id), now, view.down)
                 placed = True
                 return
-            if _follow_version(state, waiter, view):
-                model, pool, looked = waiter.model, waiter.pool, (0, 0, 0)
-                room.poke()
-                kick_scaler()
+            new_version = _follow_version(state, waiter, view)
             moved = _leave_down_region(state, cfg, req, waiter, home, view.down)
-            if moved is not home:   # wait in the nearest healthy region instead
-                home, pool, looked = moved, waiter.pool, (0, 0, 0)
+            if new_version or moved is not home:   # wait in the live version's or the
+                home = moved                       # nearest healthy region's queue instead
                 room.poke()
                 kick_scaler()
-            seen = (id(view), waiter.position, int(now))
-            if seen != looked:   # the ETA moves with the clock: recompute once a second
-                looked = seen
-                eta = _eta_s(cfg, model, home.name, view.records(model.model), waiter.position,
-                             now, view.down)
-                note = notes.waiting(cfg, req, home.name, view)
-                msg = (("booting", round(eta * 2) / 2, home.name, note) if eta is not None
-                       else ("queued", waiter.position, home.name, note))
-            if msg != last:
-                last = msg
+            model = waiter.model
+            eta = _eta_s(cfg, model, home.name, view.records(model.model), waiter.position,
+                         now, view.down)
+            note = notes.waiting(cfg, req, home.name, view)
+            # told again when it changes: an ETA by the half second, a position, a note
+            seen = (("booting", round(eta * 2) / 2) if eta is not None
+                    else ("queued", waiter.position), home.name, note)
+            if seen != last:
+                last = seen
                 if eta is not None:
                     send(ws, type="booting", session_id=session_id, region=home.name,
                          eta_s=round(eta, 1), position=waiter.position,
@@ -183,7 +152,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         if not placed:
             if given:
                 state.release_slot(given, session_id)
-            state.abandon(pool, session_id)
+            state.abandon(waiter.pool, session_id)
             state.release_lock(req.user, session_id)
 
 
@@ -245,10 +214,6 @@ def _follow_version(state: State, waiter: Waiter, view: FleetView) -> bool:
     return True
 
 
-def _no_kick() -> None:
-    pass
-
-
 def _session_id(state: State, req: LobbyRequest) -> tuple[str, dict[str, str]]:
     """A new session id, or the resumed one and its record (the node it was on)."""
     if req.resume is None:
@@ -271,10 +236,8 @@ def _planned_move(state: State, node_id: str | None, session: dict[str, str],
     rec = state.node(node_id)
     if rec is None or rec.reported_lost:
         return False   # gone: whatever it was told, the client lost it
-    if float(session.get("recall_by") or 0) > now:
-        return True
-    return rec is not None and (rec.drain_deadline is not None
-                                or rec.state is NodeState.DRAINING)
+    return (float(session.get("recall_by") or 0) > now or rec.drain_deadline is not None
+            or rec.state is NodeState.DRAINING)
 
 
 def _locked(state: State, cfg: Config, req: LobbyRequest, session_id: str,

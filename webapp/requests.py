@@ -10,19 +10,26 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from common.config import NAME_RE, Config
-from common.errors import IdentityError
+from common.errors import IdentityError, VoiceError
 from common.identity import COOKIE, Identity, identify
 
 USER_RE = NAME_RE   # user ids, session ids: the names of the whole system
 MAX_RTTS, MAX_RTT_MS = 64, 10_000.0   # a measured round trip per region, at most
 
 
-class BadRequest(Exception):
-    """The request is malformed. `code` is the lobby error code to send."""
+class Refused(VoiceError):
+    """The webapp cannot serve a request; `code` is the error code the client is told."""
 
-    def __init__(self, message: str, code: str = "bad_request") -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class BadRequest(Refused):
+    """The request is malformed (code `bad_request` unless given); the message says why."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(code, message)
 
 
 @dataclass(frozen=True)
@@ -113,15 +120,10 @@ def check_origin(origin: str | None, host_url: str, cfg: Config) -> None:
     not browsers send no Origin and are judged by who they are, like any other."""
     if origin is None:
         return
-    allowed = {_origin(cfg.public_url), _origin(host_url)}
+    allowed = {f"{u.scheme}://{u.netloc}" for u in map(urlsplit, (cfg.public_url, host_url))}
     if origin.rstrip("/") not in allowed:
         raise BadRequest(f"origin {origin[:100]!r} may not open the lobby; open the page at "
                          f"{cfg.public_url} (pages on other sites cannot start sessions)")
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 def parse_since(raw: str | None) -> datetime | None:

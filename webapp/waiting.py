@@ -1,12 +1,8 @@
 """The waiting room: one poller per webapp process for every lobby that waits for a node.
 
-A waiting lobby costs no Redis of its own. Each step, for every pool with waiters, the
-room runs the atomic assign script once, picks up every assignment at once and reads the
-queue order for positions; every LOCK_CHECK_S it refreshes the waiters' locks (one script
-call: a waiter whose session was taken over is told so). A step runs when something may
-have changed (a node turned ready or freed a slot: pub/sub `LOBBY_WAKE` from any process;
-a lobby joined) and otherwise every `backstop_s`. Lobbies read their news from their
-`Waiter` (no Redis).
+A waiting lobby costs no Redis of its own: the room assigns, refreshes locks and reads
+positions for all of them in a few script calls a step, and lobbies read their news from
+their `Waiter` (docs/architecture.md, "Waiting lobbies").
 """
 
 from __future__ import annotations
@@ -60,10 +56,12 @@ Candidates = Callable[[Config, str, str, str, list[NodeRecord], float], list[str
 
 
 class WaitingRoom:
+    """A step runs when room may have appeared (pub/sub `LOBBY_WAKE` from any process, a
+    lobby joined) and otherwise every `backstop_s`. `read` reads the fleet now (a cached view
+    may not show the node that caused the event yet); waiters read `view`, the last step's."""
+
     def __init__(self, state: State, cfg: Config, read: Callable[[], FleetView],
                  candidates: Candidates, backstop_s: float = BACKSTOP_S) -> None:
-        """`read` reads the fleet now (a step follows an event: a cached view may not show
-        the node that caused it yet); waiters read `view`, the last step's, for their ETA."""
         self.state, self.cfg = state, cfg
         self.read, self.candidates = read, candidates
         self.view: FleetView | None = None
@@ -75,7 +73,6 @@ class WaitingRoom:
         self._checked_at = float("-inf")
         self._lost: set[str] = set()
         self._news: object = None   # what every waiter hears of: outages, refusals, versions
-        self.steps = 0
 
     def enter(self, waiter: Waiter) -> None:
         with self._lock:
@@ -126,7 +123,6 @@ class WaitingRoom:
             waiters = list(self._waiters.values())
         if not waiters:
             return
-        self.steps += 1
         if now - self._checked_at >= LOCK_CHECK_S:   # keep their locks; notice take-overs
             self._checked_at = now
             lost_now: set[str] = set()

@@ -1,15 +1,12 @@
-"""The webapp under gunicorn's gevent worker: a greenlet per connection, so a waiting lobby
-or a slow socket costs memory (tens of kB), not a thread, and one process holds thousands.
+"""The webapp under gunicorn's gevent worker (docs/architecture.md, "Serving the webapp").
 
     gunicorn -k gevent --worker-connections 10000 --workers 2 'webapp.wsgi:deployed()'
     gunicorn -k gevent --workers 1 'webapp.wsgi:local()'      (`voicectl run` starts this)
 
 `deployed()` refuses to start without what a deployment shares (REDIS_URL, DATABASE_URL,
-TICKET_SECRET, USER_TOKEN_SECRET, VOICE_PUBLIC_URL) and with a billing database that
-`voicectl migrate` has not brought to this code's schema. `local()` takes the values
-`voicectl run` hands it. Either builds its app in the worker, after gunicorn's gevent worker
-patched the standard library (never `--preload`). Per-address limits, header and idle
-timeouts and TLS belong to the proxy in front (deploy/nginx.conf).
+TICKET_SECRET, USER_TOKEN_SECRET, VOICE_PUBLIC_URL) or with a billing database that
+`voicectl migrate` has not brought to this code's schema. Either builds its app in the
+worker, after gevent patched the standard library (never `--preload`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-// Identity and the JSON API: the user's id, voices, regions and minutes used today.
+// Identity and the JSON API (the user's id, voices, regions, minutes used today), and the
+// guard every socket message is parsed behind.
 // The server names the user: the uid cookie it set when it served this page (HttpOnly,
 // signed), or a user token an integration put in the page's URL (?token=T), passed on.
 import { state } from "./state.js";
@@ -8,27 +9,36 @@ import { setButtons, setStatus, ui } from "./ui.js";
 export const userToken = new URLSearchParams(location.search).get("token");
 
 // `path` with the page's user token, if it has one.
-export function withToken(path) {
+function withToken(path) {
   if (!userToken) return path;
   return `${path}${path.includes("?") ? "&" : "?"}token=${encodeURIComponent(userToken)}`;
 }
 
+// A socket's text message, or null for anything that is not one of ours (never throws).
+export function parseMessage(data) {
+  let m;
+  try {
+    m = JSON.parse(data);
+  } catch {
+    return null;
+  }
+  return m && typeof m.type === "string" ? m : null;
+}
+
+// The JSON `path` answers; an error says what the server said, if it said why.
+async function getJson(path) {
+  const r = await fetch(path, { cache: "no-store" });
+  if (r.ok) return r.json();
+  const why = await r.json().then((body) => body && body.message, () => null);
+  throw new Error(why || `${path} answered HTTP ${r.status}`);
+}
+
 export async function loadIdentity() {
   try {
-    const r = await fetch(withToken("/api/me"), { cache: "no-store" });
-    const me = await r.json();
-    if (!r.ok) throw new Error(me.message || `HTTP ${r.status}`);
-    state.uid = me.user;
-    ui.uid.textContent = me.user;
+    ui.uid.textContent = (await getJson(withToken("/api/me"))).user;
   } catch (err) {
     ui.uid.textContent = `unknown (${err.message})`;
   }
-}
-
-async function getJson(path) {
-  const r = await fetch(path, { cache: "no-store" });
-  if (!r.ok) throw new Error(`${path} answered HTTP ${r.status}`);
-  return r.json();
 }
 
 export async function loadModels() {
@@ -63,9 +73,8 @@ export async function refreshUsage() {
   try {
     const u = await getJson(withToken("/api/usage"));
     const today = new Date().toISOString().slice(0, 10);
-    const secs = Array.isArray(u.minutes)
-      ? u.minutes.filter((m) => m.minute.startsWith(today)).reduce((a, m) => a + m.seconds, 0)
-      : u.seconds;
+    const secs = u.minutes.filter((m) => m.minute.startsWith(today))
+      .reduce((a, m) => a + m.seconds, 0);
     ui.usage.textContent = `Minutes used today: ${(secs / 60).toFixed(1)}`;
     ui.usage.hidden = false;
   } catch (err) {

@@ -1,15 +1,6 @@
-// Voice changer page: microphone -> node (pitch-shifting worker) -> speakers.
-// Flow: Start -> open audio (one AudioContext, two worklets) -> lobby socket
-// (queued / booting / ready) -> node socket with the ticket -> stream 10 ms frames.
-// Protocol: see docs/protocol.md. ES modules, no build step:
-//   state.js   the one state object and the tunables
-//   ui.js      elements, status, buttons, boot bar, scopes, latency read-out
-//   api.js     identity (the server's) and the JSON API (voices, regions, minutes used)
-//   beacons.js each region's round trip, measured (the lobby places by it)
-//   audio.js   the audio graph (capture and playback worklets)
-//   lobby.js   the lobby socket;  node.js  the node socket, frames and resuming
-//   latency.js every term of the mouth-to-ear latency, measured
-//   session.js Start / Stop / failure
+// Voice changer page: Start -> audio (one AudioContext, two worklets) -> lobby socket
+// (queued / booting / ready) -> node socket with the ticket -> 10 ms frames both ways
+// (docs/protocol.md). ES modules, no build step; state.js holds what the page knows.
 import { state } from "./state.js";
 import { loadIdentity, loadModels, loadRegions, refreshUsage } from "./api.js";
 import { start, stop } from "./session.js";

@@ -2,14 +2,11 @@
 // frames and a playback worklet (jitter buffer) in front of the speakers.
 import { config } from "./state.js";
 
-// onFrame(buf, frameEnd, meanFillMs): a captured frame, the context time of its last
-// sample and the mean time its samples waited in the capture worklet.
-// onReport(report): the playback worklet's ~10 Hz report (mean depth, underruns), or
-// {switched: true} when a planned move's crossfade is over.
+// onFrame(buf, frameEnd, meanFillMs): a captured frame (see capture-worklet.js).
+// onReport(report): the playback worklet's report, or {switched: true} (playback-worklet.js).
 export async function openAudio(onFrame, onReport) {
-  // Create the context inside the click so autoplay rules allow it to run. latencyHint 0
-  // asks for the smallest output buffer the device allows; headless Chromium's fake
-  // device gives 3 ms base + 9 ms output latency (with "interactive": 10 + 30 ms).
+  // Created inside the click, so autoplay rules allow it to run. latencyHint 0: the
+  // smallest output buffer the device allows ("interactive" adds tens of ms).
   const ctx = new AudioContext({ latencyHint: 0 });
   let stream = null;
   try {

@@ -1,9 +1,7 @@
-// Capture processor: collects the microphone's 128-sample render quanta into
-// fixed-size frames (10 ms by default) of mono signed 16-bit little-endian PCM
-// and posts each frame's ArrayBuffer (transferred, not copied) to the main thread
-// as {buf, end, meanFillMs}: `end` is the context time just after the frame's last
-// sample, meanFillMs the frame buffer's fill averaged over the frame's render quanta
-// (the mean time a sample waits here before it is sent).
+// Capture processor: collects the microphone's render quanta into frames of mono int16
+// LE PCM and posts each (transferred, not copied) as {buf, end, meanFillMs}: `end` is the
+// context time just after the frame's last sample, meanFillMs the frame's fill averaged
+// over its render quanta (the mean time a sample waits here before it is sent).
 class CaptureProcessor extends AudioWorkletProcessor {
   constructor(options) {
     super();

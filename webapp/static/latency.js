@@ -1,20 +1,14 @@
-// Mouth-to-ear latency, every term measured on this page while it streams:
-//   capture  = the microphone track's input latency (reported by the browser)
-//            + the mean wait of a sample in the capture worklet's frame (measured
-//              there over render quanta: about half a frame)
-//            + the hop from the audio thread to the socket (context clock at send
-//              minus the context time of the frame's last sample)
-//   network  = round trip of each frame on the wire and through the node: matched by
-//              position (output sample k answers input sample k, frames keep their
-//              sizes), timed from send() to the arrival of the answer's message event
-//   model    = the node's algorithmic latency (latency_ms of its "started" message)
-//   buffer   = the jitter buffer's mean depth, averaged by the playback worklet over
-//              every render quantum (a FIFO's mean delay is its mean depth)
-//   output   = AudioContext.baseLatency + outputLatency (reported by the browser)
-// Each term is a mean over about the last 100 ms. The buffers are counted by their mean
-// waits (Little's law), so a frame's length is counted once: half in the capture
-// buffer, half in the playback buffer's depth; the sum is the mean delay of a sample.
-// The total shown is the sum of the terms as shown (each rounded to 1 ms).
+// Mouth-to-ear latency, every term measured on this page while it streams, each a mean
+// over about the last 100 ms:
+//   capture = the track's input latency (the browser's) + the mean wait of a sample in the
+//             capture worklet's frame + the hop from the audio thread to the socket
+//   network = each frame's round trip through the node, matched by position (output sample
+//             k answers input sample k), from send() to the answer's message event
+//   model   = the node's latency_ms ("started"); buffer = the jitter buffer's mean depth
+//   output  = AudioContext.baseLatency + outputLatency (the browser's)
+// Buffers count by their mean waits (Little's law), so a frame's length is counted once:
+// half in the capture buffer, half in the playback buffer. The total shown is the sum of
+// the terms as shown (each rounded to 1 ms).
 import { state } from "./state.js";
 
 const SMOOTH = 0.1; // exponential smoothing of per-frame samples

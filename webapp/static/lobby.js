@@ -1,15 +1,9 @@
 // The lobby socket (/ws/session): queued -> booting -> ready, or an error.
 import { state } from "./state.js";
 import { rttParam } from "./beacons.js";
-import { userToken } from "./api.js";
+import { parseMessage, userToken } from "./api.js";
 import { connectNode, nodeLost } from "./node.js";
 import { hideBoot, setStatus, showBoot, ui } from "./ui.js";
-
-function guessLocation() {
-  // No geolocation prompt: the time zone offset gives a rough longitude (15 deg/hour).
-  const lon = Math.max(-180, Math.min(180, -new Date().getTimezoneOffset() / 4));
-  return { lat: 40, lon };
-}
 
 function lobbyUrl({ takeover, resume }) {
   // Who the user is: the uid cookie (sent with the socket), or the page's ?token=.
@@ -17,9 +11,9 @@ function lobbyUrl({ takeover, resume }) {
   if (userToken) q.set("token", userToken);
   if (ui.region.value) q.set("region", ui.region.value);
   else {
-    const loc = guessLocation();
-    q.set("lat", loc.lat);
-    q.set("lon", loc.lon);
+    // No geolocation prompt: the time zone offset gives a rough longitude (15 deg/hour).
+    q.set("lat", 40);
+    q.set("lon", Math.max(-180, Math.min(180, -new Date().getTimezoneOffset() / 4)));
     if (rttParam()) q.set("rtt", rttParam()); // measured: placement prefers it
   }
   if (resume) q.set("resume", resume);
@@ -34,21 +28,14 @@ export function openLobby(opts, flow) {
   const next = { fail: flow.fail, openLobby: (o) => openLobby(o, flow) }; // for the node
   const ws = new WebSocket(lobbyUrl(opts));
   let opened = false;
-  let refused = false; // the server sent an error message
-  let readied = false; // the server sent "ready": closing afterwards is normal
+  let settled = false; // the server sent "ready" or an error: closing afterwards is normal
   state.lobby = ws;
   if (!opts.resume) setStatus("Connecting to the server…", "busy", "connecting");
   ws.onopen = () => { opened = true; };
   ws.onmessage = (e) => {
-    let m;
-    try {
-      m = JSON.parse(e.data);
-    } catch {
-      return; // not a message of ours: ignore it
-    }
-    if (!m || typeof m.type !== "string") return;
-    if (m.type === "error") refused = true;
-    if (m.type === "ready") readied = true;
+    const m = parseMessage(e.data);
+    if (!m) return;
+    if (m.type === "error" || m.type === "ready") settled = true;
     if (state.lobby !== ws) return;
     if (m.type === "error" && m.code === "unavailable") {
       retryLater(opts, flow, "The server is briefly unavailable");
@@ -59,8 +46,7 @@ export function openLobby(opts, flow) {
   ws.onclose = () => {
     if (state.lobby !== ws) return; // replaced or closed on purpose
     state.lobby = null;
-    // Closing after "ready" is normal: node loss is handled by the node socket.
-    if (!state.active || refused || readied) return;
+    if (!state.active || settled) return; // after "ready" the node socket handles loss
     if (opts.resume || state.session.id) {
       // We hold a session (queued, booting or resuming): rejoin it, a few times.
       const why = opened ? "the server closed the lobby" : "the server is unreachable";

@@ -1,11 +1,12 @@
 // The node socket ({node_url}?ticket=T): start -> started -> PCM frames both ways ->
 // stop; losing the node resumes the session through the lobby, with backoff.
-// A planned move (the node sends {"type": "move"}: its version is being replaced, its users
-// are gathered onto fewer nodes, or the user's nearest region serves again) is
+// A planned move (the node sends "move": its version is being replaced, its users are
+// gathered onto fewer nodes, or the user's nearest region serves again) is
 // make-before-break: the page resumes through the lobby while the old stream plays on,
 // streams the microphone to both nodes, crossfades playback once the new node answers,
 // then stops the old stream.
 import { config, state } from "./state.js";
+import { parseMessage } from "./api.js";
 import { answerReceived, frameSent, playbackReport, resetLatency } from "./latency.js";
 import { setStatus, ui } from "./ui.js";
 
@@ -15,10 +16,7 @@ export function connectNode(m, flow) {
   const moving = state.moveFrom !== null && state.moveFrom.readyState === WebSocket.OPEN;
   if (moving) {
     const extra = state.node; // a second "ready" during the move: drop the first new one
-    if (extra && extra !== state.moveFrom) {
-      extra.onopen = extra.onmessage = extra.onclose = null;
-      extra.close(1000);
-    }
+    if (extra && extra !== state.moveFrom) leave(extra);
   } else {
     closeNode(false); // a new "ready" while streaming means: switch nodes
   }
@@ -39,13 +37,8 @@ export function connectNode(m, flow) {
   ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: state.audio.ctx.sampleRate }));
   ws.onmessage = (e) => {
     if (typeof e.data !== "string") return onNodeAudio(ws, e.data);
-    let msg;
-    try {
-      msg = JSON.parse(e.data);
-    } catch {
-      return; // not a message of ours
-    }
-    if (!msg || typeof msg.type !== "string") return;
+    const msg = parseMessage(e.data);
+    if (!msg) return;
     if (msg.type === "started") onStarted(ws, msg);
     else if (msg.type === "move") onMove(ws, msg);
     else if (msg.type === "error") state.lastNodeError = msg.message || msg.code || "";
@@ -67,9 +60,7 @@ function onStarted(ws, m) {
   setStatus(`${what} ${m.model || ui.model.value} on node ${state.session.nodeId} in ${state.session.region}.`, "ok", "streaming");
 }
 
-// The node asks to move (drain: a new version replaces it, or the control plane gathers
-// users onto fewer nodes; recall: the nearest region
-// serves again): get the new stream first.
+// The node asks to move (see the top): get the new stream first.
 function onMove(ws, m) {
   if (ws !== state.node || state.moveFrom !== null || !state.active) return;
   console.info(`node ${ws.nodeId} asks to move (${m.reason}); closing in ${m.close_in_ms} ms`);
@@ -119,8 +110,7 @@ export function sendFrame(buf, frameEnd, meanFillMs) {
 // and resume elsewhere now; the control plane drains it once its heartbeat shows the hang.
 function stalled(ws) {
   console.warn(`node ${ws.nodeId} gave no audio for ${config.STALL_MS} ms: moving on`);
-  ws.onopen = ws.onmessage = ws.onclose = null;
-  ws.close();
+  leave(ws);
   state.node = null;
   state.streaming = false;
   nodeLost(ws.flow, "no audio from the node", "The voice node stopped answering");
@@ -132,18 +122,14 @@ function canSend(ws) {
 }
 
 function onNodeAudio(ws, buf) {
-  if (!state.audio) return;
+  if (!state.audio || (ws !== state.node && ws !== state.moveFrom)) return; // a socket we left
   ws.lastAnswer = performance.now();
-  if (ws === state.node) {
-    answerReceived(buf.byteLength >> 1, performance.now());
-    if (state.moveFrom !== null && state.moveFrom !== ws) {
-      state.audio.playback.port.postMessage({ next: buf }, [buf]);
-      return;
-    }
-  } else if (ws !== state.moveFrom) {
-    return; // a socket we left
-  }
-  state.audio.playback.port.postMessage(buf, [buf]);
+  const port = state.audio.playback.port;
+  if (ws !== state.node) return port.postMessage(buf, [buf]); // a move's old stream
+  answerReceived(buf.byteLength >> 1, performance.now());
+  // During a move the new node's answers fill the playback worklet's second buffer.
+  const moving = state.moveFrom !== null && state.moveFrom !== ws;
+  port.postMessage(moving ? { next: buf } : buf, [buf]);
 }
 
 function onNodeClose(ws, code) {
@@ -172,20 +158,16 @@ function onNodeClose(ws, code) {
     state.audio.playback.port.postMessage("drop-next");
     return;
   }
-  state.node = null;
-  state.moveFrom = null;
+  state.node = state.moveFrom = null;
   state.streaming = false;
   if (!state.active) return;
-  const { fail } = ws.flow;
-  if (code === 4409) {
-    fail("Taken over: you started streaming somewhere else (another tab or device), so this stream stopped.");
-  } else if (code === 4401) {
-    fail("The voice node refused the session ticket (expired or invalid). Press Start to try again.");
-  } else if (code === 4400) {
-    fail(`The voice node rejected our audio: ${state.lastNodeError || "malformed message"}. Press Start to try again.`);
-  } else {
-    nodeLost(ws.flow, `close code ${code}`); // 1011 model failed, 4503 full/draining, 1006 dropped, ...
-  }
+  const fatal = { // the closes that end the session; any other resumes it
+    4409: "Taken over: you started streaming somewhere else (another tab or device), so this stream stopped.",
+    4401: "The voice node refused the session ticket (expired or invalid). Press Start to try again.",
+    4400: `The voice node rejected our audio: ${state.lastNodeError || "malformed message"}. Press Start to try again.`,
+  }[code];
+  if (fatal) ws.flow.fail(fatal);
+  else nodeLost(ws.flow, `close code ${code}`); // 1011 model failed, 4503 full/draining, 1006 dropped, ...
 }
 
 // Resume the same session through the lobby, with backoff, a few times.
@@ -209,12 +191,11 @@ export function nodeLost(flow, why, what = "Node lost") {
 
 // Ask a node to flush and close (1000); force-close after 1 s. Resolves once closed.
 function stopSocket(ws) {
-  ws.onopen = ws.onmessage = null;
   if (ws.readyState !== WebSocket.OPEN) {
-    ws.onclose = null;
-    ws.close(1000);
+    leave(ws);
     return Promise.resolve();
   }
+  ws.onopen = ws.onmessage = null;
   ws.send(JSON.stringify({ type: "stop" }));
   return new Promise((resolve) => {
     ws.onclose = resolve;
@@ -222,8 +203,14 @@ function stopSocket(ws) {
   });
 }
 
-// sendStop: ask the node to flush and close (1000); force-close after 1 s.
-// A move's old stream, if any, is stopped too.
+// Close a socket at once, hearing nothing more from it.
+function leave(ws) {
+  ws.onopen = ws.onmessage = ws.onclose = null;
+  ws.close(1000);
+}
+
+// sendStop: let the node flush (stopSocket) rather than close at once. A move's old
+// stream, if any, is stopped too.
 export function closeNode(sendStop) {
   const old = state.moveFrom;
   state.moveFrom = null;
@@ -231,10 +218,6 @@ export function closeNode(sendStop) {
   const ws = state.node;
   state.node = null;
   if (!ws) return;
-  if (sendStop) {
-    state.nodeClosing = stopSocket(ws);
-  } else {
-    ws.onopen = ws.onmessage = ws.onclose = null;
-    ws.close(1000);
-  }
+  if (sendStop) state.nodeClosing = stopSocket(ws);
+  else leave(ws);
 }

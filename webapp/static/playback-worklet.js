@@ -1,25 +1,23 @@
 // Playback processor: a small jitter buffer in front of the speakers.
 // Receives ArrayBuffers of mono int16 LE PCM via port.postMessage ("reset" empties it).
-// - Starts (and restarts after an underrun) once targetMs of audio is buffered.
-// - On underrun outputs silence rather than stalling.
+// - Starts (and restarts after an underrun) once targetMs of audio is buffered; on an
+//   underrun it outputs silence rather than stalling.
 // - Above maxMs it drops the oldest samples back down to targetMs, so latency
 //   can never grow without bound when the network delivers bursts.
 // - Audio that arrives in a burst after a stall would otherwise stay queued for good
 //   (frames come in as fast as they play): when the buffer never fell below floorMs
 //   during a whole report period, the excess above floorMs is dropped.
 // A planned move (make-before-break): {nextSkip: n} opens a second buffer for the new
-// node's answers ({next: ArrayBuffer}), skipping their first n samples (the model's
-// latency: the warm-up silence of a fresh stream); once it holds targetMs the output crossfades from the old
-// buffer to the new one over fadeMs, the new one becomes the buffer, and the processor
-// posts {switched: true} (the page then stops the old stream). "drop-next" abandons it,
-// "next-now" switches at once (the old stream closed first).
-// Every ~100 ms it posts {meanBufferedMs, bufferedMs, underruns, dropped, longestGapMs,
-// gapMs} for the latency read-out: meanBufferedMs is the depth averaged over every render
-// quantum since the last report, which is the mean time a sample waits here (a FIFO's mean
-// delay is its mean depth). longestGapMs is the longest run of silent output (|x| < 1e-4:
-// underruns and silence the node sent) since playback first started or the last
-// "gap-reset" (longestGapEnd: the context time it ended); gapMs the current run; gaps the
-// last silences of GAP_LOGGED samples or more, with the context time each ended.
+// node's answers ({next: ArrayBuffer}), skipping their first n samples (the warm-up
+// silence of a fresh stream); once it holds targetMs the output crossfades to it over
+// fadeMs, it becomes the buffer, and the processor posts {switched: true} (the page then
+// stops the old stream). "drop-next" abandons it, "next-now" switches at once.
+// Every ~100 ms it posts {meanBufferedMs, underruns, longestGapMs, gaps}: meanBufferedMs is
+// the depth averaged over the render quanta since the last report, the mean time a sample
+// waits here (a FIFO's mean delay is its mean depth); longestGapMs the longest run of silent
+// output (underruns and silence the node sent) since playback first started or the last
+// "gap-reset"; gaps the last silences of GAP_LOGGED samples or more, with the context time
+// each ended.
 const SILENT = 1e-4;
 const GAP_LOGGED = 128; // silences this long (samples) or longer are listed with their end
 
@@ -28,10 +26,10 @@ class Ring {
     this.buf = new Float32Array(samples);
     this.read = 0;
     this.size = 0;
-    this.dropped = 0;
   }
 
-  push(data) {
+  // Appends `data`; past `cap` samples it keeps only the newest `keep`.
+  push(data, cap, keep) {
     const view = new DataView(data);
     const n = data.byteLength >> 1;
     const len = this.buf.length;
@@ -40,6 +38,7 @@ class Ring {
       this.buf[(this.read + this.size) % len] = view.getInt16(i * 2, true) / 32768;
       this.size++;
     }
+    if (this.size > cap) this.skip(this.size - keep);
   }
 
   pop() {
@@ -52,7 +51,6 @@ class Ring {
   skip(n) {
     this.read = (this.read + n) % this.buf.length;
     this.size -= n;
-    this.dropped += n;
   }
 
   clear() {
@@ -75,13 +73,11 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     this.fade = -1; // samples into the crossfade; -1: none
     this.playing = false;
     this.underruns = 0;
-    this.droppedBefore = 0; // dropped by buffers replaced in moves
     this.sinceReport = 0;
     this.depthSum = 0; // sum over quanta of the depth (samples) at the start of each
     this.quanta = 0;
     this.gap = 0; // silent output samples in a row
     this.longestGap = 0;
-    this.longestGapEnd = 0; // context time at its end
     this.gaps = []; // the last 50 silences of GAP_LOGGED or more: {ms, end (context time)}
     this.measuring = false; // from the first playback on
     this.port.onmessage = (e) => this.message(e.data);
@@ -96,10 +92,7 @@ class PlaybackProcessor extends AudioWorkletProcessor {
       this.nextSkip = data.nextSkip; // the new model's warm-up: silence, not the voice
       this.fade = -1;
     } else if (data === "next-now" && this.next) { // the old stream is gone: no fade
-      this.droppedBefore += this.ring.dropped;
-      this.ring = this.next;
-      this.next = null;
-      this.fade = -1;
+      this.adopt();
       this.playing = false; // restarts at the target depth
     } else if (data === "drop-next") {
       this.next = null;
@@ -108,14 +101,12 @@ class PlaybackProcessor extends AudioWorkletProcessor {
       this.gap = this.longestGap = 0;
       this.gaps = [];
     } else if (data instanceof ArrayBuffer) {
-      this.ring.push(data);
-      if (this.ring.size > this.cap) this.ring.skip(this.ring.size - this.target);
+      this.ring.push(data, this.cap, this.target);
     } else if (data && data.next instanceof ArrayBuffer && this.next) {
       const skip = Math.min(this.nextSkip, data.next.byteLength >> 1);
       this.nextSkip -= skip;
       if (skip * 2 === data.next.byteLength) return;
-      this.next.push(skip ? data.next.slice(skip * 2) : data.next);
-      if (this.next.size > this.cap) this.next.skip(this.next.size - this.target);
+      this.next.push(skip ? data.next.slice(skip * 2) : data.next, this.cap, this.target);
     }
   }
 
@@ -127,15 +118,8 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     if (!this.playing && this.ring.size >= this.target) this.playing = true;
     if (this.next && this.fade < 0 && this.next.size >= this.target) this.fade = 0;
     let i = 0;
-    if (this.fade >= 0) {
-      i = this.crossfade(out);
-    } else if (this.playing) {
-      for (; i < out.length && this.ring.size > 0; i++) out[i] = this.ring.pop();
-      if (i < out.length) {
-        this.playing = false;
-        this.underruns++;
-      }
-    }
+    if (this.fade >= 0) i = this.crossfade(out);
+    else if (this.playing) i = this.play(out, 0);
     out.fill(0, i);
     this.measure(out);
     this.sinceReport += out.length;
@@ -154,18 +138,28 @@ class PlaybackProcessor extends AudioWorkletProcessor {
       out[i] = a * (1 - g) + b * g;
     }
     if (this.fade >= this.fadeLen) {
-      this.droppedBefore += this.ring.dropped;
-      this.ring = this.next;
-      this.next = null;
-      this.fade = -1;
+      this.adopt();
       this.playing = true;
       this.minDepth = Infinity;
       this.port.postMessage({ switched: true, at: currentTime });
-      for (; i < out.length && this.ring.size > 0; i++) out[i] = this.ring.pop();
-      if (i < out.length) {
-        this.playing = false;
-        this.underruns++;
-      }
+      i = this.play(out, i);
+    }
+    return i;
+  }
+
+  // The new node's buffer becomes the buffer.
+  adopt() {
+    this.ring = this.next;
+    this.next = null;
+    this.fade = -1;
+  }
+
+  // Plays the buffer into out from i on; returns where it stopped (an underrun if early).
+  play(out, i) {
+    for (; i < out.length && this.ring.size > 0; i++) out[i] = this.ring.pop();
+    if (i < out.length) {
+      this.playing = false;
+      this.underruns++;
     }
     return i;
   }
@@ -175,10 +169,7 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     if (!this.measuring) return;
     for (let i = 0; i < out.length; i++) {
       if (Math.abs(out[i]) < SILENT) {
-        if (++this.gap > this.longestGap) {
-          this.longestGap = this.gap;
-          this.longestGapEnd = currentTime + (i + 1) / sampleRate;
-        }
+        if (++this.gap > this.longestGap) this.longestGap = this.gap;
       } else {
         if (this.gap >= GAP_LOGGED) {
           this.gaps.push({ ms: (this.gap * 1000) / sampleRate, end: currentTime + i / sampleRate });
@@ -196,13 +187,9 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     this.minDepth = Infinity;
     this.port.postMessage({
       meanBufferedMs: (this.depthSum * 1000) / this.quanta / sampleRate,
-      bufferedMs: (this.ring.size * 1000) / sampleRate,
       underruns: this.underruns,
-      dropped: this.droppedBefore + this.ring.dropped,
       longestGapMs: (this.longestGap * 1000) / sampleRate,
-      longestGapEnd: this.longestGapEnd,
       gaps: this.gaps.slice(),
-      gapMs: (this.gap * 1000) / sampleRate,
     });
     this.sinceReport = this.depthSum = this.quanta = 0;
   }

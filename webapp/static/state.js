@@ -24,7 +24,6 @@ export const config = {
 };
 
 export const state = {
-  uid: null,
   modelsLoaded: false,
   active: false, // the user wants to stream: between Start and Stop or a fatal error
   attempt: 0, // bumps on every Start, so a stale Start (Stop pressed meanwhile) gives up

@@ -9,8 +9,8 @@ export const ui = {
   status: $("status"), boot: $("boot"), bootFill: $("boot-fill"), bootLeft: $("boot-left"),
   takeover: $("takeover"), usage: $("usage"), uid: $("uid"),
   scopeIn: $("scope-in"), scopeOut: $("scope-out"),
-  lat: { capture: $("lat-capture"), network: $("lat-network"), model: $("lat-model"),
-    buffer: $("lat-buffer"), output: $("lat-output"), total: $("lat-total") },
+  lat: Object.fromEntries(["capture", "network", "model", "buffer", "output", "total"]
+    .map((k) => [k, $(`lat-${k}`)])),
 };
 
 // kind: "busy" | "ok" | "error" | "idle" (colour); state goes on <body data-state>.
