@@ -1,8 +1,7 @@
 """The ledger: settles usage counters from Redis into usage_minutes, and keeps node_costs.
 
-Adapters only: the math is in billing.math. Every write is an upsert of an absolute value
-(a counter merged by its maximum, a row set to the sum of its counters), so running any of
-these twice changes nothing.
+Adapters only: the math is in billing.math. Every write is an upsert of an absolute value,
+so running any of these twice changes nothing.
 """
 
 from __future__ import annotations
@@ -19,15 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from billing import schema
-from billing.math import (
-    UsageCounter,
-    aggregate,
-    epoch,
-    node_cost,
-    parse_counter,
-    utc,
-    vanished,
-)
+from billing.math import UsageCounter, aggregate, epoch, node_cost, parse_counter, utc, vanished
 from billing.tables import node_costs, open_db, usage_counters, usage_minutes
 
 log = logging.getLogger("billing")
@@ -55,6 +46,7 @@ class Ledger:
 
     def __init__(self, engine: Engine, reader: Engine | None = None) -> None:
         self.engine, self.reader = engine, reader or engine
+        self._postgres = engine.dialect.name == "postgresql"
 
     @classmethod
     def open(cls, url: str, migrate: bool = True) -> Ledger:
@@ -68,17 +60,14 @@ class Ledger:
             schema.check(engine)
         return cls(engine, open_db(url, pooled=False))
 
-    @property
-    def _dialect(self) -> Any:
-        return postgresql if self.engine.dialect.name == "postgresql" else sqlite
-
     def _upsert(self, table: Any, rows: Sequence[dict[str, Any]], keys: Sequence[str],
                 update_cols: Sequence[str], conn: Any,
                 merge: Callable[[Any, Any], Any] | None = None) -> None:
         """Insert `rows`; on a key already there, set `update_cols` to the new value (or to
         `merge(old column, new value)`), or keep the old row if there are none."""
+        insert = postgresql.insert if self._postgres else sqlite.insert
         for at in range(0, len(rows), ROWS_PER_STATEMENT):
-            stmt = self._dialect.insert(table).values(list(rows[at:at + ROWS_PER_STATEMENT]))
+            stmt = insert(table).values(list(rows[at:at + ROWS_PER_STATEMENT]))
             if update_cols:
                 new = {c: getattr(stmt.excluded, c) for c in update_cols}
                 stmt = stmt.on_conflict_do_update(
@@ -115,14 +104,13 @@ class Ledger:
                  "node_id": k[4], "session": k[5], "seconds": c.seconds}
                 for k, c in sorted(counters.items())]
         touched = {(c.user, c.minute_s, c.model, c.region) for c in counters.values()}
-        greatest = func.greatest if self.engine.dialect.name == "postgresql" else func.max
         with self.engine.begin() as conn:
-            if self.engine.dialect.name == "postgresql":   # SQLite serialises writers itself
+            if self._postgres:   # SQLite serialises writers itself
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                              {"key": SETTLE_LOCK_KEY})
             self._upsert(usage_counters, rows, ["user_id", "minute", "model", "region",
                                                 "node_id", "session"], ["seconds"], conn,
-                         merge=greatest)
+                         merge=func.greatest if self._postgres else func.max)
             on_record = conn.execute(select(usage_counters).where(usage_counters.c.minute.in_(
                 sorted({r["minute"] for r in rows}))))
             totals = aggregate(UsageCounter(int(epoch(r.minute)), r.user_id, r.session,

@@ -59,8 +59,7 @@ def parse_counter(minute_s: int, field: str, seconds: float) -> UsageCounter | N
 def vanished(open_bills: Iterable[tuple[str, float | None]], fleet: Set[str],
              now: float) -> dict[str, float]:
     """When the meter stops for each open bill (node id, last heartbeat on record) whose
-    node the fleet no longer knows (the live state was lost): at its last heartbeat on
-    record, else now (it never beat, or vanished before the first record of one)."""
+    node the fleet no longer knows: at that heartbeat, else now (none on record)."""
     return {node_id: (seen if seen is not None else now)
             for node_id, seen in open_bills if node_id not in fleet}
 

@@ -31,7 +31,8 @@ def _alembic(conn: Connection | None = None) -> AlembicConfig:
 def head() -> str:
     """The revision this code needs."""
     found = ScriptDirectory.from_config(_alembic()).get_current_head()
-    assert found is not None, "billing/migrations/versions holds no revision"
+    if found is None:
+        raise SchemaError("billing/migrations/versions holds no revision: restore it")
     return found
 
 

@@ -7,6 +7,7 @@ a change here needs a new revision in billing/migrations/versions.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -52,10 +53,8 @@ node_costs = Table(
     Column("last_seen_at", DateTime(timezone=False), nullable=True),
 )
 
-# The counters usage_minutes is the sum of: cumulative seconds per session connection, node
-# and minute, as nodes reported them. Settling merges a counter by its maximum and sets each
-# touched usage_minutes row to the sum of its counters, so a minute is never billed from
-# part of its counters (a report arriving after the live state forgot the minute).
+# What usage_minutes sums: cumulative seconds per session connection, node and minute, as
+# nodes reported them; a minute is never billed from part of them (see Ledger.settle).
 usage_counters = Table(
     "usage_counters", metadata,
     Column("user_id", String(64), nullable=False),
@@ -81,19 +80,18 @@ def open_db(url: str, pooled: bool = True) -> Engine:
     Not `pooled`: a new connection per call, for requests that must fail fast: a pooled
     one waits as long as a hung server stays silent (no client-side read timeout exists)."""
     parsed = make_url(url)
-    kwargs: dict[str, Any] = ({"future": True, "pool_timeout": CONNECT_TIMEOUT_S} if pooled
-                              else {"future": True, "poolclass": NullPool})
+    kwargs: dict[str, Any] = ({"pool_timeout": CONNECT_TIMEOUT_S} if pooled
+                              else {"poolclass": NullPool})
+    sqlite = parsed.get_backend_name() == "sqlite"
     if parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S,
                                   "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"}
-    if parsed.get_backend_name() == "sqlite":
+    if sqlite:
         if parsed.database and parsed.database != ":memory:":
-            from pathlib import Path
-
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     engine = create_engine(url, pool_pre_ping=pooled, **kwargs)
-    if parsed.get_backend_name() == "sqlite":
+    if sqlite:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()

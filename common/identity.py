@@ -1,14 +1,9 @@
 """Who a request is: the one identity function, and the cookie and tokens it trusts.
 
-A request names its user in one of three ways (docs/protocol.md, "User identity"):
-- the `uid` cookie: an id the server chose at the page's first load, signed by it;
-- `?token=T`: a signed, expiring user token (`voicectl user-token USER`), so a login system
-  holding `USER_TOKEN_SECRET` can vouch for its users;
-- `?user=U`: taken at its word only with dev users (`VOICE_DEV_USERS=1`).
-
-Both are signed with `USER_TOKEN_SECRET` through itsdangerous (HMAC-SHA1 over a derived
-key), each with its own salt, so a cookie is never accepted as a token or the other way
-round. Pure code: the clock and the random id are arguments; the caller reads them.
+The three ways a request names its user are `Via`'s (docs/protocol.md, "User identity").
+The cookie and the user token are both signed with `USER_TOKEN_SECRET` through itsdangerous
+(HMAC-SHA1 over a derived key), each with its own salt, so a cookie is never accepted as a
+token or the other way round. Pure code: the clock and the random id are arguments.
 """
 
 from __future__ import annotations
@@ -30,6 +25,7 @@ _TOKEN_SALT = "user-token"
 HOW_TO = ("authenticate with the uid cookie the page sets (open the page and reload it) or "
           "with ?token=T, a user token from your login system or from "
           "`voicectl user-token USER` (signed with USER_TOKEN_SECRET)")
+_NEW_TOKEN = "get a new one (from your login system or `voicectl user-token USER`)"
 
 
 class Via(StrEnum):
@@ -93,15 +89,12 @@ def read_token(token: str, secret: str, *, now: float) -> str:
         payload = URLSafeSerializer(secret, salt=_TOKEN_SALT).loads(token)
     except BadData:
         raise IdentityError("the user token is malformed, edited or not signed with this "
-                            "deployment's USER_TOKEN_SECRET: get a new one (from your login "
-                            "system or `voicectl user-token USER`)") from None
+                            f"deployment's USER_TOKEN_SECRET: {_NEW_TOKEN}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("exp"), int | float):
-        raise IdentityError("the user token carries no expiry: get a new one (from your login "
-                            "system or `voicectl user-token USER`)")
+        raise IdentityError(f"the user token carries no expiry: {_NEW_TOKEN}")
     if payload["exp"] < now:
-        raise IdentityError(f"the user token expired {now - payload['exp']:.0f} s ago: get a "
-                            "new one (from your login system or `voicectl user-token USER "
-                            "--ttl S`)")
+        raise IdentityError(f"the user token expired {now - payload['exp']:.0f} s ago: "
+                            f"{_NEW_TOKEN}, longer-lived with --ttl S")
     return _valid(payload.get("user"), "the user token")
 
 

@@ -1,14 +1,8 @@
-"""Model packages: a directory with `model.toml` and its files, packed content-addressed.
+"""Model packages (docs/models.md): read `model.toml`, pack a directory content-addressed.
 
-    robot/
-      model.toml   name = "robot"; entry = "robot:make"; optional: streams_per_gpu (default
-                   4), description, batch = "robot:process_batch", [params] (any table)
-      robot.py     def make(sample_rate, params, files) -> processor
-      ...          weights, tables: `files` is the unpacked directory
-
-This module reads manifests and packs and unpacks archives; it never imports a model's code
-(the node does that: worker_node/package.py). The same directory always packs to the same
-bytes (sorted entries, no times or owners), so its sha256 digest names it.
+This module never imports a model's code (the node does: worker_node/package.py). The same
+directory always packs to the same bytes (sorted entries, no times or owners), so its sha256
+digest names it.
 """
 
 from __future__ import annotations

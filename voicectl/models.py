@@ -1,11 +1,4 @@
-"""voicectl models: list versions; push a package, promote or roll back its canary; deploy.
-
-    voicectl models [--json]                      every model's live, canary, draining, failed
-    voicectl models push DIR [--canary PERCENT]   check, store and register the next version
-    voicectl models promote NAME                  the canary takes every new session
-    voicectl models rollback NAME                 new sessions go back to the last good one
-    voicectl deploy NAME --version V              make a pushed version live again
-"""
+"""voicectl models (list, push, promote, rollback) and voicectl deploy: see add_parsers."""
 
 from __future__ import annotations
 
@@ -19,7 +12,6 @@ from common.config import Config
 from common.errors import PackageError, VoiceError
 from provisioner import catalog
 from provisioner.state import State, connect
-from provisioner.versions import Entry
 from voicectl.util import default_url, get, redis_url, say, table
 
 COLUMNS = ["name", "version", "state", "canary_percent", "streams_per_gpu", "digest",
@@ -31,11 +23,6 @@ def _state(cfg: Config) -> State:
 
 
 def cmd_models(args: argparse.Namespace, cfg: Config) -> int:
-    action = getattr(args, "action", None)
-    if action == "push":
-        return _push(args, cfg)
-    if action in ("promote", "rollback"):
-        return _change(args, cfg, action)
     data = get(f"{args.url}/api/models")
     if args.json:
         print(json.dumps(data))
@@ -44,7 +31,7 @@ def cmd_models(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _push(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_push(args: argparse.Namespace, cfg: Config) -> int:
     if not args.json:
         say(f"checking {args.dir} in a child process (load, one second of test audio) ...")
     try:
@@ -66,34 +53,22 @@ def _push(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _change(args: argparse.Namespace, cfg: Config, verb: str) -> int:
+def cmd_change(args: argparse.Namespace, cfg: Config) -> int:
+    """promote, rollback, or deploy a version."""
     try:
-        entry = catalog.change(_state(cfg), cfg, args.name, verb, time.time())
-    except ValueError as e:
-        raise VoiceError(str(e)) from None
-    _say_entry(args, entry)
-    return 0
-
-
-def cmd_deploy(args: argparse.Namespace, cfg: Config) -> int:
-    try:
-        entry = catalog.change(_state(cfg), cfg, args.model, "deploy", time.time(),
+        entry = catalog.change(_state(cfg), cfg, args.model, args.verb, time.time(),
                                version=args.version)
     except ValueError as e:
         raise VoiceError(str(e)) from None
-    _say_entry(args, entry)
-    return 0
-
-
-def _say_entry(args: argparse.Namespace, entry: Entry) -> None:
     out: dict[str, Any] = {"model": entry.model, "live": entry.live, "canary": entry.canary,
                            "canary_percent": entry.canary_percent}
     if args.json:
         print(json.dumps(out))
-        return
+        return 0
     say(f"{entry.model} v{entry.live} is live" + (
         f", v{entry.canary} the canary at {entry.canary_percent}%" if entry.canary else
         "; older versions drain (live streams keep going, nodes stop when empty)"))
+    return 0
 
 
 def add_parsers(sub: Any) -> None:
@@ -108,13 +83,15 @@ def add_parsers(sub: Any) -> None:
     push.add_argument("--canary", type=int, metavar="PERCENT",
                       help="share of new sessions (1-99) for the new version")
     push.add_argument("--json", action="store_true")
+    push.set_defaults(func=cmd_push)
     for verb, text in (("promote", "the canary takes every new session"),
                        ("rollback", "new sessions go back to the last good version")):
         ap = acts.add_parser(verb, help=text)
-        ap.add_argument("name")
+        ap.add_argument("model", metavar="name")
         ap.add_argument("--json", action="store_true")
+        ap.set_defaults(func=cmd_change, verb=verb, version="")
     dep = sub.add_parser("deploy", help="make a pushed version live; the others drain")
     dep.add_argument("model")
     dep.add_argument("--version", required=True)
     dep.add_argument("--json", action="store_true")
-    dep.set_defaults(func=cmd_deploy)
+    dep.set_defaults(func=cmd_change, verb="deploy")

@@ -11,20 +11,19 @@ from typing import Any
 
 import requests
 
+from common.errors import VoiceError
 from common.grant import Grant
 
 TIMEOUT_S = 5.0
+PACKAGE_TIMEOUT_S = 300.0   # a real model's weights are large
 
 
-class ControlError(Exception):
+class ControlError(VoiceError):
     """The control plane could not be reached or answered with a server error (retry)."""
 
 
 class Refused(ControlError):
     """The control plane refused this node (bad token, revoked, forgotten): shut down."""
-
-
-PACKAGE_TIMEOUT_S = 300.0   # a real model's weights are large
 
 
 class ControlClient:
@@ -36,50 +35,41 @@ class ControlClient:
         self.session = requests.Session()
         self.session.verify = verify
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _send(self, method: str, path: str, timeout_s: float, **kw: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.credential}"} if self.credential else {}
         try:
-            resp = self.session.post(self.base_url + path, json=body, headers=headers,
-                                     timeout=TIMEOUT_S)
+            return self.session.request(method, self.base_url + path, headers=headers,
+                                        timeout=timeout_s, **kw)
         except requests.RequestException as e:
             raise ControlError(f"control plane at {self.base_url} unreachable: {e}") from None
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        resp = self._send("POST", path, TIMEOUT_S, json=body)
         try:
             data = resp.json()
         except ValueError:
             data = {"message": resp.text[:200]}
+        why = data.get("message", data)
         if resp.status_code in (401, 403, 404, 410):   # not (or no longer) one of its nodes
-            raise Refused(f"control plane refused {path} ({resp.status_code}): "
-                          f"{data.get('message', data)}")
+            raise Refused(f"control plane refused {path} ({resp.status_code}): {why}")
         if resp.status_code == 400:   # this report is refused, not the node: say so, go on
-            raise ControlError(f"control plane refused this report to {path}: "
-                               f"{data.get('message', data)}")
+            raise ControlError(f"control plane refused this report to {path}: {why}")
         if resp.status_code >= 300:
-            raise ControlError(f"control plane answered {resp.status_code} to {path}: "
-                               f"{data.get('message', data)}")
+            raise ControlError(f"control plane answered {resp.status_code} to {path}: {why}")
         return dict(data)
 
     def join(self, token: str, url: str) -> Grant:
-        data = self._post("/api/nodes/join", {"token": token, "url": url})
-        grant = Grant.from_json(data)
+        grant = Grant.from_json(self._post("/api/nodes/join", {"token": token, "url": url}))
         self.credential = grant.credential
         return grant
 
     def beat(self, report: dict[str, Any]) -> dict[str, Any]:
-        """One heartbeat (POST /api/nodes/heartbeat on the kept-alive connection); its
-        answer is the control plane's orders."""
+        """One heartbeat; its answer is the control plane's orders."""
         return self._post("/api/nodes/heartbeat", report)
-
-    def close(self) -> None:
-        self.session.close()
 
     def package(self, digest: str) -> bytes:
         """The model package this node was given, as stored (the caller checks the digest)."""
-        try:
-            resp = self.session.get(f"{self.base_url}/api/nodes/package/{digest}",
-                                    headers={"Authorization": f"Bearer {self.credential}"},
-                                    timeout=PACKAGE_TIMEOUT_S)
-        except requests.RequestException as e:
-            raise ControlError(f"control plane at {self.base_url} unreachable: {e}") from None
+        resp = self._send("GET", f"/api/nodes/package/{digest}", PACKAGE_TIMEOUT_S)
         if resp.status_code != 200:
             try:
                 why = resp.json().get("message", resp.text[:200])
@@ -89,5 +79,4 @@ class ControlClient:
         return resp.content
 
     def leave(self) -> None:
-        self.close()
         self._post("/api/nodes/leave", {})

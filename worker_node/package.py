@@ -2,11 +2,9 @@
 
     python -m worker_node.package check DIR     one JSON line: {"ok": true, ...} or the error
 
-A package's code runs only here: on a node, and in the child process `voicectl models push`
-starts; the control plane never imports it. `make(sample_rate, params, files)` returns one
-processor per stream (`latency_samples`, `process(frames) -> frames`); an optional batch step
-`batch(processors, frames_list) -> outputs` processes one frame of each of several streams
-in one call (what a GPU model wants); the node falls back to per-stream calls without it.
+A package's code runs only here; the control plane never imports it. `make`, its processors
+and the optional batch step (one frame of each of several streams in one call, what a GPU
+model wants) are docs/models.md's; without a batch step the node calls each processor.
 """
 
 from __future__ import annotations
@@ -112,31 +110,27 @@ def run_check(directory: Path) -> dict[str, Any]:
     real time refuses it (PackageError, with the package's own error). Returns what was
     measured."""
     try:
-        return _check(directory)
+        loaded = load(directory)
+        audio = test_audio(CHECK_RATE)
+        chunk = int(CHECK_RATE * CHECK_CHUNK_S)
+        procs = [loaded.make(CHECK_RATE) for _ in range(2 if loaded.batch else 1)]
+        started = time.perf_counter()
+        for i in range(0, len(audio), chunk):
+            frames = audio[i:i + chunk]
+            if loaded.batch is not None:
+                outs = list(loaded.batch(procs, [frames] * len(procs)))
+                if len(outs) != len(procs):
+                    raise PackageError(f"batch step {loaded.manifest.batch} returned "
+                                       f"{len(outs)} outputs for {len(procs)} streams")
+            else:
+                outs = [procs[0].process(frames)]
+            for out in outs:
+                _check_output(loaded.manifest, frames, out)
+        took = time.perf_counter() - started
     except PackageError:
         raise
     except Exception as e:  # the package's own failure, said as it is
         raise PackageError(f"{type(e).__name__}: {e}") from e
-
-
-def _check(directory: Path) -> dict[str, Any]:
-    loaded = load(directory)
-    audio = test_audio(CHECK_RATE)
-    chunk = int(CHECK_RATE * CHECK_CHUNK_S)
-    procs = [loaded.make(CHECK_RATE) for _ in range(2 if loaded.batch else 1)]
-    started = time.perf_counter()
-    for i in range(0, len(audio), chunk):
-        frames = audio[i:i + chunk]
-        if loaded.batch is not None:
-            outs = list(loaded.batch(procs, [frames] * len(procs)))
-            if len(outs) != len(procs):
-                raise PackageError(f"batch step {loaded.manifest.batch} returned {len(outs)} "
-                                   f"outputs for {len(procs)} streams")
-        else:
-            outs = [procs[0].process(frames)]
-        for out in outs:
-            _check_output(loaded.manifest, frames, out)
-    took = time.perf_counter() - started
     if took > len(audio) / CHECK_RATE:
         raise PackageError(f"{loaded.manifest.name} is slower than real time: one second of "
                            f"audio took {took:.2f} s on this machine")

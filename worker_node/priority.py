@@ -1,4 +1,11 @@
-"""The audio thread's priority: real-time round-robin where the process may ask for it."""
+"""The audio thread's priority: real-time round-robin where the process may ask for it.
+
+At a low SCHED_RR priority, as PipeWire's and JACK's audio threads run, a socket's wake-up
+preempts every ordinary process on the machine (an own GPU machine runs its owner's programs
+beside the node); bench/audio.py measures the round-trip tail it buys. The loop uses a few %
+of a core and the kernel caps real-time threads at 95% of each period, so a runaway cannot
+freeze the machine. Without CAP_SYS_NICE: nice -11 (PulseAudio's level), else normal.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +14,9 @@ import os
 
 log = logging.getLogger("worker_node")
 
-# The audio thread asks for real-time round-robin scheduling at a low priority, as
-# PipeWire's and JACK's audio threads do: a socket's wake-up then preempts every ordinary
-# process on the machine (an own GPU machine runs its owner's programs beside the node).
-# The loop sleeps in select between frames and uses a few % of a core, and the kernel caps
-# real-time threads at 95% of each period, so a runaway could not freeze the machine.
-# Measured on the shared 2-core machine under a test run's load, 8 s of 4 streams, client
-# at real-time priority: 4-stream p99/p50 1.5-1.6 with the node at nice -11, 1.7-1.8 with
-# SCHED_RR (client at normal priority: 4.8-9.9 with nice -11, 2.1-2.9 with SCHED_RR).
-# Without CAP_SYS_NICE the thread falls back to nice -11 (PulseAudio's level), then to 0.
 AUDIO_THREAD_RT_PRIORITY = 10
 AUDIO_THREAD_NICE = -11
+
 
 def raise_priority(thread_id: int) -> str:
     """Real-time scheduling for the audio thread where allowed, else a raised nice level."""

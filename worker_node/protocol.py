@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from common.errors import VoiceError
 from common.jsonobj import json_object
 
 MIN_RATE_HZ, MAX_RATE_HZ = 8000, 48000
@@ -13,7 +14,7 @@ IDLE_TIMEOUT_S = 30.0       # a stream that sends nothing for this long is close
 MAX_MESSAGE_BYTES = 1024 * 1024   # far above a legal frame (100 ms at 48 kHz: 9,600 bytes)
 
 
-class Malformed(Exception):
+class Malformed(VoiceError):
     """A client frame or message breaks the protocol; the text says what and how to fix it."""
 
 

@@ -74,49 +74,39 @@ class NodeRuntime:
     stalled: Callable[[], float] = lambda: 0.0     # seconds the model call now running has run
     # per stream [session, frames in, out, age of the frame owed]; answers' p95 lateness (ms)
     stream_progress: Callable[[], tuple[list[list[Any]], float | None]] = lambda: ([], None)
+    load_error: str = ""          # why it could not load (state DEAD)
+    started: int = 0              # streams started since it loaded what it serves
+    failed: int = 0               # of those, closed because the model failed (1011)
 
     def now(self) -> float:
         """The control plane's time as this node best knows it: tickets, drain deadlines
         and usage minutes are in it, whatever this machine's clock says."""
         return self.local_clock() + self.clock_offset_s
-    load_error: str = ""          # why it could not load (state DEAD)
-    started: int = 0              # streams started since it loaded what it serves
-    failed: int = 0               # of those, closed because the model failed (1011)
-
-    def use_ticket(self, session: str, fence: int, exp: float, now: float) -> bool:
-        """A ticket opens one stream: False if this one (its session and fence, unique per
-        lobby placement) was used before. Remembered until it expires."""
-        with self.lock:
-            self.used_tickets = {k: e for k, e in self.used_tickets.items() if e > now}
-            if (session, fence) in self.used_tickets:
-                return False
-            self.used_tickets[(session, fence)] = exp
-            return True
 
     def check_ticket(self, t: Ticket) -> None:
-        """TicketError unless `t` is for what this node serves and was never used."""
+        """TicketError unless `t` is for what this node serves, unused (its session and
+        fence are unique per lobby placement; remembered until it expires) and not stale
+        (fencing). A newer ticket closes the user's older stream (4409)."""
         if (t.model, t.version) != (self.model, self.version):
             raise TicketError(f"ticket is for model {t.model} v{t.version}, this node serves "
                               f"{self.model} v{self.version}; reconnect through the lobby")
-        if not self.use_ticket(t.session, t.fence, t.exp, self.now()):
-            raise TicketError("this ticket was used already (a ticket opens one stream); "
-                              "reconnect through the lobby for a new one")
-
-    def take_over(self, entry: Stream) -> str | None:
-        """Fencing: refuse a stale ticket (returns why); a newer one closes the user's
-        older stream (4409)."""
+        now = self.now()
         with self.lock:
-            seen = self.fences.get(entry.user, 0)
-            if entry.fence < seen:
-                return (f"stale ticket: fence {entry.fence} < {seen}; the user has a newer "
-                        "session, reconnect through the lobby")
-            self.fences[entry.user] = entry.fence
+            self.used_tickets = {k: e for k, e in self.used_tickets.items() if e > now}
+            if (t.session, t.fence) in self.used_tickets:
+                raise TicketError("this ticket was used already (a ticket opens one stream); "
+                                  "reconnect through the lobby for a new one")
+            self.used_tickets[(t.session, t.fence)] = t.exp
+            seen = self.fences.get(t.user, 0)
+            if t.fence < seen:
+                raise TicketError(f"stale ticket: fence {t.fence} < {seen}; the user has a "
+                                  "newer session, reconnect through the lobby")
+            self.fences[t.user] = t.fence
             older = [s for s in self.streams.values()
-                     if s.user == entry.user and s.session_id != entry.session_id]
+                     if s.user == t.user and s.session_id != t.session]
         for s in older:
             if s.kick:
                 s.kick(4409, "this user started streaming elsewhere; this stream was taken over")
-        return None
 
     def make_processor(self, rate: int) -> Processor:
         """A processor of the loaded model for one stream at `rate`."""
@@ -229,39 +219,26 @@ class NodeRuntime:
         if stream is not None and stream.kick is not None:
             stream.kick(code, reason)
 
-    def eta_ready_s(self) -> float:
-        """Seconds until the model is loaded (0 once ready)."""
-        if self.state is not NodeState.LOADING:
-            return 0.0
-        return max(0.0, (1.0 - self.progress) * self.load_s)
-
     def open(self, stream: Stream) -> str | None:
         """Admit a stream; returns None, or why it is refused (a 4503 reason).
 
         A second connection of a live session replaces the first (the page reconnected
         after a drop the node has not noticed yet); the old socket is closed."""
         with self.lock:
-            old = self.streams.get(stream.session_id)
-            if old is not None and self.state in (NodeState.READY, NodeState.DRAINING):
-                self.streams[stream.session_id] = stream
-                replaced = old
-            else:
-                replaced = None
-        if replaced is not None:
-            if replaced.kick is not None:
-                replaced.kick(4409, "this session reconnected; this connection was replaced")
-            return None
-        with self.lock:
-            if self.state is NodeState.LOADING:
-                return (f"model {self.model} is still loading ({self.progress:.0%}); "
-                        "wait for the lobby's ready message")
-            if self.state is not NodeState.READY:
-                return f"node is {self.state.value}; reconnect through the lobby"
-            if len(self.streams) >= self.capacity:
-                return f"node full ({self.capacity} streams); reconnect through the lobby"
+            old = self.streams.get(stream.session_id) if self.state.serving else None
+            if old is None:
+                if self.state is NodeState.LOADING:
+                    return (f"model {self.model} is still loading ({self.progress:.0%}); "
+                            "wait for the lobby's ready message")
+                if self.state is not NodeState.READY:
+                    return f"node is {self.state.value}; reconnect through the lobby"
+                if len(self.streams) >= self.capacity:
+                    return f"node full ({self.capacity} streams); reconnect through the lobby"
+                self.started += 1
             self.streams[stream.session_id] = stream
-            self.started += 1
-            return None
+        if old is not None and old.kick is not None:
+            old.kick(4409, "this session reconnected; this connection was replaced")
+        return None
 
     def model_failed(self) -> None:
         """A stream closed because the model failed (1011): counted for rollback."""
@@ -276,21 +253,12 @@ class NodeRuntime:
                 return True
             return False
 
-    def add_seconds(self, stream: Stream, seconds: float, now: float,
-                    blocking: bool = True) -> bool:
-        """Meter audio processed at `now` into its UTC minute (a frame never spans two).
-
-        With `blocking=False` it returns False at once, metering nothing, while another
-        thread holds the lock (the audio loop retries next turn rather than wait)."""
+    def add_seconds(self, stream: Stream, seconds: float, now: float) -> None:
+        """Meter audio processed at `now` into its UTC minute (a frame never spans two)."""
         minute = int(now // 60) * 60
-        if not self.lock.acquire(blocking=blocking):
-            return False
-        try:
+        with self.lock:
             stream.seconds += seconds
             stream.minutes[minute] = stream.minutes.get(minute, 0.0) + seconds
-        finally:
-            self.lock.release()
-        return True
 
     def usage(self, streams: list[Stream] | None = None) -> list[tuple[int, str, float]]:
         """Cumulative counters (minute, "user|session|node|model|region", seconds)."""
@@ -302,13 +270,14 @@ class NodeRuntime:
 
     def snapshot(self) -> dict[str, object]:
         with self.lock:
+            eta_s = (1.0 - self.progress) * self.load_s if self.state is NodeState.LOADING else 0
             return {
                 "id": self.id, "model": self.model, "version": self.version,
                 "region": self.region, "provider": self.provider, "state": self.state.value,
                 "progress": round(self.progress, 3), "url": self.url,
                 "capacity": self.capacity, "started_at": self.started_at,
                 "ready_at": self.ready_at, "drain_deadline": self.drain_deadline,
-                "eta_ready_s": round(self.eta_ready_s(), 2),
+                "eta_ready_s": round(max(0.0, eta_s), 2),
                 "streams": {sid: round(s.seconds, 3) for sid, s in self.streams.items()},
             }
 

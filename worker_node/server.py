@@ -1,9 +1,9 @@
 """The node's server: audio streams on `/ws?ticket=T` (docs/protocol.md), `/healthz`, and
-the control plane's signed orders on `/control`, all on one asyncio loop (the `websockets`
-library) in one thread. Each stream is a coroutine. The frames that arrive in one turn of
-the loop are processed together in the next, through the model's batch step where it has
-one (what a GPU wants). What blocks (the agent's heartbeat when a stream opens or closes)
-runs in worker threads.
+the control plane's signed orders on `/control`, on one asyncio loop in one thread.
+
+The frames that arrive in one turn of the loop are processed together in the next, through
+the model's batch step where it has one (what a GPU wants). What blocks (the agent's
+heartbeat when a stream opens or closes) runs in worker threads.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -32,7 +32,7 @@ from websockets.http11 import Request, Response
 from common.errors import TicketError
 from common.jsonobj import json_object
 from common.tickets import verify, verify_control
-from common.wsclose import fit
+from common.wsclose import REFUSAL_GAP_S, fit
 from worker_node import priority, protocol
 from worker_node.pace import Pace, p95_ms
 from worker_node.package import Processor
@@ -45,9 +45,6 @@ logging.getLogger("websockets").setLevel(logging.WARNING)   # one line per conne
 STALL_S = 1.0   # a model call this long is a stall, not work (a 20 ms frame takes < 1 ms)
 SWITCH_INTERVAL_S = 0.0005    # a woken thread waits at most this for the GIL (default 5 ms)
 CLOSE_TIMEOUT_S = 2.0         # for the client's answer to our close frame
-# simple_websocket's client keeps only the first event of the read that ends its handshake:
-# a refusal that shares a TCP segment with the 101 would reach it as 1005, without reason.
-REFUSAL_GAP_S = 0.02
 Outcome = tuple[int, str] | None   # close code and reason; None: the client closed
 
 
@@ -80,7 +77,6 @@ class NodeServer:
         self.make_processor = make_processor or node.make_processor
         self.on_open, self.on_close, self.on_order = on_open, on_close, on_order
         self.conns: set[Conn] = set()
-        self.port = 0
         self.thread_id: int | None = None
         self.scheduling = "normal"     # what the loop's thread got: see priority.py
         self.busy_since: float | None = None   # a model call runs since (monotonic)
@@ -98,24 +94,20 @@ class NodeServer:
 
     def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Serve from a new thread; returns the port once listening."""
-        ready = threading.Event()
-        failed: list[BaseException] = []
+        listening: Future[int] = Future()
 
         def run() -> None:
             self.thread_id = threading.get_native_id()
             self.scheduling = priority.raise_priority(self.thread_id)
             try:
-                asyncio.run(self._main(host, port, ssl_context, ready))
+                asyncio.run(self._main(host, port, ssl_context, listening))
             except BaseException as e:  # thread boundary: say why it never listened
-                failed.append(e)
-                ready.set()
+                if not listening.done():
+                    listening.set_exception(e)
             finally:
                 self.stopped.set()
         threading.Thread(target=run, name="audio-loop", daemon=True).start()
-        ready.wait()
-        if failed:
-            raise failed[0]
-        return self.port
+        return listening.result()
 
     def stop(self) -> None:
         loop, stop = self._loop, self._stop
@@ -123,7 +115,7 @@ class NodeServer:
             loop.call_soon_threadsafe(stop.set)
 
     async def _main(self, host: str, port: int, ssl_context: ssl.SSLContext | None,
-                    ready: threading.Event) -> None:
+                    listening: Future[int]) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         # The agent's heartbeats run here, at the normal priority, not the loop's.
         self._loop.set_default_executor(ThreadPoolExecutor(
@@ -131,8 +123,7 @@ class NodeServer:
         async with serve(self._handler, host, port, ssl=ssl_context,
                          process_request=self._http, compression=None, ping_interval=None,
                          max_size=MAX_MESSAGE_BYTES, close_timeout=CLOSE_TIMEOUT_S) as server:
-            self.port = int(next(iter(server.sockets)).getsockname()[1])
-            ready.set()
+            listening.set_result(int(next(iter(server.sockets)).getsockname()[1]))
             await self._stop.wait()
             for conn in self.conns:   # a client that reads nothing would hold up the close
                 conn.ws.transport.abort()
@@ -145,35 +136,33 @@ class NodeServer:
         if path == "/ws":
             return None   # the WebSocket handshake goes on
         if path == "/healthz":
-            return _json(ws, HTTPStatus.OK, self.node.snapshot())
+            return _json(ws, HTTPStatus.OK, **self.node.snapshot())
         if path == "/control":
             return self._control(ws, request)
-        return _json(ws, HTTPStatus.NOT_FOUND, {"error": "not_found", "message":
-                     f"no {path}; streams connect to /ws?ticket=T"})
+        return _json(ws, HTTPStatus.NOT_FOUND, error="not_found",
+                     message=f"no {path}; streams connect to /ws?ticket=T")
 
     def _control(self, ws: ServerConnection, request: Request) -> Response:
         """An order the control plane pushes (kick, recall, wake): its JSON in `X-Order`,
         signed with our key in `X-Signature`."""
         body = request.headers.get("X-Order", "").encode()
         if not verify_control(body, request.headers.get("X-Signature", ""), self.secret):
-            return _json(ws, HTTPStatus.FORBIDDEN, {"error": "forbidden",
-                                                    "message": "bad or missing signature"})
+            return _json(ws, HTTPStatus.FORBIDDEN, error="forbidden",
+                         message="bad or missing signature")
         try:
             order = json_object(body.decode())
         except ValueError as e:
-            return _json(ws, HTTPStatus.BAD_REQUEST, {"error": "bad_request",
-                                                      "message": f"X-Order is {e}"})
+            return _json(ws, HTTPStatus.BAD_REQUEST, error="bad_request", message=f"X-Order is {e}")
         if self.on_order is not None:
             self.on_order(order)
-        return _json(ws, HTTPStatus.OK, {"ok": True})
+        return _json(ws, HTTPStatus.OK, ok=True)
 
     # ---- a stream ---------------------------------------------------------------------
 
     async def _handler(self, ws: ServerConnection) -> None:
         if not self._frozen:
             # The first stream comes after the model loaded: what exists now lives for the
-            # process, so move it out of the collector's sight. Full collections then scan
-            # only what streams allocate (milliseconds, not the ~40 ms of the start-up heap).
+            # process, so full collections need not scan it again (tens of ms each).
             self._frozen = True
             gc.collect()
             gc.freeze()
@@ -190,16 +179,11 @@ class NodeServer:
         except TicketError as e:
             await _refuse(ws, 4401, str(e))
             return
-        entry = Stream(ticket.session, ticket.user, ticket.fence,
-                       kick=lambda code, why: self._threadsafe(self._kick, conn, code, why),
-                       notify=lambda text: self._threadsafe(self._notify, conn, text))
-        conn.stream = entry
-        refused = node.take_over(entry)
-        if refused:
-            await _refuse(ws, 4401, refused)
-            return
-        refused = node.open(entry)
-        if refused:
+        entry = conn.stream = Stream(
+            ticket.session, ticket.user, ticket.fence,
+            kick=lambda code, why: self._threadsafe(self._kick, conn, code, why),
+            notify=lambda text: self._threadsafe(self._notify, conn, text))
+        if refused := node.open(entry):
             await _refuse(ws, 4503, refused)
             return
         loop = asyncio.get_running_loop()
@@ -207,11 +191,26 @@ class NodeServer:
         self.conns.add(conn)
         try:
             await loop.run_in_executor(None, self.on_open, entry)
-            outcome = await self._serve(conn)
+            outcome = conn.kicked   # kicked while the agent heard of it: never serves
+            if outcome is None:
+                conn.serving = True
+                outcome = await self._stream(conn)
+        except asyncio.CancelledError:
+            if conn.kicked is None:
+                raise
+            conn.task.uncancel()
+            outcome = conn.kicked
+        except Malformed as e:
+            await _bounded(ws, ws.send(json.dumps(
+                {"type": "error", "code": "bad_request", "message": str(e)})))
+            outcome = (4400, str(e))
+        except ConnectionClosed:
+            pass   # the client left
         except Exception as e:  # process boundary: the model failed, tell the client
             log.exception("model failed on session %s", entry.session_id)
             outcome = (1011, f"model failed: {e}; resume through the lobby")
         finally:
+            conn.serving = False
             self.conns.discard(conn)
             if outcome is not None and outcome[0] == 1011:
                 node.model_failed()   # in the close's heartbeat: a failing version rolls back
@@ -220,27 +219,6 @@ class NodeServer:
             await loop.run_in_executor(None, self.on_close, entry, node.close(entry))
         if outcome is not None:
             await _bounded(ws, ws.close(outcome[0], fit(outcome[1])))
-
-    async def _serve(self, conn: Conn) -> Outcome:
-        """Run the stream until it stops, fails, is kicked or its client leaves."""
-        if conn.kicked is not None:
-            return conn.kicked
-        conn.serving = True
-        try:
-            return await self._stream(conn)
-        except asyncio.CancelledError:
-            if conn.kicked is None:
-                raise
-            conn.task.uncancel()
-            return conn.kicked
-        except Malformed as e:
-            await _bounded(conn.ws, conn.ws.send(json.dumps(
-                {"type": "error", "code": "bad_request", "message": str(e)})))
-            return (4400, str(e))
-        except ConnectionClosed:
-            return None
-        finally:
-            conn.serving = False
 
     async def _stream(self, conn: Conn) -> Outcome:
         node, stream, ws = self.node, conn.stream, conn.ws
@@ -386,7 +364,7 @@ async def _refuse(ws: ServerConnection, code: int, reason: str) -> None:
     await _bounded(ws, ws.close(code, fit(reason)))
 
 
-def _json(ws: ServerConnection, status: HTTPStatus, body: object) -> Response:
+def _json(ws: ServerConnection, status: HTTPStatus, **body: object) -> Response:
     response = ws.respond(status, json.dumps(body))
     response.headers["Content-Type"] = "application/json"
     return response

@@ -1,33 +1,16 @@
 """Streaming pitch shifter for speech: a resampling delay line with pitch-synchronous splices.
 
-The pitch voices' model (models/miku, teto, kaito: `entry = "pitch:make"`). Pure numpy.
-
-Algorithm. The output reads the input through a delay line at `ratio` input samples per
-output sample (cubic interpolation), which scales every frequency by `ratio` exactly:
-the pitch is right on every frame and the waveform stays as periodic as the input, so a
-low voice stays voiced (a 20 ms phase vocoder cannot resolve its harmonics). Reading
-faster than real time (shifting up) the delay shrinks; slower (down) it grows. Before it
-leaves its band the read tap jumps back (or forward) by a whole number of pitch periods
-J and the old and new taps are cross-faded (at constant power for the correlation of
-the two taps: linear for in-phase periods, equal power for noise). J is the lag, within
-the allowed range, that maximises the normalised cross-correlation of the signal around
-the tap with the signal J apart, refined to a fraction of a sample (a pitch tracker that
-runs only at splices): the two taps are in phase, so the splice is seamless on voiced
-sounds. Like TD-PSOLA it
-repeats or drops whole periods; unlike PSOLA it needs no glottal-pulse marks, and it
-moves the formants with the pitch (a +7 voice sounds younger, not only higher).
-
-Latency. The tap's delay wanders as a sawtooth around `latency_samples` (12 ms), within
-plus or minus half the longest splice: 4 to 20 ms, never more (a 62.5 Hz period, 16 ms,
-can still be spliced). The declared latency is the mean delay (11.8-12.2 ms measured on
-speech; one tone burst lands anywhere in the band); a single moment of the output may
-be up to 8 ms earlier or later than that, which every method that repeats or drops
-periods shares. Shifting up, the tap being faded out keeps reading until it is 3 samples
-behind the input: the output never needs input it has not seen.
-
-Streaming: every decision (when to splice, by how much) is taken at an exact output
-sample index from input before that index, so the output does not depend on chunking.
-At 0 semitones the output is the input delayed by `latency_samples`, bit-exact.
+The pitch voices' model (models/miku, teto, kaito; docs/models.md). Pure numpy. The output
+reads the input at `ratio` input samples per output sample (cubic interpolation): every
+frequency scales exactly and the output stays as periodic (so as voiced) as the input; a 20
+ms phase vocoder cannot resolve a low voice's harmonics. Before the delay leaves its band
+(4-20 ms around `latency_samples`, 12 ms) the read tap jumps by the whole number of pitch
+periods that best correlates the signal with itself, the two taps cross-faded at constant
+power for that correlation. Like TD-PSOLA it repeats or drops whole periods, without
+glottal-pulse marks. Shifting up, the fading tap stops 3 samples behind the input, so no
+output needs unseen input. Every decision is taken at an exact output index from earlier
+input, so chunking does not change the output; at 0 semitones it is the input delayed,
+bit-exact.
 """
 
 from __future__ import annotations
@@ -60,15 +43,7 @@ _INT16_MAX = 32767
 
 
 class SpliceShifter:
-    """Streaming pitch shifter for speech with a fixed mean latency (12 ms).
-
-    Output sample n is the input read around n - `latency_samples` at `ratio` times the
-    speed, spliced by whole pitch periods (the delay wanders by up to +-8 ms, never past
-    20 ms). At 0 semitones the output is the input delayed by `latency_samples`,
-    bit-exact. Deterministic; not thread-safe (one per stream).
-    """
-
-    method = "splice"
+    """One stream's shifter, mean latency 12 ms. Deterministic; not thread-safe."""
 
     def __init__(self, sample_rate: int, semitones: float) -> None:
         if not MIN_SAMPLE_RATE_HZ <= sample_rate <= MAX_SAMPLE_RATE_HZ:
@@ -267,7 +242,6 @@ class SpliceShifter:
         return float(lo + k + offset), peak
 
 
-# The pitch voices' package entry points (models/miku, teto, kaito: `entry = "pitch:make"`).
 def make(sample_rate: int, params: dict[str, Any], files: Path) -> SpliceShifter:
     """One shifter per stream, `params["semitones"]` from the package's model.toml."""
     return SpliceShifter(sample_rate, float(params.get("semitones", 0.0)))
@@ -275,7 +249,6 @@ def make(sample_rate: int, params: dict[str, Any], files: Path) -> SpliceShifter
 
 def process_batch(processors: Sequence[SpliceShifter],
                   frames: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """One frame of each stream in one call. Each stream's splices fall where its own voice
-    repeats, so the work stays per stream; the call is the seam a GPU model batches behind
-    (its cost beside the per-stream path: bench/models.py)."""
+    """One frame of each stream in one call: the seam a GPU model batches behind. Each
+    stream's splices fall where its own voice repeats, so the work stays per stream."""
     return [p.process(f) for p, f in zip(processors, frames, strict=True)]

@@ -1,4 +1,3 @@
-"""The pitch voices: worker_node.splice's shifter, ready on every node, with this package's
-params (docs/models.md)."""
+"""A pitch voice: worker_node.splice's shifter (on every node) with this package's params."""
 
 from worker_node.splice import make, process_batch  # noqa: F401  the entry and batch step

@@ -4,16 +4,14 @@
 
 The comb (delay D = comb_ms) adds resonances every 1000 / comb_ms Hz, the tin-can ring; the
 carrier (omega = 2 pi carrier_hz / rate) turns every harmonic f into f +- carrier_hz, the
-inharmonic buzz of a robot. Nothing looks ahead, so latency_samples = 0 is honest. The state
-is the count of samples seen (the carrier's phase is computed from it, never accumulated, so
-any chunking gives the same samples) and the last D input samples.
+inharmonic buzz of a robot. Nothing looks ahead, so latency_samples = 0 is honest. The
+carrier's phase is computed from the count of samples seen, never accumulated, so any
+chunking gives the same samples.
 
-`process_batch` is the pattern for a batched (GPU) model: concatenate one frame of every
-stream, spread each stream's constants and sample count to one value per sample
-(np.repeat), do the arithmetic once over them all, split back. It saves per-call overhead,
-not arithmetic, so a cheap numpy voice gains little; a GPU model, whose calls are dear,
-gains most. Per sample it runs the same float operations as `process`, so its outputs are
-identical to per-stream calls, for any mix of frame lengths and sample rates.
+`process_batch` is the pattern for a batched (GPU) model: one frame of every stream
+concatenated, each stream's constants spread to one value per sample (np.repeat), the
+arithmetic done once over them all, split back. Per sample it runs the same float operations
+as `process`, so its outputs equal per-stream calls for any mix of frame lengths and rates.
 """
 
 from __future__ import annotations
