@@ -53,7 +53,7 @@ from provisioner.policy import (  # noqa: E402
     ScalingConfig,
     decide,
 )
-from sim.engine import Sim, _Node, routes  # noqa: E402
+from sim.engine import Sim, SimNode, routes  # noqa: E402
 from sim.metrics import RunResult, lower_bound_usd, perfect_packing  # noqa: E402
 from sim.trace import Session, builtin_trace, bursty_trace, sim_config  # noqa: E402
 
@@ -86,14 +86,14 @@ class CountingSim(Sim):
             self.emptied.discard(node_id)
             self.fates["reused"] += 1
 
-    def empty(self, node: _Node, now: float, drained: set[str]) -> None:
+    def empty(self, node: SimNode, now: float, drained: set[str]) -> None:
         moving = sorted(node.sessions)
         super().empty(node, now, drained)
         self.moved.update(moving)
         self.emptied.add(node.id)
         self.fates["emptied"] += 1
 
-    def start(self, node: _Node, idx: int, now: float) -> None:
+    def start(self, node: SimNode, idx: int, now: float) -> None:
         self._reused(node.id)
         super().start(node, idx, now)
 
@@ -102,7 +102,7 @@ class CountingSim(Sim):
             self._reused(node_id)
         super().apply(decisions, now)
 
-    def stop(self, node: _Node, now: float) -> None:
+    def stop(self, node: SimNode, now: float) -> None:
         if node.id in self.emptied:
             self.emptied.discard(node.id)
             self.fates["stopped" if now < self.last_end else "up_at_end"] += 1
@@ -130,7 +130,7 @@ def run_consolidation(kind: str, seed: int, variant: str, hours: float) -> dict[
                        lower_bound_usd=lower_bound_usd(lower, config))
     sim = CountingSim(sessions, routes_, config, scaling, decide, result, tick_s=TICK_S,
                       event_driven=True, progress=None, until_s=until,
-                      interruptions_per_hour={}, seed=seed)
+                      spot_offers={}, seed=seed)
     m = sim.run({}).metrics()
     moves = sum(sim.moved.values())
     emptied = sim.fates["emptied"]

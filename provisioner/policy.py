@@ -24,12 +24,13 @@ signature, so the simulator can measure the policy against them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from provisioner.scaling import (
     FAST_TAU_SHARE,
+    SPOT_NOTICE_S,
     Decisions,
     NodeSnap,
     Policy,
@@ -44,8 +45,8 @@ from provisioner.states import NodeState
 __all__ = [
     "FAST_TAU_SHARE", "Decisions", "NodeSnap", "Policy", "PoolDemand", "PoolKey",
     "ScalingConfig", "Snapshot", "fast_tau_s",
-    "consolidation", "decide", "decide_fixed_buffer", "decide_reactive", "static_fleet",
-    "warm_buffer_slots",
+    "consolidation", "decide", "decide_fixed_buffer", "decide_reactive", "spot_hedge",
+    "static_fleet", "warm_buffer_slots",
 ]
 
 # A node is emptied only when, once empty, it could stop within this much more than its
@@ -92,6 +93,7 @@ class _Pool:
     coming: list[NodeSnap] = field(default_factory=list)
     streaming: int = 0
     count: int = 0     # nodes kept, as the plan goes
+    spots: int = 0     # how many of them are spot nodes
     slots: int = 0     # their slots
     soon: int = 0      # the slots of those ready within the pool's lead time
     rate: float = 0.0  # arrivals/s to plan for (`_plan_rates`)
@@ -109,10 +111,17 @@ class _Pool:
             return 0   # not live: no buffer, no minimum
         return fn(self.streaming, self.rate, self.demand.mean_session_s, lead_s, z)
 
-    def keep(self, capacity: int, nodes: int = 1, soon: bool = True) -> None:
+    def keep(self, capacity: int, nodes: int = 1, soon: bool = True, spot: bool = False
+             ) -> None:
         self.count += nodes
+        self.spots += nodes if spot else 0
         self.slots += capacity * nodes
         self.soon += capacity * nodes if soon else 0
+
+    def on_spot(self, more: int, share: float) -> int:
+        """How many of `more` nodes to boot on spot: up to `share` of the pool's nodes
+        (rounded down: a pool of one node keeps it on-demand below a share of 1)."""
+        return max(0, min(more, math.floor(share * (self.count + more) + 1e-9) - self.spots))
 
 
 def _pools(snapshot: Snapshot) -> dict[PoolKey, _Pool]:
@@ -147,8 +156,8 @@ def _plan_rates(members: list[_Pool], fast_tau_s: float) -> None:
 
 def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferFn,
           may_stop: Callable[[NodeSnap], bool], pooled: bool, margin: int = 0,
-          queue_lead: bool = False, z_at: Callable[[str], float] | None = None
-          ) -> Decisions:
+          queue_lead: bool = False, z_at: Callable[[str], float] | None = None,
+          spot_share: float = 0.0) -> Decisions:
     """Size every pool to demand + buffer; reuse, keep or stop the idle nodes left over.
 
     Unpooled, each pool keeps the buffer for a new node's full lead time. Pooled, a pool
@@ -160,7 +169,8 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
     With `queue_lead`, a pool with users waiting sizes its buffer for a boot's lead time:
     its queue shows that the region's buffer did not hold, and the arrivals of the next
     boot would otherwise wait a whole boot each (one decision answers the burst).
-    `z_at(region)` is the buffer's z-score there (default `cfg.buffer_z`).
+    `z_at(region)` is the buffer's z-score there (default `cfg.buffer_z`). Where spot is
+    offered, up to `spot_share` of each pool's nodes (ready and coming) boot on spot.
     """
     pools = _pools(snapshot)
     fast_tau = cfg.fast_tau_s
@@ -189,11 +199,13 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
         for pool in members:
             ident, key = _ident(pool.key), pool.key
             own_lead = boot_lead if queue_lead and pool.waiting else lead
-            want[ident] = pool.streaming + pool.waiting + pool.buffer(buffer, own_lead, z)
+            want[ident] = (pool.streaming + pool.waiting + pool.buffer(buffer, own_lead, z)
+                           + (spot_hedge(cfg, region, pool.ready) if spot_share else 0))
             lo, hi = (cfg.min_nodes(key.model) if pool.demand else 0), cfg.max_nodes(key.model)
             # Unpooled, every coming node counts; pooled, only those ready within a reload.
             ready_slots = sum(n.capacity for n in pool.ready)
             pool.count = len(pool.ready) + len(pool.coming)
+            pool.spots = sum(n.spot for n in pool.ready) + sum(n.spot for n in pool.coming)
             pool.slots = ready_slots + sum(n.capacity for n in pool.coming)
             pool.soon = ready_slots + sum(
                 n.capacity for n in pool.coming
@@ -202,10 +214,11 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
             for node in sorted((n for n in pool.ready if n.sessions == 0), key=stop_order):
                 if pool.count > hi or (pool.count > lo and pool.soon - node.capacity >= keep_slots):
                     spare.setdefault(region, []).append(node)
-                    pool.keep(node.capacity, -1)
+                    pool.keep(node.capacity, -1, spot=node.spot)
             short = math.ceil(max(0, want[ident] - pool.soon) / cfg.capacity_of(key.model))
             missing[ident] = max(0, min(max(short, lo - pool.count), hi - pool.count))
 
+        share = spot_share if cfg.spot_offered(region) else 0.0
         region_spare = spare.get(region, [])
         region_spare.sort(key=lambda n: (may_stop(n), n.id))   # reuse the paid-for first
         for pool in sorted(members, key=lambda p: (-p.waiting, -missing[_ident(p.key)])):
@@ -213,14 +226,17 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
             while reload_faster and missing[ident] and region_spare:
                 node = region_spare.pop(0)
                 moves.append((node.id, key))
-                pool.keep(cfg.capacity_of(key.model))
+                pool.keep(cfg.capacity_of(key.model), spot=node.spot)
                 missing[ident] -= 1
             # Boot only for what the nodes already coming will not cover.
             short = math.ceil(max(0, want[ident] - pool.slots) / cfg.capacity_of(key.model))
             floor = cfg.min_nodes(key.model) - pool.count if pool.demand else 0
             more = max(0, min(max(short, floor), cfg.max_nodes(key.model) - pool.count))
-            boot.extend([key] * more)
-            pool.keep(cfg.capacity_of(key.model), more, soon=False)
+            on_spot = pool.on_spot(more, share)
+            spot.extend([key] * on_spot)
+            boot.extend([key] * (more - on_spot))
+            pool.keep(cfg.capacity_of(key.model), more - on_spot, soon=False)
+            pool.keep(cfg.capacity_of(key.model), on_spot, soon=False, spot=True)
         if not pooled:
             continue
 
@@ -233,20 +249,33 @@ def _plan(snapshot: Snapshot, now: float, cfg: ScalingConfig, *, buffer: BufferF
         owner = {_ident(p.key): p for p in members}
         while need > 0 and region_spare:             # keep the cheapest, least stoppable
             node = region_spare.pop()
-            owner[(node.model, node.version)].keep(node.capacity)
+            owner[(node.model, node.version)].keep(node.capacity, spot=node.spot)
             need -= node.capacity
         while need > 0:                              # boot for the pool likeliest to need it
             room = [p for p in live if p.count < cfg.max_nodes(p.key.model)]
             if not room:
                 break
             pool = max(room, key=lambda p: (p.buffer(buffer, lead, z) - p.free, p.key.model))
-            (spot if cfg.spot_offered(region) else boot).append(pool.key)
-            pool.keep(cfg.capacity_of(pool.key.model), soon=False)
+            on_spot = pool.on_spot(1, share) > 0
+            (spot if on_spot else boot).append(pool.key)
+            pool.keep(cfg.capacity_of(pool.key.model), soon=False, spot=on_spot)
             need -= cfg.capacity_of(pool.key.model)
 
     stop = [n.id for region in spare for n in spare[region] if may_stop(n)]
     return Decisions(boot=tuple(boot), stop=tuple(sorted(stop)), retarget=tuple(moves),
                      spot=tuple(spot))
+
+
+def spot_hedge(cfg: ScalingConfig, region: str, nodes: Iterable[NodeSnap]) -> int:
+    """Free slots a pool keeps so that the users of a spot node told of its interruption
+    find room on its other nodes before it goes: a whole node's (its own free slots do not
+    count) where one of its ready spot `nodes` serves users and a new node would not be
+    ready within the notice (SPOT_NOTICE_S); elsewhere 0, since the replacement the policy
+    boots at the notice is ready in time."""
+    if cfg.reaction_s + cfg.lead_s(region) <= SPOT_NOTICE_S:
+        return 0
+    return max((n.capacity for n in nodes
+                if n.spot and n.sessions and n.state is NodeState.READY), default=0)
 
 
 def _ident(key: PoolKey) -> tuple[str, str]:
@@ -270,7 +299,10 @@ def decide(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
     decision books nodes for everyone queued plus the arrivals until they are ready. A
     pool short of room takes
     idle nodes of other pools of its region by reloading them (faster than booting a VM),
-    then boots the rest; where spot nodes are offered, the region's buffer boots on spot. An
+    then boots the rest. Where spot is offered, up to `spot_share` of each pool's nodes boot
+    on spot (`Decisions.spot`), the rest on-demand; a noticed spot node drains, so its users
+    count as demand at once, and where a new node could not be ready within the notice a
+    pool serving users on spot keeps a node's worth of room for them (`spot_hedge`). An
     idle node stops only after `idle_grace_s` empty and near the end of its paid billing
     increment, when its pool and region keep their buffers without it; the most
     expensive first.
@@ -280,7 +312,8 @@ def decide(snapshot: Snapshot, now: float, cfg: ScalingConfig) -> Decisions:
                 and cfg.paid_left_s(node, now) <= cfg.stop_window_s)
 
     plan = _plan(snapshot, now, cfg, buffer=warm_buffer_slots, may_stop=may_stop, pooled=True,
-                 margin=cfg.stop_margin_slots, queue_lead=True, z_at=cfg.buffer_z_at)
+                 margin=cfg.stop_margin_slots, queue_lead=True, z_at=cfg.buffer_z_at,
+                 spot_share=cfg.spot_share)
     return replace(plan, drain=consolidation(snapshot, cfg, now)) if cfg.consolidate else plan
 
 
@@ -309,7 +342,7 @@ def consolidation(snapshot: Snapshot, cfg: ScalingConfig, now: float) -> tuple[s
         # stop: otherwise arrivals fill the moved users' slots, a node boots or the emptied
         # one takes users again, and the moves bought nothing (bench/features.py: without
         # this, 4 in 5 emptied nodes never stopped).
-        keep = cfg.stop_margin_slots + warm_buffer_slots(
+        keep = cfg.stop_margin_slots + spot_hedge(cfg, key.region, nodes) + warm_buffer_slots(
             sum(n.sessions for n in nodes), d.rate_per_s(cfg.fast_tau_s), d.mean_session_s,
             cfg.reaction_s + cfg.idle_grace_s + cfg.stop_window_s, cfg.buffer_z_at(key.region))
         room = (sum(n.capacity - n.sessions for n in nodes) - d.waiting - moving.get(key, 0)

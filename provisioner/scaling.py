@@ -24,6 +24,9 @@ def fast_tau_s(tau_s: float) -> float:
     computes the same)."""
     return max(tau_s * FAST_TAU_SHARE, FAST_TAU_MIN_S)
 RISE_Z = 2.0           # standard errors by which the fast average must lead to count as a rise
+# A spot machine's interruption is announced this long before it goes (EC2's
+# `spot/instance-action`); its users move to other nodes meanwhile (make-before-break).
+SPOT_NOTICE_S = 120.0
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -112,9 +115,14 @@ class ScalingConfig:
     stop_margin_slots: int = 2         # hysteresis: free slots beyond the buffer kept up
     default_boot_s: float = 60.0       # for a provider missing from boot_s_by_provider
     fixed_buffer_nodes: int = 1        # decide_fixed_buffer: free nodes' worth of slots
-    # Spot offers (the simulator's; no provider declares one in production yet): the price
-    # of a spot node per provider. Only the warm buffer boots on spot.
+    # Spot offers (providers with `spot = true`, or the simulator's): the price of a spot
+    # node per provider. Where spot is offered, up to `spot_share` of each pool's nodes boot
+    # on spot and the rest on-demand (`Decisions.spot`, `Decisions.boot`).
     spot_price_per_hour_by_provider: Mapping[str, Decimal] = field(default_factory=dict)
+    # At most this share of a pool's nodes (up and coming) on spot, rounded down; the rest is
+    # the on-demand hedge that no wave of interruptions takes. At 35 % of the price, 0.8 cost
+    # 0.54 of on-demand only on the simulator's days (docs/architecture.md, Autoscaling).
+    spot_share: float = 0.8
     fast_tau_s: float = 60.0           # time constant of PoolDemand.arrival_rate_fast_per_s
     # Consolidation (`policy.consolidation`): empty a node whose users fit into the free
     # slots of the other nodes of their pool, by planned moves (no gap). The free slots that
@@ -134,6 +142,8 @@ class ScalingConfig:
             billing_increment_s_by_provider={p.name: float(p.billing_increment_s)
                                              for p in config.providers},
             price_per_hour_by_provider={p.name: p.price_per_hour for p in config.providers},
+            spot_price_per_hour_by_provider={p.name: p.spot_price for p in config.providers
+                                             if p.spot},
             region_provider={r.name: r.provider for r in config.regions},
             idle_grace_s=config.idle_grace_s,
             fast_tau_s=fast_tau_s(config.arrival_tau_s),

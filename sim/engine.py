@@ -11,102 +11,44 @@ or a slot freed on a ready node, takes the first waiting users of its pool, then
 the other homes whose latency budget reaches its region, nearest first (the lobby's
 waiting room offers every waiting user the nodes within its budget). Nodes take
 boot_s (provider) + load_s to turn ready, in the first of `placement.boot_regions`; a
-retargeted one load_s. A spot node may be taken back by its provider (an exponential
-time, seeded): its streams resume first in line, as the lobby's `resume` does.
+retargeted one load_s. Spot (`sim.spot`): a spot request may be refused, and the node
+boots on-demand instead in the same step; a spot node may be taken back by its provider,
+with a notice SPOT_NOTICE_S ahead. At the notice the node drains (takes nobody new) and
+its users move, make-before-break, to free slots of ready nodes of their model within
+their budget, now or as slots free up (before any waiting user: they have a deadline);
+once empty the node stops. Users still on it when the machine goes resume first in line,
+as the lobby's `resume` does: those lost audio for more than a second.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-import random
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from common.config import Config
 from common.errors import VoiceError
 from provisioner.inputs import Arrivals, policy_inputs
-from provisioner.placement import NodeView, boot_regions, claim_order, home_region, near_regions
+from provisioner.placement import boot_regions, claim_order, near_regions
 from provisioner.policy import Decisions, NodeSnap, Policy, PoolKey, ScalingConfig
 from provisioner.states import NodeState
 from sim.metrics import RunResult
+from sim.nodes import Route, SimNode, routes
+from sim.spot import SPOT_NOTICE_S, SpotMarket, SpotOffer
 from sim.trace import Session
 
-__all__ = ["Route", "SimulationError", "Sim", "routes"]
+__all__ = ["Route", "SimNode", "SimulationError", "Sim", "routes"]
 
 SAMPLE_S = 60.0             # chart resolution
 PROGRESS_EVERY = 16384      # events between progress callbacks
 STUCK_S = 7 * 86400.0       # users waiting this long with nothing coming: the policy is stuck
 
-_END, _READY, _ARRIVAL, _TICK, _INTERRUPT = 0, 1, 2, 3, 4   # order of simultaneous events
+_END, _READY, _ARRIVAL, _TICK, _NOTICE, _GONE = 0, 1, 2, 3, 4, 5   # order at one instant
 
 
 class SimulationError(VoiceError):
     """A policy broke the rules in simulation: stopped a busy node, or left users waiting."""
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where a user may go: their home region and the regions within its budget (RTT)."""
-
-    home: str
-    rtt: dict[str, float]
-
-
-def routes(sessions: Sequence[Session], config: Config) -> list[Route]:
-    by_home: dict[str, Route] = {}
-    cache: dict[tuple[float, float], Route] = {}
-    out = []
-    for s in sessions:
-        route = cache.get((s.lat, s.lon))
-        if route is None:
-            home = home_region(config, s.lat, s.lon).name
-            route = by_home.get(home)
-            if route is None:
-                route = by_home[home] = Route(home, near_regions(config, home))
-            cache[(s.lat, s.lon)] = route
-        out.append(route)
-    return out
-
-
-@dataclass(slots=True)
-class _Node:
-    sim: Sim
-    id: str
-    key: PoolKey          # the pool of its home queue (the policy's pool)
-    region: str           # where it runs
-    provider: str
-    capacity: int
-    state: NodeState
-    requested_at: float
-    eta: float | None
-    spot: bool = False
-    sessions: set[int] = field(default_factory=set)
-    ready_at: float | None = None
-    idle_since: float | None = None
-    cached_snap: NodeSnap | None = None
-    cached_view: NodeView | None = None
-
-    def touch(self) -> None:
-        self.cached_snap = self.cached_view = None
-        self.sim.snaps = None
-
-    def snap(self) -> NodeSnap:
-        if self.cached_snap is None:
-            k = self.key
-            self.cached_snap = NodeSnap(self.id, k.model, k.version, k.region, self.provider,
-                                        self.state, len(self.sessions), self.capacity,
-                                        self.requested_at, self.ready_at, self.idle_since,
-                                        self.eta, self.spot)
-        return self.cached_snap
-
-    def view(self) -> NodeView:
-        if self.cached_view is None:
-            k = self.key
-            self.cached_view = NodeView(self.id, self.region, k.model, k.version, self.state,
-                                        len(self.sessions), self.capacity)
-        return self.cached_view
 
 
 class Sim:
@@ -116,17 +58,18 @@ class Sim:
                  scaling: ScalingConfig, policy: Policy, result: RunResult, *,
                  tick_s: float, event_driven: bool,
                  progress: Callable[[str, float], None] | None, until_s: float,
-                 interruptions_per_hour: Mapping[str, float], seed: int) -> None:
+                 spot_offers: Mapping[str, SpotOffer], seed: int) -> None:
         self.sessions, self.routes, self.config, self.scaling = sessions, routes, config, scaling
         self.policy, self.result, self.tick_s = policy, result, tick_s
         self.event_driven, self.progress, self.until = event_driven, progress, until_s
-        self.interrupt_rate, self.rng = interruptions_per_hour, random.Random(seed)
+        self.market = SpotMarket(spot_offers, seed)
+        self.noticed: dict[str, SimNode] = {}   # draining after a notice, users still on
         self.live = {m.name: m.version for m in config.models}
         traced = {s.model for s in sessions}
         self.pool_keys = [PoolKey(m.name, m.version, r.name)
                           for m in config.models if m.name in traced for r in config.regions]
-        self.nodes: dict[str, _Node] = {}
-        self.placed: dict[PoolKey, dict[str, _Node]] = {k: {} for k in self.pool_keys}
+        self.nodes: dict[str, SimNode] = {}
+        self.placed: dict[PoolKey, dict[str, SimNode]] = {k: {} for k in self.pool_keys}
         self.queues: dict[PoolKey, deque[int]] = {k: deque() for k in self.pool_keys}
         self.streaming = dict.fromkeys(self.pool_keys, 0)
         # region -> the other homes whose users it may serve (within their budget), nearest first
@@ -176,9 +119,12 @@ class Sim:
                 elif kind == _READY:
                     if payload in self.nodes:
                         self.make_ready(self.nodes[payload], now)
-                elif kind == _INTERRUPT:
+                elif kind == _NOTICE:
                     if payload in self.nodes:
-                        self.interrupt(self.nodes[payload], now)
+                        self.notice(self.nodes[payload], now)
+                elif kind == _GONE:
+                    if payload in self.nodes:
+                        self.gone(self.nodes[payload], now)
                 else:
                     self.tick(int(payload), now)
             events += 1
@@ -212,7 +158,7 @@ class Sim:
             self.start(self.nodes[order[0]], idx, now)
         return bool(order)
 
-    def start(self, node: _Node, idx: int, now: float) -> None:
+    def start(self, node: SimNode, idx: int, now: float) -> None:
         s = self.sessions[idx]
         node.sessions.add(idx)
         node.idle_since = None
@@ -226,12 +172,15 @@ class Sim:
         self.ends[idx] = (node.id, end)
         self.push(end, _END, f"{node.id}:{idx}")
 
-    def end(self, node: _Node, idx: int, now: float) -> None:
+    def end(self, node: SimNode, idx: int, now: float) -> None:
         self.leave(node, idx, now)
         del self.ends[idx]
-        self.serve_queue(node, now)
+        if node.state is NodeState.READY:
+            self.serve_queue(node, now)
+        elif not node.sessions and node.id in self.noticed:
+            self.stop(node, now)   # drained before its machine goes: give it back now
 
-    def leave(self, node: _Node, idx: int, now: float) -> None:
+    def leave(self, node: SimNode, idx: int, now: float) -> None:
         node.sessions.discard(idx)
         if not node.sessions:
             node.idle_since = now
@@ -239,15 +188,40 @@ class Sim:
         self.streaming[node.key] -= 1
         self.total_streaming -= 1
 
-    def interrupt(self, node: _Node, now: float) -> None:
-        """The provider took a spot node back: its streams resume first in their queues."""
+    def notice(self, node: SimNode, now: float) -> None:
+        """The provider will take this spot node back in SPOT_NOTICE_S: it drains, and its
+        users move to free slots now or as they free up (`serve_queue`)."""
         self.result.interruptions += 1
+        if node.state is not NodeState.READY or not node.sessions:   # give it back at once
+            self.stop(node, now)
+            self.evaluate(now)
+            return
+        node.state = NodeState.DRAINING
+        node.touch()
+        self.ready_slots -= node.capacity
+        self.result.interrupted_sessions += len(node.sessions)
+        self.noticed[node.id] = node
+        for idx in sorted(node.sessions):
+            route = self.routes[idx]
+            k = node.key
+            order = claim_order([n.view() for region in route.rtt for n in self.placed.get(
+                PoolKey(k.model, k.version, region), {}).values()], k.model, k.version, route.rtt)
+            if order:
+                self.move(idx, node, self.nodes[order[0]], now)
+                self.result.moved_users += 1
+        if node.sessions:
+            self.push(now + SPOT_NOTICE_S, _GONE, node.id)
+        self.evaluate(now)   # the policy sees the capacity gone
+
+    def gone(self, node: SimNode, now: float) -> None:
+        """The machine of a noticed spot node goes: the users still on it lost their audio
+        and resume first in their queues (the lobby's `resume`)."""
         cut = sorted(node.sessions)
         for idx in cut:
             self.resumed[idx] = self.ends.pop(idx)[1] - now
             self.leave(node, idx, now)
         self.stop(node, now)
-        self.result.interrupted_sessions += len(cut)
+        self.result.users_without_audio_over_1s += len(cut)
         for idx in reversed(cut):   # first in line, in their old order
             route = self.routes[idx]
             key = PoolKey(node.key.model, node.key.version, route.home)
@@ -256,7 +230,24 @@ class Sim:
                 self.waiting += 1
         self.evaluate(now)
 
-    def make_ready(self, node: _Node, now: float) -> None:
+    def move(self, idx: int, src: SimNode, dst: SimNode, now: float) -> None:
+        """A planned move, make-before-break: the session goes on on `dst`, no gap."""
+        end = self.ends[idx][1]
+        src.sessions.discard(idx)
+        if not src.sessions:
+            src.idle_since = now
+        src.touch()
+        dst.sessions.add(idx)
+        dst.idle_since = None
+        dst.touch()
+        self.streaming[src.key] -= 1
+        self.streaming[dst.key] += 1
+        self.ends[idx] = (dst.id, end)
+        self.push(end, _END, f"{dst.id}:{idx}")
+        if src.id in self.noticed and not src.sessions:
+            self.stop(src, now)
+
+    def make_ready(self, node: SimNode, now: float) -> None:
         node.state = NodeState.READY
         node.ready_at = node.idle_since = now
         node.eta = None
@@ -264,8 +255,19 @@ class Sim:
         self.ready_slots += node.capacity
         self.serve_queue(node, now)
 
-    def serve_queue(self, node: _Node, now: float) -> None:
+    def serve_queue(self, node: SimNode, now: float) -> None:
+        """Fill the free slots of a ready node: users moving off noticed nodes first, then
+        the waiting users of its pool, then of the homes near it."""
         k = node.key
+        for src in list(self.noticed.values()) if self.noticed else ():
+            if (src.key.model, src.key.version) != (k.model, k.version):
+                continue
+            for idx in sorted(src.sessions):
+                if len(node.sessions) >= node.capacity:
+                    return
+                if node.region in self.routes[idx].rtt:
+                    self.move(idx, src, node, now)
+                    self.result.moved_users += 1
         for home in (k.region, *self.homes_near.get(node.region, ())):
             queue = self.queues.get(k if home == k.region else PoolKey(k.model, k.version, home))
             while queue and len(node.sessions) < node.capacity:
@@ -320,7 +322,7 @@ class Sim:
             self.stop(node, now)
             self.result.stops += 1
 
-    def empty(self, node: _Node, now: float, drained: set[str]) -> None:
+    def empty(self, node: SimNode, now: float, drained: set[str]) -> None:
         """Consolidation: move the node's sessions to the other ready nodes of its pool that
         are not emptied too (`drained`), fullest first, as planned moves (make-before-break:
         no gap, nothing waits); the node stays, idle, for the policy to stop, keep or reload."""
@@ -332,35 +334,31 @@ class Sim:
             room = [n for n in others if len(n.sessions) < n.capacity]
             if not room:
                 raise SimulationError(f"policy drained {node.id}: no room for its users")
-            to = max(room, key=lambda n: (len(n.sessions), n.id))
-            end = self.ends[idx][1]
-            node.sessions.discard(idx)
-            to.sessions.add(idx)
-            to.idle_since = None
-            to.touch()
-            self.ends[idx] = (to.id, end)
-            self.push(end, _END, f"{to.id}:{idx}")
+            self.move(idx, node, max(room, key=lambda n: (len(n.sessions), n.id)), now)
             self.result.moves += 1
         node.idle_since = now
         node.touch()
 
     @staticmethod
-    def place(node: _Node) -> PoolKey:
+    def place(node: SimNode) -> PoolKey:
         return PoolKey(node.key.model, node.key.version, node.region)
 
-    def boot(self, key: PoolKey, now: float, spot: bool) -> _Node:
+    def boot(self, key: PoolKey, now: float, spot: bool) -> SimNode:
         """A node for `key`'s queue, in the cheapest region that may serve it (as
-        fleet.request_node places it)."""
+        fleet.request_node places it). A refused spot request boots on-demand."""
         where = boot_regions(self.config, key.region)
         region = where[0] if where else self.config.region(key.region)
         assert region is not None, "pools are built from the configured regions"
         provider = self.config.provider(region.provider)
         lead_s = provider.boot_s + self.scaling.load_s
+        if spot and self.market.refused(provider.name):
+            self.result.spot_refusals += 1
+            spot = False
         self.next_id += 1
         self.snaps = None
-        node = _Node(self, f"n{self.next_id:05d}", key, region.name, provider.name,
-                     self.config.streams_per_gpu(key.model), NodeState.BOOTING, now,
-                     now + lead_s, spot)
+        node = SimNode(self, f"n{self.next_id:05d}", key, region.name, provider.name,
+                       self.config.streams_per_gpu(key.model), NodeState.BOOTING, now,
+                       now + lead_s, spot)
         self.nodes[node.id] = node
         self.placed.setdefault(self.place(node), {})[node.id] = node
         self.result.boots += 1
@@ -368,13 +366,14 @@ class Sim:
         self.push(now + lead_s, _READY, node.id)
         if spot:
             self.result.spot_boots += 1
-            rate = self.interrupt_rate.get(provider.name, 0.0)
-            if rate > 0:
-                self.push(now + self.rng.expovariate(rate / 3600.0), _INTERRUPT, node.id)
+            notice_in_s = self.market.notice_in_s(provider.name)
+            if notice_in_s is not None:
+                self.push(now + notice_in_s, _NOTICE, node.id)
         return node
 
-    def stop(self, node: _Node, now: float) -> None:
+    def stop(self, node: SimNode, now: float) -> None:
         self.snaps = None
+        self.noticed.pop(node.id, None)
         del self.nodes[node.id]
         del self.placed[self.place(node)][node.id]
         if node.state is NodeState.READY:

@@ -73,8 +73,11 @@ class RunResult:
     peak_nodes: int = 0
     spot_boots: int = 0
     spot_gpu_s: float = 0.0
-    interruptions: int = 0         # spot nodes the provider took back
-    interrupted_sessions: int = 0  # streams cut by them (resumed first in line elsewhere)
+    spot_refusals: int = 0         # spot requests refused (booted on-demand instead)
+    interruptions: int = 0         # spot nodes the provider took back (notices)
+    interrupted_sessions: int = 0  # streams on them at the notice
+    moved_users: int = 0           # of those, moved make-before-break before the node went
+    users_without_audio_over_1s: int = 0   # still on it when it went: resumed first in line
 
     def metrics(self) -> dict[str, Any]:
         waits = np.array(self.waits or [0.0])
@@ -96,6 +99,9 @@ class RunResult:
             "boots": self.boots, "stops": self.stops, "retargets": self.retargets,
             "moves": self.moves, "peak_nodes": self.peak_nodes,
             "spot_boots": self.spot_boots, "spot_gpu_hours": round(self.spot_gpu_s / 3600, 3),
-            "spot_interruptions": self.interruptions,
+            "spot_refusals": self.spot_refusals,
+            "spot_interruptions": self.interruptions, "interruptions": self.interruptions,
             "interrupted_sessions": self.interrupted_sessions,
+            "moved_users": self.moved_users,
+            "users_without_audio_over_1s": self.users_without_audio_over_1s,
         }

@@ -25,8 +25,17 @@ class ChartUnavailable(VoiceError):
 
 
 def report(results: Mapping[str, RunResult]) -> dict[str, Any]:
+    """The policy's metrics, the baselines' under `baselines`; with an `on_demand` run
+    (`--spot`), its metrics under `on_demand` and `cost_vs_on_demand`: the policy's dollars
+    over that run's (same trace, same policy, no spot)."""
     out = results["policy"].metrics()
-    out["baselines"] = {name: r.metrics() for name, r in results.items() if name != "policy"}
+    on_demand = results.get("on_demand")
+    if on_demand is not None:
+        out["on_demand"] = on_demand.metrics()
+        out["cost_vs_on_demand"] = (round(results["policy"].cost_usd / on_demand.cost_usd, 4)
+                                    if on_demand.cost_usd else None)
+    out["baselines"] = {name: r.metrics() for name, r in results.items()
+                        if name not in ("policy", "on_demand")}
     return out
 
 
@@ -42,9 +51,11 @@ def table(results: Mapping[str, RunResult]) -> str:
             ("cost $ / lower bound $", "cost_usd_ratio", "{:.3f}"),
             ("node boots", "boots", "{}"), ("model reloads", "retargets", "{}"),
             ("planned moves", "moves", "{}"),
-            ("spot boots", "spot_boots", "{}"),
-            ("spot interruptions", "spot_interruptions", "{}"),
-            ("interrupted sessions", "interrupted_sessions", "{}")]
+            ("spot boots", "spot_boots", "{}"), ("spot refusals", "spot_refusals", "{}"),
+            ("spot interruptions", "interruptions", "{}"),
+            ("users on them", "interrupted_sessions", "{}"),
+            ("moved on notice", "moved_users", "{}"),
+            ("no audio over 1 s", "users_without_audio_over_1s", "{}")]
     metrics = {name: r.metrics() for name, r in results.items()}
     lines = [f"{'':24}" + "".join(f"{name:>14}" for name in metrics)]
     for label, key, fmt in rows:
@@ -52,6 +63,9 @@ def table(results: Mapping[str, RunResult]) -> str:
             f"{fmt.format(m[key]) if m[key] is not None else '-':>14}" for m in metrics.values()))
     sessions = next(iter(metrics.values()))["sessions"]
     lines.append(f"{sessions} sessions measured")
+    if "on_demand" in results and results["on_demand"].cost_usd:
+        ratio = results["policy"].cost_usd / results["on_demand"].cost_usd
+        lines.append(f"policy with spot / on-demand only, dollars: {ratio:.3f}")
     return "\n".join(lines)
 
 

@@ -5,8 +5,9 @@ docs/protocol.md) runs through the engine (`sim.engine`) against the autoscaler
 (`policy.decide`) and three baselines: Agones-style fixed buffer, reactive (no buffer),
 and a static fleet sized for the peak. Each run reports GPU-hours (request to stop, per
 node), the lower bound (`sim.metrics`), waits, billed dollars and, with `--spot`, spot
-interruptions. `--sweep` runs each scaling policy over a range of its main knob and
-draws the cost/wait frontier.
+interruptions and the dollars against the same policy on-demand only (`cost_vs_on_demand`).
+`--sweep` runs each scaling policy over a range of its main knob and draws the cost/wait
+frontier.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ from sim.report import (
     table,
     undominated,
 )
+from sim.spot import SpotOffer
 from sim.trace import (
     SIM_SPOT,
+    SPOT_INTERRUPTIONS_PER_HOUR,
+    SPOT_REFUSAL,
     Session,
     TraceError,
     builtin_trace,
@@ -87,14 +91,15 @@ def simulate(sessions: Sequence[Session], config: Config, policy: Policy, *, nam
              event_driven: bool = True, initial: Mapping[PoolKey, int] | None = None,
              progress: Callable[[str, float], None] | None = None,
              routes_: Sequence[Route] | None = None, until_s: float | None = None,
-             interruptions_per_hour: Mapping[str, float] | None = None, seed: int = 0
+             spot_offers: Mapping[str, SpotOffer] | None = None, seed: int = 0
              ) -> RunResult:
     """Replay `sessions` (sorted by arrival) against one policy.
 
     Measures the window [0, until_s] (default: until the last session ends): GPU time and
     the lower bound inside it, waits of the sessions arriving in it. Nodes still up when
-    the last session ends stop then. Spot nodes are taken back at
-    `interruptions_per_hour` (per provider), drawn from `seed`.
+    the last session ends stop then. Spot requests are refused and spot nodes taken back
+    as `spot_offers` (per provider) say, drawn from `seed`; the policy sees spot offered
+    only through `scaling.spot_price_per_hour_by_provider` (see `spot_scaling`).
     """
     if not sessions:
         raise TraceError("the trace has no sessions")
@@ -105,28 +110,33 @@ def simulate(sessions: Sequence[Session], config: Config, policy: Policy, *, nam
                        lower_bound_usd=lower_bound_usd(lower, config))
     sim = Sim(sessions, routes_, config, scaling or ScalingConfig.from_config(config), policy,
               result, tick_s=tick_s, event_driven=event_driven, progress=progress,
-              until_s=until, interruptions_per_hour=interruptions_per_hour or {}, seed=seed)
+              until_s=until, spot_offers=spot_offers or {}, seed=seed)
     return sim.run(initial or {})
 
 
-def spot_scaling(config: Config, scaling: ScalingConfig) -> tuple[ScalingConfig,
-                                                                  dict[str, float]]:
-    """The simulated providers' spot offers (SIM_SPOT): prices for the policy, and the
-    interruption rates for the engine."""
-    names = {p.name for p in config.providers}
-    offers = {p: v for p, v in SIM_SPOT.items() if p in names}
-    return (replace(scaling, spot_price_per_hour_by_provider={p: v[0] for p, v in offers.items()}),
-            {p: v[1] for p, v in offers.items()})
+def spot_scaling(config: Config, scaling: ScalingConfig
+                 ) -> tuple[ScalingConfig, dict[str, SpotOffer]]:
+    """The spot offers of the config's providers: the simulated ones' (SIM_SPOT), and those
+    with `spot = true` at their spot price (interrupted and refused as the simulated ones
+    are); `scaling` with their prices (for the policy), and the offers (for the engine)."""
+    offers = {p.name: SIM_SPOT.get(p.name) or SpotOffer(
+        p.spot_price, SPOT_INTERRUPTIONS_PER_HOUR, SPOT_REFUSAL)
+        for p in config.providers if p.name in SIM_SPOT or p.spot}
+    return (replace(scaling, spot_price_per_hour_by_provider={
+        p: v.price_per_hour for p, v in offers.items()}), offers)
 
 
 def run_all(sessions: Sequence[Session], config: Config, *, until_s: float | None = None,
             progress: Callable[[str, float], None] | None = None, spot: bool = False,
             seed: int = 0) -> dict[str, RunResult]:
-    """The policy and the three baselines over the same trace (see `simulate`)."""
-    scaling = ScalingConfig.from_config(config)
-    interrupts: dict[str, float] = {}
+    """The policy and the three baselines over the same trace (see `simulate`), on-demand
+    only; with `spot`, the policy on spot (`spot_scaling`) and, as `on_demand`, the
+    same policy on-demand only (the baselines never boot spot)."""
+    plain = replace(ScalingConfig.from_config(config), spot_price_per_hour_by_provider={})
+    offers: dict[str, SpotOffer] = {}
+    scaling = plain
     if spot:
-        scaling, interrupts = spot_scaling(config, scaling)
+        scaling, offers = spot_scaling(config, plain)
     routes_ = routes(sessions, config)
     _, peaks = perfect_packing(sessions, [r.home for r in routes_], config, math.inf)
     peak_nodes = {k: math.ceil(v / config.streams_per_gpu(k.model)) for k, v in peaks.items()}
@@ -134,10 +144,13 @@ def run_all(sessions: Sequence[Session], config: Config, *, until_s: float | Non
         *((name, p, tick, eager, {}) for name, (p, tick, eager) in POLICIES.items()),
         ("static_peak", static_fleet(peak_nodes), STATIC_TICK_S, False, peak_nodes),
     ]
-    return {name: simulate(sessions, config, policy, name=name, scaling=scaling, tick_s=tick,
+    if spot:
+        runs.insert(1, ("on_demand", decide, TICK_S, True, {}))
+    return {name: simulate(sessions, config, policy, name=name,
+                           scaling=scaling if name == "policy" else plain, tick_s=tick,
                            event_driven=eager, initial=initial, progress=progress,
-                           routes_=routes_, until_s=until_s, interruptions_per_hour=interrupts,
-                           seed=seed)
+                           routes_=routes_, until_s=until_s,
+                           spot_offers=offers if name == "policy" else {}, seed=seed)
             for name, policy, tick, eager, initial in runs}
 
 
@@ -173,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bursty", action="store_true", help="a bursty, heavy-tailed "
                         "trace instead: 10-minute bursts at 4x, lognormal sessions (median "
                         "6 min, at most 3 h), Zipf model popularity, regional peaks")
+    parser.add_argument("--spread", action="store_true", help="--bursty: users at the "
+                        "world's big cities (lat/lon, each with its own evening and bursts) "
+                        "instead of around the regions")
     parser.add_argument("--peak", type=float, default=600.0,
                         help="--bursty: peak concurrent sessions scale (default 600)")
     parser.add_argument("--hours", type=float, default=24.0, help="generated trace length")
@@ -181,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="TOML config (default: default.toml "
                         "regions and models on simulated cloud providers)")
     parser.add_argument("--spot", action="store_true", help="the simulated providers offer "
-                        "spot nodes (cheaper, interrupted now and then); the policy's warm "
-                        "buffer boots on spot")
+                        "spot nodes (35 %% of the price, interrupted now and then with a "
+                        "2-minute notice, sometimes refused); the policy boots up to its "
+                        "spot_share of each pool on spot, and runs again on-demand only "
+                        "(cost_vs_on_demand)")
     parser.add_argument("--sweep", action="store_true", help="run each scaling policy over "
                         "a range of its main knob and draw cost against waits (the frontier)")
     parser.add_argument("--chart", type=Path, default=None,
@@ -194,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--hours {args.hours} is out of range; expected 0 < H <= 744")
     if args.trace and args.bursty:
         parser.error("--trace and --bursty both name a trace; pass one")
+    if args.spread and not args.bursty:
+        parser.error("--spread shapes the bursty trace; pass --bursty with it")
     path = args.chart or Path("frontier.png" if args.sweep else "simulation.png")
 
     began = time.monotonic()
@@ -213,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.trace:
             sessions = load_trace(args.trace, config)
         elif args.bursty:
-            sessions = bursty_trace(config, args.hours, args.seed, args.peak)
+            sessions = bursty_trace(config, args.hours, args.seed, args.peak, args.spread)
         else:
             sessions = builtin_trace(config, args.hours, args.seed)
         if args.write_trace:

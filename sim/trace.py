@@ -20,9 +20,11 @@ import numpy as np
 
 from common.config import DEFAULT_CONFIG_PATH, Config, Provider, parse_config
 from common.errors import ConfigError, VoiceError
+from sim.spot import SpotOffer
 
-__all__ = ["SIM_PROVIDERS", "SIM_SPOT", "Session", "TraceError", "builtin_trace",
-           "bursty_trace", "load_trace", "sim_config", "write_trace"]
+__all__ = ["SIM_PROVIDERS", "SIM_SPOT", "SPOT_INTERRUPTIONS_PER_HOUR", "SPOT_REFUSAL", "Session",
+           "TraceError", "builtin_trace", "bursty_trace", "load_trace", "sim_config",
+           "write_trace"]
 
 
 # The local driver boots in 1 s, which would hide what an autoscaler is for: by default
@@ -32,10 +34,14 @@ SIM_PROVIDERS = (
     Provider("cloud-hour", Decimal("0.90"), billing_increment_s=3600, boot_s=120.0),
 )
 SIM_REGION_PROVIDER = {"ap-northeast": "cloud-hour"}   # every other region: cloud-minute
-# Spot offers of the simulated providers (`voicectl simulate --spot`): price per node-hour
-# and interruptions per node-hour (the provider takes the node back; an assumption, not a
-# measurement: about one node in twenty is lost within its first hour).
-SIM_SPOT = {"cloud-minute": (Decimal("0.40"), 0.05), "cloud-hour": (Decimal("0.33"), 0.05)}
+# Spot offers of the simulated providers (`voicectl simulate --spot`, `sim.spot`): 35 % of
+# the on-demand price; interruptions per node-hour (an assumption, not a measurement: about
+# one node in twenty is taken back within its first hour) and the share of spot requests
+# refused for want of spot capacity (booted on-demand instead).
+SPOT_INTERRUPTIONS_PER_HOUR = 0.05
+SPOT_REFUSAL = 0.1
+SIM_SPOT = {p.name: SpotOffer(p.price_per_hour * Decimal("0.35"), SPOT_INTERRUPTIONS_PER_HOUR,
+                              SPOT_REFUSAL) for p in SIM_PROVIDERS}
 # Built-in trace: evening peak in each region's local time (longitude / 15 h), a trough
 # at TROUGH_SHARE of the peak; lognormal sessions with mean MEAN_SESSION_S.
 REGION_PEAK_SESSIONS = {"us-west": 90, "us-east": 120, "eu-west": 110, "ap-northeast": 100}
@@ -58,6 +64,19 @@ BURSTY_SESSION_SIGMA = 1.0
 BURSTY_MAX_SESSION_S = 3 * 3600.0
 ZIPF_S = 1.1
 PEAK_BASE_SHARE = 0.6      # a region peaks at this share of its part of peak_sessions, bursts aside
+# `bursty_trace(spread=True)`: users at the world's big cities instead of around the
+# regions (lat, lon, metro population in millions), each city with its own evening peak and
+# bursts; every city's users wait in the queue of the nearest region.
+WORLD_CITIES = (
+    (35.7, 139.7, 37), (28.6, 77.2, 32), (31.2, 121.5, 28), (-23.5, -46.6, 22),
+    (19.4, -99.1, 22), (30.0, 31.2, 21), (19.1, 72.9, 21), (39.9, 116.4, 21),
+    (23.8, 90.4, 22), (34.7, 135.5, 19), (40.7, -74.0, 19), (24.9, 67.0, 17),
+    (-34.6, -58.4, 15), (41.0, 29.0, 15), (6.5, 3.4, 15), (14.6, 121.0, 14),
+    (-22.9, -43.2, 13), (34.1, -118.2, 12), (55.8, 37.6, 12), (48.9, 2.35, 11),
+    (-6.2, 106.8, 11), (13.8, 100.5, 11), (37.6, 127.0, 10), (51.5, -0.1, 9),
+    (-12.0, -77.0, 11), (41.9, -87.6, 9), (-33.9, 151.2, 5), (-26.2, 28.0, 6),
+    (43.7, -79.4, 6), (37.8, -122.4, 5), (52.5, 13.4, 4), (40.4, -3.7, 6),
+)
 
 
 class TraceError(VoiceError):
@@ -174,7 +193,7 @@ def load_trace(path: Path, config: Config) -> list[Session]:
 
 
 def bursty_trace(config: Config, hours: float = 24.0, seed: int = 0,
-                 peak_sessions: float = 600.0) -> list[Session]:
+                 peak_sessions: float = 600.0, spread: bool = False) -> list[Session]:
     """A bursty, heavy-tailed day over the config's regions and models, deterministic per seed.
 
     Each region's base concurrency follows its own evening peak (local time, shifted by up
@@ -182,20 +201,25 @@ def bursty_trace(config: Config, hours: float = 24.0, seed: int = 0,
     BURSTS_PER_REGION_DAY per region) and multiply a region's arrival rate by BURST_FACTOR
     for BURST_S. Models are picked by Zipf popularity (exponent ZIPF_S, in config order);
     sessions are lognormal (median BURSTY_MEDIAN_SESSION_S, capped); users scatter around
-    their region. Like the built-in day it starts WARMUP_S early, unmeasured.
+    their region. Like the built-in day it starts WARMUP_S early, unmeasured. With `spread`,
+    the places are WORLD_CITIES (shares by population) instead of the regions.
     """
     rng = np.random.default_rng(seed)
     models = [m.name for m in config.models]
     popularity = 1.0 / np.arange(1, len(models) + 1) ** ZIPF_S
     popularity /= popularity.sum()
+    places = [(r.lat, r.lon) for r in config.regions]
     weights = 1.0 + rng.random(len(config.regions))
+    if spread:
+        places = [(lat, lon) for lat, lon, _ in WORLD_CITIES]
+        weights = np.array([float(w) for _, _, w in WORLD_CITIES])
     weights /= weights.sum()
     mean_s = BURSTY_MEDIAN_SESSION_S * math.exp(BURSTY_SESSION_SIGMA ** 2 / 2)
     bins = np.arange(-WARMUP_S, hours * 3600.0, 60.0)
     out: list[Session] = []
-    for region, weight in zip(config.regions, weights, strict=True):
+    for (lat, lon), weight in zip(places, weights, strict=True):
         peak_h = PEAK_LOCAL_HOUR + rng.uniform(-2.0, 2.0)
-        local_h = ((bins + 30.0) / 3600.0 + region.lon / 15.0) % 24.0
+        local_h = ((bins + 30.0) / 3600.0 + lon / 15.0) % 24.0
         shape = TROUGH_SHARE + (1 - TROUGH_SHARE) * (
             1 + np.cos(2 * np.pi * (local_h - peak_h) / 24.0)) / 2
         factor = np.ones_like(bins)
@@ -211,8 +235,10 @@ def bursty_trace(config: Config, hours: float = 24.0, seed: int = 0,
         durations = np.minimum(rng.lognormal(math.log(BURSTY_MEDIAN_SESSION_S),
                                              BURSTY_SESSION_SIGMA, total), BURSTY_MAX_SESSION_S)
         picks = rng.choice(len(models), size=total, p=popularity)
-        lats = np.clip(region.lat + rng.normal(0, USER_SPREAD_DEG[0], total), -89.0, 89.0)
-        lons = region.lon + rng.normal(0, USER_SPREAD_DEG[1], total)
+        lats = np.clip(lat + rng.normal(0, USER_SPREAD_DEG[0], total), -89.0, 89.0)
+        lons = lon + rng.normal(0, USER_SPREAD_DEG[1], total)
+        if spread:   # Sydney's neighbours, or Tokyo's, may cross the antimeridian
+            lons = (lons + 180.0) % 360.0 - 180.0
         out.extend(Session(float(a), float(max(d, 1.0)), models[m], float(la), float(lo))
                    for a, d, m, la, lo in zip(arrivals, durations, picks, lats, lons,
                                               strict=True))
