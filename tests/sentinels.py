@@ -28,7 +28,8 @@ class Sentinels:
     url: str                              # sentinel://...;sentinel://... for connect()
     primary: subprocess.Popen[bytes]
     primary_port: int
-    procs: list[subprocess.Popen[bytes]]
+    procs: list[subprocess.Popen[bytes]]   # the primary, its replica, three sentinels
+    replica_port: int = 0
 
     def current_primary(self) -> int:
         """The port the sentinels now name as the primary."""
@@ -67,7 +68,7 @@ def sentinel_redis(tmp: Path) -> Iterator[Sentinels]:
             started.append(procs.spawn([SENTINEL, str(conf)], log=tmp / f"sentinel-{i}.log"))
         _wait_ready(ports)
         url = ";".join(f"sentinel://:{PASSWORD}@127.0.0.1:{p}/0" for p in ports[2:])
-        yield Sentinels(url, started[0], ports[0], started)
+        yield Sentinels(url, started[0], ports[0], started, ports[1])
     finally:
         procs.stop(started)
 

@@ -5,14 +5,16 @@ the nodes' heartbeats and Celery, while streams never stop (nodes stream without
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from conftest import control_plane_config, lobby, running_control_plane, start_stream
-from sentinels import SENTINEL, sentinel_redis
+from sentinels import PASSWORD, SENTINEL, sentinel_redis
 
 from provisioner.state import State, connect
 
@@ -43,6 +45,29 @@ def test_the_live_state_follows_a_failover(tmp_path: Path) -> None:
         assert gap < 10, gap
         assert state.r.get("test:kept") == "yes"
         assert deployment.current_primary() != deployment.primary_port
+
+
+def test_a_placement_is_on_the_replica_before_the_user_is_told(tmp_path: Path) -> None:
+    """Replication is asynchronous: a placement the old primary took and had not copied
+    would be lost by a failover (and its node's reports dropped as not placed). So the
+    lobby's save waits for the replica (WAIT): with the replica stopped for a moment, the
+    save returns only once it runs again, and the placement is there."""
+    with sentinel_redis(tmp_path) as deployment:
+        state = State(connect(deployment.url, "voice"))
+        assert state.replicas == 1
+        replica = deployment.procs[1]
+        fields = {"user": "u1", "node": "n-1", "fence": 1, "created_at": 1.0, "model": "miku"}
+        state.save_session("s-warm", fields, 60)       # connections made, scripts cached
+        replica.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        threading.Timer(0.15, replica.send_signal, (signal.SIGCONT,)).start()
+        state.save_session("s-1", fields, 60)
+        waited = time.monotonic() - stopped
+        assert waited >= 0.1, f"returned {waited:.3f} s after the replica stopped (0.15 s)"
+        assert state.r.hget("vc:node:n-1:placed", "s-1") == "u1|1|1.0"
+        with redis.Redis(port=int(deployment.replica_port), password=PASSWORD,
+                         decode_responses=True) as r:
+            assert r.hget("vc:node:n-1:placed", "s-1") == "u1|1|1.0"
 
 
 def test_lobby_heartbeats_and_celery_follow_a_failover_and_streams_go_on(

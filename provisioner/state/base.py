@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import redis
+from redis.sentinel import SentinelConnectionPool
 
 from provisioner.state import scripts
 
@@ -12,6 +13,8 @@ class StateBase:
 
     def __init__(self, r: redis.Redis) -> None:
         self.r = r
+        # replicas that writes which must survive a failover wait for (Sentinel: one)
+        self.replicas = 1 if isinstance(r.connection_pool, SentinelConnectionPool) else 0
         self._assign = r.register_script(scripts.ASSIGN)
         self._take_lock = r.register_script(scripts.TAKE_LOCK)
         self._refresh_locks = r.register_script(scripts.REFRESH_LOCKS)

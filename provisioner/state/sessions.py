@@ -5,8 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from provisioner.state import scripts
 from provisioner.state.base import StateBase
 from provisioner.state.keys import DISPLACED, placed_key, session_key
+
+# A placement is on the replica before the user hears `ready` (a failover then keeps it,
+# else its node's reports would be dropped as not placed); a replica that does not answer
+# within this costs each placement this long, and the placement stands on the primary.
+REPLICA_WAIT_MS = 200
 
 
 class Sessions(StateBase):
@@ -17,19 +23,17 @@ class Sessions(StateBase):
         """A session placed on a node (again): `fields` has user, node, fence, created_at;
         the node's placed hash records it (what the node may report, beat.lua).
         `away_from`: the nearest region, down when it was placed elsewhere (the session
-        is displaced until recalled there)."""
-        key = session_key(session_id)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(placed_key(str(fields["node"])), session_id,
-                  f"{fields['user']}|{int(fields['fence'])}|{float(fields['created_at'])!r}")
-        pipe.hdel(key, "away_from", "recall_by")
-        pipe.hset(key, mapping={k: str(v) for k, v in fields.items()}
-                  | ({"away_from": away_from} if away_from else {}))
-        pipe.expire(key, ttl_s)
-        if away_from:
-            pipe.sadd(DISPLACED, session_id)
-        else:
-            pipe.srem(DISPLACED, session_id)
+        is displaced until recalled there). With a replica (Sentinel), returns once the
+        replica has it (WAIT)."""
+        placement = f"{fields['user']}|{int(fields['fence'])}|{float(fields['created_at'])!r}"
+        pairs = [x for k, v in fields.items() for x in (k, str(v))]
+        # one connection: WAIT covers the writes of the connection that made them
+        pipe = self.r.pipeline(transaction=False)
+        pipe.eval(scripts.SAVE_SESSION, 3, session_key(session_id),
+                  placed_key(str(fields["node"])), DISPLACED,
+                  session_id, placement, ttl_s, away_from or "", *pairs)
+        if self.replicas:
+            pipe.wait(self.replicas, REPLICA_WAIT_MS)
         pipe.execute()
 
     def note_waiting(self, session_id: str, fields: Mapping[str, Any]) -> None:
