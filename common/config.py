@@ -54,7 +54,9 @@ DRIVER_OPTIONS: dict[str, tuple[str, ...]] = {
 class Provider:
     """Where nodes come from: `driver` is `local`, `byo` (own machines that join with a
     token; never booted or destroyed by us) or a libcloud provider of DRIVER_OPTIONS, with
-    its own `options` (ec2: instance_type, image, spot, endpoint; docs/clouds.md)."""
+    its own `options` (ec2: instance_type, image, spot, endpoint; docs/clouds.md). With
+    `spot = true` it also offers spot machines at `spot_price_per_hour` (default: the
+    on-demand price), which the policy may boot and the provider may take back."""
 
     name: str
     price_per_hour: Decimal
@@ -62,6 +64,7 @@ class Provider:
     boot_s: float
     driver: str = "local"
     options: Mapping[str, Any] = field(default_factory=dict)
+    spot_price_per_hour: Decimal | None = None
 
     @property
     def bootable(self) -> bool:
@@ -70,7 +73,12 @@ class Provider:
 
     @property
     def spot(self) -> bool:
+        """The provider offers spot machines (besides on-demand ones)."""
         return bool(self.options.get("spot", False))
+
+    @property
+    def spot_price(self) -> Decimal:
+        return self.price_per_hour if self.spot_price_per_hour is None else self.spot_price_per_hour
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,10 @@ def _decimal(raw: object, where: str) -> Decimal:
         raise ConfigError(f"{where}={raw!r} is not a decimal price such as \"1.10\"") from None
 
 
+_PROVIDER_KEYS = ("price_per_hour", "billing_increment_s", "boot_s", "driver",
+                  "spot_price_per_hour")
+
+
 def _need(table: Mapping[str, Any], key: str, where: str) -> Any:
     if key not in table:
         raise ConfigError(f"{where} has no {key!r}; add it to the config file")
@@ -209,8 +221,10 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> Config:
             billing_increment_s=int(p.get("billing_increment_s", 1)),
             boot_s=float(p.get("boot_s", 60.0)),
             driver=str(p.get("driver", "local")),
-            options={k: v for k, v in p.items()
-                     if k not in ("price_per_hour", "billing_increment_s", "boot_s", "driver")},
+            options={k: v for k, v in p.items() if k not in _PROVIDER_KEYS},
+            spot_price_per_hour=(_decimal(p["spot_price_per_hour"],
+                                          f"providers.{name}.spot_price_per_hour")
+                                 if "spot_price_per_hour" in p else None),
         )
         for name, p in doc.get("providers", {}).items()
     )

@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 from libcloud.compute.types import NodeState as LibcloudState
 
 from common.config import ORPHAN_SERVING_S, Config, Region
-from provisioner import catalog, clouds, membership, orders, outages
+from provisioner import catalog, clouds, membership, orders, outages, spot
 from provisioner.errors import CapacityError
-from provisioner.inputs import policy_inputs
+from provisioner.inputs import Arrivals, policy_inputs
 from provisioner.placement import boot_regions, candidates_for
 from provisioner.policy import (
     Decisions,
@@ -64,16 +64,19 @@ def snapshot(state: State, cfg: Config, now: float) -> tuple[Snapshot, list[Node
                       provider=n.provider, state=n.state, sessions=n.sessions,
                       capacity=n.capacity, requested_at=n.requested_at or n.started_at,
                       ready_at=n.ready_at, idle_since=state.touch_idle(n, now),
-                      eta_ready=n.eta_ready)
+                      eta_ready=n.eta_ready, spot=n.spot)
              for n in records]
     pools = [pool_id(v.model, v.version, r.name) for v in catalog.serving(state)
              for r in cfg.regions]
     keys = {p: PoolKey(*p.split("|")) for p in pools}
     # anonymous users' waits count only where their demand scales (admit.lua, waiting.lua)
     waiting = {keys[p]: n for p, (_, n) in state.waiting().items() if p in keys}
-    arrivals = {keys[p]: a for p, a in state.arrivals(pools).items()}
+    arrivals = {keys[p]: Arrivals(*a) for p, a in state.arrivals(pools).items()}
+    # a node its provider takes back is nobody's capacity (draining, its users are demand)
+    gone = {n.id for n in records if n.retired or n.reported_lost or (
+        n.interrupt_at is not None and n.state is not NodeState.DRAINING)}
     snap = policy_inputs(nodes, keys.values(), waiting, arrivals, now, cfg.arrival_tau_s,
-                         retired={n.id for n in records if n.retired or n.reported_lost})
+                         retired=gone)
     return snap, records
 
 
@@ -86,16 +89,15 @@ def scaling_config(cfg: Config, serving: list[Version] | None = None) -> Scaling
 
 def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None],
           on_end: NodeEndHook) -> Decisions:
-    """One autoscaler step: snapshot -> policy -> boot, retarget, stop."""
+    """One autoscaler step: snapshot -> policy -> boot (on-demand, and spot where the
+    policy says), retarget, stop."""
     snap, records = snapshot(state, cfg, now)
     decisions = decide(snap, now, scaling_config(cfg, catalog.serving(state)))
     by_id = {n.id: n for n in records}
-    # No provider declares a spot offer to the policy yet (ScalingConfig.from_config), so
-    # spot boots, if any, are ordinary ones here.
     nowhere: set[PoolKey] = set()   # pools no region may boot for now: asked once a step
 
-    def boot(key: PoolKey) -> bool:
-        node_id = None if key in nowhere else request_node(state, cfg, key, now)
+    def boot(key: PoolKey, on_spot: bool = False) -> bool:
+        node_id = None if key in nowhere else request_node(state, cfg, key, now, on_spot)
         if node_id is None:
             nowhere.add(key)
             return False
@@ -103,8 +105,10 @@ def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None
         return True
 
     coming = False
-    for key in (*decisions.boot, *decisions.spot):
+    for key in decisions.boot:
         coming = boot(key) or coming
+    for key in decisions.spot:
+        coming = boot(key, on_spot=True) or coming
     for node_id, key in decisions.retarget:
         coming = retarget(state, cfg, by_id[node_id], key, now) or boot(key) or coming
     for node_id in decisions.drain:
@@ -117,7 +121,8 @@ def scale(state: State, cfg: Config, now: float, provision: Callable[[str], None
         if state.retire(node_id, now):
             stop(state, cfg, by_id[node_id], now, "idle", on_end)
     if decisions:
-        log.info("scale: boot %s, retarget %s, stop %s", [str(k) for k in decisions.boot],
+        log.info("scale: boot %s, spot %s, retarget %s, stop %s",
+                 [str(k) for k in decisions.boot], [str(k) for k in decisions.spot],
                  decisions.retarget, list(decisions.stop))
     return decisions
 
@@ -133,10 +138,12 @@ def consolidate(state: State, cfg: Config, rec: NodeRecord, now: float) -> None:
     orders.wake(cfg, rec)   # it hears of the drain now, not at its next beat
 
 
-def request_node(state: State, cfg: Config, key: PoolKey, now: float) -> str | None:
+def request_node(state: State, cfg: Config, key: PoolKey, now: float,
+                 on_spot: bool = False) -> str | None:
     """Record a node as requested (the bill starts now) in the cheapest region that may
-    serve `key`'s queue; the provision task boots it. None if every such region is avoided
-    (refused for capacity) for now."""
+    serve `key`'s queue; the provision task boots it, on spot if `on_spot` and that region's
+    provider offers spot (else on-demand). None if every such region is avoided (refused
+    for capacity) for now."""
     where = boot_order(state, cfg, key.region, now)
     if not where:
         log.warning("no region may boot %s for %s now (down or out of capacity)",
@@ -149,7 +156,8 @@ def request_node(state: State, cfg: Config, key: PoolKey, now: float) -> str | N
     state.add_node({"id": node_id, "home": key.region, "model": key.model,
                     "version": key.version, "digest": version.digest,
                     "state": NodeState.REQUESTED.value, "requested_at": now,
-                    "capacity": version.streams_per_gpu, **_placed(cfg, where[0], now)})
+                    "capacity": version.streams_per_gpu,
+                    **_placed(cfg, where[0], now, on_spot)})
     return node_id
 
 
@@ -177,20 +185,23 @@ def resend_lost(state: State, cfg: Config, now: float,
     return again
 
 
-def _placed(cfg: Config, region: Region, now: float) -> dict[str, object]:
-    """A requested node's fields that follow from where it boots."""
+def _placed(cfg: Config, region: Region, now: float, on_spot: bool) -> dict[str, object]:
+    """A requested node's fields that follow from where it boots (spot where offered)."""
     provider = cfg.provider(region.provider)
     lead_s = provider.boot_s + cfg.model_load_s
-    return {"region": region.name, "provider": provider.name,
-            "price_per_hour": provider.price_per_hour, "eta_ready": now + lead_s,
-            "deadline": now + lead_s + PROVISION_SLACK_S}
+    market = on_spot and provider.spot
+    return {"region": region.name, "provider": provider.name, "spot": "1" if market else "",
+            "price_per_hour": provider.spot_price if market else provider.price_per_hour,
+            "eta_ready": now + lead_s, "deadline": now + lead_s + PROVISION_SLACK_S}
 
 
 def provision(state: State, cfg: Config, node_id: str, now: float) -> bool:
-    """Create the machine for a requested node; on a refusal for capacity or quota, mark
-    that region constrained and fail over at once to the next cheapest region within the
-    latency budget. Idempotent: the same node id, the same machine. False if no region
-    would take it (the node is dropped; waiting users are told by the lobby)."""
+    """Create the machine for a requested node; a spot one refused for capacity boots
+    on-demand there at once (at the on-demand price); an on-demand one refused for
+    capacity or quota marks that region constrained and fails over at once to the next
+    cheapest region within the latency budget. Idempotent: the same node id, the same
+    machine. False if no region would take it (the node is dropped; waiting users are
+    told by the lobby)."""
     rec = state.node(node_id)
     if rec is None or rec.retired:
         return False
@@ -204,17 +215,21 @@ def provision(state: State, cfg: Config, node_id: str, now: float) -> bool:
                                                f"{node_id} {rec.model} "
                                                f"v{rec.version} in {rec.region}"),
                           clouds.tags_for(cfg, node_id, pool_id(rec.model, rec.version,
-                                                                rec.home)))
+                                                                rec.home)), spot=rec.spot)
             break
         except CapacityError as e:
-            log.warning("%s; failing over", e)
-            state.mark_constrained(region.name, now + cfg.constrained_cooloff_s, str(e))
-            where = boot_order(state, cfg, rec.home, now)
-            if not where:
-                state.forget_node(node_id)
-                return False
-            state.set_node(node_id, **_placed(cfg, where[0], now))
-            state.wake_lobbies()   # waiting users learn of the refusal and the new ETA now
+            if rec.spot:   # spot is out here, on-demand may not be: the same step, same place
+                log.warning("%s; booting node %s on-demand instead", e, node_id)
+                state.set_node(node_id, **_placed(cfg, region, now, on_spot=False))
+            else:
+                log.warning("%s; failing over", e)
+                state.mark_constrained(region.name, now + cfg.constrained_cooloff_s, str(e))
+                where = boot_order(state, cfg, rec.home, now)
+                if not where:
+                    state.forget_node(node_id)
+                    return False
+                state.set_node(node_id, **_placed(cfg, where[0], now, on_spot=False))
+                state.wake_lobbies()   # waiting users learn of the refusal and the new ETA
             rec = state.node(node_id)
             if rec is None:
                 return False
@@ -317,15 +332,16 @@ def reap(state: State, cfg: Config, now: float, on_end: NodeEndHook) -> list[str
             # a node that turned ready since the outage serves there: recovered (one of
             # those lost in it may beat a last time while it goes)
             state.mark_region_up(rec.region)
-        elif rec.drain_deadline is not None and (
-                rec.sessions == 0 or now > rec.drain_deadline + cfg.heartbeat_timeout_s):
-            if rec.consolidating:   # its users moved into its pool: it serves again, idle
+        elif rec.drain_deadline is not None and (rec.sessions == 0 or now > rec.drain_deadline + (
+                0.0 if rec.drain_reason == spot.SPOT else cfg.heartbeat_timeout_s)):
+            if rec.consolidating and not rec.drain_reason:   # it serves again, idle
                 state.undrain(rec.id)
                 continue
             if rec.sessions == 0 and not state.retire(rec.id, now):
                 continue
-            try:
-                stop(state, cfg, rec, now, "drained", on_end)
+            try:   # a spot node goes at its deadline anyway: no grace for late beats
+                stop(state, cfg, rec, now, "spot interruption" if rec.drain_reason == spot.SPOT
+                     else "drained", on_end)
             except clouds.PROVIDER_ERRORS as e:
                 log.warning("drained node %s not stopped yet (%s); the next tick retries",
                             rec.id, e)
@@ -361,8 +377,9 @@ def drain_old_versions(state: State, cfg: Config, now: float) -> None:
         if entry is None:
             continue
         if entry.state(rec.version, now) in (VersionState.LIVE, VersionState.CANARY):
-            if rec.drain_deadline is not None and not rec.consolidating and not rec.suspect:
-                state.undrain(rec.id)   # (a suspect node stays drained: see membership)
+            if rec.drain_deadline is not None and not (rec.consolidating or rec.suspect
+                                                       or rec.drain_reason):
+                state.undrain(rec.id)   # (a suspect or interrupted node stays drained)
             continue
         v = entry.versions.get(rec.version)
         deadline = v.deadline if v is not None and v.deadline is not None else (

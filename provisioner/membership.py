@@ -24,7 +24,7 @@ from common.config import NAME_RE, NODE_PORT, Config, Provider
 from common.grant import Grant
 from common.jsonobj import json_object
 from common.tickets import node_key
-from provisioner import catalog
+from provisioner import catalog, spot
 from provisioner.errors import BadReport, JoinError
 from provisioner.packages import PackageStore
 from provisioner.placement import home_region
@@ -41,6 +41,7 @@ MAX_COUNTERS = 2000          # per heartbeat: a node with 4 streams reports a ha
 STALL_S = 2.0               # a model call hung this long: the node's users move (a frame: ms)
 SLOW_MS = 40.0              # answers this late (p95 over the node's last seconds): they move too
 MAX_INT = 2**53             # fences and minutes: exact in Lua's doubles (and JSON's)
+MAX_CLOCK_OFFSET_S = 10 * 365 * 86400.0   # a node's clock off by more is not a clock
 MAX_STREAMS = 64             # per heartbeat: far above any node's capacity
 
 
@@ -184,6 +185,9 @@ def parse_beat(body: Mapping[str, Any]) -> Beat:
                      "[session, frames_in, frames_out, owed_s]")
     owed_s = max((_float(row[3], "owed_s") for row in progress), default=0.0)
     lag = body.get("lag_ms")
+    clock = _float(body.get("clock_offset_s") or 0, "clock_offset_s")   # optional (v3)
+    if abs(clock) > MAX_CLOCK_OFFSET_S:
+        raise BadReport(f"clock_offset_s {clock} is not an offset in seconds between clocks")
     live = []
     for user, session, fence, _conn in streams:
         fence = _int(fence, "fence")
@@ -205,6 +209,9 @@ def parse_beat(body: Mapping[str, Any]) -> Beat:
     eta = body.get("eta_ready_s")
     ready_at = body.get("ready_at")
     counts = body.get("counts") or {}
+    interrupt = body.get("interruption_at")   # optional (v4): its spot notice's time
+    if interrupt is not None and not 0 < _float(interrupt, "interruption_at") < MAX_INT:
+        raise BadReport(f"interruption_at {interrupt!r} is not a unix time in seconds")
     if not isinstance(counts, dict):
         raise BadReport("counts must be an object {\"started\": N, \"failed\": M}")
     return Beat(state=str(st),
@@ -216,7 +223,9 @@ def parse_beat(body: Mapping[str, Any]) -> Beat:
                 failed=max(0, _int(counts.get("failed", 0), "failed")),
                 load_error=str(body.get("load_error") or "")[:500],
                 stalled_s=max(0.0, owed_s, _float(body.get("stalled_s") or 0, "stalled_s")),
-                lag_ms=None if lag is None else max(0.0, _float(lag, "lag_ms")))
+                lag_ms=None if lag is None else max(0.0, _float(lag, "lag_ms")),
+                interrupt_at=None if interrupt is None else float(interrupt),
+                clock_offset_s=clock)
 
 
 def _rows(body: Mapping[str, Any], key: str, width: int, most: int,
@@ -296,6 +305,9 @@ def heartbeats(state: State, cfg: Config, reports: list[tuple[str, str, Mapping[
             if orders.dropped:
                 log.warning("node %s: %d report(s) dropped: not placed there", node_id,
                             orders.dropped)
+            if beat.interrupt_at is not None:   # this answer carries the drain already
+                orders = replace(orders, drain_deadline=spot.noticed(
+                    state, node_id, beat.interrupt_at, now) or orders.drain_deadline)
             out[i] = orders
             loaded = beat.state == NodeState.READY.value and orders.was != beat.state
             wake = wake or bool(beat.closed) or loaded

@@ -153,14 +153,14 @@ def test_gce_create_names_the_machine_type_with_startup_script_and_labels(
     cfg, region = gce_config(tmp_path)
     assert clouds.driver_for(cfg, region).list_sizes()[0].name == "f1-micro"
     vm = clouds.create(cfg, region, "node-name", SCRIPT,
-                       clouds.tags_for(cfg, "node-name", "miku|1|r1"))
+                       clouds.tags_for(cfg, "node-name", "miku|1|r1"), spot=True)
     [sent] = [json.loads(body) for method, path, body in GCEHttp.sent
               if method == "POST" and path.endswith("/zones/us-central1-a/instances")]
     assert sent["machineType"].endswith("/zones/us-central1-a/machineTypes/n1-standard-1")
     assert sent["metadata"]["items"] == [{"key": "startup-script", "value": SCRIPT}]
     assert sent["labels"] == {"voice-cluster": "voice-t1", "voice-pool": "miku_1_r1",
                               "voice-node": "node-name", "name": "node-name"}
-    assert sent["scheduling"]["preemptible"] is True          # spot = true
+    assert sent["scheduling"]["preemptible"] is True          # a spot boot
     assert vm.name == clouds.node_id_of(vm) == "node-name"
 
 

@@ -37,6 +37,7 @@ boot_s = 0.2
 [providers.aws]
 driver = "ec2"
 price_per_hour = "0.45"
+spot_price_per_hour = "0.19"
 billing_increment_s = 1
 boot_s = 0.2
 instance_type = "g4dn.xlarge"
@@ -103,7 +104,9 @@ def test_cheapest_provider_boots_from_user_data_and_streams(
     tags = vm.extra["tags"]
     assert tags[ec2.CLUSTER_TAG] == plane.config.cluster and tags["Name"] == rec.id
     assert tags[ec2.POOL_TAG] == "miku|1|us-west"
-    assert vm.extra.get("instance_lifecycle") == "spot"
+    # `spot = true` offers spot beside on-demand: the machine is what the record says, spot
+    # for the policy's buffer (Decisions.spot), on-demand for the queue (Decisions.boot)
+    assert (vm.extra.get("instance_lifecycle") == "spot") == rec.spot
     assert vm.id in init.running()                  # its user-data is what runs the node
     user_data = devcloud.read_user_data(aws_driver(plane), vm.id)   # type: ignore[arg-type]
     assert user_data.startswith("#!/bin/sh\n")
@@ -120,7 +123,8 @@ def test_cheapest_provider_boots_from_user_data_and_streams(
     assert closed_code(ws)[0] == 1000
     plane.settle(time.time() + 120)
     bill = {r["node_id"]: r for r in plane.ledger.node_costs()}[rec.id]
-    assert bill["provider"] == "aws" and Decimal(bill["price_per_hour"]) == Decimal("0.45")
+    assert bill["provider"] == "aws" and Decimal(bill["price_per_hour"]) == (
+        Decimal("0.19") if rec.spot else Decimal("0.45"))
 
 
 def test_out_of_capacity_fails_over_at_once_and_says_so(

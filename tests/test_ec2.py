@@ -168,3 +168,36 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")
+
+
+def test_cloud_init_serves_a_spot_notice_and_takes_the_instance_back_at_its_time(
+        driver: NodeDriver, moto: str, image: str, cluster: str, tmp_path: Path) -> None:
+    """The dev cloud's spot interruption: a notice (a tag) is served by that instance's
+    metadata alone, and at its time the instance is terminated and its process ends."""
+    import time
+
+    from worker_node.metadata import SpotWatch
+
+    script = '#!/bin/sh\necho "$VOICE_METADATA_URL"\nexec sleep 60\n'
+    with devcloud.CloudInit(moto, REGION, cluster=cluster, log_dir=tmp_path / "logs",
+                            poll_s=0.1, grace_s=1.0) as init:
+        spot = make(driver, image, cluster, "n-spot", user_data=script, spot=True)
+        other = make(driver, image, cluster, "n-other", user_data=script, spot=True)
+        on_demand = make(driver, image, cluster, "n-od")
+        pid = wait_for(lambda: init.running().get(spot.id), msg="user-data never started")
+        log = tmp_path / "logs" / f"{spot.id}.log"
+        wait_for(lambda: log.exists() and log.read_text().strip(), msg="no output")
+        base = log.read_text().strip()                 # what the instance's node asks
+        assert base == init.metadata.base_for(spot.id)
+        with pytest.raises(ValueError, match="on-demand"):
+            devcloud.send_spot_notice(driver, on_demand, time.time() + 60)
+        [vm] = [n for n in ec2.list_ours(driver, cluster) if n.id == spot.id]
+        at = float(int(time.time()) + 2)
+        devcloud.send_spot_notice(driver, vm, at)
+        wait_for(lambda: SpotWatch(base).poll() == at, 5, "the notice never served")
+        assert SpotWatch(init.metadata.base_for(other.id)).poll() is None   # not its own
+        wait_for(lambda: spot.id not in init.running(), 10, "not taken back at its time")
+        assert time.time() >= at and not any(n.id == spot.id
+                                             for n in ec2.list_ours(driver, cluster))
+        wait_for(lambda: not _alive(pid), timeout_s=5, msg=f"pid {pid} outlived its VM")
+        assert other.id in init.running()

@@ -48,7 +48,7 @@ def test_arrive_script_keeps_both_averages_as_python_counts_them(state: State) -
     assert got[pool].at == expected.at
     assert got[pool].rate == pytest.approx(expected.rate)
     assert got[pool].fast == pytest.approx(expected.fast)
-    assert got["teto|1|us-west"] == Arrivals()
+    assert Arrivals(*got["teto|1|us-west"]) == Arrivals()
 
 
 def test_fleet_snapshot_is_policy_inputs_of_the_live_state(state: State, cfg: Config) -> None:

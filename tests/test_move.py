@@ -83,6 +83,16 @@ def _stream_then_deploy(cp: ControlPlane, browser: Browser,  # noqa: F811
     return page, {"before": before, "after": after}
 
 
+def silences(move: dict[str, Any], gaps: list[dict[str, float]]) -> tuple[list[float],
+                                                                           list[float]]:
+    """The page's silences (ms) across a move (from the node's notice until just after the
+    crossfade ended) and elsewhere in the same run."""
+    start, end = move["noticeAt"], move["at"] + AFTER_SWITCH_S
+    inside = [start <= g["end"] and g["end"] - g["ms"] / 1000 <= end for g in gaps]
+    return ([g["ms"] for g, i in zip(gaps, inside, strict=True) if i],
+            [g["ms"] for g, i in zip(gaps, inside, strict=True) if not i])
+
+
 def test_planned_move_has_no_gap(control_plane: ControlPlane,
                                  browser: Browser) -> None:  # noqa: F811
     page, seen = _stream_then_deploy(control_plane, browser, make_before_break=True, held=[])
@@ -96,10 +106,7 @@ def test_planned_move_has_no_gap(control_plane: ControlPlane,
     # stall may fall inside the move's window too, so the bound is one frame, or the worst
     # silence of the same run outside the move if a stall made that longer.
     gaps = after["playback"]["gaps"]
-    start, end = move["noticeAt"], move["at"] + AFTER_SWITCH_S
-    inside = [start <= g["end"] and g["end"] - g["ms"] / 1000 <= end for g in gaps]
-    across = [g["ms"] for g, i in zip(gaps, inside, strict=True) if i]
-    elsewhere = [g["ms"] for g, i in zip(gaps, inside, strict=True) if not i]
+    across, elsewhere = silences(move, gaps)
     print(f"\nplanned move {move['from']} -> {move['to']}: notice to switch "
           f"{move['ms']:.0f} ms; longest silence across it {max(across, default=0):.1f} ms "
           f"(silences >= 2.7 ms: {across}); elsewhere in the same run: {elsewhere}")

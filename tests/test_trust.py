@@ -235,8 +235,11 @@ def test_a_node_with_a_wrong_clock_keeps_the_control_planes(fleet: Fleet,
     wait_for(lambda: any(k.startswith("skew|") for m in (minute - 60, minute)
                          for k in fleet.state.usage_counters(m)), 10,
              "the stream's usage never arrived in the control plane's minute")
-    assert fleet.state.node(node_id).dropped == 0   # type: ignore[union-attr]
+    rec = fleet.state.node(node_id)
+    assert rec is not None and rec.dropped == 0
     assert "clock is" in (fleet.tmp / f"{node_id}.log").read_text()
+    # reported, for ops (/api/cluster, `voicectl nodes`): ours minus its own
+    assert rec.clock_offset_s == pytest.approx(-skew_s, abs=2.0)
 
 
 def test_the_join_token_is_not_in_the_nodes_arguments(fleet: Fleet) -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from common.config import Config, load_config
@@ -17,6 +18,7 @@ from common.identity import mint_token
 from provisioner.state import State, connect
 from voicectl import models, procs
 from voicectl.util import (
+    RUN_FILE,
     USER_SECRET_FILE,
     default_url,
     get,
@@ -32,9 +34,13 @@ def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
     if args.json:
         print(json.dumps(data))
         return 0
+    for n in data["nodes"]:   # why it drains, or what is wrong with it
+        clock = n.get("clock_offset_s")
+        n["note"] = n.get("suspect") or n.get("drain_reason") or (
+            f"clock {-clock:+.0f} s off (serves on ours; fix NTP)" if clock else "")
     print(table(data["nodes"], ["id", "region", "model", "version", "state", "sessions",
-                                "capacity", "price_per_hour", "url", "reports_dropped",
-                                "suspect"]))
+                                "capacity", "market", "price_per_hour", "url",
+                                "reports_dropped", "note"]))
     if data["queues"]:
         print("\n" + table(data["queues"], ["model", "region", "waiting"]))
     print(f"\n{len(data['nodes'])} nodes, ${data['cost_per_hour']:.2f}/hour")
@@ -109,7 +115,73 @@ def cmd_migrate(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_kill_node(args: argparse.Namespace, cfg: Config) -> int:
+    if args.spot_notice:
+        return _spot_notice(cfg, args.node_id, args.notice_s, args.json)
     return _kill(cfg, [args.node_id], args.json)
+
+
+def _spot_notice(cfg: Config, node_id: str, notice_s: float, as_json: bool) -> int:
+    """Play the provider taking a spot node back in `notice_s` (see docs/faults.md)."""
+    from provisioner import clouds, spot
+    from voicectl import devcloud
+
+    if not 0 < notice_s <= 3600:
+        raise VoiceError(f"--notice-s {notice_s:g} is not 0-3600 seconds (EC2 gives 120)")
+    cfg = _with_dev_cloud(cfg.with_overrides(redis_url=redis_url(cfg)))
+    state = State(connect(cfg.redis_url or ""))
+    rec = state.node(node_id)
+    if rec is None:
+        raise VoiceError(f"no node {node_id!r}; `voicectl nodes` lists them")
+    if not rec.spot:
+        raise VoiceError(f"node {node_id} is an on-demand machine: its provider never takes "
+                         f"it back; `voicectl kill-node {node_id}` crashes it instead")
+    provider, region = cfg.provider(rec.provider), cfg.region(rec.region)
+    at = time.time() + notice_s
+    if provider.driver == "ec2" and region is not None and provider.options.get("endpoint"):
+        vm = next((vm for vm in clouds.list_ours(cfg, region)
+                   if clouds.node_id_of(vm) == node_id), None)
+        if vm is None:
+            raise VoiceError(f"no EC2 instance of ours for node {node_id} in {rec.region}; "
+                             "it may be gone already (`voicectl nodes`)")
+        refused: tuple[type[Exception], ...] = (ValueError, *clouds.PROVIDER_ERRORS)
+        try:
+            devcloud.send_spot_notice(clouds.driver_for(cfg, region), vm, at)
+        except refused as e:
+            raise VoiceError(f"the dev cloud refused the notice for node {node_id}: {e}") from e
+        how = "its instance metadata serves the notice; the node tells the control plane"
+    elif provider.driver == "local":   # no metadata service: the provider's event instead
+        spot.noticed(state, node_id, at, time.time())
+        how = "the local cloud told the control plane, as a provider's interruption event"
+    elif provider.driver == "ec2":
+        raise VoiceError(f"node {node_id} runs on AWS itself: interrupt it with AWS FIS "
+                         "(aws:ec2:send-spot-instance-interruptions); the dev cloud "
+                         "(`voicectl run --moto`) plays it here")
+    else:
+        raise VoiceError(f"node {node_id} runs on {provider.driver!r}: no stand-in plays its "
+                         "spot notices here (ec2 on moto and local do)")
+    if as_json:
+        print(json.dumps({"noticed": node_id, "at": at}))
+    else:
+        say(f"spot notice: node {node_id} is taken back in {notice_s:g} s; {how}, which "
+            "moves its users to other nodes first")
+    return 0
+
+
+def _with_dev_cloud(cfg: Config) -> Config:
+    """The config as a running `voicectl run --moto` sees it: its ec2 providers without an
+    `endpoint` of their own on that run's moto (var/run.json), with its fake keys."""
+    try:
+        endpoint = str(json.loads(RUN_FILE.read_text()).get("ec2_endpoint") or "")
+    except (OSError, ValueError):
+        endpoint = ""
+    if not endpoint:
+        return cfg
+    providers = tuple(replace(p, options={**p.options, "endpoint": endpoint})
+                      if p.driver == "ec2" and not p.options.get("endpoint") else p
+                      for p in cfg.providers)
+    return cfg.with_overrides(providers=providers,
+                              aws_access_key_id=cfg.aws_access_key_id or "testing",
+                              aws_secret_access_key=cfg.aws_secret_access_key or "testing")
 
 
 def cmd_kill_region(args: argparse.Namespace, cfg: Config) -> int:
@@ -204,8 +276,14 @@ def parser() -> argparse.ArgumentParser:
     mg.set_defaults(func=cmd_migrate)
     sub.add_parser("simulate", help="run the autoscaler over a trace in virtual time "
                    "(see voicectl simulate --help)", add_help=False)
-    kn = sub.add_parser("kill-node", help="crash one node (SIGKILL) to test recovery")
+    kn = sub.add_parser("kill-node", help="crash one node (SIGKILL) to test recovery, or "
+                        "take a spot node back with a notice (--spot-notice)")
     kn.add_argument("node_id")
+    kn.add_argument("--spot-notice", action="store_true", help="a spot interruption instead "
+                    "of a crash: the provider takes the node back after --notice-s, and its "
+                    "users move to other nodes first (ec2 on moto, or local)")
+    kn.add_argument("--notice-s", type=float, default=120.0,
+                    help="seconds from the notice to the interruption (EC2: 120)")
     kn.add_argument("--json", action="store_true")
     kn.set_defaults(func=cmd_kill_node)
     kr = sub.add_parser("kill-region", help="crash every node of a region")

@@ -4,7 +4,9 @@ of it, and a "cloud-init" that boots each instance by running its user-data here
 moto serves the EC2 API and keeps instances as records that run nothing; `CloudInit` turns
 each running instance into a local process `sh -c USERDATA` (like a VM booting its
 user-data) and kills it when the instance is terminated (like the VM going away). Every
-process here is our child through `voicectl.procs.spawn`: none outlives us.
+process here is our child through `voicectl.procs.spawn`: none outlives us. A spot
+interruption is played with a tag (`send_spot_notice`): the instance's metadata serves the
+notice (voicectl/imds.py) and the instance is terminated at its time, as AWS would.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from subprocess import Popen
@@ -26,15 +29,17 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from libcloud.compute.base import NodeDriver
+from libcloud.compute.base import Node, NodeDriver
 from libcloud.compute.drivers.ec2 import NAMESPACE
 from libcloud.compute.types import NodeState
 
 from provisioner.clouds import ec2
 from voicectl import procs
+from voicectl.imds import POLL_SHUTDOWN_S, Metadata, iso_utc
 
-__all__ = ["MOTO_AMI", "FAKE_KEY", "start_moto", "default_image", "read_user_data",
-           "CapacityFault", "Metadata", "CloudInit", "minimal_env"]
+__all__ = ["MOTO_AMI", "FAKE_KEY", "NOTICE_TAG", "start_moto", "default_image",
+           "read_user_data", "send_spot_notice", "CapacityFault", "Metadata", "CloudInit",
+           "minimal_env"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ log = logging.getLogger(__name__)
 MOTO_AMI = "ami-9b32e8e2"
 FAKE_KEY = "testing"    # moto takes any credentials; these are never real ones
 START_TIMEOUT_S = 30.0
+NOTICE_TAG = "voice-dev:spot-notice"   # the dev cloud's spot notice: when AWS takes it back
 
 
 def start_moto(port: int | None = None) -> tuple[str, Popen[bytes]]:
@@ -101,8 +107,22 @@ def read_user_data(driver: NodeDriver, instance_id: str) -> str:
     return base64.b64decode(encoded).decode()
 
 
+def send_spot_notice(driver: NodeDriver, vm: Node, at: float) -> None:
+    """The dev cloud takes the spot instance `vm` back at `at` (unix s): a tag that
+    CloudInit reads, so the instance's metadata serves the notice and the instance is
+    terminated at `at` (on AWS itself: AWS FIS, aws:ec2:send-spot-instance-interruptions)."""
+    if vm.extra.get("instance_lifecycle") != "spot":
+        raise ValueError(f"instance {vm.id} ({ec2.node_id(vm)}) is on-demand: EC2 never "
+                         "interrupts it; only spot instances get a notice")
+    # CreateTags itself: libcloud's ex_create_tags numbers from 0, which moto refuses
+    driver.connection.request("/", params={  # type: ignore[no-untyped-call]
+        "Action": "CreateTags", "ResourceId.1": vm.id, "Tag.1.Key": NOTICE_TAG,
+        "Tag.1.Value": iso_utc(at)})
+
+
 # --- capacity faults ---------------------------------------------------------------------
 
+_MARKET = "InstanceMarketOptions.MarketType"
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
                "proxy-connection", "upgrade", "te", "trailer"}
 
@@ -122,12 +142,14 @@ def _capacity_xml(request_id: str) -> bytes:
 class CapacityFault:
     """An HTTP proxy before an EC2 endpoint that forwards everything unchanged, except that
     it answers RunInstances with EC2's own `InsufficientInstanceCapacity` error (HTTP 500)
-    while `refuse` is True or for the next `refuse_next(n)` calls. Give drivers `.endpoint`.
+    while `refuse` is True or for the next `refuse_next(n)` calls, and spot RunInstances
+    alone while `refuse_spot` is True. Give drivers `.endpoint`.
     """
 
     def __init__(self, upstream: str) -> None:
         self.upstream = urlsplit(upstream)
         self.refuse = False
+        self.refuse_spot = False
         self.refused = 0           # RunInstances calls answered with the error so far
         self._next = 0
         self._lock = threading.Lock()
@@ -147,8 +169,8 @@ class CapacityFault:
         self._server = ThreadingHTTPServer(("127.0.0.1", procs.free_port()), Handler)
         self._server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, name="capacity-fault",
-                         daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, args=(POLL_SHUTDOWN_S,),
+                         name="capacity-fault", daemon=True).start()
 
     def refuse_next(self, n: int) -> None:
         """Refuse the next `n` RunInstances calls, then forward again."""
@@ -165,13 +187,13 @@ class CapacityFault:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _should_refuse(self, action: str) -> bool:
+    def _should_refuse(self, action: str, market: str) -> bool:
         if action != "RunInstances":
             return False
         with self._lock:
             if self._next > 0:
                 self._next -= 1
-            elif not self.refuse:
+            elif not (self.refuse or (self.refuse_spot and market == "spot")):
                 return False
             self.refused += 1
             return True
@@ -181,7 +203,8 @@ class CapacityFault:
         query = parse_qs(urlsplit(req.path).query)
         form = parse_qs(body.decode(errors="replace")) if body else {}
         action = (query.get("Action") or form.get("Action") or [""])[0]
-        if self._should_refuse(action):
+        market = (query.get(_MARKET) or form.get(_MARKET) or [""])[0]
+        if self._should_refuse(action, market):
             answer(req, 500, {"Content-Type": "text/xml;charset=UTF-8"},
                    _capacity_xml(f"fault-{self.refused}"))
             return
@@ -210,53 +233,6 @@ def answer(req: BaseHTTPRequestHandler, status: int, headers: Mapping[str, str],
     req.wfile.write(body)
 
 
-# --- instance metadata -------------------------------------------------------------------
-
-class Metadata:
-    """EC2's instance metadata service (IMDSv2: a token from PUT /latest/api/token, then
-    GET /latest/meta-data/public-ipv4 with it) on loopback, answering `public_ip` for
-    every "VM" of this machine; what `voicectl node --public-url auto` asks on a real VM.
-    A GET without a valid token is refused, as on an instance that requires IMDSv2."""
-
-    def __init__(self, public_ip: str = "127.0.0.1") -> None:
-        self.public_ip = public_ip
-        self.asked = 0             # address lookups answered so far
-        token = base64.urlsafe_b64encode(os.urandom(18)).decode()
-        meta = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_PUT(self) -> None:
-                ok = self.path == "/latest/api/token" and self.headers.get(
-                    "X-aws-ec2-metadata-token-ttl-seconds")
-                self._send(200 if ok else 400, token if ok else "bad token request")
-
-            def do_GET(self) -> None:
-                if self.headers.get("X-aws-ec2-metadata-token") != token:
-                    self._send(401, "")
-                elif self.path in ("/latest/meta-data/public-ipv4",
-                                   "/latest/meta-data/local-ipv4"):
-                    meta.asked += 1
-                    self._send(200, meta.public_ip)
-                else:
-                    self._send(404, "")
-
-            def _send(self, status: int, text: str) -> None:
-                answer(self, status, {"Content-Type": "text/plain"}, text.encode())
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", procs.free_port()), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, name="metadata",
-                         daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
 # --- cloud-init --------------------------------------------------------------------------
 
 POLL_S = 0.3
@@ -277,11 +253,12 @@ class CloudInit:
 
     Every `poll_s` it lists the running instances (only `cluster`'s, when given); a new one
     has its user-data read (DescribeInstanceAttribute) and run once as `sh -c USERDATA` with
-    `env` only (not our environment) and the address of an instance metadata service that
-    gives `public_ip` (loopback: all 127/8 reaches this machine), its output in
-    `log_dir/INSTANCE_ID.log`. When the
-    instance is terminated or disappears its process gets SIGTERM, then SIGKILL after
-    `grace_s`. `stop()` ends all of them.
+    `env` only (not our environment) and the address of its instance metadata service
+    (`VOICE_METADATA_URL`: `public_ip`, loopback, all 127/8 reaches this machine; its spot
+    notice), its output in `log_dir/INSTANCE_ID.log`. A spot notice (`send_spot_notice`)
+    is served to the instance from the next pass, and at its time the instance is
+    terminated, as AWS takes a spot instance back. When the instance is terminated or
+    disappears its process gets SIGTERM, then SIGKILL after `grace_s`. `stop()` ends all.
     """
 
     def __init__(self, endpoint: str, region: str, *, log_dir: Path,
@@ -291,8 +268,7 @@ class CloudInit:
         self.driver = _driver(endpoint, region)
         self.cluster = cluster
         self.metadata = Metadata(public_ip)
-        self.env = {**(dict(env) if env is not None else minimal_env()),
-                    "VOICE_METADATA_URL": self.metadata.url}
+        self.env = dict(env) if env is not None else minimal_env()
         self.log_dir = log_dir
         self.poll_s = poll_s
         self.grace_s = grace_s
@@ -330,11 +306,13 @@ class CloudInit:
         self.stop()
 
     def sync(self) -> None:
-        """One pass: boot new running instances, kill processes of gone ones."""
+        """One pass: serve spot notices, take back instances whose notice is due, boot new
+        running instances, kill processes of gone ones."""
         if self.cluster is not None:
             nodes = ec2.list_ours(self.driver, self.cluster)
         else:
             nodes = [n for n in self.driver.list_nodes() if not ec2.is_gone(n)]
+        nodes = self._interrupt(nodes, time.time())
         up = {str(n.id) for n in nodes if n.state == NodeState.RUNNING}
         alive = {str(n.id) for n in nodes}      # pending counts as not gone yet
         for instance_id in sorted(up - self._booted):
@@ -346,6 +324,21 @@ class CloudInit:
             # off this thread: a slow shutdown must not hold up the other instances
             threading.Thread(target=procs.stop, args=([p], self.grace_s), daemon=True).start()
 
+    def _interrupt(self, nodes: list[Node], now: float) -> list[Node]:
+        """Serve each instance's spot notice; terminate those whose time has come."""
+        notices = {}
+        for n in nodes:
+            raw = n.extra.get("tags", {}).get(NOTICE_TAG)
+            if raw:
+                notices[str(n.id)] = datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+        self.metadata.notices = notices
+        due = {str(n.id) for n in nodes if notices.get(str(n.id), now + 1) <= now}
+        for n in nodes:
+            if str(n.id) in due:
+                log.info("cloud-init: spot instance %s taken back (its notice's time)", n.id)
+                self.driver.destroy_node(n)
+        return [n for n in nodes if str(n.id) not in due]
+
     def _boot(self, instance_id: str) -> None:
         self._booted.add(instance_id)
         script = read_user_data(self.driver, instance_id)
@@ -353,7 +346,8 @@ class CloudInit:
             return     # an instance without user-data boots and runs nothing of ours
         # spawned from the loop thread, so a node dies with this CloudInit (PDEATHSIG follows
         # the spawning thread) as well as with our process
-        proc = procs.spawn(["sh", "-c", script], env=self.env,
+        env = {**self.env, "VOICE_METADATA_URL": self.metadata.base_for(instance_id)}
+        proc = procs.spawn(["sh", "-c", script], env=env,
                            log=self.log_dir / f"{instance_id}.log")
         with self._lock:
             self._procs[instance_id] = proc

@@ -104,7 +104,9 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             time.sleep(0.1)
         fd = os.open(RUN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # Redis password
         with os.fdopen(fd, "w") as f:
-            json.dump({"redis_url": cfg.redis_url, "url": f"http://{args.host}:{args.port}"}, f)
+            json.dump({"redis_url": cfg.redis_url, "url": f"http://{args.host}:{args.port}",
+                       **({"ec2_endpoint": dev_env["VOICE_EC2_ENDPOINT"]} if dev_env else {})},
+                      f)   # ec2_endpoint: `voicectl kill-node --spot-notice` finds moto
         threading.Thread(target=_report_fleet, args=(state,), daemon=True).start()
         say(f"open http://{args.host}:{args.port}  (Ctrl-C stops everything)")
         say(f"nodes boot on demand (model load {cfg.model_load_s:g} s); node logs in {logs}")

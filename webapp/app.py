@@ -27,6 +27,7 @@ from billing.ledger import Ledger
 from common.config import Config
 from common.errors import IdentityError
 from common.identity import COOKIE, HOW_TO, read_cookie, sign_cookie
+from common.tickets import LEEWAY_S
 from provisioner import catalog, metrics
 from provisioner.placement import candidates_for
 from provisioner.state import State
@@ -145,6 +146,11 @@ def create_app(cfg: Config, state: State, kick_scaler: Callable[[], None] = lamb
                        "started_at": n.started_at or n.requested_at, "progress": n.progress,
                        "eta_ready": n.eta_ready, "reports_dropped": n.dropped,
                        **({"suspect": n.suspect} if n.suspect else {}),
+                       "market": "spot" if n.spot else "on-demand",
+                       **({"drain_reason": n.drain_reason} if n.drain_reason else {}),
+                       **({"interrupt_at": n.interrupt_at} if n.interrupt_at else {}),
+                       **({"clock_offset_s": n.clock_offset_s}
+                          if abs(n.clock_offset_s) > LEEWAY_S else {}),
                        "price_per_hour": float(n.price_per_hour)} for n in nodes],
             "queues": queues,
             "cost_per_hour": float(sum((Decimal(n.price_per_hour) for n in nodes), Decimal(0))),

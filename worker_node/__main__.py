@@ -7,7 +7,9 @@ Joined, the node gets its id, model and ticket key from the control plane and he
 there over HTTP(S); it holds no Redis or database credentials. Standalone, it serves
 tickets signed with the key it is given and reports to nobody (benchmarks, a research
 team trying a model). SIGTERM drains: no new streams, live ones may finish for
---drain-s, then are told to resume elsewhere, and the node leaves the fleet.
+--drain-s, then are told to resume elsewhere, and the node leaves the fleet. A cloud VM
+(`--public-url auto`) also polls its instance metadata for a spot interruption notice and
+tells the control plane, which moves its users before the machine goes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ from common.package import load_manifest, unpack
 from worker_node import package
 from worker_node.agent import ORPHAN_AFTER_S, Agent
 from worker_node.control import ControlClient, ControlError, Refused
-from worker_node.metadata import DEFAULT_METADATA_URL, MetadataError, public_address
+from worker_node.metadata import (
+    DEFAULT_METADATA_URL,
+    MetadataError,
+    SpotWatch,
+    public_address,
+    watch_spot,
+)
 from worker_node.package import Loaded
 from worker_node.runtime import NodeRuntime
 from worker_node.server import NodeServer
@@ -56,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
                    f"(default {NODE_PORT}) (default: ws://HOST:PORT of --host/--port)")
     p.add_argument("--metadata-url", default=os.environ.get("VOICE_METADATA_URL",
                                                             DEFAULT_METADATA_URL),
-                   help="the instance metadata service --public-url auto asks "
+                   help="the instance metadata service --public-url auto asks, and then "
+                        "polls every heartbeat for a spot interruption notice "
                         "(default: VOICE_METADATA_URL, else %(default)s)")
     p.add_argument("--host", default=None, help="listen address (default 127.0.0.1, or "
                    "0.0.0.0 with --public-url)")
@@ -201,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         tls.load_cert_chain(args.cert, args.key)
     if not args.standalone:
         agent.start()
+        if (args.public_url or "").rstrip("/") == "auto":   # a cloud VM: its metadata answered
+            log.info("watching %s for spot interruption notices", args.metadata_url)
+            watch_spot(SpotWatch(args.metadata_url), grant.heartbeat_interval_s,
+                       agent.interrupted, threading.Event())
     threading.Thread(target=node.load, args=(warm_up, agent.poke), name="load",
                      daemon=True).start()
 

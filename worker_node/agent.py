@@ -5,7 +5,9 @@ Each beat reports state, load progress, the live streams (user, session, fence),
 per-minute streamed seconds, and the streams that closed since the last beat; the answer
 carries the control plane's orders: a drain deadline (take no new streams; at the deadline
 tell live ones to resume elsewhere), a retarget (reload another model), and the streams
-whose user's lock another session took (closed with 4409). Orders that cannot wait arrive
+whose user's lock another session took (closed with 4409). A spot notice from the instance
+metadata (`interrupted`) rides in every beat from then on (`interruption_at`): the control
+plane drains the node so its users move before the machine goes. Orders that cannot wait arrive
 on `/control`, signed with the node's key. A node never needs to be told anything to die
 safely: if its heartbeats stop, the control plane frees its slots and re-places its users;
 if the control plane forgot the node, or stays unreachable while the node neither streams
@@ -66,6 +68,7 @@ class Agent:
         self._delivered: set[tuple[int, str, str, str]] = set()
         self._owed: dict[tuple[int, str, str, str], float] = {}
         self.leaving = False   # SIGTERM: draining to leave; orders never undrain it
+        self.interrupt_at: float | None = None   # a spot notice: the provider takes us back
         self._last_ok = time.monotonic()
 
     def report(self) -> dict[str, Any]:
@@ -83,6 +86,10 @@ class Agent:
                 "usage": self._usage(streams), "closed": [list(c) for c in closed],
                 "counts": counts, "stalled_s": round(self.node.stalled(), 2),
                 "stream_progress": progress, **({"lag_ms": lag_ms} if lag_ms is not None else {}),
+                **({"clock_offset_s": round(self.node.clock_offset_s, 1)}
+                   if abs(self.node.clock_offset_s) > LEEWAY_S else {}),
+                **({"interruption_at": self.interrupt_at}
+                   if self.interrupt_at is not None else {}),
                 **({"load_error": self.node.load_error}
                                      if self.node.load_error else {})}
 
@@ -186,6 +193,14 @@ class Agent:
                              float(order.get("within_s") or RECALL_MOVE_S))
         if order.get("wake"):
             self.poke()
+
+    def interrupted(self, at: float) -> None:
+        """The provider takes this machine back at `at` (a spot notice from the instance
+        metadata): every beat from now says so, the first one at once; the control plane
+        drains us (its answer carries the deadline) and our users move."""
+        log.warning("spot notice: this machine is taken back in %.0f s", at - self.node.now())
+        self.interrupt_at = at
+        self.poke()
 
     def maybe_crash(self, dt_s: float) -> None:
         """CRASH_RATE is the chance of dying in a given minute; scale it to this tick."""

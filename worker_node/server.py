@@ -9,7 +9,6 @@ heartbeat when a stream opens or closes) runs in worker threads.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import ssl
@@ -84,7 +83,6 @@ class NodeServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._frozen = False
         self._lags: deque[tuple[float, float]] = deque(maxlen=1000)   # (answered, lag s)
         self.stopped = threading.Event()   # set once the server has stopped
         node.stalled = self.stalled_s   # reported in every heartbeat (a hung GPU call)
@@ -94,6 +92,7 @@ class NodeServer:
 
     def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Serve from a new thread; returns the port once listening."""
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         listening: Future[int] = Future()
 
         def run() -> None:
@@ -160,13 +159,6 @@ class NodeServer:
     # ---- a stream ---------------------------------------------------------------------
 
     async def _handler(self, ws: ServerConnection) -> None:
-        if not self._frozen:
-            # The first stream comes after the model loaded: what exists now lives for the
-            # process, so full collections need not scan it again (tens of ms each).
-            self._frozen = True
-            gc.collect()
-            gc.freeze()
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
         task = asyncio.current_task()
         assert task is not None
         conn = Conn(ws, task)

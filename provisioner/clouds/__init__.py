@@ -66,18 +66,22 @@ def tags_for(cfg: Config, node_id: str, pool: str) -> dict[str, str]:
 
 
 def create(cfg: Config, region: Region, node_id: str, user_data: str,
-           tags: Mapping[str, str]) -> Node:
+           tags: Mapping[str, str], spot: bool = False) -> Node:
     """Create one node machine of the provider's `instance_type` that runs `user_data` at
-    boot. Idempotent per node id (the machine's name; EC2's client token). Raises
-    CapacityError when the cloud has no room or we hit a quota."""
+    boot, a spot one if `spot` (the provider must offer spot: `spot = true`). Idempotent per
+    node id (the machine's name; EC2's client token). Raises CapacityError when the cloud
+    has no room (for spot: no spot room) or we hit a quota."""
     p = cfg.provider(region.provider)
+    if spot and not p.spot:
+        raise ConfigError(f"provider {p.name!r} offers no spot machines (no `spot = true` in "
+                          f"[providers.{p.name}]); boot on-demand there, or configure spot")
     cloud, driver = _cloud(p.driver), driver_for(cfg, region)
     where = region.provider_region or region.name
     instance_type = str(p.options.get("instance_type", ""))
     try:
         return cloud.create(driver, name=node_id, user_data=user_data, tags=tags,
                             instance_type=instance_type, image=str(p.options.get("image", "")),
-                            location=where, spot=p.spot, options=p.options)
+                            location=where, spot=spot, options=p.options)
     except PROVIDER_ERRORS as e:
         code = _capacity_code(e, cloud.CAPACITY_CODES)
         if code is None:

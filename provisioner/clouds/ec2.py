@@ -104,11 +104,12 @@ def create(driver: NodeDriver, *, name: str, user_data: str, tags: Mapping[str, 
     """RunInstances for one VM named `name`, tagged at create, booting `user_data`.
 
     `tags` must hold `voice:cluster` (or `list_ours` would never see the VM); `voice:node`
-    and `Name` default to `name`. A retry with the same `client_token` (default: `name`)
-    returns the first call's instance instead of a second VM. `location` and `options` are
-    not read: the driver is the region's. Raises CapacityError on a capacity or quota
-    refusal; other libcloud errors propagate."""
-    client_token = client_token or name
+    and `Name` default to `name`. A retry with the same `client_token` (default: `name`, and
+    `name-spot` for a spot one, so that an on-demand create after a refused spot one is a
+    request of its own) returns the first call's instance instead of a second VM.
+    `location` and `options` are not read: the driver is the region's. Raises
+    CapacityError on a capacity or quota refusal; other libcloud errors propagate."""
+    client_token = client_token or (f"{name}-spot" if spot else name)
     if CLUSTER_TAG not in tags:
         raise ValueError(f"tags {dict(tags)!r} lack {CLUSTER_TAG!r}: list_ours could never "
                          "find this VM, and nothing would ever destroy it")

@@ -17,6 +17,9 @@ Key schema (prefix `vc:`; times are unix seconds passed in by the caller):
                                      resume); no placement while last_seen < lost_at.
                                      `dropped`, `dropped_why`: reports of it refused (not
                                      placed there); `suspect`: why it was drained for it.
+                                     `spot`: "1" for a spot machine (priced at the spot
+                                     price); `interrupt_at`: its provider takes it back
+                                     then (a spot notice), with `drain_reason` "spot".
     vc:node:{id}:placed       HASH   session id -> "user|fence|placed_at": every session the
                                      lobby gave this node a ticket for (the highest fence);
                                      what the node reports is checked against it (beat.lua)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from provisioner.inputs import Arrivals
 from provisioner.state.base import StateBase
 from provisioner.state.keys import (
     ASSIGNED,
@@ -21,7 +20,7 @@ from provisioner.state.keys import (
     queue_key,
     slots_key,
 )
-from provisioner.state.records import Admitted, Lock, Taken
+from provisioner.state.records import Admitted, Lock, Rates, Taken
 
 
 class Lobby(StateBase):
@@ -138,13 +137,13 @@ class Lobby(StateBase):
         """Count an arrival in the pool's arrival-rate average (time constant tau_s)."""
         return float(self._arrive(keys=[arrivals_key(pool)], args=[now, tau_s]))
 
-    def arrivals(self, pools: Iterable[str]) -> dict[str, Arrivals]:
-        """Each pool's arrival averages as stored (decay them with `Arrivals.decayed`)."""
+    def arrivals(self, pools: Iterable[str]) -> dict[str, Rates]:
+        """Each pool's arrival averages as stored (`inputs.Arrivals` decays them)."""
         pools = list(pools)
         pipe = self.r.pipeline(transaction=False)
         for pool in pools:
             pipe.hmget(arrivals_key(pool), "rate", "fast", "t")
-        return {pool: Arrivals(float(rate or 0), float(fast or 0), float(t or 0))
+        return {pool: Rates(float(rate or 0), float(fast or 0), float(t or 0))
                 for pool, (rate, fast, t) in zip(pools, pipe.execute(), strict=True)}
 
     def drop_expired(self, node_id: str, now: float) -> int:

@@ -160,5 +160,5 @@ def _beat_call(node_id: str, credential: str, beat: Beat, now: float,
         args += [field, repr(seconds), minute]
     for user, session in beat.closed:
         args += [user, session]
-    args += [USAGE_SLACK_S, LIE_LIMIT, digest(credential)]
+    args += [round(beat.clock_offset_s, 1), USAGE_SLACK_S, LIE_LIMIT, digest(credential)]
     return keys, args

@@ -112,7 +112,17 @@ class Nodes(StateBase):
                                                    else {})})
 
     def undrain(self, node_id: str) -> None:
-        self.r.hdel(node_key(node_id), "drain_deadline", "consolidating")
+        self.r.hdel(node_key(node_id), "drain_deadline", "consolidating", "drain_reason")
+
+    def interrupt(self, node_id: str, at: float, deadline: float) -> None:
+        """Its provider takes the node back at `at` (a spot notice): drained for good
+        (reason `spot`, never undrained nor consolidated), its streams move by `deadline`."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(node_key(node_id), mapping={"drain_deadline": repr(deadline),
+                                              "drain_reason": "spot",
+                                              "interrupt_at": repr(at)})
+        pipe.hdel(node_key(node_id), "consolidating")
+        pipe.execute()
 
     def single_flight(self, name: str, ttl_s: float) -> str | None:
         """A token if this caller may run `name` now (nobody else holds it), else None."""

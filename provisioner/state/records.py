@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from provisioner.placement import NodeView
 from provisioner.states import NodeState
+
+
+class Rates(NamedTuple):
+    """A pool's arrival averages as stored (`vc:arrivals:*`, fn_arrive.lua): per second,
+    over the slow and fast time constants, as of `at`."""
+
+    rate: float
+    fast: float
+    at: float
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,8 @@ class Beat:
     load_error: str = ""   # why the model did not load (state dead)
     stalled_s: float = 0.0  # the longest a frame has waited for its answer (a hung GPU)
     lag_ms: float | None = None   # how late answers go out (p95 of its last seconds)
+    clock_offset_s: float = 0.0   # the control plane's clock minus the node's machine's
+    interrupt_at: float | None = None   # its provider takes it back then (a spot notice)
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,10 @@ class NodeRecord:
     dropped: int = 0               # reports refused: of sessions never placed on it
     suspect: str = ""              # why it was drained for lying (beat.lua), or ""
     sent_at: float | None = None   # its provision task was last sent then (fleet.resend_lost)
+    spot: bool = False             # a spot machine: cheaper, and its provider may take it back
+    drain_reason: str = ""         # why it drains, when it is not obvious: "spot"
+    interrupt_at: float | None = None   # its provider takes it back then (a spot notice)
+    clock_offset_s: float = 0.0   # its machine's clock is this far behind ours (it keeps ours)
 
     def view(self) -> NodeView:
         return NodeView(self.id, self.region, self.model, self.version, self.state,
@@ -174,7 +190,10 @@ def _record(h: Mapping[str, str], sessions: int, live: int) -> NodeRecord:
         idle_since=_float(h, "idle_since") or None,
         home=h.get("home") or h.get("region", ""), lost_at=_float(h, "lost_at") or None,
         consolidating=bool(h.get("consolidating")), dropped=int(h.get("dropped") or 0),
-        suspect=h.get("suspect") or "", sent_at=_float(h, "sent_at") or None)
+        suspect=h.get("suspect") or "", sent_at=_float(h, "sent_at") or None,
+        spot=bool(h.get("spot")), drain_reason=h.get("drain_reason") or "",
+        interrupt_at=_float(h, "interrupt_at") or None,
+        clock_offset_s=_float(h, "clock_off") or 0.0)
 
 
 
@@ -184,7 +203,7 @@ ROW_FIELDS = ("id", "provider", "region", "model", "version", "state", "progress
               "capacity", "started_at", "requested_at", "deadline", "last_seen",
               "price_per_hour", "eta_ready", "drain_deadline", "retired", "digest",
               "ready_at", "idle_since", "home", "lost_at", "consolidating", "dropped",
-              "suspect", "sent_at")
+              "suspect", "sent_at", "spot", "drain_reason", "interrupt_at")
 
 
 def row_record(row: str) -> NodeRecord:

@@ -15,7 +15,8 @@
 -- "model:version", number of streams n, number of counters m, then user, session and
 -- fence per live stream, "user|session:conn", seconds, minute per counter (the field
 -- becomes "user|session:conn|node|model|region" from the node's record), user and session
--- per closed stream, then the usage slack s, the lie limit, and last the hash of the node's
+-- per closed stream, then its clock's offset (s, the control plane's minus its own), the
+-- usage slack s, the lie limit, and last the hash of the node's
 -- credential (checked against the record's: a revoked node's beat changes nothing).
 -- Returns {1, drain_deadline, retarget, the state before this beat, reports dropped now,
 -- sessions whose lock another session took...}; {0} for a forgotten node, {-1} for a
@@ -24,6 +25,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 if redis.call('HGET', KEYS[1], 'cred') ~= ARGV[#ARGV] then return {-1} end
 local now, n, m = tonumber(ARGV[1]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local slack, limit = tonumber(ARGV[#ARGV - 2]), tonumber(ARGV[#ARGV - 1])
+local clock_off = ARGV[#ARGV - 3]
 local placed = KEYS[#KEYS]
 local dropped, why = 0, nil
 
@@ -48,10 +50,10 @@ if flags[2] and not pending then
   flags[2] = false
 end
 if pending then
-  redis.call('HSET', KEYS[1], 'last_seen', ARGV[1])
+  redis.call('HSET', KEYS[1], 'last_seen', ARGV[1], 'clock_off', clock_off)
 else
   redis.call('HSET', KEYS[1], 'state', ARGV[2], 'progress', ARGV[3], 'eta_ready', ARGV[4],
-             'ready_at', ARGV[5], 'last_seen', ARGV[1])
+             'ready_at', ARGV[5], 'last_seen', ARGV[1], 'clock_off', clock_off)
 end
 local ttl = math.floor(tonumber(ARGV[6]) * 1000)
 local lost = {}
