@@ -176,10 +176,15 @@ def test_killed_node_loses_at_most_one_heartbeat(cp_billing: ControlPlane) -> No
     ws = start_stream(ready)
     stream(ws, 5.0, paced=True)
     vm = next(v for v in cp.state.vms() if v["name"] == ready["node_id"])
+    rec = cp.state.node(ready["node_id"])
+    assert rec is not None
     os.kill(int(vm["pid"]), signal.SIGKILL)
+    # what it streamed since its last heartbeat got through: one interval, or longer when
+    # the shared machine delayed that beat
+    unreported = max(cp.config.heartbeat_interval_s, time.time() - rec.last_seen)
     cp.settle(time.time() + 120)
     lost = 5.0 - billed(cp, "kn")
-    assert 0 <= lost <= cp.config.heartbeat_interval_s + 0.1, lost
+    assert 0 <= lost <= unreported + 0.1, (lost, unreported)
 
 
 def test_node_costs_match_lifetime_times_price(cp_billing: ControlPlane) -> None:
