@@ -109,19 +109,32 @@ class Record(Protocol):
     """What candidates_for reads of a node record (provisioner.state.NodeRecord)."""
 
     @property
+    def id(self) -> str: ...
+    @property
+    def region(self) -> str: ...
+    @property
     def model(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def state(self) -> NodeState: ...
+    @property
+    def sessions(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def price_per_hour(self) -> str: ...   # as stored
 
     def placeable(self, now: float, timeout_s: float) -> bool: ...
-
-    def view(self) -> NodeView: ...
 
 
 def candidates_for(cfg: Config, model: str, version: str, home: str,
                    records: Sequence[Record], now: float) -> list[str]:
     """Nodes that may serve the queue of (model, home): alive, not retired nor reported
     lost, in placement's order (see placement.candidates)."""
-    usable = [n.view() for n in records
-              if n.model == model and n.placeable(now, cfg.heartbeat_timeout_s)]
+    usable = [NodeView(n.id, n.region, n.model, n.version, n.state, n.sessions, n.capacity,
+                       float(n.price_per_hour))
+              for n in records if n.model == model and n.placeable(now, cfg.heartbeat_timeout_s)]
     return candidates(cfg, model, version, home, usable)
 
 

@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from provisioner.placement import NodeView
 from provisioner.states import NodeState
 
 
@@ -116,10 +115,6 @@ class NodeRecord:
     drain_reason: str = ""         # why it drains, when it is not obvious: "spot"
     interrupt_at: float | None = None   # its provider takes it back then (a spot notice)
     clock_offset_s: float = 0.0   # its machine's clock is this far behind ours (it keeps ours)
-
-    def view(self) -> NodeView:
-        return NodeView(self.id, self.region, self.model, self.version, self.state,
-                        self.sessions, self.capacity, float(self.price_per_hour))
 
     def alive(self, now: float, timeout_s: float) -> bool:
         """Heartbeating recently, or still coming up within its provisioning deadline."""
