@@ -58,8 +58,8 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         dev_env: dict[str, str] = {}
         if args.moto:
             dev_env = _start_moto(cfg, infra, clouds_init, logs)
-            cfg = load_config({**os.environ, **dev_env}).with_overrides(
-                redis_url=redis_url, public_url=cfg.public_url)
+            cfg = with_user_secret(load_config({**os.environ, **dev_env}).with_overrides(
+                redis_url=redis_url, public_url=cfg.public_url))
         state = State(connect(redis_url))
         catalog.seed(state, cfg)
         say(f"billing database: {cfg.database_url}")
