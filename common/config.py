@@ -13,6 +13,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from common.deployment import check_deployment
 from common.errors import ConfigError, PackageError
 from common.package import NAME_RE as NAME_RE
 from common.package import load_manifest
@@ -339,43 +340,14 @@ def _front_door(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-# What a deployment must be given, because its processes share it: a value made up per
-# process (a random secret, an embedded Redis, a SQLite file, 127.0.0.1) silently splits them.
-DEPLOYMENT_NEEDS = {
-    "REDIS_URL": "the Redis every webapp, worker and beat shares (redis://HOST:6379/0, or "
-                 "sentinel://HOST:26379;sentinel://HOST2:26379;... with REDIS_MASTER)",
-    "DATABASE_URL": "the billing database they share "
-                    "(postgresql+psycopg://USER:PASSWORD@HOST/DB)",
-    "TICKET_SECRET": "the HMAC secret that signs tickets and node keys, the same in every "
-                     "process (make one: python3 -c 'import secrets; "
-                     "print(secrets.token_hex(32))')",
-    "USER_TOKEN_SECRET": "the secret that signs the page's uid cookies and user tokens, "
-                         "the same in every process (make one like TICKET_SECRET)",
-    "VOICE_PUBLIC_URL": "the URL nodes join and heartbeat at (https://voice.example.com)",
-}
-MIN_SECRET_CHARS = 32
-
-
-def _check_deployment(env: Mapping[str, str]) -> None:
-    missing = [k for k in DEPLOYMENT_NEEDS if not env.get(k)]
-    if missing:
-        raise ConfigError("a deployment cannot start without " + "; ".join(
-            f"{k}: {DEPLOYMENT_NEEDS[k]}" for k in missing) + ". Set "
-            f"{' and '.join(missing)} in the environment (`voicectl run` makes local ones)")
-    for key in ("TICKET_SECRET", "USER_TOKEN_SECRET", "VOICE_ADMIN_TOKEN"):
-        if 0 < len(env.get(key, "")) < MIN_SECRET_CHARS:
-            raise ConfigError(f"{key} is {len(env[key])} characters; a deployment needs at "
-                              f"least {MIN_SECRET_CHARS} random ones")
-
-
 def load_config(environ: Mapping[str, str] | None = None, deployed: bool = False) -> Config:
     """Read VOICE_CONFIG (or the default file) and apply the environment knobs.
 
     `deployed`: a deployment's entry point (gunicorn's `webapp.wsgi`, the Celery worker and
-    beat) is starting, so every shared value must be given (DEPLOYMENT_NEEDS), not made up."""
+    beat) is starting, so every shared value must be given (common.deployment), not made up."""
     env = os.environ if environ is None else environ
     if deployed:
-        _check_deployment(env)
+        check_deployment(env)
     path = Path(env.get("VOICE_CONFIG") or DEFAULT_CONFIG_PATH)
     try:
         doc = tomllib.loads(path.read_text())

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from common.config import Config
 from provisioner.placement import NodeView, home_region, near_regions
 from provisioner.policy import NodeSnap, PoolKey
 from provisioner.states import NodeState
 from sim.trace import Session
-
-if TYPE_CHECKING:
-    from sim.engine import Sim
 
 __all__ = ["Route", "SimNode", "routes"]
 
@@ -48,7 +45,7 @@ class SimNode:
     """One node of a run; `touch()` after any change, so the policy's snapshot and the
     placement view are rebuilt."""
 
-    sim: Sim
+    sim: Any              # the engine.Sim it belongs to (touch() drops its snapshot)
     id: str
     key: PoolKey          # the pool of its home queue (the policy's pool)
     region: str           # where it runs
