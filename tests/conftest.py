@@ -383,7 +383,18 @@ def lobby(ws_url: str, query: str, timeout_s: float = 30.0,
             ws.close()
         except (ConnectionClosed, OSError):
             pass   # the server closed first
-    raise AssertionError(f"lobby gave no ready/error in {timeout_s} s: {out}")
+    raise AssertionError(f"lobby gave no ready/error in {timeout_s} s: {out}\n"
+                         f"{thread_stacks()}")
+
+
+def thread_stacks() -> str:
+    """Where every thread of this process is (an in-process webapp's lobbies and waiting
+    room among them): what a lobby that went silent was waiting for."""
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(f"--- thread {names.get(ident, ident)}:\n" + "".join(
+        traceback.format_stack(frame)[-6:]) for ident, frame in sys._current_frames().items())
 
 
 @pytest.fixture

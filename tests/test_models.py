@@ -28,6 +28,7 @@ from conftest import (
     push_version,
     serve,
     start_stream,
+    thread_stacks,
     wait_for,
 )
 from simple_websocket import Client
@@ -86,7 +87,7 @@ def first_message(ws_url: str, query: str) -> dict[str, Any]:
     ws = Client.connect(f"{ws_url}/ws/session?{query}")
     try:
         raw = ws.receive(timeout=30)   # under two test processes' load, seen over 10 s
-        assert raw is not None, query
+        assert raw is not None, f"{query}: no first message in 30 s\n{thread_stacks()}"
         return dict(json.loads(raw))
     finally:
         ws.close()

@@ -353,9 +353,12 @@ def test_kill_node_spot_notice_moves_every_user_without_a_gap_and_bills_them(
         page.evaluate("() => window.voiceState.audio.playback.port.postMessage('gap-reset')")
         page.wait_for_timeout(1000)   # the same run's silences without a move, to compare
 
+        # As in production, the users move MOVE_NOTICE_S (10 s) before the machine goes,
+        # after the replacement the notice boots has started: here that is a node process
+        # starting beside the browser, which starves it for a moment under load.
         told = _voicectl(cp.config, tmp_path, "kill-node", on_spot, "--spot-notice",
-                         "--notice-s", "8")
-        assert told.returncode == 0 and "taken back in 8 s" in told.stdout, told.stderr
+                         "--notice-s", "16")
+        assert told.returncode == 0 and "taken back in 16 s" in told.stdout, told.stderr
         # one light look per poll: the page's main thread also relays its audio
         wait_until(page, lambda: page.evaluate("""() => { const s = window.voiceState;
             return s.moveFrom === null && s.moves.length > 0; }"""), "the page to move",
@@ -423,7 +426,9 @@ def _assert_no_gap(after: dict[str, Any], old: str) -> None:
     gaps = after["playback"]["gaps"]
     across, elsewhere = silences(move, gaps)
     print(f"\nspot move {move['from']} -> {move['to']}: notice to switch {move['ms']:.0f} ms; "
-          f"longest silence across it {max(across, default=0):.1f} ms; elsewhere {elsewhere}")
+          f"longest silence across it {max(across, default=0):.1f} ms; elsewhere {elsewhere}; "
+          "silences (ms, s from the switch):",
+          [(round(g["ms"], 1), round(g["end"] - move["at"], 2)) for g in gaps])
     assert max(across, default=0.0) <= max([FRAME_MS, *elsewhere]), (across, gaps, move)
 
 
