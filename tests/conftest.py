@@ -393,8 +393,11 @@ def thread_stacks() -> str:
     import traceback
 
     names = {t.ident: t.name for t in threading.enumerate()}
-    return "\n".join(f"--- thread {names.get(ident, ident)}:\n" + "".join(
-        traceback.format_stack(frame)[-6:]) for ident, frame in sys._current_frames().items())
+    seen: dict[str, list[str]] = {}   # a stack -> the threads there (old apps' rooms idle)
+    for ident, frame in sys._current_frames().items():
+        seen.setdefault("".join(traceback.format_stack(frame)[-25:]), []).append(
+            str(names.get(ident, ident)))
+    return "\n".join(f"--- threads {', '.join(who)}:\n{stack}" for stack, who in seen.items())
 
 
 @pytest.fixture
