@@ -376,6 +376,7 @@ def lobby(ws_url: str, query: str, timeout_s: float = 30.0,
             out.append(json.loads(raw))
             if out[-1]["type"] in ("ready", "error"):
                 return out
+        stacks = thread_stacks()   # while the lobby still waits (not its clean-up)
     except ConnectionClosed:
         return out
     finally:
@@ -383,8 +384,7 @@ def lobby(ws_url: str, query: str, timeout_s: float = 30.0,
             ws.close()
         except (ConnectionClosed, OSError):
             pass   # the server closed first
-    raise AssertionError(f"lobby gave no ready/error in {timeout_s} s: {out}\n"
-                         f"{thread_stacks()}")
+    raise AssertionError(f"lobby gave no ready/error in {timeout_s} s: {out}\n{stacks}")
 
 
 def thread_stacks() -> str:
