@@ -17,6 +17,7 @@ from conftest import control_plane_config, lobby, running_control_plane, start_s
 from sentinels import PASSWORD, SENTINEL, sentinel_redis
 
 from provisioner.state import State, connect
+from provisioner.state.keys import placed_key
 
 pytestmark = pytest.mark.skipif(SENTINEL is None, reason="Debian's redis-sentinel is not "
                                 "installed (apt-get install redis-sentinel; .ci/run does)")
@@ -64,10 +65,10 @@ def test_a_placement_is_on_the_replica_before_the_user_is_told(tmp_path: Path) -
         state.save_session("s-1", fields, 60)
         waited = time.monotonic() - stopped
         assert waited >= 0.1, f"returned {waited:.3f} s after the replica stopped (0.15 s)"
-        assert state.r.hget("vc:node:n-1:placed", "s-1") == "u1|1|1.0"
+        assert state.r.hget(placed_key("n-1"), "s-1") == "u1|1|1.0"
         with redis.Redis(port=int(deployment.replica_port), password=PASSWORD,
                          decode_responses=True) as r:
-            assert r.hget("vc:node:n-1:placed", "s-1") == "u1|1|1.0"
+            assert r.hget(placed_key("n-1"), "s-1") == "u1|1|1.0"
 
 
 def test_lobby_heartbeats_and_celery_follow_a_failover_and_streams_go_on(
