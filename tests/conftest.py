@@ -286,6 +286,7 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
     """A real Celery worker (threads pool) on our Redis, a beat thread sending `tick`, the
     webapp kicking the scaler by Celery task, and local-driver nodes cleaned up after."""
     import celery.contrib.testing.tasks  # noqa: F401  registers celery.ping
+    from celery import bootsteps
     from celery.contrib.testing.worker import start_worker
 
     from provisioner import clouds
@@ -306,20 +307,39 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
             except Exception as e:  # noqa: BLE001  the broker fails over: as celery beat, go on
                 log.warning("tick not sent (%s)", e)
 
+    def worker(started: threading.Event) -> None:
+        """One worker takes both queues here (deployments run one per queue: two test workers
+        in one process stop consuming after a broker failover). A worker that stops is started
+        again, as compose's restart policy and `voicectl run`'s supervisor do: kombu can crash
+        one, closing a channel whose ack failed, when its broker fails over."""
+        while not stop.is_set():
+            try:
+                with start_worker(app, pool="threads", concurrency=4, perform_ping_check=True,
+                                  loglevel="WARNING", queues=["celery", BILLING_QUEUE]) as w:
+                    started.set()
+                    while not stop.wait(0.1) and w.blueprint.state == bootsteps.RUN:
+                        pass
+                if not stop.is_set():
+                    log.warning("the Celery worker stopped; starting it again")
+            except Exception as e:  # noqa: BLE001  the broker is failing over: try again
+                log.warning("the Celery worker did not start (%s); trying again", e)
+                stop.wait(0.5)
+
     ledger = Ledger.open(cfg.database_url)
     host, server = serve(create_app(cfg, state, lambda: app.send_task("provisioner.scale"),
                                     ledger), port)
-    # One worker takes both queues here (deployments run one per queue): two test workers in
-    # one process stop consuming after a broker failover (tests/test_sentinel.py).
-    with start_worker(app, pool="threads", concurrency=4, perform_ping_check=True,
-                      loglevel="WARNING", queues=["celery", BILLING_QUEUE]):
-        threading.Thread(target=beat, daemon=True).start()
-        stamp_beat_path(cfg, state, stop)   # as a serving webapp does: the reaper may reap
-        try:
-            yield ControlPlane(f"http://{host}", f"ws://{host}", cfg, state, app, ledger)
-        finally:
-            stop.set()
-            server.shutdown()
+    started = threading.Event()
+    workers = threading.Thread(target=worker, args=(started,), name="celery-worker", daemon=True)
+    workers.start()
+    assert started.wait(60), "the Celery worker never started (its log says why)"
+    threading.Thread(target=beat, daemon=True).start()
+    stamp_beat_path(cfg, state, stop)   # as a serving webapp does: the reaper may reap
+    try:
+        yield ControlPlane(f"http://{host}", f"ws://{host}", cfg, state, app, ledger)
+    finally:
+        stop.set()
+        server.shutdown()
+        workers.join(30)
     # every VM at once: each one's shutdown grace runs beside the others'
     doomed = [(region, vm) for region in clouds.machine_regions(cfg)
               if cfg.provider(region.provider).driver == "local"

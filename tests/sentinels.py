@@ -47,7 +47,10 @@ def _conf(path: Path, lines: list[str]) -> Path:
 @contextmanager
 def sentinel_redis(tmp: Path) -> Iterator[Sentinels]:
     assert SERVER and SENTINEL, "apt-get install redis-server redis-sentinel (.ci/run does)"
-    ports = [procs.free_port() for _ in range(5)]
+    ports: list[int] = []
+    while len(ports) < 5:   # five different ones (two calls may get the same free port)
+        if (port := procs.free_port()) not in ports:
+            ports.append(port)
     started: list[subprocess.Popen[bytes]] = []
     try:
         data = ["bind 127.0.0.1", "save ''", "appendonly no", f"requirepass {PASSWORD}",
@@ -63,7 +66,8 @@ def sentinel_redis(tmp: Path) -> Iterator[Sentinels]:
                 f"sentinel monitor {MASTER} 127.0.0.1 {ports[0]} 2",
                 f"sentinel auth-pass {MASTER} {PASSWORD}",
                 f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}",
-                f"sentinel failover-timeout {MASTER} 5000",
+                # a split vote (three sentinels at once, under load) is retried after twice this
+                f"sentinel failover-timeout {MASTER} 2000",
                 f"sentinel parallel-syncs {MASTER} 1"])
             started.append(procs.spawn([SENTINEL, str(conf)], log=tmp / f"sentinel-{i}.log"))
         _wait_ready(ports)
