@@ -35,6 +35,7 @@ from webapp.nodes_api import stamp_beat_path
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-" + uuid.uuid4().hex
 HEARTBEAT_S = 1.0
+RUNNING: list[State] = []   # the live state of each running control plane (live_state)
 USER_SECRET = "test-user-secret-" + uuid.uuid4().hex   # signs uid cookies and user tokens
 logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no line per heartbeat
 log = logging.getLogger("tests")
@@ -328,6 +329,7 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
     ledger = Ledger.open(cfg.database_url)
     host, server = serve(create_app(cfg, state, lambda: app.send_task("provisioner.scale"),
                                     ledger), port)
+    RUNNING.append(state)
     started = threading.Event()
     workers = threading.Thread(target=worker, args=(started,), name="celery-worker", daemon=True)
     workers.start()
@@ -340,6 +342,7 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
         stop.set()
         server.shutdown()
         workers.join(30)
+        RUNNING.remove(state)
     # every VM at once: each one's shutdown grace runs beside the others'
     doomed = [(region, vm) for region in clouds.machine_regions(cfg)
               if cfg.provider(region.provider).driver == "local"
@@ -396,7 +399,7 @@ def lobby(ws_url: str, query: str, timeout_s: float = 30.0,
             out.append(json.loads(raw))
             if out[-1]["type"] in ("ready", "error"):
                 return out
-        stacks = thread_stacks()   # while the lobby still waits (not its clean-up)
+        stacks = live_state() + thread_stacks()   # while the lobby still waits
     except ConnectionClosed:
         return out
     finally:
@@ -405,6 +408,23 @@ def lobby(ws_url: str, query: str, timeout_s: float = 30.0,
         except (ConnectionClosed, OSError):
             pass   # the server closed first
     raise AssertionError(f"lobby gave no ready/error in {timeout_s} s: {out}\n{stacks}")
+
+
+def live_state() -> str:
+    """The running control planes' nodes, slots and queues: why a lobby got no node."""
+    from provisioner.state.keys import NODES, QUEUES, node_key, queue_key, slots_key
+
+    out = []
+    for state in RUNNING:
+        try:
+            for node_id in sorted(state.r.smembers(NODES)):
+                out.append(f"node {node_id}: {state.r.hgetall(node_key(node_id))} slots "
+                           f"{state.r.zrange(slots_key(node_id), 0, -1, withscores=True)}")
+            out += [f"queue {pool}: {state.r.zrange(queue_key(pool), 0, -1, withscores=True)}"
+                    for pool in sorted(state.r.smembers(QUEUES))]
+        except redis.RedisError as e:
+            out.append(f"unreadable: {e}")
+    return f"--- live state at {time.time():.3f}:\n" + "\n".join(out) + "\n"
 
 
 def thread_stacks() -> str:
