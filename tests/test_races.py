@@ -61,6 +61,43 @@ def test_resume_cannot_open_a_second_stream(control_plane: ControlPlane) -> None
     assert len(stream_tone(new, harmonic_tone(150.0, 16000, 0.1), frame=320)) == 1600
 
 
+def test_a_resume_that_replaces_a_waiter_mid_step_gets_its_node(state: State,
+                                                                  cfg: Config) -> None:
+    """The room reads its waiters, then a resume of one's session replaces it (same pool, a
+    new fence) before the step hands out the node: the resume gets it. (It went back as if
+    the lobby had left: the user waited forever, the queue empty and the node idle.)"""
+    from provisioner.versions import Version
+    from webapp.fleetview import FleetCache
+    from webapp.waiting import Waiter, WaitingRoom
+
+    state.heartbeat({"id": "a", "provider": "local", "region": "us-west", "model": "miku",
+                     "version": "1", "state": "ready", "capacity": 4, "url": "ws://x"},
+                    time.time())
+    pool, model = "miku|1|us-west", Version("miku", "1", "d")
+    first = Waiter("u", "s-1", 1, pool, model, "us-west")
+    resumed = Waiter("u", "s-1", 2, pool, model, "us-west")
+    fleet, swapped = FleetCache(state), threading.Event()
+
+    def read():  # type: ignore[no-untyped-def]
+        if first.node_id is None and not swapped.is_set():   # this step read `first`
+            swapped.set()
+            room.leave(first)
+            room.enter(resumed)
+        return fleet.get(fresh=True)
+
+    room = WaitingRoom(state, cfg, read, lambda *_: ["a"], backstop_s=3600)
+    state.enqueue(pool, "s-1", time.time())
+    room.enter(first)
+    try:
+        deadline = time.monotonic() + 10
+        while resumed.node_id is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert swapped.is_set() and resumed.node_id == "a"
+        assert state.r.zscore(slots_key("a"), "s-1") is not None   # still reserved for it
+    finally:
+        room.leave(resumed)
+
+
 def test_abandoned_assignment_gives_the_slot_back(state: State) -> None:
     state.heartbeat({"id": "a", "provider": "local", "region": "us-west", "model": "miku",
                      "version": "1", "state": "ready", "capacity": 4, "url": "ws://x"},

@@ -71,7 +71,7 @@ class WaitingRoom:
         self._wake = threading.Event()
         self._started = False
         self._checked_at = float("-inf")
-        self._lost: set[str] = set()
+        self._lost: set[tuple[str, int]] = set()   # (session, fence) of taken locks
         self._news: object = None   # what every waiter hears of: outages, refusals, versions
 
     def enter(self, waiter: Waiter) -> None:
@@ -125,11 +125,13 @@ class WaitingRoom:
             return
         if now - self._checked_at >= LOCK_CHECK_S:   # keep their locks; notice take-overs
             self._checked_at = now
-            lost_now: set[str] = set()
+            lost_now: set[tuple[str, int]] = set()
             for at in range(0, len(waiters), CHUNK):   # Redis is held a moment at a time
-                lost_now.update(self.state.refresh_locks(
-                    "lobby", [(w.user, w.session_id, w.fence) for w in waiters[at:at + CHUNK]],
+                chunk = waiters[at:at + CHUNK]
+                taken = set(self.state.refresh_locks(
+                    "lobby", [(w.user, w.session_id, w.fence) for w in chunk],
                     min(self.cfg.ticket_ttl_s, WAITING_LOCK_TTL_S)))
+                lost_now.update((w.session_id, w.fence) for w in chunk if w.session_id in taken)
                 time.sleep(0)   # (a greenlet's yield: requests between the chunks go on)
             self._lost = lost_now
         lost = self._lost
@@ -148,7 +150,7 @@ class WaitingRoom:
             for w in waiters:
                 w.wake()
         for pool, w in pools.items():
-            if all(x.session_id in lost for x in waiters if x.pool == pool):
+            if all((x.session_id, x.fence) in lost for x in waiters if x.pool == pool):
                 continue
             self.state.assign(pool, self.candidates(self.cfg, w.model.model, w.model.version,
                                                     w.home, view.records(w.model.model), now),
@@ -161,16 +163,21 @@ class WaitingRoom:
         order = {pool: {sid: i + 1 for i, sid in enumerate(queue)}   # a lookup, not a scan:
                  for pool, queue in self.state.queues(list(pools)).items()}   # 5,000 wait
         with self._lock:
-            for i, w in enumerate(waiters):
+            for i, read in enumerate(waiters):
                 if i % CHUNK == CHUNK - 1:
                     time.sleep(0)
-                node = got.pop(w.session_id, None)
-                if self._waiters.get(w.session_id) is not w:
-                    if node:   # it left meanwhile: give the reserved slot back
-                        self.state.release_slot(node, w.session_id)
+                sid = read.session_id
+                node = got.pop(sid, None)
+                # its waiter now: a resume of the session in the same pool may have replaced
+                # the one read above (the node is the resume's); if it left, or waits in
+                # another pool's queue, the reserved slot goes back
+                w = self._waiters.get(sid)
+                if w is None or w.pool != read.pool:
+                    if node:
+                        self.state.release_slot(node, sid)
                     continue
                 was = (w.lost, w.node_id, w.position)
-                w.lost = w.session_id in lost
+                w.lost = (sid, w.fence) in lost
                 if node:
                     w.node_id = node
                 w.position = order.get(w.pool, {}).get(w.session_id, 1)
