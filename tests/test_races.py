@@ -13,7 +13,7 @@ from test_node import stream_tone, ticket
 
 from common.config import Config
 from provisioner import catalog
-from provisioner.state import State, connect, slots_key
+from provisioner.state import Admitted, State, connect, slots_key
 from research.quality import harmonic_tone
 from webapp.app import create_app
 from worker_node.runtime import NodeRuntime, Stream
@@ -105,9 +105,27 @@ def test_abandoned_assignment_gives_the_slot_back(state: State) -> None:
     pool = "miku|1|us-west"
     state.enqueue(pool, "s1", time.time())
     assert state.assign(pool, ["a"], time.time(), 60, 6) == 1
-    state.abandon(pool, "s1")                         # the user left before picking it up
+    state.abandon(pool, "s1", "u", 1)                 # the user left before picking it up
     assert state.take_assignments(["s1"]) == {}
     assert state.r.zcard(slots_key("a")) == 0 and state.position(pool, "s1") is None
+
+
+def test_a_lobby_that_leaves_after_a_resume_took_its_session_over_leaves_it_be(
+        state: State) -> None:
+    """A waiting lobby learns its session was resumed elsewhere (a newer fence) and leaves:
+    the queue entry, the node given and the lock are the resume's now, and stay; the
+    resume's own leaving takes them back."""
+    pool, now = "miku|1|us-west", time.time()
+    first = state.admit("u", "s1", "miku", "1", "us-west", now, [], lock_ttl_s=60,
+                        takeover=False, resume=False, tau_s=1, hold_s=3, heartbeat_timeout_s=6)
+    again = state.admit("u", "s1", "miku", "1", "us-west", now, [], lock_ttl_s=60,
+                        takeover=False, resume=True, tau_s=1, hold_s=3, heartbeat_timeout_s=6)
+    assert isinstance(first, Admitted) and isinstance(again, Admitted)
+    assert again.lock.fence > first.lock.fence
+    state.abandon(pool, "s1", "u", first.lock.fence)          # the old lobby's clean-up
+    assert state.position(pool, "s1") == 1 and state.lock_holder("u") == "s1"
+    state.abandon(pool, "s1", "u", again.lock.fence)          # the resume's
+    assert state.position(pool, "s1") is None and state.lock_holder("u") is None
 
 
 def test_retire_twice_and_live_slots_repaired(state: State) -> None:

@@ -152,8 +152,7 @@ def _run(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-un
         if not placed:
             if given:
                 state.release_slot(given, session_id)
-            state.abandon(waiter.pool, session_id)
-            state.release_lock(req.user, session_id)
+            state.abandon(waiter.pool, session_id, req.user, fence)
 
 
 def _sleep(ws, timeout_s: float) -> None:  # type: ignore[no-untyped-def]

@@ -108,9 +108,11 @@ class Lobby(StateBase):
         return bool(self._move_waiting(keys=[queue_key(old_pool), queue_key(new_pool), QUEUES,
                                              ASSIGNED], args=[session_id, new_pool]))
 
-    def abandon(self, pool: str, session_id: str) -> None:
-        """A waiting lobby left: leave the queue, give back a node it was just handed."""
-        node_id = self._abandon(keys=[queue_key(pool), ASSIGNED], args=[session_id])
+    def abandon(self, pool: str, session_id: str, user: str, fence: int) -> None:
+        """A waiting lobby left: leave the queue, give back a node it was just handed, and
+        release the lock; nothing if a resume of the session took them over (abandon.lua)."""
+        node_id = self._abandon(keys=[queue_key(pool), ASSIGNED, lock_key(user)],
+                                args=[session_id, fence])
         self.r.zrem(UNSCALED, session_id)
         if node_id:
             self.r.zrem(slots_key(node_id), session_id)   # a reservation, never yet live
