@@ -82,3 +82,33 @@ def test_resume_without_a_spare_boots_a_node_at_once(cp_slow_beats: ControlPlane
     assert took_s < cp.config.heartbeat_timeout_s - 3, f"resumed after {took_s:.1f} s"
     print(f"resume with a boot: {took_s:.2f} s after the crash")
     assert start_stream(ready).started["session_id"] == first["session_id"]
+
+
+def test_a_waiting_session_resumed_while_its_old_lobby_is_open_is_placed(
+        webapp: Webapp, fleet: Fleet) -> None:
+    """The page lost its waiting lobby and resumed through a new one while the server still
+    held the old one (a half-open connection). The old lobby's clean-up, when it goes, must
+    leave the resume's turn, lock and node be: the resume is placed once a node serves."""
+    import json
+
+    from simple_websocket import Client
+
+    q = "user=half&model=miku&region=us-west"
+    old = Client.connect(f"{webapp.ws_url}/ws/session?{q}")
+    queued = json.loads(old.receive(timeout=10))
+    assert queued["type"] == "queued", queued
+    again = Client.connect(f"{webapp.ws_url}/ws/session?{q}&resume={queued['session_id']}")
+    assert json.loads(again.receive(timeout=10))["type"] == "queued"
+    old.close()   # the old lobby goes now, after the resume took the session over
+    time.sleep(1.0)
+    node_id = fleet.start("miku")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        raw = again.receive(timeout=0.5)
+        if raw is not None and json.loads(raw)["type"] in ("ready", "error"):
+            break
+    else:
+        raise AssertionError("the resumed session was never placed")
+    got = json.loads(raw)
+    assert got["type"] == "ready" and got["node_id"] == node_id, got
+    assert got["session_id"] == queued["session_id"]   # (the server closes the lobby)
