@@ -94,7 +94,7 @@ def test_assign_hands_out_in_order_and_never_overfills(state: State) -> None:
         t.start()
     for t in threads:
         t.join()
-    got = state.take_assignments([f"s{i:02d}" for i in range(12)])
+    got = state.take_assignments([(f"u{i}", f"s{i:02d}", 1) for i in range(12)])
     assert [got.get(f"s{i:02d}") for i in range(8)] == ["a"] * 4 + ["b"] * 4   # oldest first
     assert all(got.get(f"s{i:02d}") is None for i in range(8, 12))
     assert state.position(pool, "s08") == 1 and state.position(pool, "s11") == 4

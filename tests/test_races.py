@@ -98,6 +98,41 @@ def test_a_resume_that_replaces_a_waiter_mid_step_gets_its_node(state: State,
         room.leave(resumed)
 
 
+def test_a_waiter_whose_session_was_resumed_elsewhere_leaves_its_node_to_the_resume(
+        state: State, cfg: Config) -> None:
+    """A waiting lobby's session is resumed through another webapp (a newer fence) and, before
+    this room's next lock check notices, a node frees up: the room does not give it to the
+    stale lobby (whose client is gone) but leaves it for the resume's room."""
+    from provisioner.versions import Version
+    from webapp.fleetview import FleetCache
+    from webapp.waiting import Waiter, WaitingRoom
+
+    pool, now = "miku|1|us-west", time.time()
+    first = state.admit("u", "s-1", "miku", "1", "us-west", now, [], lock_ttl_s=60,
+                        takeover=False, resume=False, tau_s=1, hold_s=3, heartbeat_timeout_s=6)
+    assert isinstance(first, Admitted)
+    stale = Waiter("u", "s-1", first.lock.fence, pool, Version("miku", "1", "d"), "us-west")
+    fleet = FleetCache(state)
+    room = WaitingRoom(state, cfg, lambda: fleet.get(fresh=True), lambda *_: ["a"],
+                       backstop_s=3600)
+    room.enter(stale)   # its first step checks the lock (good) and finds no node
+    try:
+        time.sleep(0.3)
+        again = state.admit("u", "s-1", "miku", "1", "us-west", time.time(), [], lock_ttl_s=60,
+                            takeover=False, resume=True, tau_s=1, hold_s=3,
+                            heartbeat_timeout_s=6)   # the resume, through another webapp
+        assert isinstance(again, Admitted) and again.lock.fence > first.lock.fence
+        state.heartbeat({"id": "a", "provider": "local", "region": "us-west", "model": "miku",
+                         "version": "1", "state": "ready", "capacity": 4, "url": "ws://x"},
+                        time.time())
+        room.poke()   # a step well within the 2 s until its next lock check
+        time.sleep(0.5)
+        assert stale.node_id is None
+        assert state.take_assignments([("u", "s-1", again.lock.fence)]) == {"s-1": "a"}
+    finally:
+        room.leave(stale)
+
+
 def test_abandoned_assignment_gives_the_slot_back(state: State) -> None:
     state.heartbeat({"id": "a", "provider": "local", "region": "us-west", "model": "miku",
                      "version": "1", "state": "ready", "capacity": 4, "url": "ws://x"},
@@ -106,7 +141,7 @@ def test_abandoned_assignment_gives_the_slot_back(state: State) -> None:
     state.enqueue(pool, "s1", time.time())
     assert state.assign(pool, ["a"], time.time(), 60, 6) == 1
     state.abandon(pool, "s1", "u", 1)                 # the user left before picking it up
-    assert state.take_assignments(["s1"]) == {}
+    assert state.take_assignments([("u", "s1", 1)]) == {}
     assert state.r.zcard(slots_key("a")) == 0 and state.position(pool, "s1") is None
 
 

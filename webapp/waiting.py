@@ -157,7 +157,7 @@ class WaitingRoom:
                               now, self.cfg.ticket_ttl_s, self.cfg.heartbeat_timeout_s)
         got: dict[str, str] = {}
         for at in range(0, len(waiters), CHUNK):
-            got.update(self.state.take_assignments([w.session_id
+            got.update(self.state.take_assignments([(w.user, w.session_id, w.fence)
                                                     for w in waiters[at:at + CHUNK]]))
             time.sleep(0)
         order = {pool: {sid: i + 1 for i, sid in enumerate(queue)}   # a lookup, not a scan:

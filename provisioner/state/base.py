@@ -28,6 +28,7 @@ class StateBase:
         self._admit = r.register_script(scripts.ADMIT)
         self._sync_live = r.register_script(scripts.SYNC_LIVE)
         self._abandon = r.register_script(scripts.ABANDON)
+        self._take_assignments = r.register_script(scripts.TAKE_ASSIGNMENTS)
         self._land = r.register_script(scripts.LAND)
         self._beat = r.register_script(scripts.BEAT)
         self._fleet = r.register_script(scripts.FLEET)

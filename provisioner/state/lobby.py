@@ -35,15 +35,14 @@ class Lobby(StateBase):
         rank = pipe.execute()[-1]
         return int(rank) + 1
 
-    def take_assignments(self, session_ids: Sequence[str]) -> dict[str, str]:
-        """The nodes the assign script gave any of these sessions (read once)."""
-        if not session_ids:
+    def take_assignments(self, waiters: Sequence[tuple[str, str, int]]) -> dict[str, str]:
+        """The nodes the assign script gave these (user, session, fence) waiters, taken once;
+        a session a newer fence of it holds (a resume elsewhere) is left for that one."""
+        if not waiters:
             return {}
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hmget(ASSIGNED, list(session_ids))
-        pipe.hdel(ASSIGNED, *session_ids)
-        got = pipe.execute()[0]
-        return {sid: node for sid, node in zip(session_ids, got, strict=True) if node}
+        got = self._take_assignments(keys=[ASSIGNED, *(lock_key(u) for u, _, _ in waiters)],
+                                     args=[x for _, sid, fence in waiters for x in (sid, fence)])
+        return dict(zip(got[::2], got[1::2], strict=True))
 
     def queues(self, pools: Sequence[str]) -> dict[str, list[str]]:
         """The waiting session ids of each pool, in order (one round trip)."""
