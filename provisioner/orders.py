@@ -60,10 +60,11 @@ def recall(cfg: Config, rec: NodeRecord, session_ids: list[str]) -> bool:
                   wait=True)
 
 
-def kick(cfg: Config, rec: NodeRecord, session_id: str) -> None:
+def kick(cfg: Config, rec: NodeRecord, session_id: str, fence: int) -> None:
     """Close a stream now (its user took it over, or resumed it, elsewhere) and heartbeat at
-    once: a live node that a resuming client reported lost is placeable again at once."""
-    notify(cfg, rec, {"kick": [session_id], "wake": True})
+    once: a live node that a resuming client reported lost is placeable again at once. Only
+    its connections under `fence`, the new holder's (a resume may reach this node first)."""
+    notify(cfg, rec, {"kick": [session_id], "below": fence, "wake": True})
 
 
 def wake(cfg: Config, rec: NodeRecord) -> None:

@@ -198,23 +198,61 @@ def test_a_moving_stream_is_not_cut_when_its_new_connection_takes_the_lock() -> 
     assert kicked == [(4409, "s-other")]
 
 
+def _post(fleet, path: str, body: object, cred: str = "") -> dict[str, Any]:  # noqa: ANN001
+    import requests
+
+    r = requests.post(f"{fleet.control_url}/api/nodes/{path}", json=body, timeout=10,
+                      headers={"Authorization": f"Bearer {cred}"} if cred else {})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _joined(fleet, name: str) -> tuple[str, str]:  # noqa: ANN001
+    """A node that joined (no process): its id and credential."""
+    node_id, token = fleet.enroll("miku", node_id=f"n-{name}-{uuid.uuid4().hex[:6]}")
+    return node_id, _post(fleet, "join", {"token": token,
+                                          "url": "ws://127.0.0.1:1/ws"})["credential"]
+
+
+BEAT = {"state": "ready", "progress": 1.0, "serving": "miku:1", "usage": [], "closed": []}
+
+
+def test_a_resumes_lock_outlives_the_old_connections_close(fleet) -> None:  # noqa: ANN001
+    """The page lost its node socket and resumed: the resume holds the lock under a new
+    fence and waits for a node (its lock names none yet). The old node then reports the old
+    connection closed: the resume's lock stays, so no other tab can start meanwhile."""
+    from provisioner.state import Admitted
+
+    def admit(resume: bool) -> int:
+        got = fleet.state.admit("dave", "s-2", "miku", "1", "us-west", time.time(), [],
+                                lock_ttl_s=60, takeover=False, resume=resume, tau_s=1,
+                                hold_s=3, heartbeat_timeout_s=6)
+        assert isinstance(got, Admitted)
+        return got.lock.fence
+
+    node_id, cred = _joined(fleet, "old")
+    assert admit(False) == 1
+    place(fleet.state, node_id, "dave", "s-2", 1)
+    fleet.state.refresh_locks(node_id, [("dave", "s-2", 1)], 60)   # as the lobby's ready does
+    assert _post(fleet, "heartbeat", {**BEAT, "streams": [["dave", "s-2", 1, "c1"]]},
+                 cred)["lost"] == []
+    assert admit(True) == 2                                     # the resume, waiting
+    _post(fleet, "heartbeat", {**BEAT, "streams": [], "closed": [["dave", "s-2"]]}, cred)
+    assert fleet.state.lock_holder("dave") == "s-2"
+
+
 def test_the_old_connections_close_keeps_the_lock_of_the_new_one(fleet) -> None:  # noqa: ANN001
     """The old node reports the moved stream closed after the new node took its lock: the
     user's lock stays (it names the new node), so nobody else can take it meanwhile."""
-    import requests
-
-    def post(path: str, body: object, cred: str = "") -> dict[str, Any]:
-        r = requests.post(f"{fleet.control_url}/api/nodes/{path}", json=body, timeout=10,
-                          headers={"Authorization": f"Bearer {cred}"} if cred else {})
-        assert r.status_code == 200, r.text
-        return dict(r.json())
-
     creds = {}
     for fence, name in enumerate(("old", "new"), start=1):
-        node_id, token = fleet.enroll("miku", node_id=f"n-{name}-{uuid.uuid4().hex[:6]}")
-        creds[name] = post("join", {"token": token, "url": "ws://127.0.0.1:1/ws"})["credential"]
+        node_id, creds[name] = _joined(fleet, name)
         place(fleet.state, node_id, "carol", "s-1", fence)   # the lobby placed it, then moved
-    beat = {"state": "ready", "progress": 1.0, "serving": "miku:1", "usage": [], "closed": []}
+
+    def post(path: str, body: object, cred: str = "") -> dict[str, Any]:
+        return _post(fleet, path, body, cred)
+
+    beat = BEAT
     assert post("heartbeat", {**beat, "streams": [["carol", "s-1", 1, "c1"]]},
                 creds["old"])["lost"] == []
     assert post("heartbeat", {**beat, "streams": [["carol", "s-1", 2, "c2"]]},

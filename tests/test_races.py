@@ -12,6 +12,7 @@ from simple_websocket import Client
 from test_node import stream_tone, ticket
 
 from common.config import Config
+from common.states import NodeState
 from provisioner import catalog
 from provisioner.state import Admitted, State, connect, slots_key
 from research.quality import harmonic_tone
@@ -49,6 +50,23 @@ def test_usage_counters_are_per_connection() -> None:
     assert len(fields) == 2            # a resumed connection does not hide under the old
 
 
+def test_a_take_over_order_closes_the_old_connection_not_the_resume_that_replaced_it() -> None:
+    """The lobby's kick (and a heartbeat's `lost`) name the session; a resume of it may have
+    reached this node first. Only connections under the new holder's fence close."""
+    node = NodeRuntime("n", "miku", "1", "us-west", "local", "d", 4, 0.0)
+    node.state = NodeState.READY
+    closed: list[tuple[str, int]] = []
+    old, new = Stream("s", "u", 1), Stream("s", "u", 2)
+    old.kick = lambda code, why: closed.append(("old", code))
+    new.kick = lambda code, why: closed.append(("new", code))
+    assert node.open(old) is None and node.open(new) is None   # the resume replaced it here
+    assert closed == [("old", 4409)]
+    node.kick("s", 4409, "taken over", below=2)                # the order for fence 2
+    assert closed == [("old", 4409)]                           # the resume streams on
+    node.kick("s", 4409, "taken over", below=3)                # a newer holder elsewhere
+    assert closed == [("old", 4409), ("new", 4409)]
+
+
 def test_resume_cannot_open_a_second_stream(control_plane: ControlPlane) -> None:
     cp = control_plane
     first = lobby(cp.ws_url, "user=rs&model=miku&region=us-west")[-1]
@@ -81,8 +99,7 @@ def test_a_resume_that_replaces_a_waiter_mid_step_gets_its_node(state: State,
     def read():  # type: ignore[no-untyped-def]
         if first.node_id is None and not swapped.is_set():   # this step read `first`
             swapped.set()
-            room.leave(first)
-            room.enter(resumed)
+            room.enter(resumed)   # the old lobby has not noticed its client went
         return fleet.get(fresh=True)
 
     room = WaitingRoom(state, cfg, read, lambda *_: ["a"], backstop_s=3600)
@@ -94,6 +111,7 @@ def test_a_resume_that_replaces_a_waiter_mid_step_gets_its_node(state: State,
             time.sleep(0.02)
         assert swapped.is_set() and resumed.node_id == "a"
         assert state.r.zscore(slots_key("a"), "s-1") is not None   # still reserved for it
+        assert first.lost   # its lobby ends (its client is gone), not waiting on for minutes
     finally:
         room.leave(resumed)
 

@@ -255,7 +255,7 @@ def _locked(state: State, cfg: Config, req: LobbyRequest, session_id: str,
         # old stream closes now (its node would find its fence stale within a beat anyway).
         rec = state.node(taken.previous_node)
         if rec is not None:
-            orders.kick(cfg, rec, taken.previous_session)
+            orders.kick(cfg, rec, taken.previous_session, taken.fence)
     return taken.fence
 
 

@@ -76,6 +76,11 @@ class WaitingRoom:
 
     def enter(self, waiter: Waiter) -> None:
         with self._lock:
+            old = self._waiters.get(waiter.session_id)
+            if old is not None and old is not waiter:   # a resume of its session, here:
+                # that lobby is done (its client went; it would wait on for minutes)
+                old.lost = True
+                old.wake()
             self._waiters[waiter.session_id] = waiter
             if not self._started:
                 self._started = True

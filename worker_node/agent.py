@@ -119,9 +119,12 @@ class Agent:
                                   self.poke):
                 log.info("retargeted to %s v%s: loading", model, version)
                 self.poke()
+        reported = {str(s[1]): int(s[2]) for s in report["streams"]}
         for sid in orders.get("lost") or []:
             if not self.node.moving(str(sid)):   # a moving stream's lock went ahead to its
-                self.node.kick(str(sid), 4409, TAKEN_OVER)   # new connection: not a take-over
+                # new connection: not a take-over; nor is a resume that replaced it here since
+                self.node.kick(str(sid), 4409, TAKEN_OVER,
+                               below=reported.get(str(sid), -1) + 1)
         if orders.get("drain_deadline"):   # closes the streams told to move, time up, too
             self.node.drain(float(orders["drain_deadline"]), self.node.now())
         else:
@@ -186,8 +189,10 @@ class Agent:
 
     def control_order(self, order: dict[str, Any]) -> None:
         """An order pushed to /control (already verified): kick streams, or beat now."""
+        below = order.get("below")   # the connections under the new holder's fence only
         for sid in order.get("kick") or []:
-            self.node.kick(str(sid), 4409, TAKEN_OVER)
+            self.node.kick(str(sid), 4409, TAKEN_OVER,
+                           below=int(below) if isinstance(below, int) else None)
         for sid in order.get("recall") or []:   # back to its nearest region, make-before-break
             self.node.recall(str(sid), self.node.now(),
                              float(order.get("within_s") or RECALL_MOVE_S))

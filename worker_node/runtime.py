@@ -217,11 +217,13 @@ class NodeRuntime:
             stream = self.streams.get(session_id)
             return stream is not None and stream.move_by is not None
 
-    def kick(self, session_id: str, code: int, reason: str) -> None:
-        """Close one stream from outside its thread."""
+    def kick(self, session_id: str, code: int, reason: str, below: int | None = None) -> None:
+        """Close one stream from outside its thread; with `below`, only a connection of the
+        session under that fence (not the resume that replaced it here meanwhile)."""
         with self.lock:
             stream = self.streams.get(session_id)
-        if stream is not None and stream.kick is not None:
+        if stream is not None and stream.kick is not None and (below is None
+                                                               or stream.fence < below):
             stream.kick(code, reason)
 
     def open(self, stream: Stream) -> str | None:

@@ -109,12 +109,13 @@ base = base + 3 * m
 for k = 1, #KEYS - 4 - n - m do
   local lock, user, sid = KEYS[3 + n + m + k], ARGV[base + 2 * k - 1], ARGV[base + 2 * k]
   -- not when the session streams on another node now (a planned move, make-before-break:
-  -- the old connection closes after the new one took the lock)
+  -- the old connection closes after the new one took the lock), nor when a resume holds it
+  -- and waits for a node (its lock names none yet)
   if not placement(user, sid) then
     drop('close of ' .. sid .. ' of ' .. user .. ', never placed here')
   else
     local h = redis.call('HMGET', lock, 'session', 'node')
-    if not mine[sid] and h[1] == sid and (not h[2] or h[2] == ARGV[7]) then
+    if not mine[sid] and h[1] == sid and h[2] == ARGV[7] then
       redis.call('DEL', lock)
     end
   end
