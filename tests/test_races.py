@@ -14,7 +14,7 @@ from test_node import stream_tone, ticket
 from common.config import Config
 from common.states import NodeState
 from provisioner import catalog
-from provisioner.state import Admitted, State, connect, slots_key
+from provisioner.state import Admitted, State, connect, lock_key, slots_key
 from research.quality import harmonic_tone
 from webapp.app import create_app
 from worker_node.runtime import NodeRuntime, Stream
@@ -149,6 +149,17 @@ def test_a_waiter_whose_session_was_resumed_elsewhere_leaves_its_node_to_the_res
         assert state.take_assignments([("u", "s-1", again.lock.fence)]) == {"s-1": "a"}
     finally:
         room.leave(stale)
+
+
+def test_a_newer_fence_of_the_session_takes_its_lock_an_older_one_is_told_it_lost(
+        state: State) -> None:
+    """Keeping a lock alive: the same session under an older fence (a lock re-created from a
+    stale report) yields to the newer one, as in a heartbeat; the older is told it lost."""
+    state.refresh_locks("n-1", [("u", "s-1", 1)], 60)             # re-created, fence 1
+    assert state.refresh_locks("n-2", [("u", "s-1", 2)], 60) == []  # the resume keeps it
+    assert state.r.hget(lock_key("u"), "fence") == "2"
+    assert state.refresh_locks("n-1", [("u", "s-1", 1)], 60) == ["s-1"]
+    assert state.refresh_locks("n-3", [("u", "s-9", 3)], 60) == ["s-9"]   # another session
 
 
 def test_abandoned_assignment_gives_the_slot_back(state: State) -> None:

@@ -283,7 +283,11 @@ def _ready(ws, state: State, cfg: Config, req: LobbyRequest,  # type: ignore[no-
     of the nearest region, because it is down, is marked displaced: recalled there once it
     serves again (a node within the budget is where placement may put anyone)."""
     # the lock now waits for the node's stream to take it: a ticket's life, not a lobby's
-    state.refresh_locks(node.id, [(req.user, session_id, fence)], cfg.ticket_ttl_s)
+    if state.refresh_locks(node.id, [(req.user, session_id, fence)], cfg.ticket_ttl_s):
+        # taken meanwhile (a resume of this session, another tab's take-over): the session
+        # record and the node are theirs now
+        raise Refused("already_streaming", "this session was taken over from another tab "
+                      "or device")
     nearest = home_region(cfg, req.lat, req.lon, measured=req.rtts)
     away = (req.region is None and nearest.name in down
             and node.region not in near_regions(cfg, nearest.name))

@@ -8,10 +8,11 @@ for i = 1, #KEYS do
   if cur[1] == sid and cur[2] == fence then
     if cur[3] ~= ARGV[2] then redis.call('HSET', KEYS[i], 'node', ARGV[2]) end
     redis.call('PEXPIRE', KEYS[i], math.floor(tonumber(ARGV[1]) * 1000))
-  elseif cur[1] then
+  elseif cur[1] and not (cur[1] == sid and tonumber(cur[2] or 0) < tonumber(fence)) then
     table.insert(lost, sid)
   else
-    -- expired while Redis was away: nobody else holds it, so this stream keeps it
+    -- expired while Redis was away: nobody else holds it, so this stream keeps it; or this
+    -- session's under an older fence (re-created from a stale report): the newer wins
     redis.call('HSET', KEYS[i], 'session', sid, 'fence', fence, 'node', ARGV[2])
     redis.call('PEXPIRE', KEYS[i], math.floor(tonumber(ARGV[1]) * 1000))
   end
