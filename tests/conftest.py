@@ -20,7 +20,14 @@ from typing import Any
 import pytest
 import redis
 import testenv  # noqa: F401  first: this process's own numba cache and database
-from helpers import local_webapp, place, push_version  # noqa: F401  (re-exported)
+from helpers import (  # noqa: F401  (re-exported)
+    RUNNING,
+    live_state,
+    local_webapp,
+    place,
+    push_version,
+    thread_stacks,
+)
 from simple_websocket import Client, ConnectionClosed
 from werkzeug.serving import make_server
 
@@ -35,7 +42,6 @@ from webapp.nodes_api import stamp_beat_path
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-" + uuid.uuid4().hex
 HEARTBEAT_S = 1.0
-RUNNING: list[State] = []   # the live state of each running control plane (live_state)
 USER_SECRET = "test-user-secret-" + uuid.uuid4().hex   # signs uid cookies and user tokens
 logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no line per heartbeat
 log = logging.getLogger("tests")
@@ -309,10 +315,9 @@ def running_control_plane(cfg: Config, tick_s: float = 0.5) -> Iterator[ControlP
                 log.warning("tick not sent (%s)", e)
 
     def worker(started: threading.Event) -> None:
-        """One worker takes both queues here (deployments run one per queue: two test workers
-        in one process stop consuming after a broker failover). A worker that stops is started
-        again, as compose's restart policy and `voicectl run`'s supervisor do: kombu can crash
-        one, closing a channel whose ack failed, when its broker fails over."""
+        """One worker takes both queues (two in one process stop consuming after a broker
+        failover). One that stops starts again, as compose and `voicectl run` restart it:
+        kombu can crash one, closing a channel whose ack failed, in a broker failover."""
         while not stop.is_set():
             try:
                 with start_worker(app, pool="threads", concurrency=4, perform_ping_check=True,
@@ -408,36 +413,6 @@ def lobby(ws_url: str, query: str, timeout_s: float = 30.0,
         except (ConnectionClosed, OSError):
             pass   # the server closed first
     raise AssertionError(f"lobby gave no ready/error in {timeout_s} s: {out}\n{stacks}")
-
-
-def live_state() -> str:
-    """The running control planes' nodes, slots and queues: why a lobby got no node."""
-    from provisioner.state.keys import NODES, QUEUES, node_key, queue_key, slots_key
-
-    out = []
-    for state in RUNNING:
-        try:
-            for node_id in sorted(state.r.smembers(NODES)):
-                out.append(f"node {node_id}: {state.r.hgetall(node_key(node_id))} slots "
-                           f"{state.r.zrange(slots_key(node_id), 0, -1, withscores=True)}")
-            out += [f"queue {pool}: {state.r.zrange(queue_key(pool), 0, -1, withscores=True)}"
-                    for pool in sorted(state.r.smembers(QUEUES))]
-        except redis.RedisError as e:
-            out.append(f"unreadable: {e}")
-    return f"--- live state at {time.time():.3f}:\n" + "\n".join(out) + "\n"
-
-
-def thread_stacks() -> str:
-    """Where every thread of this process is (an in-process webapp's lobbies and waiting
-    room among them): what a lobby that went silent was waiting for."""
-    import traceback
-
-    names = {t.ident: t.name for t in threading.enumerate()}
-    seen: dict[str, list[str]] = {}   # a stack -> the threads there (old apps' rooms idle)
-    for ident, frame in sys._current_frames().items():
-        seen.setdefault("".join(traceback.format_stack(frame)[-25:]), []).append(
-            str(names.get(ident, ident)))
-    return "\n".join(f"--- threads {', '.join(who)}:\n{stack}" for stack, who in seen.items())
 
 
 @pytest.fixture

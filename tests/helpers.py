@@ -1,5 +1,6 @@
 """Stack helpers the tests share (re-exported by conftest): the webapp as `voicectl run`
-serves it, sessions placed as the lobby places them, a model's next version."""
+serves it, sessions placed as the lobby places them, a model's next version, and what a
+lobby that went silent reports (the live state, every thread's stack)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from common.config import Config
 from common.package import pack
@@ -22,6 +27,7 @@ from provisioner.versions import Version
 from voicectl import procs
 
 ROOT = Path(__file__).resolve().parent.parent
+RUNNING: list[State] = []   # the live state of each running control plane (live_state)
 
 
 def local_webapp(cfg: Config, tmp: Path, **settings: object) -> tuple[int, Any]:
@@ -87,3 +93,33 @@ def push_version(state: State, cfg: Config, model: str, drain_s: float = 600.0,
     state.change_model(manifest.name, change)
     state.wake_lobbies()
     return out[-1]
+
+
+def live_state() -> str:
+    """The running control planes' nodes, slots and queues: why a lobby got no node."""
+    from provisioner.state.keys import NODES, QUEUES, node_key, queue_key, slots_key
+
+    out = []
+    for state in RUNNING:
+        try:
+            for node_id in sorted(state.r.smembers(NODES)):
+                out.append(f"node {node_id}: {state.r.hgetall(node_key(node_id))} slots "
+                           f"{state.r.zrange(slots_key(node_id), 0, -1, withscores=True)}")
+            out += [f"queue {pool}: {state.r.zrange(queue_key(pool), 0, -1, withscores=True)}"
+                    for pool in sorted(state.r.smembers(QUEUES))]
+        except redis.RedisError as e:
+            out.append(f"unreadable: {e}")
+    return f"--- live state at {time.time():.3f}:\n" + "\n".join(out) + "\n"
+
+
+def thread_stacks() -> str:
+    """Where every thread of this process is (an in-process webapp's lobbies and waiting
+    room among them): what a lobby that went silent was waiting for."""
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    seen: dict[str, list[str]] = {}   # a stack -> the threads there (old apps' rooms idle)
+    for ident, frame in sys._current_frames().items():
+        seen.setdefault("".join(traceback.format_stack(frame)[-25:]), []).append(
+            str(names.get(ident, ident)))
+    return "\n".join(f"--- threads {', '.join(who)}:\n{stack}" for stack, who in seen.items())
